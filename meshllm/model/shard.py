@@ -1,0 +1,239 @@
+"""A shard: the embedding, final norm and lm_head, plus decoder layers [start_layer, end_layer).
+
+The decoder layers are transformers' own. A shard builds a model skeleton on the meta device
+whose config is narrowed to the span, then assigns just the span's tensors read from the
+weight cache, so memory grows with the span and nothing else is allocated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+
+from meshllm.errors import ModelSourceError
+from meshllm.model.cache import PreparedModel
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral"})
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner and the wire need to know about a model, read from its config."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    layer_bytes: int
+    """Bytes of one decoder layer's weights at the shard's dtype."""
+    embed_head_bytes: int
+    """Bytes of embedding + final norm + lm_head (counted once when tied)."""
+
+
+def load_config(prepared: PreparedModel) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(prepared.folder)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelSourceError(
+            f"unsupported architecture {config.model_type!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    return config
+
+
+def span_config(config: PretrainedConfig, start_layer: int, end_layer: int) -> PretrainedConfig:
+    """A copy of `config` whose decoder has only the layers [start_layer, end_layer).
+
+    Layers inside a shard use local indexes 0..n-1, so their KV cache has n entries and
+    transformers' mask code (which looks at the first full-attention layer) sees real data.
+    """
+    local = copy.deepcopy(config)
+    local.num_hidden_layers = end_layer - start_layer
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        local.layer_types = list(layer_types[start_layer:end_layer])
+    return local
+
+
+def _tensor_index(prepared: PreparedModel) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for path in prepared.weight_files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                index[key] = str(path)
+    return index
+
+
+class Shard:
+    """Embedding, norm and head, plus a contiguous span of decoder layers, with per-session KV caches.
+
+    Not thread-safe: one worker thread drives it.
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedModel,
+        start_layer: int,
+        end_layer: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        max_sessions: int = 64,
+    ) -> None:
+        config = load_config(prepared)
+        n_layers = config.num_hidden_layers
+        if not 0 <= start_layer <= end_layer <= n_layers:
+            raise ValueError(f"span [{start_layer}, {end_layer}) is outside [0, {n_layers})")
+        self.config = config
+        self.start_layer = start_layer
+        self.end_layer = end_layer
+        self.dtype = dtype
+        self.max_sessions = max_sessions
+        self._local_config = span_config(config, start_layer, end_layer)
+        self._caches: dict[str, DynamicCache] = {}
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self._local_config, dtype=dtype)
+        state = self._read_span_tensors(prepared)
+        missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        allowed_missing = {"lm_head.weight"} if tied else set()
+        if unexpected or set(missing) - allowed_missing:
+            raise ModelSourceError(
+                f"weights do not match the {config.model_type} config: "
+                f"missing {sorted(set(missing) - allowed_missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        if tied:
+            skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+        inner = skeleton.model
+        # Buffers that are not saved (rotary inv_freq) are still on meta: rebuild them.
+        inner.rotary_emb = type(inner.rotary_emb)(config=self._local_config)
+        self.norm: nn.Module = inner.norm
+        inner.norm = nn.Identity()  # the decoder stack must not normalise; the head does.
+        self._inner = inner
+        self.embed_tokens: nn.Embedding = inner.embed_tokens
+        self.lm_head: nn.Linear = skeleton.lm_head
+        skeleton.eval()
+        for name, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers()):
+            if t.is_meta:
+                raise ModelSourceError(f"tensor {name} was not loaded")
+
+    def _read_span_tensors(self, prepared: PreparedModel) -> dict[str, torch.Tensor]:
+        index = _tensor_index(prepared)
+        wanted: dict[str, str] = {}
+        for key in index:
+            m = _LAYER_KEY.match(key)
+            if m:
+                layer = int(m.group(1))
+                if self.start_layer <= layer < self.end_layer:
+                    wanted[key] = f"model.layers.{layer - self.start_layer}.{m.group(2)}"
+            elif key.startswith(("model.embed_tokens.", "model.norm.", "lm_head.")):
+                wanted[key] = key
+        state: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for key in wanted:
+            by_file.setdefault(index[key], []).append(key)
+        for path, keys in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    state[wanted[key]] = f.get_tensor(key).to(self.dtype)
+        return state
+
+    # -- shape ---------------------------------------------------------------------------
+
+    @property
+    def num_span_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def cache_length(self, session_id: str) -> int:
+        cache = self._caches.get(session_id)
+        return 0 if cache is None else int(cache.get_seq_length())
+
+    def drop(self, session_id: str) -> None:
+        """Free a session's KV caches. Unknown ids are ignored."""
+        self._caches.pop(session_id, None)
+
+    @property
+    def session_ids(self) -> tuple[str, ...]:
+        return tuple(self._caches)
+
+    # -- forward -------------------------------------------------------------------------
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """Token ids -> hidden states (1, positions, hidden)."""
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        return self.embed_tokens(ids)
+
+    def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Run this shard's layers on hidden states (1, positions, hidden) at positions start_pos...
+
+        The session's KV cache must hold exactly `start_pos` positions: prefill starts at 0,
+        each decode step continues where the last one ended, and a replay starts again at 0.
+        """
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+            raise ValueError(f"hidden states must be (1, positions, {self.hidden_size}), got {tuple(hidden.shape)}")
+        positions = hidden.shape[1]
+        if self.num_span_layers == 0:
+            return hidden
+        cache = self._caches.get(session_id)
+        if start_pos == 0 and cache is not None:
+            cache = None  # a replay from the start rebuilds the cache
+        if cache is None:
+            if start_pos != 0:
+                raise ValueError(f"session {session_id} has no KV cache here; it must start at position 0")
+            if len(self._caches) >= self.max_sessions:
+                raise RuntimeError(f"too many sessions on this shard (limit {self.max_sessions})")
+            cache = DynamicCache(config=self._local_config)
+            self._caches[session_id] = cache
+        have = int(cache.get_seq_length())
+        if have != start_pos:
+            raise ValueError(f"session {session_id}: KV cache holds {have} positions, step starts at {start_pos}")
+        position_ids = torch.arange(start_pos, start_pos + positions).unsqueeze(0)
+        out = self._inner(
+            inputs_embeds=hidden.to(self.dtype),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (1, positions, hidden) -> logits of the last position (vocab,)."""
+        normed = self.norm(hidden)
+        return self.lm_head(normed[:, -1, :])[0].float()
+
+
+def model_shape(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> ModelShape:
+    """Parameter bytes per layer and for embed/norm/head, computed on the meta device."""
+    one = span_config(config, 0, 1)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(one, dtype=dtype)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    layer_params = sum(p.numel() for p in m.model.layers[0].parameters())
+    embed = m.model.embed_tokens.weight.numel()
+    head = 0 if getattr(config, "tie_word_embeddings", False) else m.lm_head.weight.numel()
+    norm = sum(p.numel() for p in m.model.norm.parameters())
+    return ModelShape(
+        model_type=config.model_type,
+        num_layers=int(config.num_hidden_layers),
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        max_positions=int(getattr(config, "max_position_embeddings", 2048)),
+        layer_bytes=layer_params * elem,
+        embed_head_bytes=(embed + head + norm) * elem,
+    )
