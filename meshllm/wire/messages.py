@@ -1,0 +1,263 @@
+"""Every message meshllm nodes exchange, one frozen dataclass each, and their type tags.
+
+A message is checked when it is built (by a caller or by the decoder): a wrong type, a value
+out of range, an over-long string or tuple raises :class:`~meshllm.errors.WireError` naming
+the field. So a message object that exists is valid and can always be encoded.
+
+On the wire a message is the CBOR array ``[tag, field1, field2, ...]`` with fields in the
+order they are declared here (see docs/wire-format.md). Adding, removing or reordering a
+field, or changing a tag, changes the protocol: bump ``PROTOCOL_VERSION`` in codec.py.
+
+Layer spans are half-open ``[start_layer, end_layer)``; an empty span (start == end) holds no
+layers.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from meshllm.errors import WireError
+from meshllm.wire.schema import Bool, Float, Struct, Text, TupleOf, UInt, WireStruct
+from meshllm.wire.tensor import CODECS, TensorPayload
+
+MAX_ID_CHARS = 64
+MAX_NAME_CHARS = 64
+MAX_STATE_CHARS = 32
+MAX_REASON_CHARS = 1024
+MAX_STAGES = 256
+MAX_LAYERS = 65536
+MAX_POSITIONS = 2**24
+
+NodeId = Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
+SessionId = Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
+Name = Annotated[str, Text(max_len=MAX_NAME_CHARS)]
+Term = Annotated[int, UInt()]
+Count = Annotated[int, UInt()]
+ByteCount = Annotated[int, UInt()]
+Layer = Annotated[int, UInt(max_value=MAX_LAYERS)]
+Position = Annotated[int, UInt(max_value=MAX_POSITIONS)]
+Milliseconds = Annotated[float, Float(min_value=0.0, max_value=1e9)]
+Seconds = Annotated[float, Float(min_value=0.0)]
+Score = Annotated[float, Float()]
+Reason = Annotated[str, Text(max_len=MAX_REASON_CHARS)]
+CodecName = Annotated[str, Text(max_len=8, choices=CODECS)]
+Hidden = Annotated[TensorPayload, Struct(TensorPayload)]
+Route = Annotated[tuple[str, ...], TupleOf(Text(min_len=1, max_len=MAX_ID_CHARS), MAX_STAGES)]
+
+
+def _check_span(owner: str, start_layer: int, end_layer: int) -> None:
+    if start_layer > end_layer:
+        raise WireError(f"{owner}: span start {start_layer} > end {end_layer}")
+
+
+# --- membership -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(WireStruct):
+    """First message on a new link: who the sender is and what it can carry."""
+
+    node_id: NodeId
+    name: Name
+    """Human-readable node name (may be empty)."""
+    protocol_version: Annotated[int, UInt(max_value=255)]
+    mesh_name: Annotated[str, Text(min_len=1, max_len=MAX_NAME_CHARS)]
+    model_id: Annotated[str, Text(max_len=128)]
+    """Content hash of the model weights the sender serves."""
+    api_port: Annotated[int, UInt(min_value=1, max_value=65535)]
+    mem_budget_bytes: ByteCount
+    """Memory the sender offers for layer weights."""
+    ms_per_layer: Milliseconds
+    """Measured compute time per layer per token, in milliseconds."""
+    can_coordinate: Annotated[bool, Bool()]
+
+
+@dataclass(frozen=True)
+class Heartbeat(WireStruct):
+    """Sent on every link at a steady rate; a missed window marks the peer lost."""
+
+    node_id: NodeId
+    term: Term
+    """Highest term the sender has seen."""
+    sent_at_s: Seconds
+    """Sender's clock when sent (for RTT measurement; only the sender compares it)."""
+
+
+@dataclass(frozen=True)
+class Bye(WireStruct):
+    """The sender leaves the mesh (clean shutdown)."""
+
+    node_id: NodeId
+    reason: Reason
+
+
+# --- election ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Election(WireStruct):
+    """A node stands as candidate for ``term`` (bully election)."""
+
+    term: Term
+    candidate_id: NodeId
+    score: Score
+    """Capacity score; candidates order by (score, node id)."""
+
+
+@dataclass(frozen=True)
+class Answer(WireStruct):
+    """A stronger node answers an Election: it takes the election over."""
+
+    term: Term
+    node_id: NodeId
+
+
+@dataclass(frozen=True)
+class Coordinator(WireStruct):
+    """``node_id`` won the election and coordinates ``term``."""
+
+    term: Term
+    node_id: NodeId
+
+
+# --- plans ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeReport(WireStruct):
+    """A node's state, sent to the coordinator: budget, speed and the span it holds."""
+
+    node_id: NodeId
+    term: Term
+    mem_budget_bytes: ByteCount
+    ms_per_layer: Milliseconds
+    span_start: Layer
+    span_end: Layer
+    """Half-open span ``[span_start, span_end)`` the node holds; empty when it holds none."""
+    state: Annotated[str, Text(min_len=1, max_len=MAX_STATE_CHARS)]
+    """e.g. ``starting``, ``loading``, ``ready``."""
+
+    def _check_invariants(self) -> None:
+        _check_span("NodeReport", self.span_start, self.span_end)
+
+
+@dataclass(frozen=True)
+class Stage(WireStruct):
+    """One node's place in a plan: it runs layers ``[start_layer, end_layer)``."""
+
+    node_id: NodeId
+    start_layer: Layer
+    end_layer: Layer
+
+    def _check_invariants(self) -> None:
+        _check_span("Stage", self.start_layer, self.end_layer)
+
+
+@dataclass(frozen=True)
+class Plan(WireStruct):
+    """The coordinator's assignment of layer spans for ``term``, in chain order.
+
+    Stages are contiguous: each starts where the previous one ends.
+    """
+
+    term: Term
+    stages: Annotated[tuple[Stage, ...], TupleOf(Struct(Stage), MAX_STAGES, min_len=1)]
+    codec: CodecName
+    """Tensor codec for hidden states under this plan (one of ``CODECS``)."""
+
+    def _check_invariants(self) -> None:
+        for before, after in zip(self.stages, self.stages[1:]):
+            if after.start_layer != before.end_layer:
+                raise WireError(
+                    f"Plan.stages: not contiguous: {before.node_id} ends at {before.end_layer}, "
+                    f"{after.node_id} starts at {after.start_layer}"
+                )
+
+
+@dataclass(frozen=True)
+class StageReady(WireStruct):
+    """``node_id`` has loaded its span of the plan of ``term``."""
+
+    term: Term
+    node_id: NodeId
+
+
+# --- inference --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forward(WireStruct):
+    """Hidden states of a session, to run through the receiver's span (one hop)."""
+
+    session_id: SessionId
+    seq: Count
+    """Step number within the session; a Result answers the Forward with the same seq."""
+    term: Term
+    """Term of the plan this step runs under."""
+    start_pos: Position
+    """Position of the first hidden state (the session's KV cache length before it)."""
+    hidden: Hidden
+    """(positions, hidden) or (batch, positions, hidden) float tensor."""
+    route: Route
+    """Node ids of the stages still to run after the receiver; the last hop returns a Result."""
+
+
+@dataclass(frozen=True)
+class Result(WireStruct):
+    """Hidden states after the last stage, back to the session's entry node."""
+
+    session_id: SessionId
+    seq: Count
+    hidden: Hidden
+
+
+@dataclass(frozen=True)
+class DropSession(WireStruct):
+    """Forget a session: free its KV cache on the receiver."""
+
+    session_id: SessionId
+
+
+@dataclass(frozen=True)
+class Error(WireStruct):
+    """The sender refused or failed a request; ``code`` is a short machine-readable word."""
+
+    code: Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
+    message: Reason
+
+
+Message = (
+    Hello
+    | Heartbeat
+    | Bye
+    | Election
+    | Answer
+    | Coordinator
+    | NodeReport
+    | Plan
+    | StageReady
+    | Forward
+    | Result
+    | DropSession
+    | Error
+)
+"""Any top-level message."""
+
+MESSAGE_TAGS: dict[type[WireStruct], int] = {
+    Hello: 1,
+    Heartbeat: 2,
+    Bye: 3,
+    Election: 4,
+    Answer: 5,
+    Coordinator: 6,
+    NodeReport: 7,
+    Plan: 8,
+    StageReady: 9,
+    Forward: 10,
+    Result: 11,
+    DropSession: 12,
+    Error: 13,
+}
+"""Type tag of each message class: the first item of its CBOR array. Never reuse a tag."""
+
+MESSAGE_TYPES: dict[int, type[WireStruct]] = {tag: cls for cls, tag in MESSAGE_TAGS.items()}
+"""Message class of each type tag."""
