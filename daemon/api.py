@@ -1,0 +1,378 @@
+"""The daemon's HTTP server: the OpenAI-compatible API and the control API (docs/api.md).
+
+Handlers are thin: they check input, hand work to ``Completions`` and write OpenAI shapes.
+No request can crash the daemon: every failure becomes a JSON error (or an error event in a
+stream), and a client that disconnects cancels only its own generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from daemon.chat_request import RequestError, parse_chat_request
+from daemon.completions import Completions, NotReady, PreparedChat
+from daemon.events import EventHub
+from daemon.status import StatusBoard
+from daemon.stop_strings import StopScanner
+from daemon.worker import TokenStream, WorkerStopped
+
+if TYPE_CHECKING:
+    from meshllm.model.engine import Token
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+KEEPALIVE_S = 5.0
+SHUTDOWN_TIMEOUT_S = 5.0
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str, *, param: str | None = None,
+                   code: str | None = None) -> web.Response:
+    """An error in OpenAI's shape."""
+    body = {"error": {**_error_body(message, status), "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation as the client sees it."""
+
+    reason: str
+    """"stop", "length", or "cancelled" (the daemon is stopping)."""
+    completion_tokens: int
+
+
+class ApiHandlers:
+    """The request handlers, with what they need."""
+
+    def __init__(
+        self,
+        completions: Completions,
+        board: StatusBoard,
+        hub: EventHub,
+        request_stop: Callable[[], None],
+        *,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        self._completions = completions
+        self._board = board
+        self._hub = hub
+        self._request_stop = request_stop
+        self._keepalive_s = keepalive_s
+
+    # -- OpenAI-compatible ---------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        engine = self._completions.engine
+        data = []
+        if engine is not None:
+            data.append({"id": engine.info.name, "object": "model", "created": 0, "owned_by": "meshllm"})
+        return web.json_response({"object": "list", "data": data})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json_body(request)
+        try:
+            prepared = await self._completions.prepare(parse_chat_request(body))
+        except RequestError as error:
+            return error_response(error.status, error.message, param=error.param, code=error.code)
+        except NotReady as error:
+            return error_response(503, str(error))
+        try:
+            tokens = self._completions.generate(prepared)
+        except (NotReady, WorkerStopped):
+            return error_response(503, "the daemon is stopping")
+        self._board.session_started()
+        try:
+            if prepared.request.stream:
+                return await self._stream_chat(request, prepared, tokens)
+            return await self._whole_chat(prepared, tokens)
+        finally:
+            tokens.close()  # a client that went away (or a stop string) cancels the generation
+            self._board.session_ended()
+
+    async def _whole_chat(self, prepared: PreparedChat, tokens: TokenStream[Token]) -> web.Response:
+        pieces: list[str] = []
+        finished = Finished("cancelled", 0)
+        try:
+            async for piece in _text_pieces(tokens, prepared.request.stop):
+                if isinstance(piece, Finished):
+                    finished = piece
+                else:
+                    pieces.append(piece)
+        except Exception as error:  # the engine failed: this request gets a 500, the daemon goes on
+            log.exception("generation failed")
+            self._hub.log("error", f"generation failed: {error}")
+            return error_response(500, f"generation failed: {error}")
+        if finished.reason == "cancelled":
+            return error_response(503, "the daemon is stopping")
+        return web.json_response(
+            {
+                "id": _completion_id(),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": prepared.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "finish_reason": finished.reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(len(prepared.prompt_ids), finished.completion_tokens),
+            }
+        )
+
+    async def _stream_chat(self, request: web.Request, prepared: PreparedChat,
+                           tokens: TokenStream[Token]) -> web.StreamResponse:
+        chat = prepared.request
+        ident, created = _completion_id(), int(time.time())
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            body: dict[str, Any] = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": prepared.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                             "logprobs": None}],
+            }
+            if chat.include_usage:
+                body["usage"] = None
+            return body
+
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        try:
+            await response.prepare(request)
+            await _send_event(response, chunk({"role": "assistant", "content": ""}))
+            finished = Finished("cancelled", 0)
+            try:
+                async for piece in _text_pieces(tokens, chat.stop):
+                    if isinstance(piece, Finished):
+                        finished = piece
+                    else:
+                        await _send_event(response, chunk({"content": piece}))
+            except Exception as error:  # the engine failed: end this stream with an error event
+                log.exception("generation failed")
+                self._hub.log("error", f"generation failed: {error}")
+                await _send_event(response, {"error": _error_body(f"generation failed: {error}")})
+                return response
+            if finished.reason == "cancelled":
+                await _send_event(response, {"error": _error_body("the daemon is stopping")})
+                return response
+            await _send_event(response, chunk({}, finished.reason))
+            if chat.include_usage:
+                usage = _usage(len(prepared.prompt_ids), finished.completion_tokens)
+                await _send_event(response, {**chunk({}), "choices": [], "usage": usage})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            log.debug("client went away during a stream")
+        return response
+
+    # -- control -------------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self._board.snapshot())
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        subscription = self._hub.subscribe()
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        try:
+            await response.prepare(request)
+            await _send_event(response, {"type": "status", "status": self._board.snapshot()})
+            for past in self._hub.recent_logs():
+                await _send_event(response, past.to_json())
+            while True:
+                try:
+                    event = await subscription.next_event(self._keepalive_s)
+                except StopAsyncIteration:
+                    break
+                if event is None:
+                    await response.write(b": ping\n\n")
+                else:
+                    await _send_event(response, event.to_json())
+            await response.write_eof()
+        except ConnectionResetError:
+            log.debug("event client went away")
+        finally:
+            subscription.close()
+        return response
+
+    async def down(self, request: web.Request) -> web.StreamResponse:
+        await read_json_body(request, allow_empty=True)
+        self._hub.log("leave", "stopping: asked to go down over the API")
+        response = web.json_response({"ok": True})
+        await response.prepare(request)
+        await response.write_eof()
+        self._request_stop()
+        return response
+
+
+async def _text_pieces(tokens: TokenStream[Token], stops: tuple[str, ...]
+                       ) -> AsyncIterator[str | Finished]:
+    """Visible text pieces of a generation, then one Finished. Honours stop strings."""
+    scanner = StopScanner(stops)
+    count = 0
+    async for token in tokens:
+        if token.id >= 0:
+            count += 1
+        text, stopped = scanner.push(token.text)
+        if text:
+            yield text
+        if stopped:
+            tokens.close()
+            yield Finished("stop", count)
+            return
+        if token.finish_reason is not None:
+            rest = scanner.flush()
+            if rest:
+                yield rest
+            yield Finished(token.finish_reason, count)
+            return
+    yield Finished("cancelled", count)  # ended without a last token: the worker is stopping
+
+
+class BodyError(Exception):
+    """The request body cannot be read as JSON; answered with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_json_body(request: web.Request, *, allow_empty: bool = False) -> object:
+    """The request's decoded JSON body; raises BodyError (415, 413 or 400)."""
+    if request.content_type != "application/json":
+        raise BodyError(415, "send the body as JSON with 'Content-Type: application/json'")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyError(413, f"the request body is larger than {request.client_max_size} bytes") from None
+    if allow_empty and not raw.strip():
+        return None
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise BodyError(400, f"the request body is not valid JSON: {error}") from None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _error_body(message: str, status: int = 500) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"message": message, "type": kind, "param": None, "code": None}
+
+
+async def _send_event(response: web.StreamResponse, data: dict[str, Any]) -> None:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    await response.write(b"data: " + payload.encode() + b"\n\n")
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _error_middleware(allowed_hosts: frozenset[str] | None) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if allowed_hosts is not None and _host_name(request.host) not in allowed_hosts:
+            # a browser page that rebinds its DNS name to 127.0.0.1 would arrive with its own Host
+            return error_response(403, f"host {request.host!r} is not allowed")
+        try:
+            return await handler(request)
+        except BodyError as error:
+            return error_response(error.status, error.message)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return error_response(error.status, f"{request.method} {request.path}: {error.reason}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug in a handler: answer 500, keep serving others
+            log.exception("request %s %s failed", request.method, request.path)
+            return error_response(500, f"internal error: {error}")
+
+    return middleware
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host
+
+
+def create_app(
+    completions: Completions,
+    board: StatusBoard,
+    hub: EventHub,
+    request_stop: Callable[[], None],
+    *,
+    keepalive_s: float = KEEPALIVE_S,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+) -> web.Application:
+    """The aiohttp application. ``allowed_hosts`` guards against DNS rebinding (None: any)."""
+    handlers = ApiHandlers(completions, board, hub, request_stop, keepalive_s=keepalive_s)
+    app = web.Application(client_max_size=max_body_bytes,
+                          middlewares=[_error_middleware(allowed_hosts)])
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/status", handlers.status)
+    app.router.add_get("/v1/events", handlers.events)
+    app.router.add_post("/v1/down", handlers.down)
+    return app
+
+
+class ApiServer:
+    """The running HTTP server of one node."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+
+    @classmethod
+    async def start(cls, app: web.Application, host: str, port: int, *,
+                    shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> ApiServer:
+        """Listen on host:port (0 = a free port). Raises OSError when it cannot listen."""
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s,
+                               access_log=logging.getLogger("daemon.access"))
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        bound_port = runner.addresses[0][1] if runner.addresses else port
+        return cls(runner, host, bound_port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

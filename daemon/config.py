@@ -1,0 +1,175 @@
+"""The daemon's configuration: one frozen object built from CLI flags and ``MESHLLM_*`` variables.
+
+Flags win over environment variables, which win over defaults. Every option of ``meshllm up``
+has a variable named after it: ``--api-port`` is ``MESHLLM_API_PORT``, ``--join`` is
+``MESHLLM_JOIN`` (comma-separated), booleans accept ``1/true/yes/on`` and ``0/false/no/off``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "MESHLLM_"
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 8470
+DEFAULT_API_URL = f"http://{DEFAULT_API_HOST}:{DEFAULT_API_PORT}"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+class ConfigError(ValueError):
+    """An option has a value the daemon cannot use; the message names the option."""
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/meshllm``, else ``~/.local/state/meshllm``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "meshllm"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to know at start-up. Built once by the CLI, passed down."""
+
+    model: str | None = None
+    """Path of a Hugging Face folder or a GGUF file; ``None`` is the default model."""
+    api_host: str = DEFAULT_API_HOST
+    """Address the HTTP API listens on. Loopback unless told otherwise."""
+    api_port: int = DEFAULT_API_PORT
+    """Port of the HTTP API; 0 picks a free one (the ready line says which)."""
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """torch intra-op threads of the generation worker. Several nodes on one machine must split cores."""
+    name: str = field(default_factory=socket.gethostname)
+    """Human name of this node, shown to the mesh."""
+    state_dir: Path = field(default_factory=default_state_dir)
+    """Where the node keeps its id and other small state."""
+    cache_dir: Path | None = None
+    """Where converted model weights are cached; ``None`` lets the engine choose."""
+    loopback: bool = False
+    """Single-machine mesh mode: discovery and links use 127.0.0.1 only."""
+    no_tui: bool = False
+    """Never start the terminal UI, even when stdout is a terminal."""
+    log_level: str = "info"
+    """One of ``debug``, ``info``, ``warning``, ``error``."""
+    mesh_name: str = "default"
+    """Nodes join only meshes of the same name."""
+    mesh_key_file: Path | None = None
+    """File holding the mesh key; without one anyone on the LAN can join."""
+    join: tuple[str, ...] = ()
+    """Peers added by hand, as ``HOST:PORT`` (mDNS does not cross subnets)."""
+    ice_servers: tuple[str, ...] = ()
+    """STUN/TURN URLs for meshes across NATs. Empty: a LAN mesh never reaches outside."""
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of this node's HTTP API as a client on this machine would use it."""
+        host = self.api_host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.api_port}"
+
+    @classmethod
+    def from_sources(
+        cls, flags: Mapping[str, object], env: Mapping[str, str]
+    ) -> NodeConfig:
+        """Build the config from parsed flags (``None`` = not given) and the environment.
+
+        An empty environment variable counts as unset. Raises ConfigError naming the option when a value is unusable.
+        """
+        values: dict[str, object] = {}
+        for option in fields(cls):
+            flag_value = flags.get(option.name)
+            if flag_value is not None:
+                values[option.name] = _from_flag(option.name, flag_value)
+                continue
+            env_name = ENV_PREFIX + option.name.upper()
+            env_text = env.get(env_name, "").strip()
+            if env_text:
+                values[option.name] = _from_env(option.name, env_name, env_text)
+        config = cls(**values)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError if a value is out of range."""
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"api port must be 0..65535, not {self.api_port}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, not {self.threads}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"log level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
+            )
+        if not self.name or len(self.name) > 63:
+            raise ConfigError("name must be 1..63 characters")
+        if not self.mesh_name or len(self.mesh_name) > 63:
+            raise ConfigError("mesh name must be 1..63 characters")
+        for peer in self.join:
+            parse_host_port(peer)
+
+    def is_loopback_only(self) -> bool:
+        """True when the API listens on a loopback address only."""
+        if self.api_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.api_host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (or ``[V6]:PORT``); raise ConfigError when it is not one."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(f"join peer must be HOST:PORT, not {text!r}")
+    return host, int(port_text)
+
+
+_INT_FIELDS = frozenset({"api_port", "threads"})
+_BOOL_FIELDS = frozenset({"loopback", "no_tui"})
+_PATH_FIELDS = frozenset({"state_dir", "cache_dir", "mesh_key_file"})
+_LIST_FIELDS = frozenset({"join", "ice_servers"})
+
+
+def _from_flag(name: str, value: object) -> object:
+    if name in _PATH_FIELDS:
+        return Path(str(value)).expanduser()
+    if name in _LIST_FIELDS:
+        return tuple(str(item) for item in value)  # type: ignore[attr-defined]
+    if name == "log_level":
+        return str(value).lower()
+    return value
+
+
+def _from_env(name: str, env_name: str, text: str) -> object:
+    if name in _INT_FIELDS:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{env_name} must be an integer, not {text!r}") from None
+    if name in _BOOL_FIELDS:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{env_name} must be true or false, not {text!r}")
+    if name in _PATH_FIELDS:
+        return Path(text).expanduser()
+    if name in _LIST_FIELDS:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    if name == "log_level":
+        return text.lower()
+    return text

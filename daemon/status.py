@@ -1,0 +1,103 @@
+"""The node's status as clients see it (``GET /v1/status``), published on every change.
+
+Single-node for now: the node is its own coordinator and holds every layer once loaded.
+The mesh work will feed peers, terms and plans into the same snapshot shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from daemon.events import EventHub, StatusEvent
+
+NodeState = Literal["starting", "loading", "ready", "lost"]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    model_id: str
+    """Content hash of the weights."""
+    name: str
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class SelfState:
+    """What this node knows about itself."""
+
+    node_id: str
+    name: str
+    address: str
+    """HOST:PORT of its API."""
+    mem_budget_bytes: int
+    state: NodeState = "starting"
+    model: ModelSummary | None = None
+    ms_per_layer: float | None = None
+    sessions: int = 0
+    """Chat requests in progress (running or queued)."""
+    codec: str = "f32"
+
+
+class StatusBoard:
+    """Holds the node's state; every change publishes a status event to the hub."""
+
+    def __init__(self, initial: SelfState, hub: EventHub) -> None:
+        self._state = initial
+        self._hub = hub
+
+    @property
+    def state(self) -> SelfState:
+        return self._state
+
+    def update(self, **changes: Any) -> None:
+        new = replace(self._state, **changes)
+        if new != self._state:
+            self._state = new
+            self._hub.publish(StatusEvent(self.snapshot()))
+
+    def session_started(self) -> None:
+        self.update(sessions=self._state.sessions + 1)
+
+    def session_ended(self) -> None:
+        self.update(sessions=self._state.sessions - 1)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The body of ``GET /v1/status`` (docs/api.md)."""
+        s = self._state
+        ready = s.state == "ready" and s.model is not None
+        span = [0, s.model.num_layers] if ready and s.model is not None else None
+        plan = None
+        if ready and s.model is not None:
+            plan = {
+                "term": 0,
+                "state": "active",
+                "stages": [{"node_id": s.node_id, "start_layer": 0, "end_layer": s.model.num_layers}],
+            }
+        model = None
+        if s.model is not None:
+            model = {"id": s.model.model_id, "name": s.model.name, "num_layers": s.model.num_layers}
+        return {
+            "self_id": s.node_id,
+            "model": model,
+            "codec": s.codec,
+            "term": 0,
+            "coordinator_id": s.node_id,
+            "plan": plan,
+            "nodes": [
+                {
+                    "id": s.node_id,
+                    "name": s.name,
+                    "is_self": True,
+                    "role": "coordinator",
+                    "state": s.state,
+                    "mem_budget_bytes": s.mem_budget_bytes,
+                    "ms_per_layer": s.ms_per_layer,
+                    "span": span,
+                    "rtt_ms": None,
+                    "address": s.address,
+                }
+            ],
+            "incompatible": [],
+            "sessions": s.sessions,
+        }
