@@ -1,0 +1,59 @@
+"""A shard holds the memory of its span, not of the whole model (design §11)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO
+
+_PROBE = textwrap.dedent(
+    """
+    import gc, json, os, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    from meshllm.model.cache import prepare
+    from meshllm.model.shard import Shard, load_config, model_shape, span_config
+    from meshllm.model.source import resolve
+
+    start, end = int(sys.argv[1]), int(sys.argv[2])
+    prepared = prepare(resolve(None))
+    config = load_config(prepared)
+    shape = model_shape(config)
+    with torch.device("meta"):  # load the modelling code before the baseline
+        AutoModelForCausalLM.from_config(span_config(config, 0, 1))
+    page = os.sysconf("SC_PAGE_SIZE")
+    def rss():
+        gc.collect()
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    base = rss()
+    shard = Shard(prepared, start, end)
+    with torch.inference_mode():  # touch every weight: one prefill through the span and the head
+        shard.head(shard.forward("probe", shard.embed([1, 2, 3]), 0))
+    shard.drop("probe")
+    grown = rss() - base
+    expected = (end - start) * shape.layer_bytes + shape.embed_head_bytes
+    print(json.dumps({"grown": grown, "expected": expected, "layer_bytes": shape.layer_bytes}))
+    """
+)
+
+
+def _measure(start: int, end: int) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(start), str(end)],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_third_of_the_layers_costs_a_third_of_the_layer_memory(default_engine) -> None:  # type: ignore[no-untyped-def]
+    # default_engine makes sure the weight cache exists before the probe runs
+    third = _measure(10, 20)
+    assert third["grown"] <= 1.15 * third["expected"], third
+    whole = _measure(0, 30)
+    assert whole["grown"] <= 1.15 * whole["expected"], whole
+    # memory grows with the span: 20 more layers cost about 20 layers' bytes
+    assert whole["grown"] - third["grown"] >= 0.8 * 20 * third["layer_bytes"]
