@@ -20,6 +20,9 @@ from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.shard import ModelShape, Shard, load_config, model_shape
 from meshllm.model.source import resolve
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
+from meshllm.session import Session, Token, run_local
+
+__all__ = ["Engine", "ModelInfo", "Token"]
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +35,6 @@ class ModelInfo:
     hidden_size: int
     max_positions: int
     eos_token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int
-    text: str
-    """The new text this token adds (may be empty; empty for EOS)."""
-    finish_reason: str | None = None
-    """Set on the last token: "stop" (EOS), "length" (max_tokens) or "cancelled"."""
 
 
 def eos_ids(prepared: PreparedModel, tokenizer) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
@@ -127,36 +121,17 @@ class Engine:
             hidden = shard.forward(session_id, hidden, start_pos)
         return self.shards[-1].head(hidden)  # (vocab,)
 
-    def generate_ids(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[tuple[int, str | None]]:
-        """Yield (token id, finish_reason or None). The last one has a finish reason."""
+    def new_session(self, prompt_ids: list[int], params: SamplingParams) -> Session:
+        """A session for `prompt_ids`; `max_tokens` is cut to what the context window leaves."""
         self.check_prompt(len(prompt_ids))
-        session_id = f"local-{next(_session_counter)}"
-        sampler = Sampler(params)
-        eos = set(self.info.eos_token_ids)
-        budget = min(params.max_tokens, self.info.max_positions - len(prompt_ids))
-        try:
-            with torch.inference_mode():
-                feed, pos = list(prompt_ids), 0
-                for i in range(budget):
-                    if should_stop is not None and should_stop():
-                        yield -1, "cancelled"
-                        return
-                    logits = self._run_chain(session_id, feed, pos)
-                    pos += len(feed)
-                    tok = sampler.sample(logits)
-                    if tok in eos:
-                        yield tok, "stop"
-                        return
-                    yield tok, ("length" if i == budget - 1 else None)
-                    feed = [tok]
-        finally:
-            for shard in self.shards:
-                shard.drop(session_id)
+        detok = Detokenizer(self.tokenizer, frozenset(self.info.eos_token_ids))
+        return Session(
+            session_id=f"local-{next(_session_counter)}",
+            prompt_ids=tuple(prompt_ids),
+            max_tokens=min(params.max_tokens, self.info.max_positions - len(prompt_ids)),
+            eos_token_ids=frozenset(self.info.eos_token_ids),
+            detokenize=detok.push,
+        )
 
     def generate(
         self,
@@ -164,13 +139,15 @@ class Engine:
         params: SamplingParams,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[Token]:
-        """Stream tokens with their text. See `Token`."""
-        detok = Detokenizer(self.tokenizer, frozenset(self.info.eos_token_ids))
-        eos = set(self.info.eos_token_ids)
-        for tok, reason in self.generate_ids(prompt_ids, params, should_stop):
-            # id -1 marks a cancellation, which produced no token
-            text = "" if tok < 0 or tok in eos else detok.push(tok)
-            yield Token(tok, text, reason)
+        """Stream tokens with their text; the last one carries the finish reason (see `Token`)."""
+        session = self.new_session(prompt_ids, params)
+        sampler = Sampler(params)
+        try:
+            with torch.inference_mode():
+                yield from run_local(session, self._run_chain, sampler.sample, should_stop)
+        finally:
+            for shard in self.shards:
+                shard.drop(session.session_id)
 
     def measure_ms_per_layer(self, steps: int = 8) -> float:
         """Milliseconds per decoder layer per token, from a short decode on this machine."""

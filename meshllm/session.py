@@ -1,0 +1,118 @@
+"""One answer's generation state on its entry node, sans-IO.
+
+The entry node owns each session: its token history, its sampler and its detokenizer. The
+stages only hold KV caches, and those can always be rebuilt by replaying the steps recorded
+here (design §8). Replaying the same steps, one by one, repeats the same arithmetic, so a
+session moved to a new plan produces exactly the tokens it would have produced undisturbed.
+
+The driver (the daemon, or the local engine) does the I/O::
+
+    while (step := session.next_step()) is not None:
+        logits = run_chain(session.session_id, step.token_ids, step.start_pos)
+        token = session.accept(sample(logits))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to run through the chain next."""
+
+    token_ids: tuple[int, ...]
+    start_pos: int
+    replay: bool = False
+    """True while rebuilding KV caches: the logits of a replay step are not sampled."""
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    """The new text this token adds (may be empty; empty for EOS)."""
+    finish_reason: str | None = None
+    """Set on the last token: "stop" (EOS), "length" (max_tokens) or "cancelled"."""
+
+
+@dataclass
+class Session:
+    """Token history of one answer and where its next step starts."""
+
+    session_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    eos_token_ids: frozenset[int]
+    detokenize: Callable[[int], str] = field(default=lambda _t: "")
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    _done_steps: list[tuple[int, ...]] = field(default_factory=list)
+    _replay: list[tuple[int, ...]] = field(default_factory=list)
+
+    @property
+    def position(self) -> int:
+        """Positions held in the stages' KV caches after the steps run so far."""
+        return sum(len(s) for s in self._done_steps)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_step(self) -> Step | None:
+        """The next step to run, or None when the answer is finished."""
+        if self.finished:
+            return None
+        if self._replay:
+            return Step(self._replay[0], self.position, replay=True)
+        feed = self.prompt_ids if not self._done_steps else (self.generated[-1],)
+        return Step(tuple(feed), self.position)
+
+    def step_done(self) -> None:
+        """A replay step ran through the chain (its logits are ignored)."""
+        if not self._replay:
+            raise RuntimeError("no replay step is in progress")
+        self._done_steps.append(self._replay.pop(0))
+
+    def accept(self, token_id: int) -> Token:
+        """The step returned logits and `token_id` was sampled from them."""
+        if self.finished or self._replay:
+            raise RuntimeError("accept() called with no sampling step pending")
+        step = self.next_step()
+        assert step is not None
+        self._done_steps.append(step.token_ids)
+        self.generated.append(token_id)
+        if token_id in self.eos_token_ids:
+            self.finish_reason = "stop"
+            return Token(token_id, "", "stop")
+        text = self.detokenize(token_id)
+        if len(self.generated) >= self.max_tokens:
+            self.finish_reason = "length"
+        return Token(token_id, text, self.finish_reason)
+
+    def cancel(self) -> Token:
+        self.finish_reason = "cancelled"
+        return Token(-1, "", "cancelled")
+
+    def restart(self) -> None:
+        """The KV caches are gone (a new plan): replay every step taken so far, in order."""
+        self._replay = list(self._done_steps) + self._replay
+        self._done_steps = []
+
+    def replaying(self) -> bool:
+        return bool(self._replay)
+
+
+def run_local(session: Session, run_chain: Callable[[str, list[int], int], object],
+              sample: Callable[[object], int], should_stop: Callable[[], bool] | None = None) -> Iterator[Token]:
+    """Drive a session to the end with a synchronous chain (the single-process engine)."""
+    while (step := session.next_step()) is not None:
+        if should_stop is not None and should_stop():
+            yield session.cancel()
+            return
+        logits = run_chain(session.session_id, list(step.token_ids), step.start_pos)
+        if step.replay:
+            session.step_done()
+            continue
+        yield session.accept(sample(logits))
