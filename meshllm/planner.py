@@ -1,0 +1,636 @@
+"""Layer placement: which node holds which decoder layers, as one pure function.
+
+The coordinator calls :func:`plan_layers` with the model's sizes and every node's memory
+budget and measured speed; it gets back a :class:`Plan`, a chain of stages whose half-open
+spans cover ``[0, num_layers)`` exactly. Nothing here reads the clock or does I/O.
+
+Cost model (see ``docs/election.md`` for the long form):
+
+- A stage that holds ``n`` layers on a node that takes ``ms_per_layer`` costs
+  ``n * ms_per_layer`` milliseconds per token.
+- The chain is a ring: a token goes stage 1 -> stage 2 -> ... -> stage k and back to where it
+  started. A chain of ``k >= 2`` stages pays ``k`` hops (the ``k - 1`` hops between
+  consecutive stages plus the return hop from the last stage to the first); a single stage
+  pays none. The entry node is modelled as the first stage's node: it is not known when the
+  plan is made, and any node can be one.
+- ``objective="latency"`` (the default) minimises one token's trip: compute plus hops.
+  ``objective="throughput"`` minimises the slowest stage's compute (what limits a pipeline
+  that has several sessions in flight), then latency among plans with that slowest stage.
+- Every node holds the embedding, final norm and lm_head; a stage's
+  ``layers * layer_bytes + embed_head_bytes`` must fit its node's budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from meshllm.errors import PlacementError
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["latency", "throughput"]
+
+DEFAULT_HOP_MS = 1.0
+"""One hop's cost when no measurement is given: a LAN data-channel round trip is ~0.7 ms."""
+
+EXACT_PAIRWISE_MAX_NODES = 6
+"""With per-link latencies, search every subset and ring order up to this many nodes."""
+
+EXACT_RING_MAX_NODES = 9
+"""Order a chosen set of stages exactly (Held-Karp) up to this many; 2-opt beyond."""
+
+_MIB = 1024 * 1024
+_REL_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The sizes the planner needs to know about a model."""
+
+    num_layers: int
+    """Number of decoder layers."""
+    layer_bytes: int
+    """Bytes of weights of one decoder layer."""
+    embed_head_bytes: int
+    """Bytes of embedding + final norm + lm_head, which every node holds."""
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.layer_bytes < 0 or self.embed_head_bytes < 0:
+            raise ValueError("layer_bytes and embed_head_bytes must be >= 0")
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What one node offers."""
+
+    node_id: str
+    mem_budget_bytes: int
+    """Bytes this node may use for weights."""
+    ms_per_layer: float
+    """Measured milliseconds per decoder layer per token."""
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("node_id must not be empty")
+        if self.mem_budget_bytes < 0:
+            raise ValueError(f"{self.node_id}: mem_budget_bytes must be >= 0")
+        if not (self.ms_per_layer >= 0 and math.isfinite(self.ms_per_layer)):
+            raise ValueError(f"{self.node_id}: ms_per_layer must be finite and >= 0")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node's place in the chain: it runs layers ``[start_layer, end_layer)``."""
+
+    node_id: str
+    start_layer: int
+    end_layer: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A chain of stages covering ``[0, num_layers)`` in order, and what it should cost."""
+
+    stages: tuple[Stage, ...]
+    est_ms_per_token: float
+    """One token's trip through the ring: every stage's compute plus the hops."""
+    est_slowest_stage_ms: float = 0.0
+    """The slowest stage's compute per token: the pipeline's limit on throughput."""
+
+    @property
+    def num_layers(self) -> int:
+        return self.stages[-1].end_layer if self.stages else 0
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(stage.node_id for stage in self.stages)
+
+    def span_of(self, node_id: str) -> tuple[int, int] | None:
+        """The half-open span ``node_id`` holds, or None when it holds no layers."""
+        for stage in self.stages:
+            if stage.node_id == node_id:
+                return (stage.start_layer, stage.end_layer)
+        return None
+
+    def holders(self) -> list[str]:
+        """The node holding each layer, indexed by layer."""
+        out: list[str] = []
+        for stage in self.stages:
+            out.extend([stage.node_id] * stage.num_layers)
+        return out
+
+
+def layers_moved(old: Plan, new: Plan) -> int:
+    """How many layers change holder from ``old`` to ``new``.
+
+    A layer that only one of the plans covers (the model changed size) counts as moved.
+    """
+    before, after = old.holders(), new.holders()
+    common = min(len(before), len(after))
+    changed = sum(1 for layer in range(common) if before[layer] != after[layer])
+    return changed + abs(len(before) - len(after))
+
+
+class HopCosts:
+    """Milliseconds for one hop between two nodes.
+
+    A measured ``(a, b)`` entry wins; otherwise ``(b, a)``; otherwise ``default_ms``.
+    """
+
+    def __init__(self, hop_ms: Mapping[tuple[str, str], float] | None, default_ms: float) -> None:
+        if default_ms < 0:
+            raise ValueError("default hop ms must be >= 0")
+        self._hop_ms = dict(hop_ms or {})
+        self._default_ms = default_ms
+
+    def __call__(self, a: str, b: str) -> float:
+        got = self._hop_ms.get((a, b))
+        if got is None:
+            got = self._hop_ms.get((b, a), self._default_ms)
+        return got
+
+    def is_uniform(self, node_ids: Sequence[str]) -> bool:
+        """True when every hop among ``node_ids`` costs the same (so order does not matter)."""
+        costs = {self(a, b) for a in node_ids for b in node_ids if a != b}
+        return len(costs) <= 1
+
+    def uniform_ms(self, node_ids: Sequence[str]) -> float:
+        """The mean hop among ``node_ids``: the flat cost used where the search must be uniform."""
+        costs = [self(a, b) for a in node_ids for b in node_ids if a != b]
+        return sum(costs) / len(costs) if costs else self._default_ms
+
+    def ring_ms(self, order: Sequence[str]) -> float:
+        """The hops of a ring visiting ``order`` and returning to its start (0 for one stage)."""
+        if len(order) < 2:
+            return 0.0
+        return sum(self(order[i], order[(i + 1) % len(order)]) for i in range(len(order)))
+
+
+def chain_cost_ms(
+    stages: Sequence[Stage], ms_per_layer: Mapping[str, float], hops: HopCosts
+) -> tuple[float, float]:
+    """``(ms per token, slowest stage ms)`` of a chain under the planner's cost model."""
+    compute = [stage.num_layers * ms_per_layer[stage.node_id] for stage in stages]
+    latency = sum(compute) + hops.ring_ms([stage.node_id for stage in stages])
+    return latency, max(compute, default=0.0)
+
+
+def plan_layers(
+    spec: ModelSpec,
+    nodes: Sequence[NodeCapacity],
+    *,
+    objective: Objective = "latency",
+    hop_ms: Mapping[tuple[str, str], float] | None = None,
+    default_hop_ms: float = DEFAULT_HOP_MS,
+    previous: Plan | None = None,
+    tolerance: float = 0.05,
+) -> Plan:
+    """Place ``spec``'s layers on ``nodes``; raise :class:`PlacementError` if they cannot hold it.
+
+    With ``previous``, return the plan that moves the fewest layers (see :func:`layers_moved`)
+    among those whose objective is within ``tolerance`` (a fraction) of the best plan's.
+    """
+    if objective not in ("latency", "throughput"):
+        raise ValueError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    if tolerance < 0:
+        raise ValueError("tolerance must be >= 0")
+    problem = _Problem.build(spec, nodes, HopCosts(hop_ms, default_hop_ms))
+    if objective == "latency":
+        best = problem.best_latency(problem.caps)
+    else:
+        best = problem.best_throughput()
+    if previous is None or previous.num_layers != spec.num_layers:
+        return best
+    sticky = problem.sticky(previous, best, objective, tolerance)
+    return sticky if sticky is not None else best
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    counts: dict[str, int]
+    order: tuple[str, ...]
+    latency_ms: float
+
+
+class _Problem:
+    """One planning problem: nodes sorted by id, each with the layers it can hold."""
+
+    def __init__(
+        self, spec: ModelSpec, nodes: list[NodeCapacity], caps: dict[str, int], hops: HopCosts
+    ) -> None:
+        self.spec = spec
+        self.ids = [node.node_id for node in nodes]
+        self.ms = {node.node_id: node.ms_per_layer for node in nodes}
+        self.caps = caps
+        self.hops = hops
+        self.uniform = hops.is_uniform(self.ids)
+        self.flat_hop_ms = hops.uniform_ms(self.ids)
+
+    @classmethod
+    def build(cls, spec: ModelSpec, nodes: Sequence[NodeCapacity], hops: HopCosts) -> _Problem:
+        ordered = sorted(nodes, key=lambda node: node.node_id)
+        for a, b in itertools.pairwise(ordered):
+            if a.node_id == b.node_id:
+                raise ValueError(f"node {a.node_id!r} is listed twice")
+        caps = {node.node_id: _layer_capacity(spec, node) for node in ordered}
+        room = sum(caps.values())
+        if room < spec.num_layers:
+            raise _placement_error(spec, ordered, room)
+        return cls(spec, ordered, caps, hops)
+
+    # ---- fresh plans ---------------------------------------------------------------------
+
+    def best_latency(self, caps: dict[str, int]) -> Plan:
+        """The plan with the lowest ms per token, each node holding at most ``caps[node]``."""
+        if self.uniform or len(self.ids) <= EXACT_PAIRWISE_MAX_NODES:
+            candidate = self._best_exact(caps)
+        else:
+            candidate = self._best_flat_then_ring(caps)
+        return self._to_plan(candidate.order, candidate.counts)
+
+    def best_throughput(self) -> Plan:
+        """The plan whose slowest stage is fastest; among those, the lowest ms per token."""
+        slowest = _min_max_stage_ms(self.ids, self.ms, self.caps, self.spec.num_layers)
+        return self.best_latency(self._caps_under(slowest))
+
+    def _caps_under(self, stage_ms: float) -> dict[str, int]:
+        """Caps tightened so that no stage's compute exceeds ``stage_ms``."""
+        limit = stage_ms * (1 + _REL_EPS) + 1e-12
+        caps = {}
+        for node_id, cap in self.caps.items():
+            ms = self.ms[node_id]
+            caps[node_id] = cap if ms == 0 else min(cap, int(limit / ms))
+        return caps
+
+    def _best_exact(self, caps: dict[str, int]) -> _Candidate:
+        if self.uniform:
+            counts = self._flat_hop_counts(caps)
+            return _Candidate(counts, tuple(self.ids), self._latency(tuple(self.ids), counts))
+        best: _Candidate | None = None
+        usable = [node_id for node_id in self.ids if caps[node_id] > 0]
+        for size in range(1, min(len(usable), self.spec.num_layers) + 1):
+            for subset in itertools.combinations(usable, size):
+                counts = _greedy_counts(subset, self.ms, caps, self.spec.num_layers)
+                if counts is None:
+                    continue
+                ring_ms, order = _best_ring(subset, self.hops)
+                latency = sum(counts[n] * self.ms[n] for n in subset) + ring_ms
+                if best is None or latency < best.latency_ms * (1 - _REL_EPS):
+                    best = _Candidate(counts, order, latency)
+        assert best is not None, "capacity was checked before the search"
+        return best
+
+    def _best_flat_then_ring(self, caps: dict[str, int]) -> _Candidate:
+        """Many nodes with per-link latencies: choose spans with the mean hop, then order them."""
+        counts = self._flat_hop_counts(caps)
+        used = [node_id for node_id in self.ids if counts.get(node_id, 0) > 0]
+        _, order = _best_ring(used, self.hops)
+        return _Candidate(counts, order, self._latency(order, counts))
+
+    def _flat_hop_counts(self, caps: Mapping[str, int]) -> dict[str, int]:
+        return _fixed_charge_counts(self.ids, self.ms, caps, self.spec.num_layers, self.flat_hop_ms)
+
+    def _latency(self, order: Sequence[str], counts: Mapping[str, int]) -> float:
+        used = [node_id for node_id in order if counts.get(node_id, 0) > 0]
+        return sum(counts[n] * self.ms[n] for n in used) + self.hops.ring_ms(used)
+
+    def _to_plan(self, order: Sequence[str], counts: Mapping[str, int]) -> Plan:
+        stages = []
+        start = 0
+        for node_id in order:
+            count = counts.get(node_id, 0)
+            if count > 0:
+                stages.append(Stage(node_id, start, start + count))
+                start += count
+        assert start == self.spec.num_layers, (start, self.spec.num_layers)
+        latency, slowest = chain_cost_ms(stages, self.ms, self.hops)
+        return Plan(tuple(stages), latency, slowest)
+
+    # ---- sticky re-plans -------------------------------------------------------------------
+
+    def sticky(
+        self, previous: Plan, best: Plan, objective: Objective, tolerance: float
+    ) -> Plan | None:
+        """The plan that moves fewest layers from ``previous`` within ``tolerance`` of ``best``."""
+        survivors = [node_id for node_id in previous.node_ids if node_id in self.ms]
+        newcomers = [node_id for node_id in self.ids if node_id not in previous.node_ids]
+        order = survivors + newcomers
+        old_spans = {s.node_id: (s.start_layer, s.end_layer) for s in previous.stages}
+        moved_limit = layers_moved(previous, best)
+        if moved_limit == 0:
+            return best
+        if objective == "throughput":
+            caps = self._caps_under(best.est_slowest_stage_ms * (1 + tolerance))
+            budget_ms = math.inf
+        else:
+            caps = self.caps
+            budget_ms = best.est_ms_per_token * (1 + tolerance) * (1 + _REL_EPS) + 1e-12
+        candidates: list[Plan] = []
+        for node_id in order:  # single-stage plans: the search below charges every stage a hop
+            if caps[node_id] >= self.spec.num_layers:
+                candidates.append(self._to_plan([node_id], {node_id: self.spec.num_layers}))
+        searched = _sticky_counts(
+            order, self.ms, caps, old_spans, self.spec.num_layers,
+            hop_ms=self.flat_hop_ms, budget_ms=budget_ms, moved_limit=moved_limit - 1,
+        )
+        candidates.extend(self._to_plan(order, counts) for counts in searched)
+        fitting = [plan for plan in candidates if plan.est_ms_per_token <= budget_ms]
+        if not fitting:
+            return None
+        moved, _, choice = min(
+            (layers_moved(previous, plan), plan.est_ms_per_token, i)
+            for i, plan in enumerate(fitting)
+        )
+        if moved >= moved_limit:  # the fresh optimum does as well
+            return None
+        log.debug("sticky re-plan moves %d layers (a fresh plan would move %d)", moved, moved_limit)
+        return fitting[choice]
+
+
+def _layer_capacity(spec: ModelSpec, node: NodeCapacity) -> int:
+    """Whole layers ``node`` can hold besides the embedding and head (capped at the model's)."""
+    room = node.mem_budget_bytes - spec.embed_head_bytes
+    if room < 0:
+        return 0
+    if spec.layer_bytes == 0:
+        return spec.num_layers
+    return min(spec.num_layers, room // spec.layer_bytes)
+
+
+def _placement_error(
+    spec: ModelSpec, nodes: Sequence[NodeCapacity], room_layers: int
+) -> PlacementError:
+    missing_layers = spec.num_layers - room_layers
+    shortfall = missing_layers * spec.layer_bytes
+    message = (
+        f"the mesh cannot hold the model: {spec.num_layers} layers of {spec.layer_bytes} bytes "
+        f"({spec.num_layers * spec.layer_bytes / _MIB:.1f} MiB) plus {spec.embed_head_bytes} bytes "
+        f"({spec.embed_head_bytes / _MIB:.1f} MiB) of embedding and head on every node; "
+        f"{len(nodes)} node(s) have room for {room_layers} layers; short by {shortfall} bytes "
+        f"({shortfall / _MIB:.1f} MiB): {missing_layers} more layers, e.g. one more node with "
+        f"a budget of {shortfall + spec.embed_head_bytes} bytes "
+        f"({(shortfall + spec.embed_head_bytes) / _MIB:.1f} MiB)"
+    )
+    return PlacementError(message, shortfall)
+
+
+def _min_max_stage_ms(
+    ids: Sequence[str], ms: Mapping[str, float], caps: Mapping[str, int], num_layers: int
+) -> float:
+    """The least possible slowest-stage compute: give each layer where it ends up cheapest."""
+    counts = dict.fromkeys(ids, 0)
+    for _ in range(num_layers):
+        pick = min(
+            (node_id for node_id in ids if counts[node_id] < caps[node_id]),
+            key=lambda node_id: ((counts[node_id] + 1) * ms[node_id], node_id),
+        )
+        counts[pick] += 1
+    return max(counts[node_id] * ms[node_id] for node_id in ids)
+
+
+def _greedy_counts(
+    subset: Sequence[str], ms: Mapping[str, float], caps: Mapping[str, int], num_layers: int
+) -> dict[str, int] | None:
+    """Cheapest compute when every node of ``subset`` holds >= 1 layer, or None if impossible."""
+    if len(subset) > num_layers or any(caps[n] < 1 for n in subset):
+        return None
+    if sum(caps[n] for n in subset) < num_layers:
+        return None
+    counts = dict.fromkeys(subset, 1)
+    left = num_layers - len(subset)
+    for node_id in sorted(subset, key=lambda n: (ms[n], n)):
+        extra = min(left, caps[node_id] - 1)
+        counts[node_id] += extra
+        left -= extra
+    return counts
+
+
+def _fixed_charge_counts(
+    ids: Sequence[str],
+    ms: Mapping[str, float],
+    caps: Mapping[str, int],
+    num_layers: int,
+    hop_ms: float,
+) -> dict[str, int]:
+    """Exact minimum of compute + ``hop_ms`` per stage (no hop for a single stage).
+
+    A knapsack over nodes and layers in which using a node costs one hop: a ring of k >= 2
+    stages pays exactly k hops. Single-stage plans, over-charged there, are compared on their own.
+    Ties keep the plan with fewer stages, then the one found first (lower node ids).
+
+    A node's cost is linear in its layers, so the best "give it some layers" choice for every
+    total is a sliding-window minimum (a monotone deque): O(nodes * layers) in all.
+    """
+    cost: list[float] = [0.0] + [math.inf] * num_layers  # best cost of placing this many layers
+    stages: list[int] = [0] * (num_layers + 1)  # ... and its number of stages
+    choices: list[list[int]] = []
+    for node_id in ids:
+        cap, node_ms = caps[node_id], ms[node_id]
+        new_cost, new_stages = cost[:], stages[:]
+        choice = [0] * (num_layers + 1)
+        window: deque[int] = deque()  # earlier totals k, best (cost[k] - k * node_ms) first
+
+        def key(k: int, node_ms: float = node_ms) -> tuple[float, int]:
+            return (cost[k] - k * node_ms, stages[k])
+
+        for layers in range(1, num_layers + 1 if cap > 0 else 1):
+            if cost[layers - 1] < math.inf:
+                while window and key(window[-1]) >= key(layers - 1):
+                    window.pop()
+                window.append(layers - 1)
+            while window and window[0] < layers - cap:
+                window.popleft()
+            if not window:
+                continue
+            k = window[0]
+            value, count = cost[k] + (layers - k) * node_ms + hop_ms, stages[k] + 1
+            top = new_cost[layers]
+            if value < top * (1 - _REL_EPS) or (
+                value <= top * (1 + _REL_EPS) and count < new_stages[layers]
+            ):
+                new_cost[layers], new_stages[layers] = value, count
+                choice[layers] = layers - k
+        cost, stages = new_cost, new_stages
+        choices.append(choice)
+    counts: dict[str, int] = {}
+    layers = num_layers
+    for node_id, choice in zip(reversed(ids), reversed(choices), strict=True):
+        counts[node_id] = choice[layers]
+        layers -= choice[layers]
+    assert layers == 0
+    multi_ms = cost[num_layers]
+    singles = [(num_layers * ms[n], n) for n in ids if caps[n] >= num_layers]
+    if singles:
+        single_ms, single_id = min(singles)
+        if sum(1 for c in counts.values() if c) == 1 or single_ms <= multi_ms * (1 + _REL_EPS):
+            return {single_id: num_layers}
+    return {n: c for n, c in counts.items() if c}
+
+
+def _best_ring(node_ids: Sequence[str], hops: HopCosts) -> tuple[float, tuple[str, ...]]:
+    """The cheapest ring order over ``node_ids``, starting at the lowest id."""
+    ids = sorted(node_ids)
+    if len(ids) <= 2:
+        return hops.ring_ms(ids), tuple(ids)
+    if len(ids) <= EXACT_RING_MAX_NODES:
+        return _held_karp(ids, hops)
+    return _two_opt(ids, hops)
+
+
+def _held_karp(ids: list[str], hops: HopCosts) -> tuple[float, tuple[str, ...]]:
+    start, rest = ids[0], ids[1:]
+    n = len(rest)
+    # table[(mask, j)] = (cost of a path start -> ... -> rest[j] visiting mask, previous j)
+    table: dict[tuple[int, int], tuple[float, int]] = {
+        (1 << j, j): (hops(start, rest[j]), -1) for j in range(n)
+    }
+    for mask in range(1, 1 << n):
+        for j in range(n):
+            entry = table.get((mask, j))
+            if entry is None:
+                continue
+            for k in range(n):
+                if mask & (1 << k):
+                    continue
+                key = (mask | (1 << k), k)
+                value = entry[0] + hops(rest[j], rest[k])
+                if key not in table or value < table[key][0]:
+                    table[key] = (value, j)
+    full = (1 << n) - 1
+    cost, last = min((table[(full, j)][0] + hops(rest[j], start), j) for j in range(n))
+    order = []
+    mask = full
+    while last != -1:
+        order.append(rest[last])
+        previous = table[(mask, last)][1]
+        mask &= ~(1 << last)
+        last = previous
+    return cost, (start, *reversed(order))
+
+
+def _two_opt(ids: list[str], hops: HopCosts) -> tuple[float, tuple[str, ...]]:
+    order = [ids[0]]
+    left = set(ids[1:])
+    while left:
+        nxt = min(left, key=lambda n: (hops(order[-1], n), n))
+        order.append(nxt)
+        left.remove(nxt)
+    cost = hops.ring_ms(order)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, len(order) - 1):
+            for j in range(i + 1, len(order)):
+                trial = order[:i] + order[i : j + 1][::-1] + order[j + 1 :]
+                trial_cost = hops.ring_ms(trial)
+                if trial_cost < cost * (1 - _REL_EPS):
+                    order, cost, improved = trial, trial_cost, True
+    return cost, tuple(order)
+
+
+def _sticky_counts(
+    order: Sequence[str],
+    ms: Mapping[str, float],
+    caps: Mapping[str, int],
+    old_spans: Mapping[str, tuple[int, int]],
+    num_layers: int,
+    *,
+    hop_ms: float,
+    budget_ms: float,
+    moved_limit: int,
+) -> list[dict[str, int]]:
+    """Layer counts along ``order`` (a count of 0 skips a node) ranked by layers moved.
+
+    A search over (node position, layers placed) that keeps, for each number of layers moved
+    so far, the cheapest partial chain (a Pareto front). Partial chains that cannot finish
+    within ``budget_ms`` (compute + ``hop_ms`` per stage) or that already moved more than
+    ``moved_limit`` layers are dropped; with no budget (``inf``) only the fewest moves are
+    kept. Returns, for each reachable moved count, the cheapest complete counts, fewest moves
+    first; the caller checks each against the exact cost.
+    """
+    n = len(order)
+    # floor[i][r]: a lower bound on placing r layers on order[i:] (fastest first, + one hop).
+    floor = [[math.inf] * (num_layers + 1) for _ in range(n + 1)]
+    floor[n][0] = 0.0
+    for i in range(n - 1, -1, -1):
+        rest = sorted(order[i:], key=lambda node_id: ms[node_id])
+        for r in range(num_layers + 1):
+            left, total = r, 0.0
+            for node_id in rest:
+                take = min(left, caps[node_id])
+                total += take * ms[node_id]
+                left -= take
+            floor[i][r] = math.inf if left else total + (hop_ms if r else 0.0)
+    # fronts[i][b] = {moved: (cost, count given to order[i-1], moved before)}
+    fronts: list[list[dict[int, tuple[float, int, int]]]] = [
+        [{} for _ in range(num_layers + 1)] for _ in range(n + 1)
+    ]
+    fronts[0][0][0] = (0.0, 0, 0)
+    no_budget = budget_ms == math.inf
+    for i, node_id in enumerate(order):
+        cap, node_ms = caps[node_id], ms[node_id]
+        span = old_spans.get(node_id)
+        for placed in range(num_layers + 1):
+            front = fronts[i][placed]
+            if not front:
+                continue
+            for count in range(0, min(cap, num_layers - placed) + 1):
+                end = placed + count
+                if count:
+                    kept = max(0, min(end, span[1]) - max(placed, span[0])) if span else 0
+                    extra_moved = count - kept
+                    extra_ms = count * node_ms + hop_ms
+                else:
+                    extra_moved, extra_ms = 0, 0.0
+                target = fronts[i + 1][end]
+                bound = floor[i + 1][num_layers - end]
+                for moved, (cost, _, _) in front.items():
+                    new_moved, new_cost = moved + extra_moved, cost + extra_ms
+                    if new_moved > moved_limit or new_cost + bound > budget_ms:
+                        continue
+                    held = target.get(new_moved)
+                    if held is None or new_cost < held[0]:
+                        target[new_moved] = (new_cost, count, moved)
+        for placed in range(num_layers + 1):
+            fronts[i + 1][placed] = _prune(fronts[i + 1][placed], fewest_moves_only=no_budget)
+    results = []
+    for moved in sorted(fronts[n][num_layers]):
+        counts: dict[str, int] = {}
+        placed, at = num_layers, moved
+        for i in range(n, 0, -1):
+            _, count, before = fronts[i][placed][at]
+            counts[order[i - 1]] = count
+            placed, at = placed - count, before
+        results.append(counts)
+    return results
+
+
+def _prune(
+    front: dict[int, tuple[float, int, int]], *, fewest_moves_only: bool
+) -> dict[int, tuple[float, int, int]]:
+    """Keep only entries that no entry with fewer moves beats on cost.
+
+    Without a cost budget only the fewest moves matter (cost breaks ties), so one entry is kept.
+    """
+    kept: dict[int, tuple[float, int, int]] = {}
+    best = math.inf
+    for moved in sorted(front):
+        entry = front[moved]
+        if entry[0] < best:
+            kept[moved] = entry
+            best = entry[0]
+            if fewest_moves_only:
+                break
+    return kept
