@@ -1,0 +1,183 @@
+"""Messages and the codec: every type round-trips; bad values and bad bytes raise WireError."""
+
+import math
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshllm.errors import WireError
+from meshllm.wire import (
+    MESSAGE_TAGS,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Bye,
+    DropSession,
+    Forward,
+    Heartbeat,
+    Hello,
+    NodeReport,
+    Plan,
+    Stage,
+    decode,
+    encode,
+    encode_tensor,
+)
+from tests.fixtures.wire_strategies import MESSAGE_STRATEGIES
+
+import numpy as np
+
+
+def _frame(*items: object) -> bytes:
+    """A frame built by hand: version byte then the CBOR array of ``items``."""
+    return bytes([PROTOCOL_VERSION]) + cbor2.dumps(list(items))
+
+
+def _hello() -> Hello:
+    return Hello("n-1", "laptop", 1, "default", "abc", 8470, 2**33, 1.5, True)
+
+
+def test_tags_are_unique_and_every_message_has_a_strategy() -> None:
+    assert len(set(MESSAGE_TAGS.values())) == len(MESSAGE_TAGS)
+    assert {MESSAGE_TAGS[cls]: cls for cls in MESSAGE_TAGS} == MESSAGE_TYPES
+    assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TAGS)
+
+
+@pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cls: cls.__name__)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_every_message_type_round_trips(cls: type, data: st.DataObject) -> None:
+    msg = data.draw(MESSAGE_STRATEGIES[cls])
+    frame = encode(msg)
+    assert frame[0] == PROTOCOL_VERSION
+    decoded = decode(frame)
+    assert type(decoded) is cls
+    assert decoded == msg
+    assert encode(decoded) == frame
+
+
+def test_messages_are_frozen_and_hashable() -> None:
+    hello = _hello()
+    with pytest.raises(AttributeError):
+        hello.name = "other"  # type: ignore[misc]
+    assert hash(hello) == hash(_hello())
+
+
+def test_lists_become_tuples_and_ints_become_floats_when_building() -> None:
+    plan = Plan(term=1, stages=[Stage("a", 0, 3)], codec="f32")  # type: ignore[arg-type]
+    assert plan.stages == (Stage("a", 0, 3),)
+    beat = Heartbeat("n-1", 2, 5)  # type: ignore[arg-type]
+    assert beat.sent_at_s == 5.0 and type(beat.sent_at_s) is float
+    assert decode(encode(beat)) == beat
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: Stage("a", 5, 3), "start 5 > end 3"),
+        (lambda: NodeReport("a", 1, 10, 1.0, 4, 2, "ready"), "start 4 > end 2"),
+        (lambda: Plan(1, (Stage("a", 0, 3), Stage("b", 4, 9)), "f32"), "not contiguous"),
+        (lambda: Plan(1, (), "f32"), "Plan.stages"),
+        (lambda: Plan(1, (Stage("a", 0, 3),), "f64"), "Plan.codec"),
+        (lambda: Stage("", 0, 3), "Stage.node_id"),
+        (lambda: Stage("a" * 65, 0, 3), "Stage.node_id"),
+        (lambda: Stage("a", -1, 3), "Stage.start_layer"),
+        (lambda: Stage("a", 0, 65537), "Stage.end_layer"),
+        (lambda: Stage("a", True, 3), "expected an integer, got bool"),
+        (lambda: Stage("a", 0.0, 3), "expected an integer, got float"),
+        (lambda: Bye("n-1", "line\nbreak"), "control"),
+        (lambda: Bye("n-1", "x" * 1025), "Bye.reason"),
+        (lambda: Heartbeat("n-1", 1, math.nan), "not finite"),
+        (lambda: Heartbeat("n-1", 1, -1.0), "out of range"),
+        (lambda: Heartbeat("n-1", 2**63, 1.0), "Heartbeat.term"),
+        (lambda: Hello("n", "x", 1, "m", "id", 0, 1, 1.0, True), "Hello.api_port"),
+        (lambda: Hello("n", "x", 1, "m", "id", 80, 1, 1.0, 1), "expected a bool"),
+        (lambda: Forward("s", 0, 0, 0, b"raw", ()), "expected TensorPayload"),
+        (lambda: DropSession(7), "expected a string"),
+    ],
+)
+def test_invalid_values_are_refused_when_building(build, words: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(WireError, match=words):
+        build()
+
+
+def test_forward_route_is_bounded() -> None:
+    payload = encode_tensor(np.zeros((1, 4), np.float32), "f32")
+    Forward("s", 0, 0, 0, payload, ("n",) * 256)
+    with pytest.raises(WireError, match="Forward.route"):
+        Forward("s", 0, 0, 0, payload, ("n",) * 257)
+
+
+def test_encode_refuses_what_is_not_a_message() -> None:
+    with pytest.raises(WireError, match="not a message"):
+        encode(Stage("a", 0, 1))  # a nested value, not a message
+    with pytest.raises(WireError, match="not a message"):
+        encode("hello")  # type: ignore[arg-type]
+
+
+HELLO_FIELDS = ["n-1", "laptop", 1, "default", "abc", 8470, 2**33, 1.5, True]
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        (b"", "empty"),
+        (bytes([2]) + cbor2.dumps([1, *HELLO_FIELDS]), "protocol version 2 is not supported"),
+        (bytes([0]) + cbor2.dumps([1, *HELLO_FIELDS]), "protocol version 0"),
+        (_frame(99, "x"), "unknown message type tag 99"),
+        (_frame("hello", "x"), "unknown message type tag 'hello'"),
+        (_frame(), "non-empty CBOR array"),
+        (bytes([1]) + cbor2.dumps(5), "non-empty CBOR array"),
+        (_frame(1, *HELLO_FIELDS[:-1]), "Hello: expected 9 fields, got 8"),
+        (_frame(1, *HELLO_FIELDS, 0), "Hello: expected 9 fields, got 10"),
+        (_frame(1, *HELLO_FIELDS[:5], "8470", *HELLO_FIELDS[6:]), "Hello.api_port: expected an integer"),
+        (_frame(1, *HELLO_FIELDS[:7], 2, True), "Hello.ms_per_layer: expected a float"),
+        (_frame(1, *HELLO_FIELDS[:8], 1), "Hello.can_coordinate: expected a bool"),
+        (_frame(8, 1, [["a", 0]], "f32"), "Stage: expected 3 fields"),
+        (_frame(8, 1, [["a", 5, 2]], "f32"), "start 5 > end 2"),
+        (_frame(8, 1, "stages", "f32"), "Plan.stages: expected an array"),
+        (_frame(1, *HELLO_FIELDS) + b"\x00", "1 trailing bytes"),
+        (bytes([1]) + cbor2.dumps({"type": 1}), "maps are not allowed"),
+        (bytes([1, 0x81, 0xF9, 0x3C, 0x00]), "simple value or float encoding 0xf9"),
+        (bytes([1, 0x81, 0x18, 0x01]), "shortest form"),
+        (bytes([1, 0x9F, 0x01, 0xFF]), "indefinite"),
+        (bytes([1, 0x82, 0x0C, 0xD8, 0x23, 0x61, 0x61]), "tags are not allowed"),
+        (bytes([1, 0x82, 0x0C, 0x62, 0xFF, 0xFE]), "CBOR"),  # invalid UTF-8
+        (bytes([1, 0x82, 0x0C, 0x61]), "string declares 1 bytes but only 0"),
+        (bytes([1]) + b"\x81" * 20 + b"\x01", "nested deeper than 8"),
+    ],
+)
+def test_bad_frames_raise_wire_error_naming_the_problem(frame: bytes, words: str) -> None:
+    with pytest.raises(WireError, match=words):
+        decode(frame)
+
+
+def test_oversized_frames_are_refused_before_parsing() -> None:
+    frame = encode(_hello())
+    assert decode(frame, max_bytes=len(frame)) == _hello()
+    with pytest.raises(WireError, match="over the limit"):
+        decode(frame, max_bytes=len(frame) - 1)
+
+
+def test_decode_refuses_non_bytes() -> None:
+    with pytest.raises(WireError, match="decode takes bytes"):
+        decode("\x01\x80")  # type: ignore[arg-type]
+
+
+def test_decode_accepts_bytearray_and_memoryview() -> None:
+    frame = encode(_hello())
+    assert decode(bytearray(frame)) == _hello()
+    assert decode(memoryview(frame)) == _hello()
+
+
+def test_nested_tensor_payload_errors_are_wire_errors() -> None:
+    payload = encode_tensor(np.ones((1, 4), np.float32), "f32", compress=False)
+    good = Forward("s", 0, 1, 0, payload, ())
+    raw = cbor2.loads(encode(good)[1:])
+    raw[5][3] = raw[5][3][:-1]  # drop one byte of tensor data
+    with pytest.raises(WireError, match="TensorPayload.data: 15 bytes"):
+        decode(_frame(*raw))
+    raw[5] = ["f32", [1, 4], False]
+    with pytest.raises(WireError, match="TensorPayload: expected 4 fields"):
+        decode(_frame(*raw))
