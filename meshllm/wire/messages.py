@@ -225,6 +225,19 @@ class Error(WireStruct):
     message: Reason
 
 
+# --- link upkeep (added after the first release of the tags: append only) ----------------
+
+
+@dataclass(frozen=True)
+class HeartbeatAck(WireStruct):
+    """Answers a Heartbeat at once, so its sender can measure the link's round trip."""
+
+    node_id: NodeId
+    """The node that answers."""
+    echo_sent_at_s: Seconds
+    """``sent_at_s`` of the Heartbeat answered, unchanged (only its sender compares it)."""
+
+
 Message = (
     Hello
     | Heartbeat
@@ -239,6 +252,7 @@ Message = (
     | Result
     | DropSession
     | Error
+    | HeartbeatAck
 )
 """Any top-level message."""
 
@@ -256,6 +270,7 @@ MESSAGE_TAGS: dict[type[WireStruct], int] = {
     Result: 11,
     DropSession: 12,
     Error: 13,
+    HeartbeatAck: 14,
 }
 """Type tag of each message class: the first item of its CBOR array. Never reuse a tag."""
 
