@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from meshllm.errors import PromptTooLong
-from meshllm.model.sampling import SamplingParams
 
 from daemon.chat_request import ChatRequest, RequestError
 from daemon.worker import GenerationWorker, TokenStream
 
 if TYPE_CHECKING:
     from meshllm.model.engine import ModelInfo, Token
+    from meshllm.model.sampling import SamplingParams
 
 
 class ChatEngine(Protocol):
@@ -106,6 +106,8 @@ class Completions:
             engine.check_prompt(len(prompt_ids))
         except PromptTooLong as error:
             raise RequestError(str(error), "messages", code="context_length_exceeded") from None
+        from meshllm.model.sampling import SamplingParams  # torch: imported once a model serves
+
         params = SamplingParams(
             temperature=request.temperature,
             top_k=request.top_k,

@@ -56,8 +56,9 @@ class NodeConfig:
     """Single-machine mesh mode: discovery and links use 127.0.0.1 only."""
     no_tui: bool = False
     """Never start the terminal UI, even when stdout is a terminal."""
-    log_level: str = "info"
-    """One of ``debug``, ``info``, ``warning``, ``error``."""
+    log_level: str = "warning"
+    """stderr log level: ``debug``, ``info``, ``warning`` or ``error``. Quiet by default: the
+    ready line (stdout) and the event log (``/v1/events``) say what happens."""
     mesh_name: str = "default"
     """Nodes join only meshes of the same name."""
     mesh_key_file: Path | None = None
@@ -70,14 +71,7 @@ class NodeConfig:
     @property
     def api_url(self) -> str:
         """Base URL of this node's HTTP API as a client on this machine would use it."""
-        host = self.api_host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.api_port}"
+        return client_url(self.api_host, self.api_port)
 
     @classmethod
     def from_sources(
@@ -126,6 +120,17 @@ class NodeConfig:
             return ipaddress.ip_address(self.api_host).is_loopback
         except ValueError:
             return False
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses to reach a server listening on host:port."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -1,0 +1,348 @@
+"""The ``meshllm`` command: up, ask, status, down, bench (and chat, once the TUI exists).
+
+Every failure a user can cause (a bad model path, a port in use, no daemon running) ends with
+one line on stderr and a non-zero exit code, never a traceback. Options of ``up`` also come
+from ``MESHLLM_*`` environment variables (flags win); ``--api`` defaults to ``$MESHLLM_API``.
+Heavy modules (torch, the model) are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.config import DEFAULT_API_URL, LOG_LEVELS, ConfigError, NodeConfig
+
+if TYPE_CHECKING:
+    from daemon.node import EngineLoader
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+TuiRunner = Callable[[str, Callable[[], None]], None]
+"""``tui.app.run_attached(api_url, on_quit)``: runs the TUI in this terminal until it quits."""
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"meshllm: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _version() -> str:
+    try:
+        return metadata.version("meshllm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _default_api() -> str:
+    return os.environ.get("MESHLLM_API", "").strip() or DEFAULT_API_URL
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshllm",
+        description="Run one language model across the devices you already own.",
+        epilog="Run `meshllm COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshllm {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = commands.add_parser(
+        "up", help="start the daemon on this device",
+        description="Start the daemon: load the model, serve the HTTP API, print one ready line. "
+                    "Every option also reads MESHLLM_<OPTION> (e.g. MESHLLM_API_PORT); flags win.",
+    )
+    _add_node_options(up)
+    up.set_defaults(run=cmd_up)
+
+    api_help = f"daemon API URL (default: $MESHLLM_API or {DEFAULT_API_URL})"
+    ask = commands.add_parser(
+        "ask", help="ask the model one question and stream the answer",
+        description="Send one prompt to a running daemon and stream the answer to stdout. "
+                    "Greedy (temperature 0) unless --temperature says otherwise.",
+    )
+    ask.add_argument("prompt", help='the question; "-" reads it from stdin')
+    ask.add_argument("--api", default=None, help=api_help)
+    ask.add_argument("--system", default=None, help="a system message to put first")
+    ask.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    ask.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    ask.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 0 < p <= 1")
+    ask.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens; 0 = off")
+    ask.set_defaults(run=cmd_ask)
+
+    status = commands.add_parser("status", help="show the mesh as this daemon sees it",
+                                 description="Show the nodes, their layer spans and the plan.")
+    status.add_argument("--api", default=None, help=api_help)
+    status.add_argument("--json", action="store_true", help="print the raw status JSON")
+    status.set_defaults(run=cmd_status)
+
+    down = commands.add_parser("down", help="leave the mesh cleanly and stop the daemon",
+                               description="Ask a daemon to hand its layers over and stop.")
+    down.add_argument("--api", default=None, help=api_help)
+    down.set_defaults(run=cmd_down)
+
+    bench = commands.add_parser(
+        "bench", help="measure decode speed",
+        description="Measure decode tokens/s, time to first token for a long prompt and ms per "
+                    "layer per token. --local runs the engine in this process, no daemon needed.",
+    )
+    where = bench.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="benchmark this machine alone")
+    where.add_argument("--api", default=None, help="benchmark a running mesh (not available yet)")
+    bench.add_argument("--model", default=None, help="model path (default: the built-in model)")
+    bench.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token (512)")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="tokens timed for the decode rate (64)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.set_defaults(run=cmd_bench)
+
+    chat = commands.add_parser("chat", help="attach the terminal UI to the local daemon",
+                               description="Open the terminal UI on a running daemon.")
+    chat.add_argument("--api", default=None, help=api_help)
+    chat.set_defaults(run=cmd_chat)
+    return parser
+
+
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    # defaults are None: "not given", so MESHLLM_* variables and then NodeConfig fill them
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--api-host", default=None, metavar="HOST",
+                        help="address the API listens on (default 127.0.0.1)")
+    parser.add_argument("--api-port", type=int, default=None, metavar="PORT",
+                        help="API port (default 8470; 0 picks a free one)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: all cores; split them between nodes on one machine)")
+    parser.add_argument("--name", default=None, help="this node's name (default: the hostname)")
+    parser.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="node id and state (default ~/.local/state/meshllm)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="converted model weights (default ~/.cache/meshllm)")
+    parser.add_argument("--loopback", action="store_true", default=None,
+                        help="single-machine mesh: discovery and links on 127.0.0.1 only")
+    parser.add_argument("--no-tui", action="store_true", default=None,
+                        help="never start the terminal UI")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="stderr log level (default warning)")
+    parser.add_argument("--mesh-name", default=None, help="join only meshes of this name (default 'default')")
+    parser.add_argument("--mesh-key-file", default=None, metavar="FILE",
+                        help="file with the mesh key; without one anyone on the LAN can join")
+    parser.add_argument("--join", action="append", default=None, metavar="HOST:PORT",
+                        help="add a peer by hand (repeatable)")
+    parser.add_argument("--ice-server", dest="ice_servers", action="append", default=None, metavar="URL",
+                        help="STUN/TURN server for meshes across NATs (repeatable; default none)")
+
+
+# -- up ---------------------------------------------------------------------------------------
+
+
+def _setup_logging(level: str, log_file: Path | None = None) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if level != "debug":
+        logging.getLogger("daemon.access").setLevel(logging.WARNING)
+
+
+def find_tui_runner() -> TuiRunner | None:
+    """``tui.app.run_attached`` when the TUI is installed; None until then."""
+    try:
+        from tui.app import run_attached  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return run_attached  # type: ignore[no-any-return]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        config = NodeConfig.from_sources(vars(args), os.environ)
+    except ConfigError as error:
+        return fail(str(error), EXIT_USAGE)
+    from daemon.node import Node, StartupError
+    from meshllm.errors import ModelSourceError
+    from meshllm.model.source import resolve
+
+    try:
+        resolve(config.model)  # a mistyped path fails at once, before the slow imports
+    except ModelSourceError as error:
+        return fail(str(error))
+    tui = None
+    if not config.no_tui and sys.stdout.isatty():
+        tui = find_tui_runner()
+        if tui is None:
+            print("meshllm: the terminal UI is not available yet; running headless "
+                  "(--no-tui silences this)", file=sys.stderr, flush=True)
+    if tui is not None:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        _setup_logging(config.log_level, config.state_dir / "meshllm.log")  # stderr would draw over the TUI
+        return up_with_tui(config, tui)
+    _setup_logging(config.log_level)
+    try:
+        asyncio.run(Node(config).run())
+    except StartupError as error:
+        return fail(str(error))
+    return EXIT_OK
+
+
+def up_with_tui(config: NodeConfig, tui: TuiRunner, engine_loader: EngineLoader | None = None) -> int:
+    """The TUI owns the terminal (main thread); the node runs on a thread of its own.
+
+    The TUI's quit calls ``on_quit``, which stops the node; leaving the TUI any other way
+    stops it too. Start-up failures are reported as one line, as in headless mode.
+    """
+    from daemon.node import Node, StartupError, load_engine
+
+    log_file = config.state_dir / "meshllm.log"
+    node = Node(config, engine_loader=engine_loader or load_engine, handle_signals=False,
+                announce=lambda line: log.info("%s", line))
+    failure: list[StartupError] = []
+
+    def serve() -> None:
+        try:
+            asyncio.run(node.run())
+        except StartupError as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=serve, name="meshllm-node")
+    thread.start()
+    try:
+        while not node.ready.wait(0.2):
+            if not thread.is_alive():
+                return fail(str(failure[0]) if failure else f"the daemon stopped; see {log_file}")
+        assert node.api_url is not None
+        tui(node.api_url, node.request_stop_threadsafe)
+    finally:  # the TUI quit, failed, or Ctrl-C came before it started: the node stops too
+        node.request_stop_threadsafe()
+        thread.join()
+    return fail(str(failure[0])) if failure else EXIT_OK
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from daemon.client import DaemonError, DaemonUnreachable, stream_chat
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = [{"role": "user", "content": prompt}]
+    if args.system is not None:
+        messages.insert(0, {"role": "system", "content": args.system})
+    body: dict[str, Any] = {"messages": messages, "max_tokens": args.max_tokens,
+                            "temperature": args.temperature}
+    for key in ("seed", "top_p", "top_k"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+
+    async def ask() -> str:
+        last = ""
+        async for piece in stream_chat(args.api or _default_api(), body):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            last = piece
+        return last
+
+    try:
+        last = asyncio.run(ask())
+    except (DaemonUnreachable, DaemonError) as error:
+        return fail(str(error))
+    if not last.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from daemon.client import DaemonError, DaemonUnreachable, get_status
+    from daemon.status_view import format_status
+
+    try:
+        status = asyncio.run(get_status(args.api or _default_api()))
+    except (DaemonUnreachable, DaemonError) as error:
+        return fail(str(error))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from daemon.client import DaemonError, DaemonUnreachable, request_down
+
+    api = args.api or _default_api()
+    try:
+        asyncio.run(request_down(api))
+    except (DaemonUnreachable, DaemonError) as error:
+        return fail(str(error))
+    print(f"meshllm: the daemon at {api} is stopping", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    tui = find_tui_runner()
+    if tui is None:
+        return fail("the terminal UI is not available yet; use `meshllm ask` or the HTTP API")
+    tui(args.api or _default_api(), lambda: None)
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.local:
+        return fail("bench against a running mesh (--api) is not available yet; use --local",
+                    EXIT_USAGE)
+    try:
+        config = NodeConfig.from_sources(
+            {"model": args.model, "cache_dir": args.cache_dir, "threads": args.threads}, os.environ
+        )
+    except ConfigError as error:
+        return fail(str(error), EXIT_USAGE)
+    _setup_logging("warning")
+    import torch
+
+    from daemon.bench import BenchError, format_bench, run_local_bench
+    from daemon.node import load_engine
+    from meshllm.errors import ModelSourceError
+
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    try:
+        engine = load_engine(config)
+    except ModelSourceError as error:
+        return fail(str(error))
+    load_s = time.perf_counter() - started
+    try:
+        with torch.inference_mode():
+            result = run_local_bench(engine, threads=config.threads, load_s=load_s,
+                                     prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+    except BenchError as error:
+        return fail(str(error), EXIT_USAGE)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_bench(result))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,63 @@
+"""NodeConfig: flags win over MESHLLM_* variables, which win over defaults; bad values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, NodeConfig
+
+
+def test_defaults() -> None:
+    config = NodeConfig.from_sources({}, {})
+    assert (config.api_host, config.api_port, config.mesh_name) == ("127.0.0.1", 8470, "default")
+    assert config.model is None and config.join == () and config.ice_servers == ()
+    assert config.threads >= 1 and config.name
+    assert config.api_url == "http://127.0.0.1:8470"
+    assert config.is_loopback_only()
+
+
+def test_environment_fills_what_flags_leave_out() -> None:
+    env = {
+        "MESHLLM_API_PORT": "9000", "MESHLLM_THREADS": "3", "MESHLLM_LOOPBACK": "yes",
+        "MESHLLM_JOIN": "10.0.0.2:8470, [::1]:9001", "MESHLLM_ICE_SERVERS": "stun:stun.example:3478",
+        "MESHLLM_STATE_DIR": "/tmp/state", "MESHLLM_MODEL": "/models/x.gguf", "MESHLLM_NO_TUI": "0",
+        "MESHLLM_NAME": "",  # empty counts as unset
+    }
+    config = NodeConfig.from_sources({"api_port": None, "threads": 2}, env)
+    assert config.api_port == 9000 and config.threads == 2
+    assert config.loopback is True and config.no_tui is False
+    assert config.join == ("10.0.0.2:8470", "[::1]:9001")
+    assert config.ice_servers == ("stun:stun.example:3478",)
+    assert config.state_dir == Path("/tmp/state") and config.model == "/models/x.gguf"
+    assert config.name  # the hostname
+
+
+def test_flags_win() -> None:
+    env = {"MESHLLM_API_PORT": "9000", "MESHLLM_JOIN": "a:1"}
+    config = NodeConfig.from_sources({"api_port": 9100, "join": ["b:2"], "no_tui": True}, env)
+    assert config.api_port == 9100 and config.join == ("b:2",) and config.no_tui
+
+
+def test_api_url_for_wildcard_hosts() -> None:
+    assert NodeConfig(api_host="0.0.0.0", api_port=1).api_url == "http://127.0.0.1:1"
+    assert NodeConfig(api_host="::", api_port=1).api_url == "http://[::1]:1"
+    assert not NodeConfig(api_host="0.0.0.0").is_loopback_only()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "words"),
+    [
+        ({}, {"MESHLLM_API_PORT": "eighty"}, "MESHLLM_API_PORT"),
+        ({}, {"MESHLLM_LOOPBACK": "maybe"}, "MESHLLM_LOOPBACK"),
+        ({"api_port": 70000}, {}, "port"),
+        ({"threads": 0}, {}, "threads"),
+        ({"log_level": "loud"}, {}, "log level"),
+        ({"join": ["nohost"]}, {}, "HOST:PORT"),
+        ({"name": "x" * 64}, {}, "name"),
+    ],
+)
+def test_bad_values_are_named(flags: dict[str, object], env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        NodeConfig.from_sources(flags, env)

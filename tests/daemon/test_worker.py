@@ -1,0 +1,90 @@
+"""The generation worker: one thread, results and errors handed to the loop, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from daemon.worker import GenerationWorker, WorkerStopped
+
+
+@pytest.fixture
+async def worker() -> GenerationWorker:
+    w = GenerationWorker(threads=1)
+    w.start()
+    yield w
+    w.stop()
+    await asyncio.to_thread(w.join, 5.0)
+
+
+async def test_calls_run_on_the_worker_thread_with_its_torch_settings(worker: GenerationWorker) -> None:
+    def where() -> tuple[str, int, bool]:
+        import torch
+
+        return threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled()
+
+    assert await worker.call(where) == ("meshllm-worker", 1, True)
+
+
+async def test_errors_reach_the_caller(worker: GenerationWorker) -> None:
+    def boom() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        await worker.call(boom)
+    assert await worker.call(lambda: 5) == 5  # the worker goes on
+
+
+async def test_stream_yields_items_then_ends(worker: GenerationWorker) -> None:
+    stream = worker.stream(lambda should_stop: iter(range(5)))
+    assert [item async for item in stream] == [0, 1, 2, 3, 4]
+
+
+async def test_stream_error_is_raised_on_the_loop(worker: GenerationWorker) -> None:
+    def produce(should_stop: Callable[[], bool]) -> Iterator[int]:
+        yield 1
+        raise ValueError("broken")
+
+    seen = []
+    with pytest.raises(ValueError, match="broken"):
+        async for item in worker.stream(produce):
+            seen.append(item)
+    assert seen == [1]
+
+
+async def test_closing_a_stream_stops_its_producer(worker: GenerationWorker) -> None:
+    stopped = threading.Event()
+
+    def produce(should_stop: Callable[[], bool]) -> Iterator[int]:
+        n = 0
+        while not should_stop():
+            yield n
+            n += 1
+            threading.Event().wait(0.001)
+        stopped.set()
+
+    stream = worker.stream(produce)
+    async for item in stream:
+        if item == 3:
+            break
+    stream.close()
+    assert await asyncio.to_thread(stopped.wait, 10)
+    assert worker.pending_jobs == 0 or await worker.call(lambda: True)
+
+
+async def test_jobs_run_one_at_a_time_in_order(worker: GenerationWorker) -> None:
+    order: list[int] = []
+    await asyncio.gather(*(worker.call(lambda i=i: order.append(i)) for i in range(10)))
+    assert order == list(range(10))
+
+
+async def test_stopped_worker_refuses_new_work() -> None:
+    w = GenerationWorker(threads=1)
+    w.start()
+    w.stop()
+    with pytest.raises(WorkerStopped):
+        await w.call(lambda: 1)
+    assert await asyncio.to_thread(w.join, 5.0)
