@@ -1,8 +1,11 @@
 """Messages and the codec: every type round-trips; bad values and bad bytes raise WireError."""
 
 import math
+import subprocess
+import sys
 
 import cbor2
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,8 +28,6 @@ from meshllm.wire import (
     encode_tensor,
 )
 from tests.fixtures.wire_strategies import MESSAGE_STRATEGIES
-
-import numpy as np
 
 
 def _frame(*items: object) -> bytes:
@@ -181,3 +182,12 @@ def test_nested_tensor_payload_errors_are_wire_errors() -> None:
     raw[5] = ["f32", [1, 4], False]
     with pytest.raises(WireError, match="TensorPayload: expected 4 fields"):
         decode(_frame(*raw))
+
+
+def test_wire_imports_neither_torch_nor_networking() -> None:
+    code = (
+        "import sys, meshllm.wire; "
+        "print(sorted(m for m in ('torch', 'aiortc', 'zeroconf', 'textual', 'aiohttp') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -51,7 +51,7 @@ def test_bf16_error_is_within_half_an_ulp(arr: np.ndarray, compress: object) -> 
 def test_int8_error_is_within_half_a_step_of_each_rows_scale(arr: np.ndarray, compress: object) -> None:
     out = _round_trip(arr, "int8", compress)
     row_max = np.abs(arr).max(axis=-1, keepdims=True).astype(np.float64)
-    bound = row_max / 254 * (1 + 1e-5) + 1e-30
+    bound = row_max / 254 * (1 + 1e-4) + 1e-30  # float32 rounding; subnormal rows: ~0
     assert (np.abs(out.astype(np.float64) - arr) <= bound).all()
 
 
