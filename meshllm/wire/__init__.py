@@ -37,9 +37,12 @@ from meshllm.wire.messages import (
     Message,
     NodeReport,
     Plan,
+    PlanActive,
+    PlanRefused,
     Result,
     Stage,
     StageReady,
+    StepFailed,
 )
 from meshllm.wire.tensor import CODECS, TensorPayload, decode_tensor, encode_tensor
 
@@ -63,10 +66,13 @@ __all__ = [
     "Message",
     "NodeReport",
     "Plan",
+    "PlanActive",
+    "PlanRefused",
     "Reassembler",
     "Result",
     "Stage",
     "StageReady",
+    "StepFailed",
     "TensorPayload",
     "decode",
     "decode_tensor",

@@ -160,6 +160,8 @@ class Plan(WireStruct):
     """
 
     term: Term
+    epoch: Count
+    """Re-plan counter within ``term``: plans order by ``(term, epoch)``."""
     stages: Annotated[tuple[Stage, ...], TupleOf(Struct(Stage), MAX_STAGES, min_len=1)]
     codec: CodecName
     """Tensor codec for hidden states under this plan (one of ``CODECS``)."""
@@ -175,9 +177,10 @@ class Plan(WireStruct):
 
 @dataclass(frozen=True)
 class StageReady(WireStruct):
-    """``node_id`` has loaded its span of the plan of ``term``."""
+    """``node_id`` has loaded its span of the plan ``(term, epoch)``."""
 
     term: Term
+    epoch: Count
     node_id: NodeId
 
 
@@ -193,6 +196,8 @@ class Forward(WireStruct):
     """Step number within the session; a Result answers the Forward with the same seq."""
     term: Term
     """Term of the plan this step runs under."""
+    epoch: Count
+    """Epoch of the plan this step runs under."""
     start_pos: Position
     """Position of the first hidden state (the session's KV cache length before it)."""
     hidden: Hidden
@@ -238,6 +243,36 @@ class HeartbeatAck(WireStruct):
     """``sent_at_s`` of the Heartbeat answered, unchanged (only its sender compares it)."""
 
 
+# --- plans and steps (append only) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanActive(WireStruct):
+    """The coordinator: every stage of plan ``(term, epoch)`` is ready; use it from now on."""
+
+    term: Term
+    epoch: Count
+
+
+@dataclass(frozen=True)
+class StepFailed(WireStruct):
+    """A stage refused or could not run a step; sent to the session's entry node."""
+
+    session_id: SessionId
+    seq: Count
+    code: Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
+    """``stale_plan`` (the step's plan is not active there) or ``bad_step``."""
+    message: Reason
+
+
+@dataclass(frozen=True)
+class PlanRefused(WireStruct):
+    """The coordinator of ``term`` cannot place the model: ``reason`` names the shortfall."""
+
+    term: Term
+    reason: Reason
+
+
 Message = (
     Hello
     | Heartbeat
@@ -253,6 +288,9 @@ Message = (
     | DropSession
     | Error
     | HeartbeatAck
+    | PlanActive
+    | StepFailed
+    | PlanRefused
 )
 """Any top-level message."""
 
@@ -271,6 +309,9 @@ MESSAGE_TAGS: dict[type[WireStruct], int] = {
     DropSession: 12,
     Error: 13,
     HeartbeatAck: 14,
+    PlanActive: 15,
+    StepFailed: 16,
+    PlanRefused: 17,
 }
 """Type tag of each message class: the first item of its CBOR array. Never reuse a tag."""
 

@@ -66,7 +66,7 @@ def test_messages_are_frozen_and_hashable() -> None:
 
 
 def test_lists_become_tuples_and_ints_become_floats_when_building() -> None:
-    plan = Plan(term=1, stages=[Stage("a", 0, 3)], codec="f32")  # type: ignore[arg-type]
+    plan = Plan(term=1, epoch=0, stages=[Stage("a", 0, 3)], codec="f32")  # type: ignore[arg-type]
     assert plan.stages == (Stage("a", 0, 3),)
     beat = Heartbeat("n-1", 2, 5)  # type: ignore[arg-type]
     assert beat.sent_at_s == 5.0 and type(beat.sent_at_s) is float
@@ -78,9 +78,9 @@ def test_lists_become_tuples_and_ints_become_floats_when_building() -> None:
     [
         (lambda: Stage("a", 5, 3), "start 5 > end 3"),
         (lambda: NodeReport("a", 1, 10, 1.0, 4, 2, "ready"), "start 4 > end 2"),
-        (lambda: Plan(1, (Stage("a", 0, 3), Stage("b", 4, 9)), "f32"), "not contiguous"),
-        (lambda: Plan(1, (), "f32"), "Plan.stages"),
-        (lambda: Plan(1, (Stage("a", 0, 3),), "f64"), "Plan.codec"),
+        (lambda: Plan(1, 0, (Stage("a", 0, 3), Stage("b", 4, 9)), "f32"), "not contiguous"),
+        (lambda: Plan(1, 0, (), "f32"), "Plan.stages"),
+        (lambda: Plan(1, 0, (Stage("a", 0, 3),), "f64"), "Plan.codec"),
         (lambda: Stage("", 0, 3), "Stage.node_id"),
         (lambda: Stage("a" * 65, 0, 3), "Stage.node_id"),
         (lambda: Stage("a", -1, 3), "Stage.start_layer"),
@@ -94,7 +94,7 @@ def test_lists_become_tuples_and_ints_become_floats_when_building() -> None:
         (lambda: Heartbeat("n-1", 2**63, 1.0), "Heartbeat.term"),
         (lambda: Hello("n", "x", 1, "m", "id", 0, 1, 1.0, True), "Hello.api_port"),
         (lambda: Hello("n", "x", 1, "m", "id", 80, 1, 1.0, 1), "expected a bool"),
-        (lambda: Forward("s", 0, 0, 0, b"raw", ()), "expected TensorPayload"),
+        (lambda: Forward("s", 0, 0, 0, 0, b"raw", ()), "expected TensorPayload"),
         (lambda: DropSession(7), "expected a string"),
     ],
 )
@@ -105,9 +105,9 @@ def test_invalid_values_are_refused_when_building(build, words: str) -> None:  #
 
 def test_forward_route_is_bounded() -> None:
     payload = encode_tensor(np.zeros((1, 4), np.float32), "f32")
-    Forward("s", 0, 0, 0, payload, ("n",) * 256)
+    Forward("s", 0, 0, 0, 0, payload, ("n",) * 256)
     with pytest.raises(WireError, match="Forward.route"):
-        Forward("s", 0, 0, 0, payload, ("n",) * 257)
+        Forward("s", 0, 0, 0, 0, payload, ("n",) * 257)
 
 
 def test_encode_refuses_what_is_not_a_message() -> None:
@@ -135,9 +135,9 @@ HELLO_FIELDS = ["n-1", "laptop", 1, "default", "abc", 8470, 2**33, 1.5, True]
         (_frame(1, *HELLO_FIELDS[:5], "8470", *HELLO_FIELDS[6:]), "Hello.api_port: expected an integer"),
         (_frame(1, *HELLO_FIELDS[:7], 2, True), "Hello.ms_per_layer: expected a float"),
         (_frame(1, *HELLO_FIELDS[:8], 1), "Hello.can_coordinate: expected a bool"),
-        (_frame(8, 1, [["a", 0]], "f32"), "Stage: expected 3 fields"),
-        (_frame(8, 1, [["a", 5, 2]], "f32"), "start 5 > end 2"),
-        (_frame(8, 1, "stages", "f32"), "Plan.stages: expected an array"),
+        (_frame(8, 1, 0, [["a", 0]], "f32"), "Stage: expected 3 fields"),
+        (_frame(8, 1, 0, [["a", 5, 2]], "f32"), "start 5 > end 2"),
+        (_frame(8, 1, 0, "stages", "f32"), "Plan.stages: expected an array"),
         (_frame(1, *HELLO_FIELDS) + b"\x00", "1 trailing bytes"),
         (bytes([1]) + cbor2.dumps({"type": 1}), "maps are not allowed"),
         (bytes([1, 0x81, 0xF9, 0x3C, 0x00]), "simple value or float encoding 0xf9"),
@@ -174,12 +174,12 @@ def test_decode_accepts_bytearray_and_memoryview() -> None:
 
 def test_nested_tensor_payload_errors_are_wire_errors() -> None:
     payload = encode_tensor(np.ones((1, 4), np.float32), "f32", compress=False)
-    good = Forward("s", 0, 1, 0, payload, ())
+    good = Forward("s", 0, 1, 0, 0, payload, ())
     raw = cbor2.loads(encode(good)[1:])
-    raw[5][3] = raw[5][3][:-1]  # drop one byte of tensor data
+    raw[6][3] = raw[6][3][:-1]  # drop one byte of tensor data
     with pytest.raises(WireError, match="TensorPayload.data: 15 bytes"):
         decode(_frame(*raw))
-    raw[5] = ["f32", [1, 4], False]
+    raw[6] = ["f32", [1, 4], False]
     with pytest.raises(WireError, match="TensorPayload: expected 4 fields"):
         decode(_frame(*raw))
 

@@ -196,7 +196,7 @@ def test_zstd_bomb_declaring_a_huge_tensor_allocates_nothing_big() -> None:
         bytes.fromhex("28b52ffd c0 58") + (2**30).to_bytes(8, "little") + bytes.fromhex("010000")
     )
     assert zstandard.frame_content_size(forged) == 2**30
-    msg_bytes = encode(Forward("s", 0, 0, 0, TensorPayload("f32", shape, True, forged), ()))
+    msg_bytes = encode(Forward("s", 0, 0, 0, 0, TensorPayload("f32", shape, True, forged), ()))
     tracemalloc.start()
     try:
         msg = decode(msg_bytes)
