@@ -18,6 +18,9 @@ Cost model (see ``docs/election.md`` for the long form):
   that has several sessions in flight), then latency among plans with that slowest stage.
 - Every node holds the embedding, final norm and lm_head; a stage's
   ``layers * layer_bytes + embed_head_bytes`` must fit its node's budget.
+
+Given the previous plan, a re-plan is sticky: it moves the fewest layers (see
+:func:`layers_moved`) among plans within ``tolerance`` of the best plan's objective.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ EXACT_PAIRWISE_MAX_NODES = 6
 
 EXACT_RING_MAX_NODES = 9
 """Order a chosen set of stages exactly (Held-Karp) up to this many; 2-opt beyond."""
+
+MAX_STICKY_HOLES = 2
+"""Sticky re-plans try new nodes in the places of at most this many lost stages."""
 
 _MIB = 1024 * 1024
 _REL_EPS = 1e-9
@@ -323,11 +329,11 @@ class _Problem:
     def sticky(
         self, previous: Plan, best: Plan, objective: Objective, tolerance: float
     ) -> Plan | None:
-        """The plan that moves fewest layers from ``previous`` within ``tolerance`` of ``best``."""
-        survivors = [node_id for node_id in previous.node_ids if node_id in self.ms]
-        newcomers = [node_id for node_id in self.ids if node_id not in previous.node_ids]
-        order = survivors + newcomers
-        old_spans = {s.node_id: (s.start_layer, s.end_layer) for s in previous.stages}
+        """The plan that moves fewest layers from ``previous`` within ``tolerance`` of ``best``.
+
+        Searched exactly along a few chain orders that keep the surviving stages in their ring
+        order (see ``_sticky_orders``); None when ``best`` itself moves fewest.
+        """
         moved_limit = layers_moved(previous, best)
         if moved_limit == 0:
             return best
@@ -337,26 +343,61 @@ class _Problem:
         else:
             caps = self.caps
             budget_ms = best.est_ms_per_token * (1 + tolerance) * (1 + _REL_EPS) + 1e-12
-        candidates: list[Plan] = []
-        for node_id in order:  # single-stage plans: the search below charges every stage a hop
+        old_spans = {s.node_id: (s.start_layer, s.end_layer) for s in previous.stages}
+        choice: tuple[int, float, Plan] | None = None
+
+        def consider(plan: Plan) -> None:
+            nonlocal choice
+            moved = layers_moved(previous, plan)
+            if plan.est_ms_per_token <= budget_ms and moved < moved_limit:
+                if choice is None or (moved, plan.est_ms_per_token) < choice[:2]:
+                    choice = (moved, plan.est_ms_per_token, plan)
+
+        for node_id in self.ids:  # single-stage plans: the search below charges every stage a hop
             if caps[node_id] >= self.spec.num_layers:
-                candidates.append(self._to_plan([node_id], {node_id: self.spec.num_layers}))
-        searched = _sticky_counts(
-            order, self.ms, caps, old_spans, self.spec.num_layers,
-            hop_ms=self.flat_hop_ms, budget_ms=budget_ms, moved_limit=moved_limit - 1,
-        )
-        candidates.extend(self._to_plan(order, counts) for counts in searched)
-        fitting = [plan for plan in candidates if plan.est_ms_per_token <= budget_ms]
-        if not fitting:
+                consider(self._to_plan([node_id], {node_id: self.spec.num_layers}))
+        for order in self._sticky_orders(previous):
+            searched = _sticky_counts(
+                order, self.ms, caps, old_spans, self.spec.num_layers, hop_ms=self.flat_hop_ms,
+                budget_ms=budget_ms, moved_limit=moved_limit - 1 if choice is None else choice[0],
+            )
+            for counts in searched:
+                consider(self._to_plan(order, counts))
+        if choice is None:
             return None
-        moved, _, choice = min(
-            (layers_moved(previous, plan), plan.est_ms_per_token, i)
-            for i, plan in enumerate(fitting)
-        )
-        if moved >= moved_limit:  # the fresh optimum does as well
-            return None
-        log.debug("sticky re-plan moves %d layers (a fresh plan would move %d)", moved, moved_limit)
-        return fitting[choice]
+        log.debug("sticky re-plan moves %d layers (a fresh plan: %d)", choice[0], moved_limit)
+        return choice[2]
+
+    def _sticky_orders(self, previous: Plan) -> list[list[str]]:
+        """Chain orders worth searching for a sticky re-plan.
+
+        The surviving stages keep their ring order. Nodes that held no layers before go, as a
+        block the search may use any of, where a lost stage was (or at the end if none was
+        lost). A ring's hops do not depend on where it is cut, but the layers moved do: a lost
+        first stage's layers can go to the last stage only if the cut moves one stage back,
+        so both cuts are tried.
+        """
+        present = set(self.ids)
+        newcomers = [node_id for node_id in self.ids if node_id not in previous.node_ids]
+        chain = list(previous.node_ids)
+        lost = [i for i, node_id in enumerate(chain) if node_id not in present]
+        holes = lost[:MAX_STICKY_HOLES] if newcomers and lost else [len(chain)]
+        orders: list[list[str]] = []
+        for hole in holes:
+            ring: list[list[str]] = []
+            for i, node_id in enumerate(chain):
+                if i == hole:
+                    ring.append(newcomers)
+                if node_id in present:
+                    ring.append([node_id])
+            if hole == len(chain):
+                ring.append(newcomers)
+            ring = [group for group in ring if group]
+            for cut in (ring, ring[-1:] + ring[:-1]):
+                order = [node_id for group in cut for node_id in group]
+                if order not in orders:
+                    orders.append(order)
+        return orders
 
 
 def _layer_capacity(spec: ModelSpec, node: NodeCapacity) -> int:
@@ -555,8 +596,8 @@ def _sticky_counts(
 
     A search over (node position, layers placed) that keeps, for each number of layers moved
     so far, the cheapest partial chain (a Pareto front). Partial chains that cannot finish
-    within ``budget_ms`` (compute + ``hop_ms`` per stage) or that already moved more than
-    ``moved_limit`` layers are dropped; with no budget (``inf``) only the fewest moves are
+    within ``budget_ms`` (compute + ``hop_ms`` per stage) or within ``moved_limit`` moves
+    (lower bounds on both for the rest of the chain) are dropped; with no budget (``inf``) only the fewest moves are
     kept. Returns, for each reachable moved count, the cheapest complete counts, fewest moves
     first; the caller checks each against the exact cost.
     """
@@ -573,6 +614,17 @@ def _sticky_counts(
                 total += take * ms[node_id]
                 left -= take
             floor[i][r] = math.inf if left else total + (hop_ms if r else 0.0)
+    # must_move[i][b]: layers in [b, num_layers) whose old holder is not in order[i:] move anyway.
+    old_holder: list[str | None] = [None] * num_layers
+    for holder, (start, stop) in old_spans.items():
+        for layer in range(start, min(stop, num_layers)):
+            old_holder[layer] = holder
+    must_move = [[0] * (num_layers + 1) for _ in range(n + 1)]
+    for i in range(n + 1):
+        later = set(order[i:])
+        row = must_move[i]
+        for b in range(num_layers - 1, -1, -1):
+            row[b] = row[b + 1] + (old_holder[b] not in later)
     # fronts[i][b] = {moved: (cost, count given to order[i-1], moved before)}
     fronts: list[list[dict[int, tuple[float, int, int]]]] = [
         [{} for _ in range(num_layers + 1)] for _ in range(n + 1)
@@ -581,28 +633,36 @@ def _sticky_counts(
     no_budget = budget_ms == math.inf
     for i, node_id in enumerate(order):
         cap, node_ms = caps[node_id], ms[node_id]
-        span = old_spans.get(node_id)
+        start, stop = old_spans.get(node_id, (0, 0))
         for placed in range(num_layers + 1):
-            front = fronts[i][placed]
-            if not front:
+            items = list(fronts[i][placed].items())  # fewest moves (and highest cost) first
+            if not items:
                 continue
+            fewest_moved, lowest_cost = items[0][0], items[-1][1][0]
             for count in range(0, min(cap, num_layers - placed) + 1):
                 end = placed + count
-                if count:
-                    kept = max(0, min(end, span[1]) - max(placed, span[0])) if span else 0
-                    extra_moved = count - kept
-                    extra_ms = count * node_ms + hop_ms
-                else:
-                    extra_moved, extra_ms = 0, 0.0
-                target = fronts[i + 1][end]
+                # moving one more layer onto this node never un-moves one: this only grows
+                extra_moved = count - max(0, min(end, stop) - max(placed, start))
+                if fewest_moved + extra_moved > moved_limit:
+                    break
+                moves_left = moved_limit - must_move[i + 1][end]
                 bound = floor[i + 1][num_layers - end]
-                for moved, (cost, _, _) in front.items():
-                    new_moved, new_cost = moved + extra_moved, cost + extra_ms
-                    if new_moved > moved_limit or new_cost + bound > budget_ms:
+                if bound == math.inf:
+                    continue  # the nodes after this one cannot hold the rest
+                extra_ms = count * node_ms + hop_ms if count else 0.0
+                cost_limit = budget_ms - bound - extra_ms
+                if lowest_cost > cost_limit:
+                    continue
+                target = fronts[i + 1][end]
+                for moved, (cost, _, _) in items:
+                    new_moved = moved + extra_moved
+                    if new_moved > moves_left:
+                        break
+                    if cost > cost_limit:
                         continue
                     held = target.get(new_moved)
-                    if held is None or new_cost < held[0]:
-                        target[new_moved] = (new_cost, count, moved)
+                    if held is None or cost + extra_ms < held[0]:
+                        target[new_moved] = (cost + extra_ms, count, moved)
         for placed in range(num_layers + 1):
             fronts[i + 1][placed] = _prune(fronts[i + 1][placed], fewest_moves_only=no_budget)
     results = []

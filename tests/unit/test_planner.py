@@ -300,6 +300,19 @@ def test_losing_a_node_keeps_the_survivors_layers_where_they_are() -> None:
     assert layers_moved(before, after) <= 12  # c's 8 layers plus a little rebalancing
 
 
+def test_a_spare_node_takes_over_exactly_the_lost_nodes_span() -> None:
+    spec = ModelSpec(80, 10 * MIB, 50 * MIB)
+    nodes = [node(f"n{i}", 20, 1.0 + i / 100, spec) for i in range(5)]  # memory: 4 stages
+    before = plan_layers(spec, nodes)
+    assert before.node_ids == ("n0", "n1", "n2", "n3")
+    survivors = [n for n in nodes if n.node_id != "n1"]
+    after = plan_layers(spec, survivors, previous=before)
+    assert after.stages == (Stage("n0", 0, 20), Stage("n4", 20, 40), Stage("n2", 40, 60),
+                            Stage("n3", 60, 80))
+    assert layers_moved(before, after) == 20
+    assert layers_moved(before, plan_layers(spec, survivors)) > 20  # a fresh plan shifts more
+
+
 def test_an_unchanged_mesh_keeps_its_plan_even_if_a_slightly_better_one_exists() -> None:
     spec = ModelSpec(20, 1, 0)
     nodes = [node("a", 20, 1.0, spec), node("b", 20, 1.02, spec)]
