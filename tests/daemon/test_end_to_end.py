@@ -28,6 +28,7 @@ class Daemon:
     process: subprocess.Popen[str]
     model_dir: Path
     corrupt: subprocess.Popen[str]
+    bench: subprocess.Popen[str]
 
 
 def read_ready_line(process: subprocess.Popen[str], timeout_s: float) -> str:
@@ -53,6 +54,10 @@ def daemon(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # the corrupt model starts alongside, so both pay for their imports at the same time
     corrupt = subprocess.Popen([*common, "--model", str(corrupt_file)], env=clean_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bench = subprocess.Popen(
+        [MESHLLM, "bench", "--local", "--model", str(tiny_llama), "--threads", "1", "--json",
+         "--prompt-tokens", "64", "--decode-tokens", "8", "--cache-dir", str(tmp / "cache")],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process = subprocess.Popen([*common, "--model", str(tiny_llama)], env=clean_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -60,9 +65,9 @@ def daemon(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         assert line.startswith("meshllm ready: http://127.0.0.1:")
         assert line.endswith(f"(model {tiny_llama.name}, 6 layers)\n")
         url = line.split()[2]
-        yield Daemon(url, process, tiny_llama, corrupt)
+        yield Daemon(url, process, tiny_llama, corrupt, bench)
     finally:
-        for p in (process, corrupt):
+        for p in (process, corrupt, bench):
             if p.poll() is None:
                 p.kill()
             p.communicate(timeout=30)
@@ -143,6 +148,16 @@ def test_corrupt_model_fails_with_one_line(daemon: Daemon) -> None:
     assert daemon.corrupt.returncode == 1
     assert out == ""
     assert len(err.splitlines()) == 1 and err.startswith("meshllm: ") and "corrupt.gguf" in err
+
+
+def test_bench_local_reports_json(daemon: Daemon) -> None:
+    out, err = daemon.bench.communicate(timeout=120)
+    assert daemon.bench.returncode == 0, err
+    result = json.loads(out)
+    assert result["mode"] == "local" and result["num_layers"] == 6 and result["threads"] == 1
+    assert result["prompt_tokens"] == 64
+    assert result["ttft_ms"] > 0 and result["ms_per_layer"] > 0
+    assert 0 <= result["decode_tokens"] <= 8
 
 
 def test_down_stops_the_daemon(daemon: Daemon) -> None:
