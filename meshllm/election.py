@@ -179,7 +179,7 @@ class Election:
         return dict(self._peers)
 
     def accepts_term(self, term: int) -> bool:
-        """Whether something stamped with ``term`` (a plan) is current: never below the highest seen."""
+        """Whether something stamped with ``term`` (a plan) may be acted on: not below the max."""
         return term >= self._term
 
     def outbox(self) -> list[tuple[str, Message]]:
@@ -223,7 +223,7 @@ class Election:
     def receive(self, sender_id: str, msg: Message, now: float) -> None:
         """A message from ``sender_id``."""
         if sender_id not in self._peers:
-            log.debug("%s: ignoring %r from %s, which is not a known peer", self.node_id, msg, sender_id)
+            log.debug("%s: ignoring %r from unknown peer %s", self.node_id, msg, sender_id)
             return
         if isinstance(msg, ElectionMsg):
             self._on_election(sender_id, msg, now)
@@ -273,11 +273,12 @@ class Election:
 
     def _on_coordinator(self, sender_id: str, msg: CoordinatorMsg, now: float) -> None:
         if msg.node_id != sender_id:
-            log.debug("%s: ignoring a claim for %s relayed by %s", self.node_id, msg.node_id, sender_id)
+            log.debug("%s: ignoring a claim for %s relayed by %s",
+                      self.node_id, msg.node_id, sender_id)
             return
         if msg.term < self._term:
-            if self._role is Role.COORDINATOR:
-                self._send(sender_id, CoordinatorMsg(self._term, self.node_id))  # tell the stale one
+            if self._role is Role.COORDINATOR:  # tell the stale one the current term
+                self._send(sender_id, CoordinatorMsg(self._term, self.node_id))
             return
         self._observe_term(msg.term, now)
         claimant = self._peer_rank(sender_id)

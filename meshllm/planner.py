@@ -156,9 +156,10 @@ class HopCosts:
     """
 
     def __init__(self, hop_ms: Mapping[tuple[str, str], float] | None, default_ms: float) -> None:
-        if default_ms < 0:
-            raise ValueError("default hop ms must be >= 0")
         self._hop_ms = dict(hop_ms or {})
+        for pair, ms in [(("default", "default"), default_ms), *self._hop_ms.items()]:
+            if not (ms >= 0 and math.isfinite(ms)):
+                raise ValueError(f"hop ms for {pair} must be finite and >= 0, got {ms}")
         self._default_ms = default_ms
 
     def __call__(self, a: str, b: str) -> float:
@@ -597,9 +598,9 @@ def _sticky_counts(
     A search over (node position, layers placed) that keeps, for each number of layers moved
     so far, the cheapest partial chain (a Pareto front). Partial chains that cannot finish
     within ``budget_ms`` (compute + ``hop_ms`` per stage) or within ``moved_limit`` moves
-    (lower bounds on both for the rest of the chain) are dropped; with no budget (``inf``) only the fewest moves are
-    kept. Returns, for each reachable moved count, the cheapest complete counts, fewest moves
-    first; the caller checks each against the exact cost.
+    (lower bounds on both for the rest of the chain) are dropped; with no budget (``inf``)
+    only the fewest moves are kept. Returns, for each reachable moved count, the cheapest
+    complete counts, fewest moves first; the caller checks each against the exact cost.
     """
     n = len(order)
     # floor[i][r]: a lower bound on placing r layers on order[i:] (fastest first, + one hop).

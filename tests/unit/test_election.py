@@ -111,7 +111,8 @@ class Net:
                     if self.rng.random() < self.drop_rate:
                         continue
                     delay = self.rng.uniform(0, self.max_delay_s)
-                    self.in_flight.append(_InFlight(self.now + delay, next(self.seq), node_id, target, msg))
+                    packet = _InFlight(self.now + delay, next(self.seq), node_id, target, msg)
+                    self.in_flight.append(packet)
             for event in node.events():
                 if isinstance(event, CoordinatorElected) and event.node_id == node_id:
                     self.claims.setdefault(event.term, set()).add(node_id)
@@ -143,7 +144,8 @@ class Net:
     def assert_one_coordinator(self, group: set[str] | None = None) -> Election:
         members = [self.nodes[n] for n in sorted(group or self.nodes)]
         coordinators = [node for node in members if node.role is Role.COORDINATOR]
-        assert len(coordinators) == 1, {n.node_id: (n.role, n.coordinator_id, n.term) for n in members}
+        views = {n.node_id: (n.role, n.coordinator_id, n.term) for n in members}
+        assert len(coordinators) == 1, views
         leader = coordinators[0]
         assert leader.rank == max(node.rank for node in members), "the highest-ranked node must win"
         for node in members:
@@ -309,7 +311,12 @@ def test_lost_messages_are_repaired_by_the_coordinators_announcements() -> None:
     kill_leader=st.booleans(),
 )
 def test_random_delivery_partition_and_heal_converge(
-    scores: list[int], seed: int, drop_rate: float, max_delay_s: float, cut: list[bool], kill_leader: bool
+    scores: list[int],
+    seed: int,
+    drop_rate: float,
+    max_delay_s: float,
+    cut: list[bool],
+    kill_leader: bool,
 ) -> None:
     node_scores = {f"n{i}": float(score) for i, score in enumerate(scores)}
     net = Net(node_scores, rng=random.Random(seed), drop_rate=drop_rate, max_delay_s=max_delay_s)
@@ -338,7 +345,9 @@ def test_random_delivery_partition_and_heal_converge(
     seed=st.integers(0, 2**32 - 1),
     kills=st.integers(0, 2),
 )
-def test_one_coordinator_per_term_when_messages_arrive_in_time(scores: list[int], seed: int, kills: int) -> None:
+def test_one_coordinator_per_term_when_messages_arrive_in_time(
+    scores: list[int], seed: int, kills: int
+) -> None:
     node_scores = {f"n{i}": float(score) for i, score in enumerate(scores)}
     net = Net(node_scores, rng=random.Random(seed), max_delay_s=0.4 * TIMEOUT_S)
     net.start()
