@@ -1,0 +1,206 @@
+"""The mesh as one status snapshot describes it (``GET /v1/status``), as typed, frozen values.
+
+``MeshStatus.from_json`` reads the daemon's JSON (docs/api.md) and rejects what it cannot use
+with ``StatusFormatError``, so a malformed snapshot becomes one error line in the UI instead of
+a crash. Spans are half-open ``[start_layer, end_layer)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class StatusFormatError(ValueError):
+    """A status snapshot that does not have the shape docs/api.md gives it."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One row of the mesh table."""
+
+    node_id: str
+    name: str
+    is_self: bool
+    """This is the node whose API the UI is attached to."""
+    is_coordinator: bool
+    state: str
+    """starting, loading, ready or lost."""
+    mem_budget_bytes: int | None
+    ms_per_layer: float | None
+    """Measured compute per decoder layer per token."""
+    span: tuple[int, int] | None
+    """Half-open layer range ``[start_layer, end_layer)`` this node holds, if any."""
+    rtt_ms: float | None
+    """Link round trip from this node; None for this node itself or when not measured yet."""
+    address: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    node_id: str
+    start_layer: int
+    end_layer: int
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    term: int
+    state: str
+    """pending (layers still loading) or active."""
+    stages: tuple[Stage, ...]
+
+
+@dataclass(frozen=True)
+class IncompatibleNode:
+    """A node that was seen on the network but will not be joined, and why."""
+
+    name: str
+    address: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MeshStatus:
+    self_id: str
+    model_name: str | None
+    model_id: str | None
+    num_layers: int | None
+    codec: str
+    term: int
+    coordinator_id: str | None
+    plan: PlanInfo | None
+    nodes: tuple[NodeInfo, ...]
+    incompatible: tuple[IncompatibleNode, ...]
+    sessions: int
+    """Chat requests in progress on this node."""
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        return next((node for node in self.nodes if node.node_id == node_id), None)
+
+    def node_name(self, node_id: str | None) -> str:
+        node = self.node(node_id) if node_id is not None else None
+        return node.name if node is not None else (node_id or "nobody")
+
+    def layer_owners(self) -> tuple[str | None, ...]:
+        """For each decoder layer, the id of the node holding it (None: nobody).
+
+        From the plan's stages when there is a plan, else from the nodes' own spans.
+        """
+        if not self.num_layers:
+            return ()
+        owners: list[str | None] = [None] * self.num_layers
+        if self.plan is not None:
+            spans = [(stage.node_id, stage.start_layer, stage.end_layer) for stage in self.plan.stages]
+        else:
+            spans = [(node.node_id, *node.span) for node in self.nodes if node.span is not None]
+        for node_id, start, end in spans:
+            for layer in range(max(0, start), min(end, self.num_layers)):
+                owners[layer] = node_id
+        return tuple(owners)
+
+    @classmethod
+    def from_json(cls, data: object) -> MeshStatus:
+        """Read a snapshot; raises StatusFormatError naming the first field that is wrong."""
+        body = _mapping(data, "status")
+        model = body.get("model")
+        model_map = _mapping(model, "model") if model is not None else {}
+        plan_data = body.get("plan")
+        coordinator_id = _optional(body, "coordinator_id", str)
+        nodes = tuple(_node(item, coordinator_id) for item in _list(body, "nodes"))
+        return cls(
+            self_id=_required(body, "self_id", str),
+            model_name=_optional(model_map, "name", str),
+            model_id=_optional(model_map, "id", str),
+            num_layers=_optional(model_map, "num_layers", int),
+            codec=_optional(body, "codec", str) or "?",
+            term=_optional(body, "term", int) or 0,
+            coordinator_id=coordinator_id,
+            plan=_plan(plan_data) if plan_data is not None else None,
+            nodes=nodes,
+            incompatible=tuple(
+                IncompatibleNode(
+                    name=_optional(item_map, "name", str) or "?",
+                    address=_optional(item_map, "address", str) or "?",
+                    reason=_optional(item_map, "reason", str) or "",
+                )
+                for item_map in (_mapping(item, "incompatible[]") for item in _list(body, "incompatible"))
+            ),
+            sessions=_optional(body, "sessions", int) or 0,
+        )
+
+
+def _node(data: object, coordinator_id: str | None) -> NodeInfo:
+    body = _mapping(data, "nodes[]")
+    node_id = _required(body, "id", str)
+    span = body.get("span")
+    return NodeInfo(
+        node_id=node_id,
+        name=_optional(body, "name", str) or node_id,
+        is_self=bool(body.get("is_self", False)),
+        is_coordinator=body.get("role") == "coordinator" or node_id == coordinator_id,
+        state=_optional(body, "state", str) or "?",
+        mem_budget_bytes=_optional(body, "mem_budget_bytes", int),
+        ms_per_layer=_optional(body, "ms_per_layer", float),
+        span=_span(span) if span is not None else None,
+        rtt_ms=_optional(body, "rtt_ms", float),
+        address=_optional(body, "address", str) or "",
+    )
+
+
+def _plan(data: object) -> PlanInfo:
+    body = _mapping(data, "plan")
+    stages = []
+    for item in _list(body, "stages"):
+        stage = _mapping(item, "plan.stages[]")
+        stages.append(Stage(
+            node_id=_required(stage, "node_id", str),
+            start_layer=_required(stage, "start_layer", int),
+            end_layer=_required(stage, "end_layer", int),
+        ))
+    return PlanInfo(
+        term=_optional(body, "term", int) or 0,
+        state=_optional(body, "state", str) or "?",
+        stages=tuple(stages),
+    )
+
+
+def _span(data: object) -> tuple[int, int]:
+    if (not isinstance(data, list) or len(data) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in data)):
+        raise StatusFormatError(f"span must be [start_layer, end_layer], not {data!r}")
+    return (data[0], data[1])
+
+
+def _mapping(data: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise StatusFormatError(f"{where} must be an object, not {type(data).__name__}")
+    return data
+
+
+def _list(body: Mapping[str, Any], key: str) -> list[Any]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise StatusFormatError(f"{key} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _required(body: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = _optional(body, key, kind)
+    if value is None:
+        raise StatusFormatError(f"{key} is missing")
+    return value
+
+
+def _optional(body: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise StatusFormatError(f"{key} must be {kind.__name__}, not {value!r:.40}")
+    return value

@@ -1,0 +1,56 @@
+"""The mesh view: facts, the nodes table, the layer map and the event log."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Static
+
+from tui.mesh_events import LogLine
+from tui.mesh_status import MeshStatus
+from tui.widgets.event_log import EventLog
+from tui.widgets.layer_map import LayerMap
+from tui.widgets.nodes_table import NodesTable
+
+PLAN_STYLES = {"active": "green", "pending": "yellow"}
+
+
+def format_facts(status: MeshStatus) -> Text:
+    """One or two lines: model, codec, term and coordinator, plan state; nodes not joined."""
+    model = status.model_name or "no model yet"
+    if status.num_layers:
+        model += f" ({status.num_layers} layers)"
+    plan_state = status.plan.state if status.plan is not None else "none"
+    facts = Text.assemble(
+        (model, "bold"),
+        ("  codec ", "dim"), status.codec,
+        ("  term ", "dim"), str(status.term),
+        ("  plan ", "dim"), (plan_state, PLAN_STYLES.get(plan_state, "bold red")),
+        ("  sessions ", "dim"), str(status.sessions),
+    )
+    for other in status.incompatible:
+        facts.append(f"\nnot joined: {other.name} {other.address} ({other.reason})", style="dim")
+    return facts
+
+
+class MeshView(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Static("waiting for the daemon…", id="facts")
+        yield NodesTable(id="nodes")
+        yield LayerMap(id="layer-map")
+        log = EventLog(id="event-log")
+        log.border_title = "Events"
+        yield log
+
+    def show_status(self, status: MeshStatus) -> None:
+        self.query_one("#facts", Static).update(format_facts(status))
+        self.query_one(NodesTable).show(status)
+        self.query_one(LayerMap).status = status
+
+    def add_log(self, line: LogLine) -> None:
+        self.query_one(EventLog).add(line)
+
+    def set_stale(self, stale: bool) -> None:
+        """Dim what is shown while the daemon cannot be reached: it is the last thing seen."""
+        self.set_class(stale, "-stale")

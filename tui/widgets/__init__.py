@@ -1,0 +1,1 @@
+"""The terminal UI's widgets: nodes table, layer map, event log, chat log."""

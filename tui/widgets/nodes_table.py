@@ -1,0 +1,75 @@
+"""The mesh table: one row per node, with its role, state, memory, speed, span and link RTT."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from tui.mesh_events import format_span
+from tui.mesh_status import MeshStatus, NodeInfo
+from tui.widgets.layer_map import node_colours
+
+COLUMNS = (
+    ("node", "Node"),
+    ("you", "You"),
+    ("role", "Role"),
+    ("state", "State"),
+    ("memory", "Memory"),
+    ("speed", "ms/layer"),
+    ("span", "Span"),
+    ("rtt", "RTT"),
+)
+STATE_STYLES = {"ready": "green", "loading": "yellow", "starting": "yellow", "lost": "bold red"}
+SELF_MARK = "●"
+NOTHING = "—"
+
+
+def format_bytes(size_bytes: int | None) -> str:
+    """Binary units, three digits: 512 MiB, 7.45 GiB, 15.6 GiB."""
+    if size_bytes is None:
+        return NOTHING
+    value = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(value)} B"
+    return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def format_ms(value_ms: float | None, *, unit: str = "") -> str:
+    if value_ms is None:
+        return NOTHING
+    text = f"{value_ms:.2f}" if value_ms < 10 else f"{value_ms:.1f}" if value_ms < 100 else f"{value_ms:.0f}"
+    return f"{text}{unit}"
+
+
+def node_cells(node: NodeInfo, colour: str) -> tuple[Text | str, ...]:
+    return (
+        Text(node.name, style=f"bold {colour}"),
+        SELF_MARK if node.is_self else "",
+        Text("coord", style="bold") if node.is_coordinator else "member",
+        Text(node.state, style=STATE_STYLES.get(node.state, "")),
+        format_bytes(node.mem_budget_bytes),
+        format_ms(node.ms_per_layer),
+        format_span(node.span),
+        NOTHING if node.is_self else format_ms(node.rtt_ms, unit=" ms"),
+    )
+
+
+class NodesTable(DataTable[Text | str]):
+    """Rows keyed by node id; ``show(status)`` replaces them and keeps the cursor's node."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True, show_cursor=False)
+
+    def on_mount(self) -> None:
+        for key, label in COLUMNS:
+            self.add_column(label, key=key)
+
+    def show(self, status: MeshStatus) -> None:
+        colours = node_colours(status)
+        self.clear()
+        for node in status.nodes:
+            self.add_row(*node_cells(node, colours.get(node.node_id, "")), key=node.node_id)
