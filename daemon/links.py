@@ -1,0 +1,648 @@
+"""Links: one RTCPeerConnection per peer, two data channels, heartbeats and backpressure.
+
+A :class:`LinkManager` owns every link of a node. It sets links up through HTTP signaling
+(:mod:`daemon.signaling`: the initiator POSTs its SDP offer to the peer's
+``/v1/mesh/signal``, the answer comes back in the response), then carries whole messages
+(:mod:`meshllm.wire`) over two reliable, ordered data channels per peer: ``control`` and
+``activation``. It reports what happens through three callbacks: a message arrived, a link
+is up (:class:`LinkUp`), a link is down (:class:`LinkDown`, exactly once per link that was
+up, with a reason).
+
+Every piece from the network goes through a Reassembler and ``decode``; a malformed one is
+logged and counted, and a peer that sends too many in a window loses its link. The node and
+its other links carry on.
+
+Two links to the same peer never live together: when a second one appears (both sides
+dialled at once, or a peer restarted), the one initiated by the lower node id wins; between
+two initiated by the same node, the newer wins. Both ends apply the same rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.exceptions import InvalidStateError
+
+from daemon.config import ConfigError, parse_host_port
+from daemon.loopback import is_loopback_host, loopback_ice, usable_candidates
+from daemon.meshkey import NO_KEY_WARNING
+from daemon.signaling import (
+    MAX_BODY_BYTES,
+    SIGNAL_PATH,
+    Authenticator,
+    SignalingRefused,
+    answer_from_json,
+    answer_to_json,
+    error_reason,
+    error_to_json,
+    offer_from_json,
+    offer_to_json,
+)
+from meshllm.errors import MeshllmError, WireError
+from meshllm.wire import (
+    Bye,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    Message,
+    Reassembler,
+    decode,
+    encode,
+    split_frames,
+)
+
+log = logging.getLogger(__name__)
+
+CHANNEL_IDS: dict[str, int] = {"control": 0, "activation": 1}
+"""The data channels of every link (negotiated out of band, so both ends create them)."""
+DEFAULT_SEND_HIGH_WATER_BYTES = 512 * 1024
+"""send() waits while a channel has more than this queued (backpressure). Both channels
+share one SCTP association, so this also bounds how long a control message can wait behind
+activations: about high-water / throughput (0.1 s at 5 MB/s)."""
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_BAD_FRAME_LIMIT = 5
+DEFAULT_BAD_FRAME_WINDOW_S = 10.0
+BYE_FLUSH_TIMEOUT_S = 0.5
+"""close() waits at most this long for the Byes to leave before closing the connections."""
+RTT_SMOOTHING = 0.25
+"""Weight of a new sample in the smoothed round trip."""
+_MESSAGE_ID_MASK = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    """A link to a peer is open: both channels carry messages from now on."""
+
+    peer_id: str
+    """The peer's node id."""
+    hello: Hello
+    """What the peer said about itself during signaling."""
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    """A link that was up is gone; reported exactly once per link."""
+
+    peer_id: str
+    reason: str
+    """``heartbeat timeout``, ``channel closed``, ``ice failed``, ``bye``,
+    ``too many bad frames``, ``replaced`` (a newer link to the same peer took over),
+    ``closed`` (this node closed), or the reason given to :meth:`LinkManager.drop`."""
+
+
+class LinkError(MeshllmError):
+    """A link could not be set up, or a message could not be sent on it."""
+
+    def __init__(self, reason: str, peer_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.peer_id = peer_id
+
+
+class _Channel:
+    """One data channel of a link, with its reassembly and send state."""
+
+    def __init__(self, name: str, dc: RTCDataChannel, low_water_bytes: int) -> None:
+        self.name = name
+        self.dc = dc
+        self.reassembler = Reassembler()
+        self.send_lock = asyncio.Lock()
+        self.drained = asyncio.Event()
+        """Set when the queued bytes fall to the low-water mark (or the link ends)."""
+        self._next_message_id = 0
+        dc.bufferedAmountLowThreshold = low_water_bytes
+
+    def take_message_id(self) -> int:
+        message_id = self._next_message_id
+        self._next_message_id = (message_id + 1) & _MESSAGE_ID_MASK
+        return message_id
+
+
+class _Link:
+    """One peer connection: ``connecting`` -> ``up`` -> ``closed`` (or straight to closed)."""
+
+    def __init__(self, pc: RTCPeerConnection, channels: dict[str, _Channel],
+                 initiator_id: str, now_s: float) -> None:
+        self.pc = pc
+        self.channels = channels
+        self.initiator_id = initiator_id
+        self.peer_id: str | None = None
+        self.hello: Hello | None = None
+        self.state = "connecting"
+        self.down_reason: str | None = None
+        self.settled = asyncio.Event()
+        """Set when the link goes up or closes."""
+        self.created_s = now_s
+        self.last_rx_s = now_s
+        self.bad_frames_s: deque[float] = deque()
+        self.rtt_ms: float | None = None
+
+
+def _wins(new: _Link, old: _Link) -> bool:
+    """Whether ``new`` replaces ``old`` (both to the same peer): lower initiator id wins,
+    and between links of the same initiator the newer one does."""
+    return new.initiator_id <= old.initiator_id
+
+
+class LinkManager:
+    """All links of one node. ``await start()``, mount :meth:`signaling_routes`, then
+    :meth:`connect` to peers and :meth:`send` to them; ``await close()`` at the end.
+
+    Callbacks run on the event loop and must not block; an exception in one is logged and
+    does not harm the link.
+    """
+
+    def __init__(
+        self,
+        hello: Hello,
+        *,
+        ice_servers: Sequence[str] = (),
+        loopback: bool = False,
+        mesh_key: bytes | None = None,
+        heartbeat_interval_s: float = 0.2,
+        lost_after_s: float = 1.0,
+        on_message: Callable[[str, Message], None],
+        on_link_up: Callable[[LinkUp], None],
+        on_link_down: Callable[[LinkDown], None],
+        is_compatible: Callable[[Hello], str | None],
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        send_high_water_bytes: int = DEFAULT_SEND_HIGH_WATER_BYTES,
+        bad_frame_limit: int = DEFAULT_BAD_FRAME_LIMIT,
+        bad_frame_window_s: float = DEFAULT_BAD_FRAME_WINDOW_S,
+    ) -> None:
+        if loopback and ice_servers:
+            raise ValueError("loopback mode uses no ICE servers (it never leaves 127.0.0.1)")
+        if heartbeat_interval_s <= 0 or lost_after_s <= heartbeat_interval_s:
+            raise ValueError("need 0 < heartbeat_interval_s < lost_after_s")
+        if send_high_water_bytes < 1:
+            raise ValueError("send_high_water_bytes must be positive")
+        self._hello = hello
+        self._ice_servers = [RTCIceServer(urls=url) for url in ice_servers]
+        self._loopback = loopback
+        self._auth = Authenticator(mesh_key)
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._lost_after_s = lost_after_s
+        self._on_message = on_message
+        self._on_link_up = on_link_up
+        self._on_link_down = on_link_down
+        self._is_compatible = is_compatible
+        self._connect_timeout_s = connect_timeout_s
+        self._high_water_bytes = send_high_water_bytes
+        self._low_water_bytes = send_high_water_bytes // 4
+        self._bad_frame_limit = bad_frame_limit
+        self._bad_frame_window_s = bad_frame_window_s
+        self._term = 0
+        self._links: dict[str, _Link] = {}
+        """Links whose peer is known (at most one per peer), connecting or up."""
+        self._every_link: set[_Link] = set()
+        """Every link not closed yet, including those still signaling."""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._running = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def hello(self) -> Hello:
+        """What this node tells peers about itself."""
+        return self._hello
+
+    async def start(self) -> None:
+        """Start heartbeats and the HTTP client used for signaling."""
+        if self._running:
+            return
+        if not self._auth.has_key:
+            log.warning(NO_KEY_WARNING)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._connect_timeout_s))
+        self._heartbeat_task = self._spawn(self._heartbeat_loop(), "link heartbeats")
+        self._running = True
+
+    async def close(self, reason: str = "closed") -> None:
+        """Send Bye (with ``reason``) to every peer, then close every link (each up link is
+        reported as LinkDown("closed")) and stop. Signaling requests get 503 from now on."""
+        if not self._running:
+            return
+        self._running = False
+        up = [link for link in self._every_link if link.state == "up"]
+        for link in up:
+            self._send_now(link, "control", Bye(node_id=self._hello.node_id, reason=reason))
+        await self._wait_flushed(up, BYE_FLUSH_TIMEOUT_S)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        for link in list(self._every_link):
+            self._finish(link, "closed")
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._session is not None:
+            await self._session.close()
+
+    def update_hello(self, hello: Hello) -> None:
+        """Use ``hello`` in signaling from now on (e.g. after measuring speed)."""
+        if hello.node_id != self._hello.node_id:
+            raise ValueError("a node's id never changes")
+        self._hello = hello
+
+    def set_term(self, term: int) -> None:
+        """The highest term this node has seen; heartbeats carry it from now on."""
+        self._term = max(self._term, term)
+
+    # --- queries --------------------------------------------------------------------------
+
+    def peers(self) -> dict[str, Hello]:
+        """Connected peers (links up) and their Hellos."""
+        return {peer: link.hello for peer, link in self._links.items()
+                if link.state == "up" and link.hello is not None}
+
+    def rtt_ms(self, peer_id: str) -> float | None:
+        """Smoothed round trip to the peer measured by heartbeats; None before the first."""
+        link = self._links.get(peer_id)
+        return link.rtt_ms if link is not None and link.state == "up" else None
+
+    def buffered_bytes(self, peer_id: str, channel: str = "control") -> int:
+        """Bytes queued on a channel to the peer and not yet handed to SCTP (0 without a link)."""
+        link = self._links.get(peer_id)
+        return link.channels[channel].dc.bufferedAmount if link is not None else 0
+
+    # --- connecting -----------------------------------------------------------------------
+
+    def signaling_routes(self) -> list[web.RouteDef]:
+        """``POST /v1/mesh/signal``, to mount on the node's HTTP app."""
+        return [web.post(SIGNAL_PATH, self._handle_signal)]
+
+    async def connect(self, address: str) -> str:
+        """Link to the node whose API listens at ``HOST:PORT``; return its node id once both
+        channels are open. Raises LinkError on refusal (wrong key, incompatible, ...), an
+        unauthenticated answer, an unreachable address or a timeout."""
+        if not self._running:
+            raise LinkError("the link manager is not running")
+        try:
+            host, port = parse_host_port(address)
+        except ConfigError as exc:
+            raise LinkError(f"cannot connect to {address!r}: not HOST:PORT") from exc
+        if self._loopback and not is_loopback_host(host):
+            raise LinkError(f"loopback mode: will not connect to {address} (not 127.0.0.1)")
+        link = self._new_link(initiator_id=self._hello.node_id)
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                return await self._initiate(link, address, host, port)
+        except TimeoutError:
+            self._finish(link, "connect timeout")
+            raise LinkError(f"timed out connecting to {address}", link.peer_id) from None
+        except BaseException:
+            self._finish(link, "connect failed")
+            raise
+
+    async def _initiate(self, link: _Link, address: str, host: str, port: int) -> str:
+        with loopback_ice(self._loopback):
+            await link.pc.setLocalDescription(await link.pc.createOffer())
+        offer = self._auth.sign_offer(self._hello, link.pc.localDescription.sdp, time.time())
+        status, body = await self._post(address, host, port, offer_to_json(offer))
+        if status != 200:
+            reason = error_reason(body) or f"HTTP {status}"
+            log.warning("%s refused a link: %s", address, reason)
+            raise LinkError(f"{address} refused the link: {reason}")
+        try:
+            answer = answer_from_json(body)
+            self._auth.verify_answer(answer, offer)
+            self._check_peer(answer.hello)
+        except SignalingRefused as exc:
+            log.warning("refusing the answer of %s: %s", address, exc.reason)
+            raise LinkError(f"refused the answer of {address}: {exc.reason}") from exc
+        sdp, candidates = usable_candidates(answer.sdp, loopback=self._loopback)
+        if candidates == 0:
+            raise LinkError(f"the answer of {address} has no usable ICE candidate")
+        link.peer_id = answer.hello.node_id
+        link.hello = answer.hello
+        try:
+            self._register(link)
+        except SignalingRefused as exc:
+            raise LinkError(exc.reason, link.peer_id) from exc
+        try:
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        except Exception as exc:  # aiortc's SDP parser fails in many ways on bad input
+            raise LinkError(f"bad SDP answer from {address}: {exc!r}", link.peer_id) from exc
+        await link.settled.wait()
+        if link.state != "up":
+            raise LinkError(f"link to {link.peer_id} failed: {link.down_reason}", link.peer_id)
+        return link.peer_id
+
+    async def _post(self, address: str, host: str, port: int,
+                    body: dict[str, Any]) -> tuple[int, object]:
+        assert self._session is not None
+        url_host = f"[{host}]" if ":" in host else host
+        url = f"http://{url_host}:{port}{SIGNAL_PATH}"
+        try:
+            async with self._session.post(url, json=body) as response:
+                raw = await response.content.read(MAX_BODY_BYTES + 1)
+                status = response.status
+        except aiohttp.ClientError as exc:
+            raise LinkError(f"cannot reach {address}: {exc}") from exc
+        if len(raw) > MAX_BODY_BYTES:
+            raise LinkError(f"the answer of {address} is over {MAX_BODY_BYTES} bytes")
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, None
+
+    async def _handle_signal(self, request: web.Request) -> web.Response:
+        """Answer an offer, or refuse it with 400/403/409/429/503 and the reason."""
+        link: _Link | None = None
+        try:
+            if not self._running:
+                raise SignalingRefused(503, "this node is shutting down")
+            offer = offer_from_json(await _read_json(request))
+            peer = offer.hello.node_id
+            try:
+                self._auth.verify_offer(offer, time.time())
+            except SignalingRefused as exc:
+                log.warning("refused a link from %s (%s): %s", peer, request.remote, exc.reason)
+                raise
+            self._check_peer(offer.hello)
+            sdp, candidates = usable_candidates(offer.sdp, loopback=self._loopback)
+            if candidates == 0:
+                raise SignalingRefused(400, "the offer has no usable ICE candidate")
+            link = self._new_link(initiator_id=peer)
+            link.peer_id = peer
+            link.hello = offer.hello
+            with loopback_ice(self._loopback):
+                try:
+                    await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+                    await link.pc.setLocalDescription(await link.pc.createAnswer())
+                except Exception as exc:  # aiortc's SDP parser fails in many ways on bad input
+                    raise SignalingRefused(400, f"bad SDP offer: {exc!r}") from exc
+            if not self._running:
+                raise SignalingRefused(503, "this node is shutting down")
+            self._register(link)
+            answer = self._auth.sign_answer(offer, self._hello, link.pc.localDescription.sdp)
+            log.info("answered a link offer from %s (%s)", peer, request.remote)
+            return web.json_response(answer_to_json(answer))
+        except SignalingRefused as exc:
+            if exc.status != 403:
+                log.info("refused a signaling request from %s: %s", request.remote, exc.reason)
+            if link is not None:
+                self._finish(link, "refused")
+            return web.json_response(error_to_json(exc, self._hello.node_id), status=exc.status)
+        except BaseException:
+            if link is not None:
+                self._finish(link, "signaling failed")
+            raise
+
+    def _check_peer(self, hello: Hello) -> None:
+        if hello.node_id == self._hello.node_id:
+            raise SignalingRefused(409, "that is this node")
+        reason = self._is_compatible(hello)
+        if reason is not None:
+            raise SignalingRefused(409, f"incompatible: {reason}")
+
+    def _register(self, link: _Link) -> None:
+        assert link.peer_id is not None
+        existing = self._links.get(link.peer_id)
+        if existing is not None and existing is not link:
+            if not _wins(link, existing):
+                raise SignalingRefused(409, f"already linked with {link.peer_id}")
+            self._finish(existing, "replaced")
+        self._links[link.peer_id] = link
+
+    def _new_link(self, initiator_id: str) -> _Link:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
+        channels = {
+            name: _Channel(
+                name,
+                pc.createDataChannel(name, negotiated=True, id=channel_id, ordered=True),
+                self._low_water_bytes,
+            )
+            for name, channel_id in CHANNEL_IDS.items()
+        }
+        link = _Link(pc, channels, initiator_id, time.monotonic())
+        for channel in channels.values():
+            self._watch_channel(link, channel)
+        pc.add_listener("connectionstatechange", lambda: self._on_connection_state(link))
+        self._every_link.add(link)
+        return link
+
+    def _watch_channel(self, link: _Link, channel: _Channel) -> None:
+        channel.dc.add_listener("open", lambda: self._maybe_up(link))
+        channel.dc.add_listener("close", lambda: self._finish(link, "channel closed"))
+        channel.dc.add_listener("message", lambda data: self._on_piece(link, channel, data))
+        channel.dc.add_listener("bufferedamountlow", channel.drained.set)
+
+    def _on_connection_state(self, link: _Link) -> None:
+        state = link.pc.connectionState
+        if state == "failed":
+            self._finish(link, "ice failed")
+        elif state == "closed":
+            self._finish(link, "channel closed")
+
+    def _maybe_up(self, link: _Link) -> None:
+        if link.state != "connecting" or link.peer_id is None or link.hello is None:
+            return
+        if self._links.get(link.peer_id) is not link:
+            return
+        if any(ch.dc.readyState != "open" for ch in link.channels.values()):
+            return
+        link.state = "up"
+        link.last_rx_s = time.monotonic()
+        link.settled.set()
+        log.info("link up: %s (%s)", link.peer_id, link.hello.name)
+        self._notify(self._on_link_up, LinkUp(peer_id=link.peer_id, hello=link.hello))
+
+    def _finish(self, link: _Link, reason: str) -> None:
+        """Close a link (idempotent); report LinkDown if it was up."""
+        if link.state == "closed":
+            return
+        if not self._running:
+            reason = "closed"
+        was_up = link.state == "up"
+        link.state = "closed"
+        link.down_reason = reason
+        self._every_link.discard(link)
+        if link.peer_id is not None and self._links.get(link.peer_id) is link:
+            del self._links[link.peer_id]
+        link.settled.set()
+        for channel in link.channels.values():
+            channel.drained.set()
+        self._spawn(link.pc.close(), f"close link to {link.peer_id}")
+        if was_up:
+            assert link.peer_id is not None
+            log.info("link down: %s: %s", link.peer_id, reason)
+            self._notify(self._on_link_down, LinkDown(peer_id=link.peer_id, reason=reason))
+        else:
+            log.debug("link attempt with %s ended: %s", link.peer_id, reason)
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send(self, peer_id: str, msg: Message, *, channel: str = "control") -> None:
+        """Send one message, framed into data-channel pieces. Waits while the channel has
+        more than the high-water mark queued. Raises LinkError when there is no link or it
+        ends meanwhile."""
+        if channel not in CHANNEL_IDS:
+            raise ValueError(f"unknown channel {channel!r}; one of {sorted(CHANNEL_IDS)}")
+        link = self._links.get(peer_id)
+        if link is None or link.state != "up":
+            raise LinkError(f"no link to {peer_id}", peer_id)
+        ch = link.channels[channel]
+        data = encode(msg)
+        async with ch.send_lock:
+            for piece in split_frames(data, ch.take_message_id()):
+                while link.state == "up" and ch.dc.bufferedAmount > self._high_water_bytes:
+                    ch.drained.clear()
+                    await ch.drained.wait()
+                if link.state != "up":
+                    raise LinkError(f"link to {peer_id} lost: {link.down_reason}", peer_id)
+                try:
+                    ch.dc.send(piece)
+                except InvalidStateError:
+                    self._finish(link, "channel closed")
+                    raise LinkError(f"link to {peer_id} lost: channel closed", peer_id) from None
+
+    def _send_now(self, link: _Link, channel: str, msg: Message) -> None:
+        """Queue a small message at once, ignoring backpressure (heartbeats, acks, byes)."""
+        ch = link.channels[channel]
+        try:
+            for piece in split_frames(encode(msg), ch.take_message_id()):
+                ch.dc.send(piece)
+        except InvalidStateError:
+            self._finish(link, "channel closed")
+
+    async def _wait_flushed(self, links: list[_Link], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(
+            link.state == "up" and link.channels["control"].dc.bufferedAmount > 0 for link in links
+        ):
+            await asyncio.sleep(0.005)
+
+    def drop(self, peer_id: str, reason: str) -> None:
+        """Close the link to ``peer_id`` now; LinkDown(reason) is reported if it was up."""
+        link = self._links.get(peer_id)
+        if link is not None:
+            log.warning("dropping the link to %s: %s", peer_id, reason)
+            self._finish(link, reason)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _on_piece(self, link: _Link, ch: _Channel, data: bytes | str) -> None:
+        if link.state == "closed":
+            return
+        self._maybe_up(link)
+        now = time.monotonic()
+        if not isinstance(data, bytes):
+            self._bad_frame(link, ch, "a text message (only binary pieces are allowed)", now)
+            return
+        try:
+            whole = ch.reassembler.feed(data, now)
+            if whole is None:
+                link.last_rx_s = now
+                return
+            msg = decode(whole)
+        except WireError as exc:
+            self._bad_frame(link, ch, str(exc), now)
+            return
+        link.last_rx_s = now
+        self._dispatch(link, ch, msg, now)
+
+    def _dispatch(self, link: _Link, ch: _Channel, msg: Message, now: float) -> None:
+        peer = link.peer_id
+        assert peer is not None
+        if isinstance(msg, (Heartbeat, HeartbeatAck, Bye)) and msg.node_id != peer:
+            self._bad_frame(link, ch, f"{type(msg).__name__} claims to come from {msg.node_id}", now)
+            return
+        if isinstance(msg, Heartbeat):
+            self._send_now(link, "control", HeartbeatAck(node_id=self._hello.node_id,
+                                                         echo_sent_at_s=msg.sent_at_s))
+        elif isinstance(msg, HeartbeatAck):
+            sample_ms = (now - msg.echo_sent_at_s) * 1000.0
+            if 0.0 <= sample_ms <= self._lost_after_s * 1000.0:
+                link.rtt_ms = sample_ms if link.rtt_ms is None else (
+                    (1 - RTT_SMOOTHING) * link.rtt_ms + RTT_SMOOTHING * sample_ms)
+            return
+        elif isinstance(msg, Bye):
+            log.info("%s says bye: %s", peer, msg.reason)
+            self._finish(link, "bye")
+            return
+        if link.state == "up":
+            self._notify(self._on_message, peer, msg)
+
+    def _bad_frame(self, link: _Link, ch: _Channel, problem: str, now: float) -> None:
+        window = link.bad_frames_s
+        window.append(now)
+        while window and now - window[0] > self._bad_frame_window_s:
+            window.popleft()
+        log.warning("bad frame from %s on %s (%d in %.0f s): %s",
+                    link.peer_id, ch.name, len(window), self._bad_frame_window_s, problem)
+        if len(window) >= self._bad_frame_limit:
+            self._finish(link, "too many bad frames")
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            self._tick(time.monotonic())
+
+    def _tick(self, now: float) -> None:
+        """Send heartbeats; drop links that went quiet or never came up."""
+        for link in list(self._every_link):
+            if link.state == "connecting":
+                if now - link.created_s > self._connect_timeout_s:
+                    self._finish(link, "connect timeout")
+                continue
+            if now - link.last_rx_s > self._lost_after_s:
+                self._finish(link, "heartbeat timeout")
+                continue
+            self._send_now(link, "control", Heartbeat(node_id=self._hello.node_id,
+                                                      term=self._term, sent_at_s=now))
+            for ch in link.channels.values():
+                ch.reassembler.expire(now)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _notify(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("link callback %s failed", getattr(callback, "__qualname__", callback))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %r failed", task.get_name(), exc_info=task.exception())
+
+
+async def _read_json(request: web.Request) -> object:
+    """The request's JSON body, at most MAX_BODY_BYTES; SignalingRefused(400/413) otherwise."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise SignalingRefused(413, f"body over {MAX_BODY_BYTES} bytes")
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise SignalingRefused(413, f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise SignalingRefused(400, f"body is not JSON: {exc}") from exc

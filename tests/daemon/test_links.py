@@ -1,0 +1,599 @@
+"""Links between real LinkManagers over 127.0.0.1: HTTP signaling, WebRTC data channels,
+heartbeats, authentication and hostile peers.
+
+Every node runs a small aiohttp server with the signaling route on an ephemeral 127.0.0.1
+port, in loopback mode, so nothing leaves this machine. A ``RawPeer`` is a hand-driven
+aiortc peer for the cases a well-behaved LinkManager never produces (garbage frames, replayed
+offers, a peer that stops sending heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from daemon.links import LinkDown, LinkError, LinkManager, LinkUp
+from daemon.loopback import loopback_ice, usable_candidates
+from daemon.signaling import (
+    SIGNAL_PATH,
+    Authenticator,
+    SignalOffer,
+    answer_from_json,
+    offer_to_json,
+)
+from meshllm.wire import (
+    MAX_FRAME_BYTES,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    Reassembler,
+    Result,
+    decode,
+    decode_tensor,
+    encode,
+    encode_tensor,
+    split_frames,
+)
+
+KEY = b"correct horse battery staple 42!"
+OTHER_KEY = b"some other mesh key, not ours!!!"
+
+
+def make_hello(index: int, *, mesh_name: str = "default") -> Hello:
+    return Hello(
+        node_id=f"n-{index:016x}",
+        name=f"node{index}",
+        protocol_version=1,
+        mesh_name=mesh_name,
+        model_id="model-1",
+        api_port=8470,
+        mem_budget_bytes=1 << 30,
+        ms_per_layer=1.5,
+        can_coordinate=True,
+    )
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for ``condition`` (a bound to fail the test, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Node:
+    lm: LinkManager
+    hello: Hello
+    address: str
+    messages: list[tuple[str, Message]] = field(default_factory=list)
+    ups: list[LinkUp] = field(default_factory=list)
+    downs: list[LinkDown] = field(default_factory=list)
+
+    @property
+    def node_id(self) -> str:
+        return self.hello.node_id
+
+    def received(self, kind: type) -> list[Message]:
+        return [msg for _, msg in self.messages if isinstance(msg, kind)]
+
+
+MakeNode = Callable[..., Awaitable[Node]]
+
+
+async def serve(routes: list[web.RouteDef]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def make_node() -> AsyncIterator[MakeNode]:
+    made: list[tuple[Node, web.AppRunner]] = []
+
+    async def make(index: int, *, mesh_key: bytes | None = None,
+                   is_compatible: Callable[[Hello], str | None] = lambda hello: None,
+                   **options: Any) -> Node:
+        hello = make_hello(index)
+        node: Node
+        lm = LinkManager(
+            hello,
+            loopback=True,
+            mesh_key=mesh_key,
+            on_message=lambda peer, msg: node.messages.append((peer, msg)),
+            on_link_up=lambda event: node.ups.append(event),
+            on_link_down=lambda event: node.downs.append(event),
+            is_compatible=is_compatible,
+            **options,
+        )
+        await lm.start()
+        runner, address = await serve(lm.signaling_routes())
+        node = Node(lm=lm, hello=hello, address=address)
+        made.append((node, runner))
+        return node
+
+    yield make
+    for node, runner in reversed(made):
+        await node.lm.close()
+        await runner.cleanup()
+
+
+class RawPeer:
+    """A peer driven by hand: it signals itself and sends exactly what a test asks."""
+
+    def __init__(self, hello: Hello, *, mesh_key: bytes | None = None) -> None:
+        self.hello = hello
+        self.auth = Authenticator(mesh_key)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.channels = {
+            name: self.pc.createDataChannel(name, negotiated=True, id=channel_id)
+            for name, channel_id in (("control", 0), ("activation", 1))
+        }
+        self.messages: list[Message] = []
+        self._reassembler = Reassembler()
+        self._next_id = 0
+        self.channels["control"].on("message", self._on_piece)
+
+    def _on_piece(self, piece: bytes) -> None:
+        data = self._reassembler.feed(piece, time.monotonic())
+        if data is not None:
+            self.messages.append(decode(data))
+
+    async def offer(self) -> SignalOffer:
+        with loopback_ice():
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.auth.sign_offer(self.hello, self.pc.localDescription.sdp, time.time())
+
+    async def complete(self, answer_body: object) -> None:
+        answer = answer_from_json(answer_body)
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
+        await wait_until(lambda: all(ch.readyState == "open" for ch in self.channels.values()))
+
+    async def link_to(self, address: str) -> None:
+        status, body = await post_json(address, offer_to_json(await self.offer()))
+        assert status == 200, body
+        await self.complete(body)
+
+    def send(self, msg: Message, channel: str = "control") -> None:
+        for piece in split_frames(encode(msg), self._next_id):
+            self.channels[channel].send(piece)
+        self._next_id += 1
+
+    def send_raw(self, piece: bytes | str, channel: str = "control") -> None:
+        self.channels[channel].send(piece)
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def post_json(address: str, body: object, *, raw: bytes | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}
+        async with session.post(f"http://{address}{SIGNAL_PATH}", **kwargs) as response:
+            return response.status, await response.json(content_type=None)
+
+
+@pytest.fixture
+async def raw_peers() -> AsyncIterator[Callable[..., RawPeer]]:
+    made: list[RawPeer] = []
+
+    def make(index: int, **options: Any) -> RawPeer:
+        peer = RawPeer(make_hello(index), **options)
+        made.append(peer)
+        return peer
+
+    yield make
+    for peer in made:
+        await peer.close()
+
+
+def big_result(size_bytes: int) -> Result:
+    rows = -(-size_bytes // (576 * 4))  # at least size_bytes of float32
+    hidden = np.random.default_rng(7).standard_normal((rows, 576)).astype(np.float32)
+    return Result(session_id="s-big", seq=3, hidden=encode_tensor(hidden, "f32", compress=False))
+
+
+# --- links that work ------------------------------------------------------------------------
+
+
+async def test_two_nodes_link_and_talk_on_both_channels(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+
+    peer = await a.lm.connect(b.address)
+
+    assert peer == b.node_id
+    assert a.ups == [LinkUp(b.node_id, b.hello)]
+    await wait_until(lambda: len(b.ups) == 1)
+    assert b.ups == [LinkUp(a.node_id, a.hello)]
+    assert a.lm.peers() == {b.node_id: b.hello}
+    assert b.lm.peers() == {a.node_id: a.hello}
+
+    for seq in range(3):
+        await a.lm.send(b.node_id, Error(code="ctl", message=f"control {seq}"))
+        await a.lm.send(b.node_id, Error(code="act", message=f"activation {seq}"), channel="activation")
+    await b.lm.send(a.node_id, Error(code="back", message="hello a"), channel="activation")
+
+    await wait_until(lambda: len(b.received(Error)) == 6 and len(a.received(Error)) == 1)
+    got = [(msg.code, msg.message) for msg in b.received(Error)]
+    assert [m for m in got if m[0] == "ctl"] == [("ctl", f"control {i}") for i in range(3)]
+    assert [m for m in got if m[0] == "act"] == [("act", f"activation {i}") for i in range(3)]
+    assert all(peer == a.node_id for peer, _ in b.messages)
+    assert a.received(Error) == [Error(code="back", message="hello a")]
+
+
+async def test_heartbeats_flow_and_measure_the_round_trip(make_node: MakeNode) -> None:
+    a = await make_node(1, heartbeat_interval_s=0.05, lost_after_s=0.5)
+    b = await make_node(2, heartbeat_interval_s=0.05, lost_after_s=0.5)
+    a.lm.set_term(7)
+    await a.lm.connect(b.address)
+
+    await wait_until(lambda: a.lm.rtt_ms(b.node_id) is not None and b.received(Heartbeat))
+
+    rtt_ms = a.lm.rtt_ms(b.node_id)
+    assert rtt_ms is not None and 0.0 <= rtt_ms < 500.0
+    heartbeat = b.received(Heartbeat)[-1]
+    assert heartbeat.node_id == a.node_id and heartbeat.term == 7
+    assert a.lm.rtt_ms("n-unknown") is None
+    assert a.downs == [] and b.downs == []
+
+
+async def test_a_one_mib_message_arrives_intact_and_send_respects_the_high_water_mark(
+    make_node: MakeNode,
+) -> None:
+    high_water_bytes = 64 * 1024
+    a = await make_node(1, send_high_water_bytes=high_water_bytes)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    big = big_result(1024 * 1024)
+    assert len(encode(big)) > 1024 * 1024
+    assert len(split_frames(encode(big), 0)) == 5
+
+    most_buffered = 0
+    sending = asyncio.create_task(a.lm.send(b.node_id, big, channel="activation"))
+    while not sending.done():
+        most_buffered = max(most_buffered, a.lm.buffered_bytes(b.node_id, "activation"))
+        await asyncio.sleep(0)
+    await sending
+
+    # The sender never got further ahead of the channel than one piece over the mark.
+    assert most_buffered <= high_water_bytes + MAX_FRAME_BYTES
+    assert a.lm.buffered_bytes(b.node_id, "activation") <= high_water_bytes + MAX_FRAME_BYTES
+    await wait_until(lambda: len(b.received(Result)) == 1)
+    got = b.received(Result)[0]
+    assert got == big
+    np.testing.assert_array_equal(decode_tensor(got.hidden), decode_tensor(big.hidden))
+
+
+async def test_loopback_ice_gathers_only_127_0_0_1() -> None:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.createDataChannel("control", negotiated=True, id=0)
+    try:
+        with loopback_ice():
+            await pc.setLocalDescription(await pc.createOffer())
+        candidates = [line.split() for line in pc.localDescription.sdp.splitlines()
+                      if line.startswith("a=candidate:")]
+        assert candidates
+        assert {parts[4] for parts in candidates} == {"127.0.0.1"}
+        assert {parts[7] for parts in candidates} == {"host"}
+    finally:
+        await pc.close()
+
+
+async def test_a_node_answers_with_127_0_0_1_candidates_only(
+    make_node: MakeNode, raw_peers: Callable[..., RawPeer],
+) -> None:
+    b = await make_node(2)
+    status, body = await post_json(b.address, offer_to_json(await raw_peers(1).offer()))
+    assert status == 200
+    sdp = answer_from_json(body).sdp
+    addresses = {line.split()[4] for line in sdp.splitlines() if line.startswith("a=candidate:")}
+    assert addresses == {"127.0.0.1"}
+
+
+def test_loopback_mode_removes_remote_candidates_it_must_not_reach() -> None:
+    sdp = "\r\n".join([
+        "v=0",
+        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+        "a=candidate:1 1 udp 2130706431 127.0.0.1 50000 typ host",
+        "a=candidate:2 1 udp 2130706431 192.0.2.7 50001 typ host",
+        "a=candidate:3 1 udp 2130706431 0f3a-peer.local 50002 typ host",
+        "a=candidate:4 1 udp 1694498815 198.51.100.1 50003 typ srflx raddr 0.0.0.0 rport 0",
+        "a=end-of-candidates",
+    ]) + "\r\n"
+
+    loopback_sdp, loopback_count = usable_candidates(sdp, loopback=True)
+    lan_sdp, lan_count = usable_candidates(sdp, loopback=False)
+
+    assert loopback_count == 1
+    assert "127.0.0.1 50000" in loopback_sdp
+    assert "192.0.2.7" not in loopback_sdp and ".local" not in loopback_sdp
+    assert "198.51.100.1" not in loopback_sdp and "a=end-of-candidates" in loopback_sdp
+    assert lan_count == 3 and ".local" not in lan_sdp  # mDNS names are never resolved
+
+
+# --- links that end -------------------------------------------------------------------------
+
+
+async def test_bye_ends_the_link_on_the_other_side(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+
+    await b.lm.close()
+
+    await wait_until(lambda: len(a.downs) == 1)
+    assert a.downs == [LinkDown(b.node_id, "bye")]
+    assert b.downs == [LinkDown(a.node_id, "closed")]
+    assert a.lm.peers() == {}
+    with pytest.raises(LinkError):
+        await a.lm.send(b.node_id, Error(code="x", message="anyone there?"))
+    await asyncio.sleep(0.2)  # a late channel close must not report the link down again
+    assert len(a.downs) == 1
+
+
+async def test_a_dropped_link_is_reported_as_channel_closed_by_the_peer(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+
+    a.lm.drop(b.node_id, "misbehaving")
+
+    assert a.downs == [LinkDown(b.node_id, "misbehaving")]
+    await wait_until(lambda: len(b.downs) == 1)
+    assert b.downs == [LinkDown(a.node_id, "channel closed")]
+    a.lm.drop(b.node_id, "again")  # no link any more: nothing happens
+    assert len(a.downs) == 1
+
+
+async def test_a_peer_that_stops_sending_heartbeats_is_lost(
+    make_node: MakeNode, raw_peers: Callable[..., RawPeer],
+) -> None:
+    a = await make_node(1, heartbeat_interval_s=0.05, lost_after_s=0.4)
+    quiet = raw_peers(2)
+    await quiet.link_to(a.address)
+    await wait_until(lambda: len(a.ups) == 1)
+
+    # While its heartbeats flow (for longer than lost_after_s) the link stays up.
+    for _ in range(10):
+        quiet.send(Heartbeat(node_id=quiet.hello.node_id, term=0, sent_at_s=time.monotonic()))
+        await asyncio.sleep(0.06)
+    assert a.downs == []
+    assert a.lm.peers().keys() == {quiet.hello.node_id}
+
+    # Then they stop (the peer hangs); its connection stays open.
+    await wait_until(lambda: len(a.downs) == 1)
+    assert a.downs == [LinkDown(quiet.hello.node_id, "heartbeat timeout")]
+    assert a.lm.peers() == {}
+
+
+async def test_garbage_frames_drop_only_that_link(
+    make_node: MakeNode, raw_peers: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = await make_node(1, bad_frame_limit=5)
+    c = await make_node(3)
+    await a.lm.connect(c.address)
+    hostile = raw_peers(2)
+    await hostile.link_to(a.address)
+    await wait_until(lambda: len(a.ups) == 2)
+    caplog.set_level(logging.WARNING, logger="daemon.links")
+
+    hostile.send_raw(b"\x00\x01")                                  # shorter than a header
+    hostile.send_raw(b"\x00\x00\x00\x09\x00\x05\x00\x02" + b"x")   # index beyond count
+    hostile.send_raw(split_frames(b"\x01\xff\xff\xff", 77)[0])    # a frame of bad CBOR
+    hostile.send_raw("a text message")                              # not binary
+    hostile.send(Error(code="still", message="here"))
+    await wait_until(lambda: len(a.received(Error)) == 1)
+    assert a.downs == []  # four bad frames: logged, counted, tolerated
+
+    hostile.send_raw(split_frames(b"\x07", 78)[0])                  # another protocol version
+
+    await wait_until(lambda: len(a.downs) == 1)
+    assert a.downs == [LinkDown(hostile.hello.node_id, "too many bad frames")]
+    bad_frame_logs = [r for r in caplog.records if "bad frame from " + hostile.hello.node_id in r.getMessage()]
+    assert len(bad_frame_logs) == 5
+    # The node and its other links carry on.
+    await a.lm.send(c.node_id, Error(code="fine", message="still talking"))
+    await c.lm.send(a.node_id, Error(code="fine", message="me too"), channel="activation")
+    await wait_until(lambda: len(c.received(Error)) == 1 and len(a.received(Error)) == 2)
+    assert a.lm.peers().keys() == {c.node_id}
+
+
+# --- links that are refused -----------------------------------------------------------------
+
+
+async def test_wrong_mesh_key_is_refused_on_both_sides(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="daemon.links")
+    a = await make_node(1, mesh_key=OTHER_KEY)
+    b = await make_node(2, mesh_key=KEY)
+
+    with pytest.raises(LinkError, match="wrong mesh key"):
+        await a.lm.connect(b.address)
+
+    logs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith(f"refused a link from {a.node_id}") and "wrong mesh key" in m for m in logs)
+    assert any(m.startswith(f"{b.address} refused a link") and "wrong mesh key" in m for m in logs)
+    await asyncio.sleep(0.1)
+    assert a.ups == [] and b.ups == []
+    assert a.lm.peers() == {} and b.lm.peers() == {}
+
+
+@pytest.mark.parametrize(
+    ("initiator_key", "responder_key", "reason"),
+    [
+        (None, KEY, "missing mesh key"),
+        (KEY, None, "this node has no mesh key"),
+    ],
+)
+async def test_a_key_on_one_side_only_is_refused(
+    make_node: MakeNode, initiator_key: bytes | None, responder_key: bytes | None, reason: str,
+) -> None:
+    a = await make_node(1, mesh_key=initiator_key)
+    b = await make_node(2, mesh_key=responder_key)
+
+    with pytest.raises(LinkError, match=reason):
+        await a.lm.connect(b.address)
+
+    assert a.ups == [] and b.ups == []
+
+
+async def test_matching_keys_link(make_node: MakeNode) -> None:
+    a = await make_node(1, mesh_key=KEY)
+    b = await make_node(2, mesh_key=KEY)
+
+    assert await a.lm.connect(b.address) == b.node_id
+    await a.lm.send(b.node_id, Error(code="k", message="keyed"))
+    await wait_until(lambda: len(b.received(Error)) == 1)
+
+
+async def test_a_swapped_certificate_in_the_answer_is_refused(make_node: MakeNode) -> None:
+    """A man in the middle of signaling who changes the answer's DTLS fingerprint."""
+    a = await make_node(1, mesh_key=KEY)
+    b = await make_node(2, mesh_key=KEY)
+
+    async def tamper(request: web.Request) -> web.Response:
+        status, body = await post_json(b.address, await request.json())
+        body["sdp"] = body["sdp"].replace("a=fingerprint:sha-256 ", "a=fingerprint:sha-256 00:", 1)
+        return web.json_response(body, status=status)
+
+    runner, proxy = await serve([web.post(SIGNAL_PATH, tamper)])
+    try:
+        with pytest.raises(LinkError, match="answer's HMAC does not match"):
+            await a.lm.connect(proxy)
+    finally:
+        await runner.cleanup()
+    assert a.ups == []
+
+
+async def test_a_replayed_or_stale_offer_is_refused(
+    make_node: MakeNode, raw_peers: Callable[..., RawPeer],
+) -> None:
+    b = await make_node(2, mesh_key=KEY)
+    peer = raw_peers(1, mesh_key=KEY)
+    body = offer_to_json(await peer.offer())
+
+    first_status, _ = await post_json(b.address, body)
+    replay_status, replay = await post_json(b.address, body)
+
+    assert first_status == 200
+    assert replay_status == 403
+    assert "replayed" in replay["error"]["message"]
+
+    stale_offer = peer.auth.sign_offer(peer.hello, peer.pc.localDescription.sdp, time.time() - 120)
+    stale_status, stale = await post_json(b.address, offer_to_json(stale_offer))
+    assert stale_status == 403
+    assert "stale" in stale["error"]["message"]
+
+
+async def test_an_incompatible_node_is_refused_with_the_reason(make_node: MakeNode) -> None:
+    reason = "mesh name 'lab' != 'default'"
+    a = await make_node(1)
+    b = await make_node(2, is_compatible=lambda hello: reason)
+
+    with pytest.raises(LinkError, match=reason):
+        await a.lm.connect(b.address)
+
+    status, body = await post_json(b.address, offer_to_json(await RawPeer(make_hello(3)).offer()))
+    assert status == 409 and reason in body["error"]["message"]
+    assert a.ups == [] and b.ups == []
+
+
+async def test_the_initiator_refuses_an_incompatible_responder(make_node: MakeNode) -> None:
+    a = await make_node(1, is_compatible=lambda hello: "model id 'x' != 'model-1'")
+    b = await make_node(2)
+
+    with pytest.raises(LinkError, match="model id"):
+        await a.lm.connect(b.address)
+
+    await asyncio.sleep(0.1)
+    assert a.ups == [] and b.ups == []
+
+
+async def test_connecting_to_itself_is_refused(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    with pytest.raises(LinkError, match="that is this node"):
+        await a.lm.connect(a.address)
+
+
+async def test_loopback_mode_never_dials_another_address(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    with pytest.raises(LinkError, match="loopback mode"):
+        await a.lm.connect("192.0.2.7:8470")
+    with pytest.raises(LinkError, match="HOST:PORT"):
+        await a.lm.connect("no-port")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not JSON"),
+        (b"[]", 400, "JSON object"),
+        (b'{"hello": {}, "sdp": "v=0", "auth": null, "extra": 1}', 400, "unknown field 'extra'"),
+        (b'{"hello": {"node_id": "n-1"}, "sdp": "v=0\\r\\na=fingerprint:sha-256 AA", "auth": null}',
+         400, "missing field"),
+        (b"x" * (64 * 1024 + 1), 413, "body over"),
+    ],
+)
+async def test_malformed_signaling_requests_are_refused(
+    make_node: MakeNode, body: bytes, status: int, fragment: str,
+) -> None:
+    b = await make_node(2)
+    got_status, got = await post_json(b.address, None, raw=body)
+    assert got_status == status
+    assert fragment in got["error"]["message"]
+    assert b.lm.peers() == {}
+
+
+async def test_a_bad_hello_field_is_refused(make_node: MakeNode, raw_peers: Callable[..., RawPeer]) -> None:
+    b = await make_node(2)
+    body = offer_to_json(await raw_peers(1).offer())
+    body["hello"]["api_port"] = 0
+    status, got = await post_json(b.address, body)
+    assert status == 400 and "api_port" in got["error"]["message"]
+
+
+# --- two links to one peer ------------------------------------------------------------------
+
+
+async def test_both_sides_dialling_at_once_leaves_one_link(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+
+    results = await asyncio.gather(a.lm.connect(b.address), b.lm.connect(a.address),
+                                   return_exceptions=True)
+
+    assert any(result in (a.node_id, b.node_id) for result in results), results
+    await wait_until(lambda: a.lm.peers().keys() == {b.node_id} and b.lm.peers().keys() == {a.node_id})
+    await a.lm.send(b.node_id, Error(code="one", message="link"))
+    await b.lm.send(a.node_id, Error(code="one", message="link"))
+    await wait_until(lambda: len(a.received(Error)) == 1 and len(b.received(Error)) == 1)
+    # Every link reported up was either still up or reported down once.
+    assert len(a.ups) - len(a.downs) == 1 and len(b.ups) - len(b.downs) == 1
+
+
+async def test_no_key_logs_a_warning(make_node: MakeNode, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="daemon.links")
+    await make_node(1)
+    assert any("no mesh key: anyone on this network can join this mesh" in r.getMessage()
+               for r in caplog.records)
