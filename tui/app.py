@@ -163,17 +163,21 @@ class MeshApp(App[None]):
             if status is not None:
                 self._show_status(status)
         elif event.get("type") == "log":
-            self._add_log_line(self._feed.on_log(event, now))
+            line = self._feed.on_log(event, now)
+            if line is not None:
+                self._add_log_line(line)
 
     def on_mesh_app_daemon_lost(self, message: DaemonLost) -> None:
         if self.connected:
             self._add_log_line(LogLine(ts=time.time(), kind="error",
                               message=f"lost the daemon: {message.reason}"))
         self.connected = False
-        where = f"the daemon at {self.client.api_url}"
+        url = self.client.api_url
+        reason = message.reason.replace(f" at {url}", "")  # the banner names the URL once
         first = "Waiting for" if not self._ever_connected else "Lost"
-        self.banner_text = (f"{first} {where} ({message.reason}). "
-                            f"Trying again in {message.retry_in_s:.0f} s (try {message.attempt})…")
+        when = f"{message.retry_in_s:.0f} s" if message.retry_in_s >= 1 else "a moment"
+        self.banner_text = (f"{first} the daemon at {url} ({reason}). "
+                            f"Trying again in {when} (try {message.attempt})…")
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """A bug in a worker: say so calmly instead of leaving a dead screen."""

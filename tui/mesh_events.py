@@ -10,6 +10,7 @@ twice after the first time.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 LogKind = Literal["join", "leave", "election", "replan", "error", "info"]
 LOG_KINDS: tuple[LogKind, ...] = ("join", "leave", "election", "replan", "error", "info")
 DERIVABLE_KINDS: frozenset[str] = frozenset({"join", "leave", "election", "replan"})
+SEEN_LOGS_KEPT = 500
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def diff_status(old: MeshStatus | None, new: MeshStatus, now: float) -> list[Log
     elif new.plan is not None and old.plan is not None and new.plan.state != old.plan.state:
         add("replan", f"plan of term {new.plan.term} is {new.plan.state}")
     elif new.plan is None and old.plan is not None:
-        add("replan", "no plan: the mesh cannot hold the model right now")
+        add("replan", "no plan for now (nodes starting, or not enough memory in the mesh)")
     return lines
 
 
@@ -112,6 +114,8 @@ class EventFeed:
         self.status: MeshStatus | None = None
         """The last snapshot read; kept across reconnects so changes while away are shown."""
         self._daemon_kinds: set[str] = set()
+        self._seen: set[tuple[float, str, str]] = set()
+        self._seen_order: deque[tuple[float, str, str]] = deque()
 
     def on_status(self, data: object, now: float) -> tuple[MeshStatus | None, list[LogLine]]:
         """Read a snapshot: the new status (None when it is malformed) and the lines it implies."""
@@ -125,8 +129,20 @@ class EventFeed:
         self.status = status
         return status, lines
 
-    def on_log(self, event: Mapping[str, Any], now: float) -> LogLine:
+    def on_log(self, event: Mapping[str, Any], now: float) -> LogLine | None:
+        """The line for a daemon log event; None when it was shown already.
+
+        A daemon replays its recent log to every new subscriber, so after a reconnect the
+        lines already shown come again.
+        """
         line = parse_log(event, now=now)
         if line.kind in DERIVABLE_KINDS:
             self._daemon_kinds.add(line.kind)
+        key = (line.ts, line.kind, line.message)
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        self._seen_order.append(key)
+        if len(self._seen_order) > SEEN_LOGS_KEPT:
+            self._seen.discard(self._seen_order.popleft())
         return line

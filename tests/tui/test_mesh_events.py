@@ -140,3 +140,11 @@ def test_a_malformed_snapshot_becomes_an_error_line_and_keeps_the_last_status() 
     bad, lines = feed.on_status({"nodes": 3}, NOW)
     assert bad is None and feed.status == good
     assert [line.kind for line in lines] == ["error"] and "malformed" in lines[0].message
+
+
+def test_log_lines_replayed_after_a_reconnect_are_shown_once() -> None:
+    feed = EventFeed()
+    event = {"type": "log", "ts": 5.0, "kind": "info", "message": "model ready"}
+    assert feed.on_log(event, NOW) is not None
+    assert feed.on_log(dict(event), NOW) is None
+    assert feed.on_log({**event, "ts": 6.0}, NOW) is not None  # the same words later: a new line
