@@ -80,6 +80,10 @@ DEFAULT_BAD_FRAME_LIMIT = 5
 DEFAULT_BAD_FRAME_WINDOW_S = 10.0
 BYE_FLUSH_TIMEOUT_S = 0.5
 """close() waits at most this long for the Byes to leave before closing the connections."""
+MAX_LINKS = 256
+"""Most links (up or being set up) at once; more offers get 429."""
+MAX_CONNECTING_LINKS = 16
+"""Most links being set up at once (each holds sockets until it opens or times out)."""
 RTT_SMOOTHING = 0.25
 """Weight of a new sample in the smoothed round trip."""
 _MESSAGE_ID_MASK = 0xFFFFFFFF
@@ -302,6 +306,10 @@ class LinkManager:
             raise LinkError(f"cannot connect to {address!r}: not HOST:PORT") from exc
         if self._loopback and not is_loopback_host(host):
             raise LinkError(f"loopback mode: will not connect to {address} (not 127.0.0.1)")
+        try:
+            self._check_capacity()
+        except SignalingRefused as exc:
+            raise LinkError(exc.reason) from exc
         link = self._new_link(initiator_id=self._hello.node_id)
         try:
             async with asyncio.timeout(self._connect_timeout_s):
@@ -382,6 +390,7 @@ class LinkManager:
             sdp, candidates = usable_candidates(offer.sdp, loopback=self._loopback)
             if candidates == 0:
                 raise SignalingRefused(400, "the offer has no usable ICE candidate")
+            self._check_capacity()
             link = self._new_link(initiator_id=peer)
             link.peer_id = peer
             link.hello = offer.hello
@@ -407,6 +416,11 @@ class LinkManager:
             if link is not None:
                 self._finish(link, "signaling failed")
             raise
+
+    def _check_capacity(self) -> None:
+        connecting = sum(1 for link in self._every_link if link.state == "connecting")
+        if connecting >= MAX_CONNECTING_LINKS or len(self._every_link) >= MAX_LINKS:
+            raise SignalingRefused(429, "too many links; try again later")
 
     def _check_peer(self, hello: Hello) -> None:
         if hello.node_id == self._hello.node_id:
@@ -563,7 +577,8 @@ class LinkManager:
 
     def _dispatch(self, link: _Link, ch: _Channel, msg: Message, now: float) -> None:
         peer = link.peer_id
-        assert peer is not None
+        if peer is None:  # data before signaling finished: impossible with aiortc; ignore
+            return
         if isinstance(msg, (Heartbeat, HeartbeatAck, Bye)) and msg.node_id != peer:
             self._bad_frame(link, ch, f"{type(msg).__name__} claims to come from {msg.node_id}", now)
             return

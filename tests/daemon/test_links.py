@@ -308,6 +308,24 @@ async def test_a_node_answers_with_127_0_0_1_candidates_only(
     assert addresses == {"127.0.0.1"}
 
 
+async def test_the_loopback_hook_applies_only_inside_its_block() -> None:
+    import aioice.ice
+
+    with loopback_ice():
+        inside = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+        inside_task = await asyncio.create_task(_host_addresses_in_task())  # tasks inherit it
+    outside = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+
+    assert inside == ["127.0.0.1"] and inside_task == ["127.0.0.1"]
+    assert "127.0.0.1" not in outside  # aioice's own list, as for a LAN mesh
+
+
+async def _host_addresses_in_task() -> list[str]:
+    import aioice.ice
+
+    return aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+
+
 def test_loopback_mode_removes_remote_candidates_it_must_not_reach() -> None:
     sdp = "\r\n".join([
         "v=0",
