@@ -51,7 +51,7 @@ _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9-]+")
 
 @dataclass(frozen=True)
 class PeerSeen:
-    """A node appeared on the network, or changed its record."""
+    """A node appeared on the network, or changed its record (reported once per change)."""
 
     name: str
     """mDNS instance name (node name plus a short id)."""
@@ -183,8 +183,8 @@ class Discovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._node_ids: dict[str, str] = {}
-        """Instance name -> node id of the peers seen."""
+        self._seen: dict[str, PeerSeen] = {}
+        """Full instance name -> what was last reported for it."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._broadcast: asyncio.Future[Any] | None = None
         """zeroconf's announcements of our record (repeated a few times after a change)."""
@@ -265,8 +265,8 @@ class Discovery:
         if self._info is not None and name == self._info.name:
             return
         if state_change is ServiceStateChange.Removed:
-            node_id = self._node_ids.pop(name, None)
-            self._notify(PeerGone(name=_short(name), node_id=node_id))
+            last = self._seen.pop(name, None)
+            self._notify(PeerGone(name=_short(name), node_id=last.node_id if last else None))
             return
         self._spawn(self._resolve(name), f"resolve {name}")
 
@@ -281,9 +281,9 @@ class Discovery:
         except BadRecord as exc:
             log.warning("ignoring the malformed mDNS record of %s: %s", name[:200], exc)
             return
-        if event is None:
-            return
-        self._node_ids[name] = event.node_id
+        if event is None or self._seen.get(name) == event:
+            return  # nothing new (zeroconf may report a record more than once)
+        self._seen[name] = event
         self._notify(event)
 
     def _peer_from_info(self, name: str, info: AsyncServiceInfo) -> PeerSeen | None:
