@@ -114,7 +114,7 @@ async def test_ctrl_n_starts_a_new_empty_chat() -> None:
         assert app.chat_view.messages == [] and not app.chat_view.streaming
         await pilot.pause()
         screen = screen_text(app)
-        assert "Noted." not in screen and "Still" not in screen and "Type a message" in screen
+        assert "Noted." not in screen and "Still" not in screen and "Enter sends" in screen
 
         fresh = await ask(pilot, fake, "hello")
         assert fresh.messages == [{"role": "user", "content": "hello"}]
@@ -204,3 +204,16 @@ async def test_question_marks_go_into_the_prompt_not_the_help() -> None:
         await pilot.press(*"why?")
         assert app.query_one("#prompt", Input).value == "why?"
         assert app.screen is app.screen_stack[0]
+
+
+async def test_an_unexpected_failure_ends_the_answer_without_a_traceback() -> None:
+    app, fake = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        call = await ask(pilot, fake, "break")
+        call.send("so far")
+        call.fail(RuntimeError("a bug in the stream"))
+        await wait_until(pilot, lambda: not app.chat_view.streaming, "the answer over")
+        assert entries(app)[-1][0] == "error" and "a bug in the stream" in entries(app)[-1][1]
+        await pilot.pause()
+        assert "Traceback" not in screen_text(app)
+        assert app.is_running

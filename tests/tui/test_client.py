@@ -231,3 +231,11 @@ async def test_a_silent_event_stream_times_out_as_unavailable() -> None:
     finally:
         hold.set()
         await server.close()
+
+
+def test_the_client_imports_no_textual() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tui.client; assert 'textual' not in sys.modules, 'textual imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

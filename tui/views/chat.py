@@ -21,7 +21,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Input, Static
-from textual.worker import Worker
+from textual.worker import Worker, WorkerState
 
 from tui.client import DaemonError, DaemonUnavailable, MeshClient
 from tui.settings import TuiSettings
@@ -31,7 +31,7 @@ from tui.widgets.chat_log import ChatEntry, ChatLog
 log = logging.getLogger(__name__)
 
 Outcome = Literal["finished", "stopped", "failed", "unreachable"]
-HINT = "Type a message and press Enter. Esc stops an answer, Ctrl+N starts a new chat."
+HINT = "Enter sends · Esc stops an answer · Ctrl+N starts a new chat · F1 help"
 REPLANNING = "⟳ re-planning… the mesh is moving layers; the answer will carry on"
 
 
@@ -174,6 +174,13 @@ class ChatView(Vertical):
         except DaemonError as error:
             outcome, finish_reason = "failed", str(error)
         self.post_message(self.AnswerEnded(answer_id, text, rate.tokens, rate.per_s(), outcome, finish_reason))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A bug while streaming: end the answer as failed rather than stream forever."""
+        if event.worker is self._worker and event.state == WorkerState.ERROR:
+            log.error("the chat worker failed", exc_info=event.worker.error)
+            self.post_message(self.AnswerEnded(self._answer_id, "", 0, None, "failed",
+                                               f"internal error: {event.worker.error!r}"))
 
     def on_chat_view_answer_progress(self, message: AnswerProgress) -> None:
         if message.answer_id != self._answer_id or self._answer_entry is None:
