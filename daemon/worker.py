@@ -135,6 +135,10 @@ class GenerationWorker:
                 self._run(job)
 
     def _run(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            with self._pending_lock:
+                self._pending -= 1
+            return  # the awaiting coroutine was cancelled before the job started
         try:
             if self._stopping.is_set() and not job.runs_when_stopping:
                 job.future.set_exception(WorkerStopped("the daemon is stopping"))

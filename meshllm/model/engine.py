@@ -78,7 +78,9 @@ class Engine:
         config = load_config(prepared)
         n = int(config.num_hidden_layers)
         spans = list(spans) if spans is not None else [(0, n)]
-        if not spans or spans[0][0] != 0 or spans[-1][1] != n or any(
+        if not spans:  # entry pieces only: embedding, norm and head, no decoder layers
+            spans = [(0, 0)]
+        elif spans[0][0] != 0 or spans[-1][1] != n or any(
             a[1] != b[0] for a, b in zip(spans, spans[1:])
         ):
             raise ValueError(f"spans {spans} must chain [0, {n}) without gaps")
@@ -97,7 +99,10 @@ class Engine:
     @classmethod
     def load(cls, model: str | None = None, *, cache_dir: str | None = None,
              spans: Sequence[tuple[int, int]] | None = None) -> "Engine":
-        """Resolve, convert once if needed, and load. Raises `ModelSourceError`."""
+        """Resolve, convert once if needed, and load. Raises `ModelSourceError`.
+
+        `spans=[]` loads only the entry pieces (embedding, norm, head) and the tokenizer.
+        """
         from pathlib import Path
 
         prepared = prepare(resolve(model), Path(cache_dir) if cache_dir else None)

@@ -1,0 +1,84 @@
+"""What a mesh node runs on its worker thread: the entry side (embed, head, sample) and one span.
+
+Hidden states cross this boundary as numpy float32 arrays `(positions, hidden)`, the form
+the wire's tensor codecs take, so nothing above this module handles torch tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from meshllm.model.cache import PreparedModel
+from meshllm.model.engine import Engine
+from meshllm.model.sampling import Sampler
+from meshllm.model.shard import Shard
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The model side of one node: tokenizer and entry pieces always, layers of one span.
+
+    Every method runs on the node's worker thread (torch work; `inference_mode` is entered
+    by the worker).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.prepared: PreparedModel = engine.prepared
+        self.shard: Shard = engine.shards[0]
+        self.hidden_size = engine.info.hidden_size
+
+    @classmethod
+    def load(cls, prepared: PreparedModel) -> "Runtime":
+        """Start holding no layers: only what an entry node needs (embedding, norm, head)."""
+        return cls(Engine(prepared, spans=[]))
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (self.shard.start_layer, self.shard.end_layer)
+
+    def load_span(self, start_layer: int, end_layer: int) -> None:
+        """Hold layers [start_layer, end_layer) from now on; every KV cache is dropped."""
+        if (start_layer, end_layer) == self.span:
+            for sid in self.shard.session_ids:
+                self.shard.drop(sid)
+            return
+        t0 = time.perf_counter()
+        self.shard = Shard(self.prepared, start_layer, end_layer)
+        log.info("loaded layers [%d, %d) in %.0f ms", start_layer, end_layer, (time.perf_counter() - t0) * 1000)
+
+    # -- entry side ----------------------------------------------------------------------
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        return self.shard.embed(token_ids)[0].numpy().copy()
+
+    def head_sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
+        logits = self.shard.head(torch.from_numpy(hidden).unsqueeze(0))
+        return sampler.sample(logits)
+
+    # -- stage side ----------------------------------------------------------------------
+
+    def forward(self, session_id: str, hidden: np.ndarray, start_pos: int) -> np.ndarray:
+        """Run this node's span on (positions, hidden) at start_pos; ValueError if it does not fit."""
+        out = self.shard.forward(session_id, torch.from_numpy(hidden).unsqueeze(0), start_pos)
+        return out[0].numpy().copy()
+
+    def drop(self, session_id: str) -> None:
+        self.shard.drop(session_id)
+
+    def measure_ms_per_layer(self, layers: int = 2, steps: int = 8) -> float:
+        """ms per decoder layer per token, measured on a throwaway shard of a few layers."""
+        n = min(layers, self.engine.info.num_layers)
+        probe = Shard(self.prepared, 0, n)
+        sid = "measure"
+        probe.forward(sid, probe.embed([1] * 8), 0)
+        step = probe.embed([1])
+        t0 = time.perf_counter()
+        for i in range(steps):
+            probe.forward(sid, step, 8 + i)
+        return (time.perf_counter() - t0) * 1000 / steps / n

@@ -1,0 +1,113 @@
+"""An in-memory network of `Mesh` nodes in one event loop: the mesh logic without WebRTC.
+
+Every message is encoded and decoded on the way, so the wire format is exercised too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from meshllm import wire
+from meshllm.model.cache import prepare
+from meshllm.model.runtime import Runtime
+from meshllm.model.source import resolve
+
+from daemon.mesh import Mesh, MeshSettings
+from daemon.worker import GenerationWorker
+
+
+class MemoryLinks:
+    def __init__(self, net: "MemoryNet", node_id: str) -> None:
+        self.net = net
+        self.node_id = node_id
+        self.connected: dict[str, wire.Hello] = {}
+
+    async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> None:
+        if peer_id not in self.connected:
+            raise ConnectionError(f"no link to {peer_id}")
+        decoded = wire.decode(wire.encode(msg))
+        target = self.net.meshes[peer_id]
+        asyncio.get_running_loop().call_soon(target.on_message, self.node_id, decoded)
+
+    def peers(self) -> dict[str, wire.Hello]:
+        return dict(self.connected)
+
+    def rtt_ms(self, peer_id: str) -> float | None:
+        return 0.1 if peer_id in self.connected else None
+
+
+class MemoryNet:
+    def __init__(self) -> None:
+        self.meshes: dict[str, Mesh] = {}
+        self.links: dict[str, MemoryLinks] = {}
+        self.workers: dict[str, GenerationWorker] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
+                  ms_per_layer: float = 1.0, settings: MeshSettings | None = None) -> Mesh:
+        worker = GenerationWorker(1, name=f"worker-{node_id}")
+        worker.start()
+        prepared = prepare(resolve(model))
+        runtime = await worker.call(lambda: Runtime.load(prepared))
+        hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", prepared.model_id, 8000,
+                           mem_budget_bytes, ms_per_layer, True)
+        links = MemoryLinks(self, node_id)
+        mesh = Mesh(hello, runtime, worker, links,
+                    settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
+        self.meshes[node_id], self.links[node_id], self.workers[node_id] = mesh, links, worker
+        self.tasks[node_id] = asyncio.get_running_loop().create_task(mesh.run())
+        return mesh
+
+    def connect(self, a: str, b: str) -> None:
+        ha, hb = self.meshes[a].hello, self.meshes[b].hello
+        self.links[a].connected[b] = hb
+        self.links[b].connected[a] = ha
+        self.meshes[a].on_link_up(b, hb)
+        self.meshes[b].on_link_up(a, ha)
+
+    def connect_all(self) -> None:
+        ids = sorted(self.meshes)
+        for i, a in enumerate(ids):
+            for b in ids[i + 1:]:
+                self.connect(a, b)
+
+    async def kill(self, node_id: str) -> None:
+        """The node vanishes: every peer sees its links go down."""
+        for peer in list(self.links[node_id].connected):
+            self.links[peer].connected.pop(node_id, None)
+            self.meshes[peer].on_link_down(node_id, "heartbeat timeout")
+        self.links[node_id].connected.clear()
+        self.tasks[node_id].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.tasks[node_id]
+        self.workers[node_id].stop()
+        del self.meshes[node_id]
+
+    async def close(self) -> None:
+        for nid in list(self.meshes):
+            self.tasks[nid].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.tasks[nid]
+            self.workers[nid].stop()
+
+    async def wait_active(self, timeout_s: float = 20.0) -> None:
+        """Until every node has the same active plan."""
+        async def _all_active() -> None:
+            while True:
+                keys = {m.book.active.key if m.book.active else None for m in self.meshes.values()}
+                if None not in keys and len(keys) == 1:
+                    return
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(_all_active(), timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def memory_net() -> AsyncIterator[MemoryNet]:
+    net = MemoryNet()
+    try:
+        yield net
+    finally:
+        await net.close()

@@ -1,0 +1,83 @@
+"""The mesh logic over an in-memory network: one coordinator, one plan, exact answers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from meshllm.model.sampling import SamplingParams
+from meshllm.session import Token
+from tests.mesh.memnet import memory_net
+from tests.tinymodel import PROMPTS, reference_greedy
+
+GREEDY_32 = SamplingParams(max_tokens=32)
+
+
+async def answer(mesh, prompt: list[int], params: SamplingParams = GREEDY_32) -> list[int]:  # type: ignore[no-untyped-def]
+    return [t.id async for t in mesh.generate(prompt, params) if isinstance(t, Token)]
+
+
+async def test_three_nodes_elect_one_coordinator_and_answer_exactly(tiny_llama: Path) -> None:
+    async with memory_net() as net:
+        for nid, speed in (("a", 1.0), ("b", 1.0), ("c", 1.0)):
+            await net.add(nid, tiny_llama, ms_per_layer=speed)
+        net.connect_all()
+        await net.wait_active()
+        coordinators = {m.election.coordinator_id for m in net.meshes.values()}
+        assert len(coordinators) == 1
+        plan = net.meshes["a"].book.active
+        assert plan is not None
+        assert plan.stages[0][1] == 0 and plan.stages[-1][2] == 6
+        assert len(plan.stages) == 3  # throughput objective: every node takes a share
+        for messages in PROMPTS[:3]:
+            prompt = net.meshes["a"].runtime.engine.chat_prompt(messages)
+            want = reference_greedy(tiny_llama, prompt, 32)
+            for nid in ("a", "b", "c"):
+                assert await answer(net.meshes[nid], prompt) == want
+
+
+async def test_concurrent_sessions_from_two_entry_nodes(tiny_qwen2: Path) -> None:
+    async with memory_net() as net:
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_qwen2)
+        net.connect_all()
+        await net.wait_active()
+        eng = net.meshes["a"].runtime.engine
+        p1, p2 = eng.chat_prompt(PROMPTS[0]), eng.chat_prompt(PROMPTS[3])
+        got1, got2 = await asyncio.gather(answer(net.meshes["a"], p1), answer(net.meshes["c"], p2))
+        assert got1 == reference_greedy(tiny_qwen2, p1, 32)
+        assert got2 == reference_greedy(tiny_qwen2, p2, 32)
+
+
+async def test_a_stage_lost_mid_answer_is_replanned_and_the_answer_is_unchanged(tiny_llama: Path) -> None:
+    async with memory_net() as net:
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_llama)
+        net.connect_all()
+        await net.wait_active()
+        eng = net.meshes["a"].runtime.engine
+        prompt = eng.chat_prompt(PROMPTS[1])
+        want = reference_greedy(tiny_llama, prompt, 48)
+        victim = next(n for n in ("b", "c") if n != net.meshes["a"].election.coordinator_id)
+        got: list[int] = []
+        states: list[str] = []
+        async for item in net.meshes["a"].generate(prompt, SamplingParams(max_tokens=48)):
+            if isinstance(item, Token):
+                got.append(item.id)
+                if len(got) == 10:
+                    await net.kill(victim)
+            else:
+                states.append(item.state)
+        assert got == want
+        assert "replanning" in states and states[-1] == "running"
+        plan = net.meshes["a"].book.active
+        assert plan is not None and victim not in plan.node_ids
+
+
+async def test_a_single_node_is_a_mesh_of_one(tiny_mistral: Path) -> None:
+    async with memory_net() as net:
+        mesh = await net.add("solo", tiny_mistral)
+        await net.wait_active()
+        assert mesh.election.coordinator_id == "solo"
+        prompt = mesh.runtime.engine.chat_prompt(PROMPTS[4])
+        assert await answer(mesh, prompt) == reference_greedy(tiny_mistral, prompt, 32)
