@@ -25,8 +25,8 @@ from daemon.status import StatusBoard
 from daemon.stop_strings import StopScanner
 from daemon.worker import TokenStream, WorkerStopped
 
-if TYPE_CHECKING:
-    from meshllm.model.engine import Token
+from meshllm.errors import MeshllmError
+from meshllm.session import StateChange, Token
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,11 @@ class ApiHandlers:
             async for piece in _text_pieces(tokens, prepared.request.stop):
                 if isinstance(piece, Finished):
                     finished = piece
-                else:
+                elif isinstance(piece, str):
                     pieces.append(piece)
+        except MeshllmError as error:  # the mesh cannot answer (too little memory, no plan)
+            self._hub.log("error", str(error))
+            return error_response(503, str(error))
         except Exception as error:  # the engine failed: this request gets a 500, the daemon goes on
             log.exception("generation failed")
             self._hub.log("error", f"generation failed: {error}")
@@ -166,8 +169,14 @@ class ApiHandlers:
                 async for piece in _text_pieces(tokens, chat.stop):
                     if isinstance(piece, Finished):
                         finished = piece
+                    elif isinstance(piece, StateChange):
+                        await _send_event(response, {**chunk({}), "meshllm": {"state": piece.state}})
                     else:
                         await _send_event(response, chunk({"content": piece}))
+            except MeshllmError as error:  # the mesh cannot answer (too little memory, no plan)
+                self._hub.log("error", str(error))
+                await _send_event(response, {"error": _error_body(str(error), 503)})
+                return response
             except Exception as error:  # the engine failed: end this stream with an error event
                 log.exception("generation failed")
                 self._hub.log("error", f"generation failed: {error}")
@@ -226,11 +235,14 @@ class ApiHandlers:
 
 
 async def _text_pieces(tokens: TokenStream[Token], stops: tuple[str, ...]
-                       ) -> AsyncIterator[str | Finished]:
+                       ) -> AsyncIterator[str | StateChange | Finished]:
     """Visible text pieces of a generation, then one Finished. Honours stop strings."""
     scanner = StopScanner(stops)
     count = 0
     async for token in tokens:
+        if not isinstance(token, Token):  # a mesh state change between tokens
+            yield token
+            continue
         if token.id >= 0:
             count += 1
         text, stopped = scanner.push(token.text)

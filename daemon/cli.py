@@ -56,6 +56,20 @@ def _default_api() -> str:
 # -- parser -------------------------------------------------------------------------------------
 
 
+def _bytes_arg(text: str) -> int:
+    """``2G``, ``500M``, ``1.5GiB`` or a plain number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2G or 500M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size must be >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshllm",
@@ -150,6 +164,18 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         help="add a peer by hand (repeatable)")
     parser.add_argument("--ice-server", dest="ice_servers", action="append", default=None, metavar="URL",
                         help="STUN/TURN server for meshes across NATs (repeatable; default none)")
+    parser.add_argument("--mesh-port", type=int, default=None, metavar="PORT",
+                        help="port peers use for signaling (default: API port + 1)")
+    parser.add_argument("--mem-budget", type=_bytes_arg, default=None, metavar="BYTES",
+                        help="weights this node offers, e.g. 2G or 500M (default: half the memory)")
+    parser.add_argument("--objective", default=None, choices=("throughput", "latency"),
+                        help="planner objective (default throughput: every node takes a share)")
+    parser.add_argument("--codec", default=None, choices=("f32", "f16", "bf16", "int8"),
+                        help="hidden-state codec between stages (default f32, exact)")
+    parser.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, default=None,
+                        metavar="S", help="silence that marks a peer lost (default 1.0 s)")
+    parser.add_argument("--debug-delay-ms", dest="debug_delay_ms", type=float, default=None,
+                        metavar="MS", help=argparse.SUPPRESS)
 
 
 # -- up ---------------------------------------------------------------------------------------

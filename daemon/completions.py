@@ -8,7 +8,7 @@ on the single worker thread, one request after another in arrival order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -20,6 +20,10 @@ from daemon.worker import GenerationWorker, TokenStream
 
 if TYPE_CHECKING:
     from meshllm.model.engine import ModelInfo, Token
+
+    from meshllm.session import StateChange
+
+    from daemon.mesh import Mesh
     from meshllm.model.sampling import SamplingParams
 
 
@@ -63,11 +67,13 @@ class Completions:
     def __init__(self, worker: GenerationWorker) -> None:
         self._worker = worker
         self._engine: ChatEngine | None = None
+        self._mesh: Mesh | None = None
         self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-prompt")
 
-    def attach(self, engine: ChatEngine) -> None:
-        """Serve this engine from now on."""
+    def attach(self, engine: ChatEngine, mesh: "Mesh | None" = None) -> None:
+        """Serve this engine from now on; with a mesh, answers run across the mesh."""
         self._engine = engine
+        self._mesh = mesh
 
     @property
     def engine(self) -> ChatEngine | None:
@@ -117,11 +123,57 @@ class Completions:
         )
         return PreparedChat(request, prompt_ids, params, engine.info.name)
 
-    def generate(self, prepared: PreparedChat) -> TokenStream[Token]:
-        """Queue the generation on the worker; close the stream to cancel it."""
+    def generate(self, prepared: PreparedChat) -> TokenStream[Token] | MeshStream:
+        """Start the generation; close the stream to cancel it."""
         engine = self._engine
         if engine is None:
             raise NotReady("the model is not loaded")
+        if self._mesh is not None:
+            mesh = self._mesh
+            return MeshStream(lambda should_stop: mesh.generate(prepared.prompt_ids, prepared.params, should_stop))
         return self._worker.stream(
             lambda should_stop: engine.generate(prepared.prompt_ids, prepared.params, should_stop)
         )
+
+
+class MeshStream:
+    """An answer generated across the mesh, with the interface of `TokenStream`.
+
+    Items are `Token`s and, between tokens, `StateChange`s ("replanning", "running").
+    `close()` asks the generation to stop at its next step and, if it is parked at a
+    yield, closes it there so its sessions are dropped on every stage.
+    """
+
+    _closing: set[asyncio.Task[None]] = set()
+
+    def __init__(self, start: Callable[[Callable[[], bool]], AsyncIterator[Token | StateChange]]) -> None:
+        self._stop = False
+        self._agen = start(lambda: self._stop)
+        self._running = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop
+
+    def close(self) -> None:
+        if self._stop:
+            return
+        self._stop = True
+        if not self._running:
+            task = asyncio.get_running_loop().create_task(self._agen.aclose())  # type: ignore[attr-defined]
+            MeshStream._closing.add(task)
+            task.add_done_callback(MeshStream._closing.discard)
+
+    def __aiter__(self) -> AsyncIterator[Token | StateChange]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Token | StateChange]:
+        while True:
+            self._running = True
+            try:
+                item = await self._agen.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                self._running = False
+            yield item

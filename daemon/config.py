@@ -67,6 +67,29 @@ class NodeConfig:
     """Peers added by hand, as ``HOST:PORT`` (mDNS does not cross subnets)."""
     ice_servers: tuple[str, ...] = ()
     """STUN/TURN URLs for meshes across NATs. Empty: a LAN mesh never reaches outside."""
+    mesh_port: int = 0
+    """Port where peers reach this node for signaling (advertised over mDNS). 0: the API
+    port + 1. It listens on 127.0.0.1 with --loopback, else on every address."""
+    mem_budget: int = 0
+    """Bytes of weights this node offers the mesh. 0: half of the machine's memory."""
+    objective: str = "throughput"
+    """Planner objective: ``throughput`` (balanced spans, every node works) or ``latency``."""
+    codec: str = "f32"
+    """Hidden-state codec between stages: f32 (exact), f16, bf16 or int8 (lossy, opt-in)."""
+    heartbeat_timeout_s: float = 1.0
+    """Silence on a link for this long marks the peer lost."""
+    debug_delay_ms: float = 0.0
+    """Testing aid: sleep this long before every step this node computes (a slow device)."""
+
+    @property
+    def signal_port(self) -> int:
+        if self.mesh_port:
+            return self.mesh_port
+        return self.api_port + 1 if self.api_port else 0
+
+    @property
+    def signal_host(self) -> str:
+        return "127.0.0.1" if self.loopback else "0.0.0.0"
 
     @property
     def api_url(self) -> str:
@@ -111,6 +134,18 @@ class NodeConfig:
             raise ConfigError("mesh name must be 1..63 characters")
         for peer in self.join:
             parse_host_port(peer)
+        if not 0 <= self.mesh_port <= 65535:
+            raise ConfigError(f"mesh port must be 0..65535, not {self.mesh_port}")
+        if self.mem_budget < 0:
+            raise ConfigError("mem budget must be >= 0 bytes")
+        if self.objective not in ("throughput", "latency"):
+            raise ConfigError(f"objective must be throughput or latency, not {self.objective!r}")
+        if self.codec not in ("f32", "f16", "bf16", "int8"):
+            raise ConfigError(f"codec must be one of f32, f16, bf16, int8, not {self.codec!r}")
+        if not 0.1 <= self.heartbeat_timeout_s <= 600:
+            raise ConfigError("heartbeat timeout must be 0.1..600 s")
+        if not 0 <= self.debug_delay_ms <= 60_000:
+            raise ConfigError("debug delay must be 0..60000 ms")
 
     def is_loopback_only(self) -> bool:
         """True when the API listens on a loopback address only."""
@@ -143,7 +178,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_INT_FIELDS = frozenset({"api_port", "threads"})
+_INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget"})
+_FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms"})
 _BOOL_FIELDS = frozenset({"loopback", "no_tui"})
 _PATH_FIELDS = frozenset({"state_dir", "cache_dir", "mesh_key_file"})
 _LIST_FIELDS = frozenset({"join", "ice_servers"})
@@ -165,6 +201,11 @@ def _from_env(name: str, env_name: str, text: str) -> object:
             return int(text)
         except ValueError:
             raise ConfigError(f"{env_name} must be an integer, not {text!r}") from None
+    if name in _FLOAT_FIELDS:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{env_name} must be a number, not {text!r}") from None
     if name in _BOOL_FIELDS:
         if text.lower() in _TRUE:
             return True

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -28,9 +28,12 @@ from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, Stage as PlannerStage, plan_layers
 from meshllm.plans import PlanBook, PlanKey, PlanView
-from meshllm.session import Token
+from meshllm.session import StateChange, Token
 
 from daemon.worker import GenerationWorker
+
+if TYPE_CHECKING:
+    from daemon.links import LinkManager
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +59,6 @@ class StepLost(Exception):
     """A step did not come back: a stage was lost, the plan changed, or a stage refused it."""
 
 
-@dataclass(frozen=True)
-class StateChange:
-    """Yielded by `Mesh.generate` between tokens: "replanning" while paused, then "running"."""
-
-    state: str
-
-
 @dataclass
 class _Pending:
     future: asyncio.Future[np.ndarray]
@@ -79,6 +75,19 @@ class MeshSettings:
     plan_wait_s: float = 30.0
     """How long a request waits for an active plan before it fails."""
     replan_debounce_s: float = 0.1
+    debug_delay_s: float = 0.0
+    """Testing aid: sleep before every step this node computes, as a slow device would."""
+
+
+def incompatibility(ours: wire.Hello, theirs: wire.Hello) -> str | None:
+    """Why a peer cannot join our mesh, or None when it can."""
+    if theirs.protocol_version != ours.protocol_version:
+        return f"protocol version {theirs.protocol_version} != {ours.protocol_version}"
+    if theirs.mesh_name != ours.mesh_name:
+        return f"mesh name {theirs.mesh_name!r} != {ours.mesh_name!r}"
+    if theirs.model_id != ours.model_id:
+        return f"model {theirs.model_id} != {ours.model_id}"
+    return None
 
 
 EventLogger = Callable[[str, str], None]
@@ -121,6 +130,10 @@ class Mesh:
         self._session_ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._changed = asyncio.Event()
+        self.incompatible: dict[str, dict[str, str]] = {}
+        """Discovered peers that cannot join, by instance name: address and reason."""
+        self._connecting: set[str] = set()
         shape = runtime.engine.shape
         self.spec = ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes)
 
@@ -163,6 +176,15 @@ class Mesh:
                 if not p.future.done():
                     p.future.set_exception(StepLost("the node is stopping"))
 
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._on_change()
+
+    async def wait_changed(self) -> None:
+        """Until the mesh state changes (membership, election, plans)."""
+        self._changed.clear()
+        await self._changed.wait()
+
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -181,7 +203,7 @@ class Mesh:
         self._log_event("join", f"{hello.name or peer_id} joined")
         self._schedule_replan()
         self._wake.set()
-        self._on_change()
+        self._notify_change()
 
     def on_link_down(self, peer_id: str, reason: str) -> None:
         hello = self.members.pop(peer_id, None)
@@ -202,7 +224,7 @@ class Mesh:
                 self._spawn(self.worker.call(lambda s=sid: self.runtime.drop(s)))
         self._schedule_replan()
         self._wake.set()
-        self._on_change()
+        self._notify_change()
 
     def on_message(self, sender: str, msg: wire.Message) -> None:
         """Everything that arrives from a peer. Never raises: bad input is logged and dropped."""
@@ -237,7 +259,7 @@ class Mesh:
         elif isinstance(msg, wire.PlanRefused):
             self.placement_error = msg.reason
             self._plan_changed.set()
-            self._on_change()
+            self._notify_change()
         else:
             log.debug("ignoring %s from %s", type(msg).__name__, sender)
         self._wake.set()
@@ -281,7 +303,7 @@ class Mesh:
                 self._log_event("election", f"{name} is coordinator (term {event.term})")
                 if event.node_id == self.node_id:
                     self._schedule_replan(now=True)
-            self._on_change()
+            self._notify_change()
 
     # -- coordinator ---------------------------------------------------------------------
 
@@ -355,7 +377,7 @@ class Mesh:
             if not p.future.done():
                 p.future.set_exception(StepLost("a new plan arrived"))
         self._spawn(self._adopt(view))
-        self._on_change()
+        self._notify_change()
 
     async def _adopt(self, view: PlanView) -> None:
         start, end = view.span_of(self.node_id)
@@ -364,7 +386,7 @@ class Mesh:
             return  # a newer plan came while loading
         if self.node_id in view.node_ids:
             await self._send(view.coordinator_id, wire.StageReady(view.key[0], view.key[1], self.node_id))
-        self._on_change()
+        self._notify_change()
 
     def _on_plan_active(self, msg: wire.PlanActive) -> None:
         plan = self.book.activate((msg.term, msg.epoch))
@@ -372,7 +394,7 @@ class Mesh:
             return
         self.ready_nodes = set(plan.node_ids)
         self._plan_changed.set()
-        self._on_change()
+        self._notify_change()
 
     # -- stage side ----------------------------------------------------------------------
 
@@ -393,6 +415,8 @@ class Mesh:
             if not msg.session_id.startswith(f"{entry}/"):
                 raise ValueError("session id does not belong to its entry node")
             hidden = self._decode_hidden(msg.hidden)
+            if self.settings.debug_delay_s:
+                await asyncio.sleep(self.settings.debug_delay_s)
             out = await self.worker.call(lambda: self.runtime.forward(msg.session_id, hidden, msg.start_pos))
         except (StepLost, ValueError, WireError, RuntimeError) as e:
             code = "stale_plan" if isinstance(e, StepLost) else "bad_step"
@@ -525,7 +549,72 @@ class Mesh:
             except Exception as e:  # noqa: BLE001 - a gone stage has dropped it anyway
                 log.debug("drop of %s on %s not sent: %s", session_id, nid, e)
 
-    # -- status --------------------------------------------------------------------------
+    # -- finding peers --------------------------------------------------------------------
+
+    def on_discovery(self, event: object, links: "LinkManager") -> None:
+        """A discovery event: link to compatible peers (the lower node id dials)."""
+        from daemon.discovery import BadRecord, PeerGone, PeerSeen, hello_from_txt
+
+        if isinstance(event, PeerGone):
+            self.incompatible.pop(event.name, None)
+            if event.node_id and event.node_id in self.members:
+                links.drop(event.node_id, "mdns goodbye")
+            self._notify_change()
+            return
+        if not isinstance(event, PeerSeen) or event.node_id == self.node_id:
+            return
+        try:
+            theirs = hello_from_txt(event.txt, event.name)
+        except BadRecord as e:
+            log.info("ignoring discovered peer %s: %s", event.name, e)
+            return
+        reason = incompatibility(self.hello, theirs)
+        if reason is not None:
+            if self.incompatible.get(event.name, {}).get("reason") != reason:
+                self._log_event("info", f"{event.name} is incompatible: {reason}")
+            self.incompatible[event.name] = {"name": event.name, "address": event.address, "reason": reason}
+            self._notify_change()
+            return
+        self.incompatible.pop(event.name, None)
+        if self.node_id < event.node_id and event.node_id not in links.peers():
+            self._spawn(self._dial(event.address, links))
+
+    async def _dial(self, address: str, links: "LinkManager") -> str | None:
+        from daemon.links import LinkError
+
+        if address in self._connecting:
+            return None
+        self._connecting.add(address)
+        try:
+            return await links.connect(address)
+        except LinkError as e:
+            self._log_event("error", f"cannot link to {address}: {e.reason}")
+            return None
+        finally:
+            self._connecting.discard(address)
+
+    async def keep_joined(self, address: str, links: "LinkManager", retry_s: float = 2.0) -> None:
+        """--join HOST:PORT: link to that peer, and again whenever the link is gone."""
+        peer: str | None = None
+        while True:
+            if peer is None or peer not in links.peers():
+                peer = await self._dial(address, links)
+            await asyncio.sleep(retry_s)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status_view(self) -> dict[str, object]:
+        """The mesh's part of GET /v1/status (docs/api.md)."""
+        return {
+            "term": self.election.term,
+            "coordinator_id": self.election.coordinator_id,
+            "plan": self.status_plan(),
+            "nodes": self.status_nodes(),
+            "incompatible": sorted(self.incompatible.values(), key=lambda d: d["name"]),
+            "codec": self.settings.codec,
+            "placement_error": self.placement_error,
+        }
+
 
     def status_nodes(self) -> list[dict[str, object]]:
         plan = self.book.active or self.book.pending

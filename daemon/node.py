@@ -15,8 +15,20 @@ import signal
 import threading
 from collections.abc import Callable
 
+from collections.abc import Awaitable
+
+from aiohttp import web
+
+from meshllm.model.runtime import Runtime
+from meshllm.wire import PROTOCOL_VERSION, Hello
+
 from daemon.api import LOOPBACK_HOSTS, ApiServer, create_app
-from daemon.completions import ChatEngine, Completions
+from daemon.completions import Completions
+from daemon.discovery import Discovery
+from daemon.links import LinkManager
+from daemon.mesh import Mesh, MeshSettings, incompatibility
+from daemon.meshkey import MeshKeyError, load_mesh_key
+from daemon.signaling import SIGNAL_PATH
 from daemon.config import NodeConfig, client_url
 from daemon.events import EventHub
 from daemon.identity import load_or_create_node_id
@@ -27,19 +39,24 @@ log = logging.getLogger(__name__)
 
 WORKER_JOIN_TIMEOUT_S = 5.0
 
-EngineLoader = Callable[[NodeConfig], ChatEngine]
+RuntimeLoader = Callable[[NodeConfig], "Runtime"]
 
 
 class StartupError(RuntimeError):
     """The node cannot start; the message is one line for the user."""
 
 
-def load_engine(config: NodeConfig) -> ChatEngine:
-    """Load the real engine (slow: run it on the worker thread). Raises ModelSourceError."""
-    from meshllm.model.engine import Engine
+def load_runtime(config: NodeConfig) -> Runtime:
+    """Resolve and prepare the model, then load its entry pieces (slow: on the worker thread).
 
-    cache_dir = str(config.cache_dir) if config.cache_dir is not None else None
-    return Engine.load(config.model, cache_dir=cache_dir)
+    Raises ModelSourceError. The node's layers come later, from the plan.
+    """
+    from meshllm.model.cache import prepare
+    from meshllm.model.source import resolve
+
+    return Runtime.load(prepare(resolve(config.model), config.cache_dir))
+
+
 
 
 def physical_memory_bytes() -> int:
@@ -60,12 +77,15 @@ class Node:
         self,
         config: NodeConfig,
         *,
-        engine_loader: EngineLoader = load_engine,
+        runtime_loader: RuntimeLoader = load_runtime,
         announce: Callable[[str], None] = lambda line: print(line, flush=True),
         handle_signals: bool = True,
     ) -> None:
         self.config = config
-        self._engine_loader = engine_loader
+        self._runtime_loader = runtime_loader
+        self._cleanup: list[Callable[[], Awaitable[object]]] = []
+        self._background: list[asyncio.Task[None]] = []
+        """Tasks that run until the node stops (the mesh loop, --join keepers)."""
         self._announce = announce
         self._handle_signals = handle_signals
         self._stop_requested = asyncio.Event()
@@ -117,12 +137,19 @@ class Node:
         board.update(address=f"{config.api_host}:{server.port}")
         worker.start()
         self._install_signal_handlers()
-        self._log_placeholders(hub)
         try:
             async with asyncio.TaskGroup() as tasks:
-                loading = tasks.create_task(self._load(worker, completions, board, hub))
+                loading = tasks.create_task(self._load(worker, completions, board, hub, tasks))
                 await self._stop_requested.wait()
+                for cleanup in reversed(self._cleanup):  # say goodbye while the loop still runs
+                    try:
+                        await cleanup()
+                    except Exception as error:  # noqa: BLE001 - stopping goes on regardless
+                        log.debug("cleanup step failed: %s", error)
+                self._cleanup.clear()
                 loading.cancel()
+                for task in self._background:
+                    task.cancel()
         finally:
             log.info("stopping")
             hub.close()
@@ -136,40 +163,102 @@ class Node:
             raise self._failure
 
     async def _load(self, worker: GenerationWorker, completions: Completions,
-                    board: StatusBoard, hub: EventHub) -> None:
+                    board: StatusBoard, hub: EventHub, tasks: asyncio.TaskGroup) -> None:
         from meshllm.errors import ModelSourceError
 
+        config = self.config
         board.update(state="loading")
-        hub.log("info", f"loading model {self.config.model or '(default)'}")
+        hub.log("info", f"loading model {config.model or '(default)'}")
         try:
-            engine = await worker.call(lambda: self._engine_loader(self.config))
-            ms_per_layer = await worker.call(engine.measure_ms_per_layer)
-        except ModelSourceError as error:
+            key = load_mesh_key(config.mesh_key_file, os.environ)
+            runtime = await worker.call(lambda: self._runtime_loader(config))
+            ms_per_layer = await worker.call(runtime.measure_ms_per_layer)
+        except (ModelSourceError, MeshKeyError) as error:
             self._fail(str(error))
             return
         except Exception as error:  # an unexpected loader failure still ends in one line
             log.debug("model load failed", exc_info=True)
             self._fail(f"cannot load the model: {type(error).__name__}: {error}")
             return
-        info = engine.info
-        completions.attach(engine)
-        board.update(state="ready", model=ModelSummary(info.model_id, info.name, info.num_layers),
-                     ms_per_layer=round(ms_per_layer, 4))
-        hub.log("info", f"model {info.name} ready: {info.num_layers} layers, "
+        info = runtime.engine.info
+        budget = config.mem_budget or physical_memory_bytes() // 2
+        board.update(model=ModelSummary(info.model_id, info.name, info.num_layers),
+                     ms_per_layer=round(ms_per_layer, 4), mem_budget_bytes=budget)
+        hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, "
                         f"{ms_per_layer:.2f} ms per layer per token")
+        try:
+            mesh = await self._start_mesh(runtime, worker, board, hub, tasks, key, budget, ms_per_layer)
+        except OSError as error:
+            reason = os.strerror(error.errno).lower() if error.errno else str(error)
+            self._fail(f"cannot listen for peers on {config.signal_host}:{config.signal_port}: {reason}")
+            return
+        completions.attach(runtime.engine, mesh)
+        while mesh.book.active is None:  # ready to answer once a plan is active
+            await mesh.wait_changed()
+        board.update(state="ready")
         assert self.api_url is not None
         self._announce(ready_line(self.api_url, info.name, info.num_layers))
         self.ready.set()
 
+    async def _start_mesh(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
+                          hub: EventHub, tasks: asyncio.TaskGroup, key: bytes | None,
+                          budget: int, ms_per_layer: float) -> Mesh:
+        """Links, signaling server, discovery and the mesh logic, all owned by `tasks`."""
+        config = self.config
+        info = runtime.engine.info
+        signal_app = web.Application(client_max_size=64 * 1024)
+        holder: dict[str, LinkManager] = {}
+
+        async def signal(request: web.Request) -> web.StreamResponse:
+            if "links" not in holder:
+                return web.json_response({"error": "starting up"}, status=503)
+            return await holder["links"].signaling_routes()[0].handler(request)
+
+        signal_app.router.add_post(SIGNAL_PATH, signal)
+        signal_server = await ApiServer.start(signal_app, config.signal_host, config.signal_port)
+        self._cleanup.append(signal_server.stop)
+        hello = Hello(board.state.node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
+                      info.model_id, signal_server.port, budget, ms_per_layer, True)
+        mesh_ref: list[Mesh] = []
+        links = LinkManager(
+            hello,
+            ice_servers=config.ice_servers,
+            loopback=config.loopback,
+            mesh_key=key,
+            lost_after_s=config.heartbeat_timeout_s,
+            heartbeat_interval_s=min(0.2, config.heartbeat_timeout_s / 4),
+            on_message=lambda peer, msg: mesh_ref[0].on_message(peer, msg),
+            on_link_up=lambda e: mesh_ref[0].on_link_up(e.peer_id, e.hello),
+            on_link_down=lambda e: mesh_ref[0].on_link_down(e.peer_id, e.reason),
+            is_compatible=lambda other: incompatibility(hello, other),
+        )
+        holder["links"] = links
+        settings = MeshSettings(mesh_name=config.mesh_name, objective=config.objective,
+                                codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000)
+        mesh = Mesh(hello, runtime, worker, links, settings=settings,
+                    on_change=board.refresh, log_event=hub.log)
+        mesh_ref.append(mesh)
+        board.attach_mesh(mesh.status_view)
+        await links.start()
+        self._cleanup.append(lambda: links.close("meshllm down"))
+        self._background.append(tasks.create_task(mesh.run()))
+        discovery = Discovery(hello, host=config.signal_host, port=signal_server.port,
+                              loopback=config.loopback,
+                              on_event=lambda event: mesh.on_discovery(event, links))
+        try:
+            await discovery.start()
+            self._cleanup.append(discovery.close)
+        except OSError as error:  # no multicast here: --join still works
+            hub.log("error", f"mDNS discovery unavailable ({error}); use --join HOST:PORT")
+        for address in config.join:
+            self._background.append(tasks.create_task(mesh.keep_joined(address, links)))
+        hub.log("info", f"mesh '{config.mesh_name}': peers reach this node at "
+                        f"{config.signal_host}:{signal_server.port}")
+        return mesh
+
     def _fail(self, message: str) -> None:
         self._failure = StartupError(message)
         self.request_stop()
-
-    def _log_placeholders(self, hub: EventHub) -> None:
-        config = self.config
-        if config.join or config.ice_servers or config.loopback or config.mesh_key_file:
-            hub.log("info", "mesh options (--join, --ice-server, --loopback, --mesh-key-file) "
-                            "are accepted but this daemon runs single-node for now")
 
     def _install_signal_handlers(self) -> None:
         if not self._handle_signals or self._loop is None:

@@ -7,6 +7,7 @@ The mesh work will feed peers, terms and plans into the same snapshot shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any, Literal
 
 from daemon.events import EventHub, StatusEvent
@@ -45,6 +46,20 @@ class StatusBoard:
     def __init__(self, initial: SelfState, hub: EventHub) -> None:
         self._state = initial
         self._hub = hub
+        self._mesh_view: Callable[[], dict[str, Any]] | None = None
+        self._last: dict[str, Any] | None = None
+
+    def attach_mesh(self, mesh_view: Callable[[], dict[str, Any]]) -> None:
+        """From now on the mesh supplies term, coordinator, plan, nodes and incompatible peers."""
+        self._mesh_view = mesh_view
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Publish a status event if the snapshot changed (the mesh calls this on every change)."""
+        snap = self.snapshot()
+        if snap != self._last:
+            self._last = snap
+            self._hub.publish(StatusEvent(snap))
 
     @property
     def state(self) -> SelfState:
@@ -54,7 +69,7 @@ class StatusBoard:
         new = replace(self._state, **changes)
         if new != self._state:
             self._state = new
-            self._hub.publish(StatusEvent(self.snapshot()))
+            self.refresh()
 
     def session_started(self) -> None:
         self.update(sessions=self._state.sessions + 1)
@@ -77,7 +92,7 @@ class StatusBoard:
         model = None
         if s.model is not None:
             model = {"id": s.model.model_id, "name": s.model.name, "num_layers": s.model.num_layers}
-        return {
+        snap = {
             "self_id": s.node_id,
             "model": model,
             "codec": s.codec,
@@ -101,3 +116,6 @@ class StatusBoard:
             "incompatible": [],
             "sessions": s.sessions,
         }
+        if self._mesh_view is not None:
+            snap.update(self._mesh_view())
+        return snap

@@ -37,6 +37,13 @@ class Token:
     """Set on the last token: "stop" (EOS), "length" (max_tokens) or "cancelled"."""
 
 
+@dataclass(frozen=True)
+class StateChange:
+    """Between tokens: "replanning" while the mesh moves layers, then "running" again."""
+
+    state: str
+
+
 @dataclass
 class Session:
     """Token history of one answer and where its next step starts."""
