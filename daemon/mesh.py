@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -64,6 +64,54 @@ class _Pending:
     future: asyncio.Future[np.ndarray]
     plan_key: PlanKey
     nodes: frozenset[str]
+
+
+@dataclass
+class StageStats:
+    """What this node computed and sent, for `meshllm bench` and runtime balancing.
+
+    Decode steps (one position) are kept apart from prefill steps (many positions).
+    """
+
+    decode_steps: int = 0
+    decode_compute_ms: float = 0.0
+    prefill_steps: int = 0
+    prefill_compute_ms: float = 0.0
+    prefill_positions: int = 0
+    decode_hops_sent: int = 0
+    decode_bytes_sent: int = 0
+    prefill_bytes_sent: int = 0
+    recent_decode_ms: list[float] = field(default_factory=list)
+    """The last few decode compute times (ms), newest last."""
+
+    def computed(self, positions: int, ms: float) -> None:
+        if positions == 1:
+            self.decode_steps += 1
+            self.decode_compute_ms += ms
+            self.recent_decode_ms = (self.recent_decode_ms + [ms])[-32:]
+        else:
+            self.prefill_steps += 1
+            self.prefill_positions += positions
+            self.prefill_compute_ms += ms
+
+    def sent(self, positions: int, nbytes: int) -> None:
+        if positions == 1:
+            self.decode_hops_sent += 1
+            self.decode_bytes_sent += nbytes
+        else:
+            self.prefill_bytes_sent += nbytes
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "decode_steps": self.decode_steps,
+            "decode_compute_ms_avg": round(self.decode_compute_ms / self.decode_steps, 4) if self.decode_steps else 0.0,
+            "prefill_steps": self.prefill_steps,
+            "prefill_positions": self.prefill_positions,
+            "prefill_compute_ms": round(self.prefill_compute_ms, 3),
+            "decode_hops_sent": self.decode_hops_sent,
+            "decode_bytes_per_hop": round(self.decode_bytes_sent / self.decode_hops_sent, 1) if self.decode_hops_sent else 0.0,
+            "prefill_bytes_sent": self.prefill_bytes_sent,
+        }
 
 
 @dataclass(frozen=True)
@@ -134,6 +182,7 @@ class Mesh:
         self.incompatible: dict[str, dict[str, str]] = {}
         """Discovered peers that cannot join, by instance name: address and reason."""
         self._connecting: set[str] = set()
+        self.stats = StageStats()
         shape = runtime.engine.shape
         self.spec = ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes)
 
@@ -415,9 +464,11 @@ class Mesh:
             if not msg.session_id.startswith(f"{entry}/"):
                 raise ValueError("session id does not belong to its entry node")
             hidden = self._decode_hidden(msg.hidden)
+            t0 = time.perf_counter()
             if self.settings.debug_delay_s:
                 await asyncio.sleep(self.settings.debug_delay_s)
             out = await self.worker.call(lambda: self.runtime.forward(msg.session_id, hidden, msg.start_pos))
+            self.stats.computed(hidden.shape[0], (time.perf_counter() - t0) * 1000)
         except (StepLost, ValueError, WireError, RuntimeError) as e:
             code = "stale_plan" if isinstance(e, StepLost) else "bad_step"
             log.info("step %s/%d refused: %s", msg.session_id, msg.seq, e)
@@ -432,6 +483,8 @@ class Mesh:
             reply: wire.Message = wire.Result(msg.session_id, msg.seq, payload)
         else:
             reply = wire.Forward(msg.session_id, msg.seq, msg.term, msg.epoch, msg.start_pos, payload, msg.route[1:])
+        if nxt != self.node_id:
+            self.stats.sent(hidden.shape[0], len(wire.encode(reply)))
         try:
             await self._send(nxt, reply, channel="activation")
         except Exception as e:  # noqa: BLE001 - the next stage's loss is handled by link events
@@ -475,6 +528,8 @@ class Mesh:
             route = tuple(plan.node_ids[1:]) + (self.node_id,)
             payload = wire.encode_tensor(hidden, plan.codec)
             msg = wire.Forward(session_id, seq, plan.key[0], plan.key[1], start_pos, payload, route)
+            if plan.node_ids[0] != self.node_id:
+                self.stats.sent(hidden.shape[0], len(wire.encode(msg)))
             try:
                 await self._send(plan.node_ids[0], msg, channel="activation")
             except Exception as e:  # noqa: BLE001 - a dead first hop: the step is lost
@@ -613,6 +668,7 @@ class Mesh:
             "incompatible": sorted(self.incompatible.values(), key=lambda d: d["name"]),
             "codec": self.settings.codec,
             "placement_error": self.placement_error,
+            "stats": self.stats.as_json(),
         }
 
 
