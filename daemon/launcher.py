@@ -1,0 +1,221 @@
+"""A local mesh: N daemons on this machine, one process each, in loopback mode.
+
+`scripts/local_mesh.py` is its command line; the mesh tests and benchmarks use it too.
+Each node gets its own state dir, its own ports (API on `base_port + 2*i`, signaling on the
+next port) and its share of the cores (`--threads`), so the nodes do not slow each other
+down by fighting over threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+READY_PREFIX = "meshllm ready: "
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports on 127.0.0.1")
+
+
+def get_json(url: str, timeout_s: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return json.load(r)
+
+
+@dataclass
+class LocalNode:
+    index: int
+    api_port: int
+    state_dir: Path
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[str] | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def mesh_address(self) -> str:
+        return f"127.0.0.1:{self.api_port + 1}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class LocalMesh:
+    """Start, watch and stop N loopback daemons."""
+
+    def __init__(
+        self,
+        nodes: int,
+        *,
+        model: str | None = None,
+        base_port: int | None = None,
+        codec: str | None = None,
+        threads: int | None = None,
+        extra_args: Sequence[str] = (),
+        per_node_args: dict[int, Sequence[str]] | None = None,
+        work_dir: Path | None = None,
+        meshllm: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError("need at least one node")
+        self._own_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="meshllm-local-"))
+        self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
+        self._cmd = list(meshllm or [sys.executable, "-m", "daemon.cli"])
+        self.env = {**os.environ, **(env or {})}
+        self.nodes: list[LocalNode] = []
+        for i in range(nodes):
+            port = base_port + 2 * i if base_port else free_port_pair()
+            args = ["up", "--no-tui", "--loopback", "--api-port", str(port),
+                    "--mesh-port", str(port + 1), "--name", f"node{i + 1}",
+                    "--threads", str(self.threads), "--log-level", "info"]
+            if model:
+                args += ["--model", model]
+            if codec:
+                args += ["--codec", codec]
+            args += list(extra_args) + list((per_node_args or {}).get(i, ()))
+            state = self.work_dir / f"node{i + 1}"
+            args += ["--state-dir", str(state)]
+            self.nodes.append(LocalNode(i, port, state, args, self.work_dir / f"node{i + 1}.log"))
+
+    # -- processes -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for node in self.nodes:
+            self.start_node(node.index)
+
+    def start_node(self, index: int) -> LocalNode:
+        node = self.nodes[index]
+        node.ready.clear()
+        logf = node.log_path.open("a")
+        node.process = subprocess.Popen(
+            self._cmd + node.args, stdout=subprocess.PIPE, stderr=logf, text=True,
+            env=self.env, cwd=Path(__file__).resolve().parent.parent,
+        )
+        threading.Thread(target=self._watch_stdout, args=(node,), daemon=True).start()
+        return node
+
+    def _watch_stdout(self, node: LocalNode) -> None:
+        assert node.process is not None and node.process.stdout is not None
+        for line in node.process.stdout:
+            if line.startswith(READY_PREFIX):
+                node.ready.set()
+
+    def signal_node(self, index: int, signum: int) -> None:
+        node = self.nodes[index]
+        if node.alive:
+            assert node.process is not None
+            node.process.send_signal(signum)
+
+    def kill_node(self, index: int) -> None:
+        """kill -9: the node vanishes without a word."""
+        self.signal_node(index, signal.SIGKILL)
+        proc = self.nodes[index].process
+        if proc is not None:
+            proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        for node in self.nodes:
+            if node.alive:
+                assert node.process is not None
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                node.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("node%d did not stop in time; killing it", node.index + 1)
+                node.process.kill()
+                node.process.wait(5)
+        if self._own_dir and os.environ.get("MESHLLM_KEEP_LOGS") is None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def logs(self, index: int) -> str:
+        try:
+            return self.nodes[index].log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- state ---------------------------------------------------------------------------
+
+    def status(self, index: int) -> dict[str, Any]:
+        return get_json(self.nodes[index].url + "/v1/status")
+
+    def wait_ready(self, timeout_s: float = 120.0, *, nodes: Sequence[int] | None = None) -> dict[str, Any]:
+        """Until the given nodes (default: all) printed ready and agree on one active plan
+        whose stages are all among them. Returns that plan."""
+        indexes = list(nodes) if nodes is not None else [n.index for n in self.nodes]
+        deadline = time.monotonic() + timeout_s
+        for i in indexes:
+            node = self.nodes[i]
+            while not node.ready.wait(0.2):
+                if not node.alive:
+                    raise RuntimeError(f"node{i + 1} exited:\n{self.logs(i)[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node{i + 1} not ready:\n{self.logs(i)[-3000:]}")
+        while True:
+            plan = self._agreed_plan(indexes)
+            if plan is not None:
+                return plan
+            if time.monotonic() > deadline:
+                raise TimeoutError("the nodes do not agree on one active plan")
+            time.sleep(0.2)
+
+    def _agreed_plan(self, indexes: Sequence[int]) -> dict[str, Any] | None:
+        plans, ids = [], set()
+        for i in indexes:
+            try:
+                st = self.status(i)
+            except (OSError, urllib.error.URLError, ValueError):
+                return None
+            plans.append(st.get("plan"))
+            ids.add(st["self_id"])
+            if len(st.get("nodes", [])) != len(indexes):
+                return None
+        first = plans[0]
+        if first is None or first.get("state") != "active":
+            return None
+        if any(p != first for p in plans):
+            return None
+        if not {s["node_id"] for s in first["stages"]} <= ids:
+            return None
+        return first
