@@ -56,6 +56,8 @@ class Finished:
     reason: str
     """"stop", "length", or "cancelled" (the daemon is stopping)."""
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids (EOS included), reported as the `meshllm.token_ids` extension."""
 
 
 class ApiHandlers:
@@ -139,6 +141,7 @@ class ApiHandlers:
                     }
                 ],
                 "usage": _usage(len(prepared.prompt_ids), finished.completion_tokens),
+                "meshllm": {"token_ids": list(finished.token_ids)},
             }
         )
 
@@ -239,26 +242,28 @@ async def _text_pieces(tokens: TokenStream[Token], stops: tuple[str, ...]
     """Visible text pieces of a generation, then one Finished. Honours stop strings."""
     scanner = StopScanner(stops)
     count = 0
+    ids: list[int] = []
     async for token in tokens:
         if not isinstance(token, Token):  # a mesh state change between tokens
             yield token
             continue
         if token.id >= 0:
             count += 1
+            ids.append(token.id)
         text, stopped = scanner.push(token.text)
         if text:
             yield text
         if stopped:
             tokens.close()
-            yield Finished("stop", count)
+            yield Finished("stop", count, tuple(ids))
             return
         if token.finish_reason is not None:
             rest = scanner.flush()
             if rest:
                 yield rest
-            yield Finished(token.finish_reason, count)
+            yield Finished(token.finish_reason, count, tuple(ids))
             return
-    yield Finished("cancelled", count)  # ended without a last token: the worker is stopping
+    yield Finished("cancelled", count, tuple(ids))  # ended without a last token: the worker is stopping
 
 
 class BodyError(Exception):

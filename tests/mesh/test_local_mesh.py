@@ -1,0 +1,141 @@
+"""Real meshes: N `meshllm up --loopback` processes that find each other over mDNS, link
+over WebRTC, elect a coordinator and answer exactly like plain transformers `generate`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from daemon.launcher import LocalMesh
+from tests.mesh.conftest import chat, token_ids, unique_mesh_name
+from tests.tinymodel import PROMPTS, chat_ids, reference_greedy
+
+
+@pytest.fixture(scope="module")
+def default_mesh() -> Iterator[LocalMesh]:
+    mesh = LocalMesh(3, extra_args=["--mesh-name", unique_mesh_name()])
+    mesh.start()
+    try:
+        mesh.wait_ready(300)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def test_three_nodes_form_one_mesh_with_one_coordinator(default_mesh: LocalMesh) -> None:
+    statuses = [default_mesh.status(i) for i in range(3)]
+    coordinators = {s["coordinator_id"] for s in statuses}
+    assert len(coordinators) == 1
+    ids = {s["self_id"] for s in statuses}
+    assert coordinators <= ids
+    plan = statuses[0]["plan"]
+    assert plan["state"] == "active"
+    stages = plan["stages"]
+    assert stages[0]["start_layer"] == 0 and stages[-1]["end_layer"] == 30
+    assert all(a["end_layer"] == b["start_layer"] for a, b in zip(stages, stages[1:]))
+    assert {s["node_id"] for s in stages} == ids  # every node holds a share
+    for s in statuses:
+        assert len(s["nodes"]) == 3
+        assert {n["role"] for n in s["nodes"]} == {"coordinator", "member"}
+
+
+def test_greedy_answers_at_every_node_match_generate_on_the_gguf(
+    default_mesh: LocalMesh, default_engine, default_reference_model  # type: ignore[no-untyped-def]
+) -> None:
+    urls = [n.url for n in default_mesh.nodes]
+    for messages in PROMPTS[:6]:
+        prompt = default_engine.chat_prompt(messages)
+        want = reference_greedy(None, prompt, 32, model=default_reference_model)
+        # the same question at all three nodes at once: three concurrent sessions
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda u: chat(u, list(messages)), urls))
+        for url, answer in zip(urls, answers):
+            assert token_ids(answer) == want, (url, messages)
+            text = answer["choices"][0]["message"]["content"]
+            assert text == default_engine.tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_meshllm_ask_streams_the_same_answer(default_mesh: LocalMesh, default_engine, default_reference_model) -> None:  # type: ignore[no-untyped-def]
+    messages = [{"role": "user", "content": "Name three colours."}]
+    want = reference_greedy(None, default_engine.chat_prompt(messages), 32, model=default_reference_model)
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "ask", "--api", default_mesh.nodes[2].url, "--max-tokens", "32",
+         "Name three colours."],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert out.stdout.strip() == default_engine.tokenizer.decode(want, skip_special_tokens=True).strip()
+
+
+def test_stage_stats_report_compute_and_bytes_per_hop(default_mesh: LocalMesh) -> None:
+    stats = [default_mesh.status(i)["stats"] for i in range(3)]
+    assert all(s["decode_steps"] > 0 and s["decode_compute_ms_avg"] > 0 for s in stats)
+    hop_bytes = [s["decode_bytes_per_hop"] for s in stats if s["decode_hops_sent"]]
+    # f32: 576 floats (2,304 bytes; zstd sometimes saves a few percent) plus the message framing
+    assert hop_bytes and all(2000 < b < 2304 + 200 for b in hop_bytes)
+
+
+@pytest.fixture(scope="module")
+def qwen_mesh(tiny_qwen2: Path) -> Iterator[LocalMesh]:
+    mesh = LocalMesh(3, model=str(tiny_qwen2), extra_args=["--mesh-name", unique_mesh_name()])
+    mesh.start()
+    try:
+        mesh.wait_ready(300)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def test_a_second_architecture_qwen2_answers_exactly(qwen_mesh: LocalMesh, tiny_qwen2: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    urls = [n.url for n in qwen_mesh.nodes]
+    for messages in PROMPTS[:6]:
+        want = reference_greedy(tiny_qwen2, chat_ids(tiny_qwen2, messages), 32, model=ref)
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda u: chat(u, list(messages)), urls))
+        assert [token_ids(a) for a in answers] == [want] * 3, messages
+
+
+def test_two_sessions_at_two_nodes_at_once(qwen_mesh: LocalMesh, tiny_qwen2: Path) -> None:
+    a, b = PROMPTS[1], PROMPTS[4]
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(chat, qwen_mesh.nodes[0].url, list(a), 48)
+        fb = pool.submit(chat, qwen_mesh.nodes[2].url, list(b), 48)
+        got_a, got_b = token_ids(fa.result()), token_ids(fb.result())
+    assert got_a == reference_greedy(tiny_qwen2, chat_ids(tiny_qwen2, a), 48)
+    assert got_b == reference_greedy(tiny_qwen2, chat_ids(tiny_qwen2, b), 48)
+
+
+def test_a_node_with_the_wrong_mesh_key_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.key", tmp_path / "bad.key"
+    good.write_text("correct horse battery staple 0123456789")
+    bad.write_text("wrong horse battery staple 9876543210")
+    good.chmod(0o600)
+    bad.chmod(0o600)
+    name = unique_mesh_name()
+    mesh = LocalMesh(3, model=str(tiny_llama), extra_args=["--mesh-name", name],
+                     per_node_args={0: ["--mesh-key-file", str(good)], 1: ["--mesh-key-file", str(good)],
+                                    2: ["--mesh-key-file", str(bad)]})
+    mesh.start()
+    try:
+        plan = mesh.wait_ready(180, nodes=[0, 1])
+        intruder = mesh.status(2)["self_id"]
+        assert intruder not in {s["node_id"] for s in plan["stages"]}
+        for i in (0, 1):
+            st = mesh.status(i)
+            assert intruder not in {n["id"] for n in st["nodes"]}
+        # the keyed nodes log the refusal; the intruder never got a plan of theirs
+        assert "403" in mesh.logs(2) or "refused" in mesh.logs(2).lower()
+        assert mesh.status(2)["plan"] is None or {s["node_id"] for s in mesh.status(2)["plan"]["stages"]} == {intruder}
+    finally:
+        mesh.stop()
