@@ -1,0 +1,285 @@
+"""Runtime load balancing: re-plan when a stage stays far slower (or faster) than planned.
+
+The coordinator plans with the speed each node advertised (ms per layer per token, measured
+once at start). Speeds change at run time: a laptop throttles, another program takes the
+cores, then lets go. :class:`Balancer` watches what the stages really take and says when a
+re-plan pays off. It is sans-IO: the caller passes ``now`` and does the sending.
+
+Driving it (the coordinator)::
+
+    balancer = Balancer(spec, objective="throughput")
+    caps = balancer.capacities(advertised)      # plan with these, not the advertised ones
+    balancer.plan_active(plan, now)             # each time a plan becomes active
+    balancer.observe(node_id, decode_ms_per_token, layers, steps=n, now=now)  # every report
+    rebalance = balancer.check(advertised, now) # after reports; a Rebalance or None
+    balancer.forget(node_id)                    # a node left
+
+A node **drifts** when its last ``min_reports`` reports (or more) are all off the figure it is
+planned with, the same way (``drift_factor`` times slower, or that much faster), and the first
+of them came at least ``min_drift_s`` ago. Its new figure is the median of the latest
+``min_reports`` of them. A new figure within ``drift_factor`` of the advertised speed is
+dropped in favour of the advertised one, so a node that recovers is planned as it advertised.
+
+``check`` re-plans with the new figures (sticky to the current plan) and returns a
+:class:`Rebalance` only when, costed with the new figures, the new plan beats the current one
+by ``min_gain`` on the objective, and no plan became active in the last ``min_interval_s``.
+Otherwise the new figures are kept (later re-plans use them) and nothing moves.
+
+A node planned with a slow figure that then holds no layers sends no reports, so it cannot be
+seen recovering: after ``probe_after_s`` it is planned with its advertised speed again (if
+that gains enough), and measured anew.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from meshllm.errors import PlacementError
+from meshllm.planner import (
+    DEFAULT_HOP_MS,
+    HopCosts,
+    ModelSpec,
+    NodeCapacity,
+    Objective,
+    Plan,
+    chain_cost_ms,
+    plan_layers,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES = 64
+"""Reports kept per node (since its plan became active); a drift run longer than this counts
+from the oldest one kept."""
+
+
+@dataclass(frozen=True)
+class BalanceSettings:
+    """The thresholds and the hysteresis of runtime balancing."""
+
+    drift_factor: float = 1.5
+    """A report is off when its ms per layer is at least this times the planned figure, or at
+    most the planned figure divided by this."""
+    min_reports: int = 5
+    """Consecutive off reports before a node counts as drifted (also the median's window)."""
+    min_drift_s: float = 5.0
+    """...and the first of them at least this long ago: a shorter spike never re-plans."""
+    min_steps: int = 3
+    """Reports that average fewer decode steps than this are ignored as too few samples."""
+    min_interval_s: float = 10.0
+    """No balancing re-plan sooner than this after a plan became active or after the last one."""
+    min_gain: float = 0.15
+    """Re-plan only when the new plan's objective is at least this fraction better."""
+    probe_after_s: float = 60.0
+    """A node with a measured figure and no layers gets its advertised figure back after this."""
+
+    def __post_init__(self) -> None:
+        if not self.drift_factor > 1:
+            raise ValueError("drift_factor must be > 1")
+        if self.min_reports < 1 or self.min_steps < 1:
+            raise ValueError("min_reports and min_steps must be >= 1")
+        if min(self.min_drift_s, self.min_interval_s, self.probe_after_s) < 0:
+            raise ValueError("durations must be >= 0")
+        if not 0 <= self.min_gain < 1:
+            raise ValueError("min_gain must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """A re-plan worth doing."""
+
+    plan: Plan
+    """What to publish: ``plan_layers`` on the new figures, sticky to the current plan. Its
+    ``est_*`` fields are costed with the new figures."""
+    ms_per_layer: Mapping[str, float]
+    """The figure every node was planned with (as :meth:`Balancer.capacities` gives)."""
+    changed: tuple[str, ...]
+    """Nodes whose figure changed, sorted."""
+    current_cost_ms: float
+    """The current plan's objective (slowest stage or ms per token) under the new figures."""
+    new_cost_ms: float
+    """The new plan's objective under the new figures."""
+
+    @property
+    def gain(self) -> float:
+        """The fraction of the objective the re-plan saves."""
+        return 1.0 - self.new_cost_ms / self.current_cost_ms if self.current_cost_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at_s: float
+    ms_per_layer: float
+
+
+class Balancer:
+    """Per-node measured speeds against the active plan; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        objective: Objective = "throughput",
+        settings: BalanceSettings = BalanceSettings(),
+    ) -> None:
+        self.spec = spec
+        self.objective: Objective = objective
+        self.settings = settings
+        self._plan: Plan | None = None
+        self._layers: dict[str, int] = {}
+        self._samples: dict[str, deque[_Sample]] = {}
+        self._figures: dict[str, float] = {}
+        self._figure_set_at_s: dict[str, float] = {}
+        self._quiet_until_s = -math.inf
+
+    @property
+    def figures(self) -> Mapping[str, float]:
+        """Nodes planned with a measured figure instead of their advertised one (ms per layer)."""
+        return dict(self._figures)
+
+    def capacities(self, nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
+        """``nodes`` (with their advertised speeds) as they should be planned."""
+        return [
+            replace(node, ms_per_layer=self._figures[node.node_id])
+            if node.node_id in self._figures else node
+            for node in nodes
+        ]
+
+    def plan_active(self, plan: Plan, now: float) -> None:
+        """``plan`` became active: judge reports against it, and start a quiet interval."""
+        self._plan = plan
+        self._layers = {stage.node_id: stage.num_layers for stage in plan.stages}
+        self._samples.clear()
+        self._quiet_until_s = max(self._quiet_until_s, now + self.settings.min_interval_s)
+
+    def forget(self, node_id: str) -> None:
+        """``node_id`` left: drop its reports and its measured figure (it may come back new)."""
+        self._samples.pop(node_id, None)
+        self._figures.pop(node_id, None)
+        self._figure_set_at_s.pop(node_id, None)
+
+    def observe(
+        self, node_id: str, decode_ms_per_token: float, layers: int, *, steps: int, now: float
+    ) -> None:
+        """A stage's report: ``decode_ms_per_token`` averaged over ``steps`` decode steps of its
+        ``layers`` layers. Reports that do not match the active plan (a stale span, a node
+        outside it), or average too few steps, are ignored."""
+        if (
+            self._layers.get(node_id) != layers
+            or layers < 1
+            or steps < self.settings.min_steps
+            or not (decode_ms_per_token >= 0 and math.isfinite(decode_ms_per_token))
+        ):
+            log.debug("ignoring report from %s: %.3f ms, %d layers, %d steps",
+                      node_id, decode_ms_per_token, layers, steps)
+            return
+        samples = self._samples.setdefault(node_id, deque(maxlen=MAX_SAMPLES))
+        samples.append(_Sample(now, decode_ms_per_token / layers))
+
+    def check(
+        self,
+        nodes: Sequence[NodeCapacity],
+        now: float,
+        *,
+        hop_ms: Mapping[tuple[str, str], float] | None = None,
+        default_hop_ms: float = DEFAULT_HOP_MS,
+    ) -> Rebalance | None:
+        """A re-plan worth doing now, or None. ``nodes``: every member, advertised speeds.
+
+        New figures found here are kept even when no re-plan pays off.
+        """
+        plan = self._plan
+        if plan is None or now < self._quiet_until_s:
+            return None
+        advertised = {node.node_id: node.ms_per_layer for node in nodes}
+        if not set(plan.node_ids) <= advertised.keys():
+            return None  # a stage left: the membership re-plan comes first
+        changed = self._new_figures(advertised, plan, now)
+        if not changed:
+            return None
+        for node_id, figure in changed.items():
+            self._set_figure(node_id, figure, advertised[node_id], now)
+        caps = self.capacities(nodes)
+        figures = {cap.node_id: cap.ms_per_layer for cap in caps}
+        hops = HopCosts(hop_ms, default_hop_ms)
+        try:
+            new = plan_layers(self.spec, caps, objective=self.objective, hop_ms=hop_ms,
+                              default_hop_ms=default_hop_ms, previous=plan)
+        except PlacementError as e:
+            log.debug("no rebalance: %s", e)
+            return None
+        current_cost = self._cost(chain_cost_ms(plan.stages, figures, hops))
+        new_cost = self._cost((new.est_ms_per_token, new.est_slowest_stage_ms))
+        rebalance = Rebalance(new, figures, tuple(sorted(changed)), current_cost, new_cost)
+        if new.stages == plan.stages or rebalance.gain < self.settings.min_gain:
+            log.info("new speed figures %s; no re-plan (gain %.0f%%)",
+                     _fmt(changed), 100 * rebalance.gain)
+            return None
+        log.info("rebalance: new speed figures %s; %s %.2f -> %.2f ms (%.0f%% better)",
+                 _fmt(changed), self.objective, current_cost, new_cost, 100 * rebalance.gain)
+        self._quiet_until_s = now + self.settings.min_interval_s
+        return rebalance
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _new_figures(
+        self, advertised: Mapping[str, float], plan: Plan, now: float
+    ) -> dict[str, float]:
+        changed: dict[str, float] = {}
+        for node_id, ms in advertised.items():
+            drifted = self._drift(node_id, self._figures.get(node_id, ms), now)
+            if drifted is not None:
+                changed[node_id] = drifted
+            elif (
+                node_id in self._figures
+                and node_id not in self._layers
+                and now - self._figure_set_at_s[node_id] >= self.settings.probe_after_s
+            ):
+                changed[node_id] = ms  # unmeasurable: try it at its advertised speed again
+        return changed
+
+    def _drift(self, node_id: str, planned_ms: float, now: float) -> float | None:
+        """The node's measured ms per layer if it drifted off ``planned_ms``, else None."""
+        run: list[_Sample] = []
+        direction = 0
+        for sample in reversed(self._samples.get(node_id, ())):
+            way = self._direction(sample.ms_per_layer, planned_ms)
+            if way == 0 or (direction and way != direction):
+                break
+            direction = way
+            run.append(sample)
+        s = self.settings
+        if len(run) < s.min_reports or now - run[-1].at_s < s.min_drift_s:
+            return None
+        return statistics.median(sample.ms_per_layer for sample in run[: s.min_reports])
+
+    def _direction(self, measured_ms: float, planned_ms: float) -> int:
+        """+1 when far slower than planned, -1 when far faster, 0 within the band."""
+        factor = self.settings.drift_factor
+        if measured_ms >= planned_ms * factor and measured_ms > 0:
+            return 1
+        if measured_ms * factor <= planned_ms:
+            return -1
+        return 0
+
+    def _set_figure(self, node_id: str, figure: float, advertised_ms: float, now: float) -> None:
+        factor = self.settings.drift_factor
+        if advertised_ms / factor < figure < advertised_ms * factor:
+            self._figures.pop(node_id, None)  # close enough: trust what it advertised again
+        else:
+            self._figures[node_id] = figure
+        self._figure_set_at_s[node_id] = now
+        self._samples.pop(node_id, None)
+
+    def _cost(self, costs: tuple[float, float]) -> float:
+        latency_ms, slowest_stage_ms = costs
+        return slowest_stage_ms if self.objective == "throughput" else latency_ms
+
+
+def _fmt(figures: Mapping[str, float]) -> str:
+    return ", ".join(f"{node_id} {ms:.3g} ms/layer" for node_id, ms in sorted(figures.items()))

@@ -1,0 +1,162 @@
+"""Runtime load balancing on a fake clock: who gets re-planned, and when nothing moves."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshllm.balance import Balancer, BalanceSettings, Rebalance
+from meshllm.planner import ModelSpec, NodeCapacity, Plan, plan_layers
+
+SPEC = ModelSpec(num_layers=30, layer_bytes=1000, embed_head_bytes=5000)
+NODES = [NodeCapacity(node_id, 10**9, 1.0) for node_id in ("a", "b", "c")]
+REPORT_EVERY_S = 1.0
+
+
+class Coordinator:
+    """What the daemon does around a Balancer: plans, reports every second, re-plans."""
+
+    def __init__(self, nodes: list[NodeCapacity] = NODES, **balance: float) -> None:
+        self.nodes = nodes
+        self.balancer = Balancer(SPEC, objective="throughput", settings=BalanceSettings(**balance))
+        self.now = 0.0
+        self.rebalances: list[tuple[float, Rebalance]] = []
+        self.plan = self._activate(plan_layers(SPEC, self.balancer.capacities(nodes), objective="throughput"))
+
+    def _activate(self, plan: Plan) -> Plan:
+        self.balancer.plan_active(plan, self.now)
+        return plan
+
+    def layers(self, node_id: str) -> int:
+        span = self.plan.span_of(node_id)
+        return 0 if span is None else span[1] - span[0]
+
+    def run(self, seconds: float, ms_per_layer: dict[str, float]) -> None:
+        """Every node holding layers reports each second at its true speed; re-plans follow."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now += REPORT_EVERY_S
+            for stage in self.plan.stages:
+                true_ms = ms_per_layer.get(stage.node_id, 1.0)
+                self.balancer.observe(stage.node_id, true_ms * stage.num_layers, stage.num_layers,
+                                      steps=20, now=self.now)
+            rebalance = self.balancer.check(self.nodes, self.now)
+            if rebalance is not None:
+                self.rebalances.append((self.now, rebalance))
+                self.now += 0.5  # loading the new spans
+                self.plan = self._activate(rebalance.plan)
+
+
+def test_a_node_slowed_three_times_gets_fewer_layers_after_the_replan() -> None:
+    mesh = Coordinator()
+    assert {mesh.layers(n) for n in "abc"} == {10}
+    mesh.run(30, {"b": 3.0})
+    assert len(mesh.rebalances) == 1
+    _, rebalance = mesh.rebalances[0]
+    assert rebalance.changed == ("b",)
+    assert rebalance.ms_per_layer["b"] == pytest.approx(3.0)
+    assert rebalance.gain >= 0.15
+    assert mesh.layers("b") < 10
+    assert mesh.layers("a") > 10 and mesh.layers("c") > 10
+    assert mesh.balancer.figures == {"b": pytest.approx(3.0)}
+
+
+def test_noise_within_twenty_percent_never_replans() -> None:
+    mesh = Coordinator()
+    rng = random.Random(7)
+    for _ in range(300):
+        mesh.run(1, {n: rng.uniform(0.8, 1.2) for n in "abc"})
+    assert mesh.rebalances == []
+    assert mesh.balancer.figures == {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.8, 1.2), min_size=10, max_size=60))
+def test_any_noise_within_twenty_percent_never_replans(speeds: list[float]) -> None:
+    mesh = Coordinator()
+    for speed in speeds:
+        mesh.run(1, {"a": speed, "b": 2.0 - speed, "c": speed})
+    assert mesh.rebalances == []
+
+
+def test_a_slow_spike_shorter_than_the_window_does_not_replan() -> None:
+    mesh = Coordinator(min_reports=5, min_drift_s=5.0)
+    for _ in range(10):
+        mesh.run(12, {})
+        mesh.run(4, {"b": 4.0})  # four slow reports, then normal again
+    assert mesh.rebalances == []
+
+
+def test_reports_with_too_few_steps_or_a_stale_span_are_ignored() -> None:
+    mesh = Coordinator()
+    for _ in range(30):
+        mesh.now += 1
+        mesh.balancer.observe("b", 30.0, 10, steps=1, now=mesh.now)  # too few decode steps
+        mesh.balancer.observe("c", 30.0, 7, steps=50, now=mesh.now)  # a span of an older plan
+        mesh.balancer.observe("z", 30.0, 10, steps=50, now=mesh.now)  # not in the plan
+        assert mesh.balancer.check(mesh.nodes, mesh.now) is None
+
+
+def test_no_two_replans_closer_than_the_minimum_interval() -> None:
+    mesh = Coordinator(min_interval_s=10.0, min_reports=2, min_drift_s=1.0)
+    speeds = {"a": 1.0, "b": 1.0, "c": 1.0}
+    rng = random.Random(3)
+    for _ in range(40):  # speeds keep jumping around: every drift is real
+        speeds[rng.choice("abc")] = rng.choice([0.5, 1.0, 3.0, 6.0])
+        mesh.run(3, speeds)
+    times = [t for t, _ in mesh.rebalances]
+    assert len(times) >= 3
+    assert all(later - earlier >= 10.0 for earlier, later in zip(times, times[1:]))
+
+
+def test_a_small_gain_moves_nothing_but_the_figure_is_kept() -> None:
+    mesh = Coordinator(min_gain=0.5)
+    mesh.run(30, {"b": 1.6})  # 1.6x slower: a re-plan would save ~15%, less than 50%
+    assert mesh.rebalances == []
+    assert mesh.layers("b") == 10
+    assert mesh.balancer.figures == {"b": pytest.approx(1.6)}
+    caps = {c.node_id: c.ms_per_layer for c in mesh.balancer.capacities(mesh.nodes)}
+    assert caps == {"a": 1.0, "b": pytest.approx(1.6), "c": 1.0}
+
+
+def test_a_node_that_recovers_is_planned_with_its_advertised_speed_again() -> None:
+    mesh = Coordinator()
+    mesh.run(30, {"b": 3.0})
+    assert mesh.layers("b") < 10
+    slow_until = mesh.now
+    mesh.run(4, {})  # back to normal, but not for long enough yet
+    assert len(mesh.rebalances) == 1
+    mesh.run(30, {})
+    assert len(mesh.rebalances) == 2
+    when, rebalance = mesh.rebalances[1]
+    assert when - slow_until >= 5.0
+    assert rebalance.changed == ("b",)
+    assert mesh.balancer.figures == {}
+    assert {mesh.layers(n) for n in "abc"} == {10}
+    mesh.run(60, {})
+    assert len(mesh.rebalances) == 2  # and then it stays put
+
+
+def test_a_slow_node_left_without_layers_is_tried_again_later() -> None:
+    mesh = Coordinator(probe_after_s=60.0)
+    mesh.run(30, {"b": 30.0})  # so slow that the others are better off without it
+    assert len(mesh.rebalances) == 1 and mesh.layers("b") == 0
+    left_out_at = mesh.rebalances[0][0]
+    mesh.run(20, {})
+    assert len(mesh.rebalances) == 1  # it sends no reports, and no probe is due yet
+    mesh.run(30, {})
+    assert len(mesh.rebalances) == 2  # probed at its advertised speed: it recovered
+    assert mesh.rebalances[1][0] - left_out_at >= 60.0
+    assert mesh.balancer.figures == {}
+    assert {mesh.layers(n) for n in "abc"} == {10}
+
+
+def test_a_node_that_leaves_is_forgotten() -> None:
+    mesh = Coordinator()
+    mesh.run(30, {"b": 3.0})
+    mesh.balancer.forget("b")
+    assert mesh.balancer.figures == {}
+    assert mesh.balancer.check([n for n in NODES if n.node_id != "b"], mesh.now + 100) is None
