@@ -188,7 +188,8 @@ class ApiHandlers:
             if finished.reason == "cancelled":
                 await _send_event(response, {"error": _error_body("the daemon is stopping")})
                 return response
-            await _send_event(response, chunk({}, finished.reason))
+            await _send_event(response, {**chunk({}, finished.reason),
+                                         "meshllm": {"token_ids": list(finished.token_ids)}})
             if chat.include_usage:
                 usage = _usage(len(prepared.prompt_ids), finished.completion_tokens)
                 await _send_event(response, {**chunk({}), "choices": [], "usage": usage})

@@ -1,4 +1,4 @@
-"""The ``meshllm`` command: up, ask, status, down, bench (and chat, once the TUI exists).
+"""The ``meshllm`` command: up, ask, status, down, bench and chat.
 
 Every failure a user can cause (a bad model path, a port in use, no daemon running) ends with
 one line on stderr and a non-zero exit code, never a traceback. Options of ``up`` also come
@@ -115,18 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(run=cmd_down)
 
     bench = commands.add_parser(
-        "bench", help="measure decode speed",
-        description="Measure decode tokens/s, time to first token for a long prompt and ms per "
-                    "layer per token. --local runs the engine in this process, no daemon needed.",
+        "bench", help="measure decode speed, time to first token, and a mesh against one node",
+        description="Measure decode tokens/s, time to first token for a long prompt, per-stage "
+                    "compute ms, per-hop ms and bytes per hop. --local runs the engine in this "
+                    "process; --api measures a running mesh (give every node's URL for its stage "
+                    "stats, the entry node first); --mesh N starts a single-node reference and an "
+                    "N-node local mesh per codec on this machine and compares them in one run.",
     )
     where = bench.add_mutually_exclusive_group(required=True)
-    where.add_argument("--local", action="store_true", help="benchmark this machine alone")
-    where.add_argument("--api", default=None, help="benchmark a running mesh (not available yet)")
-    bench.add_argument("--model", default=None, help="model path (default: the built-in model)")
+    where.add_argument("--local", action="store_true", help="benchmark this machine alone, in-process")
+    where.add_argument("--api", action="append", default=None, metavar="URL",
+                       help="a running mesh's node (repeatable; the first is the entry node)")
+    where.add_argument("--mesh", type=int, default=None, metavar="N",
+                       help="compare one node with an N-node local mesh per codec (same total cores)")
+    bench.add_argument("--model", default=None, help="model path for --local/--mesh (default: the built-in model)")
     bench.add_argument("--cache-dir", default=None, help="where converted weights are cached")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="--local: torch threads; --mesh: total cores to share (default: all cores)")
+    bench.add_argument("--codecs", default=",".join(("f32", "f16", "bf16", "int8")),
+                       help="--mesh: codecs to compare (default f32,f16,bf16,int8)")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token (512)")
     bench.add_argument("--decode-tokens", type=int, default=64, help="tokens timed for the decode rate (64)")
+    bench.add_argument("--ttft-runs", type=int, default=3, help="--api/--mesh: TTFT runs, median kept (3)")
+    bench.add_argument("--agreement-tokens", type=int, default=32,
+                       help="--api/--mesh: greedy tokens per agreement prompt (32)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.set_defaults(run=cmd_bench)
 
@@ -325,17 +337,63 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    tui = find_tui_runner()
-    if tui is None:
-        return fail("the terminal UI is not available yet; use `meshllm ask` or the HTTP API")
-    tui(args.api or _default_api(), lambda: None)
+    """``meshllm chat``: the TUI, opening on the chat, on a running daemon."""
+    from daemon.client import DaemonError, DaemonUnreachable, get_status
+
+    api = args.api or _default_api()
+    try:
+        asyncio.run(get_status(api))  # nothing answers: one line, as every client command
+    except (DaemonUnreachable, DaemonError) as error:
+        return fail(str(error))
+    try:
+        from tui.app import run_chat
+    except ImportError as error:
+        return fail(f"the terminal UI cannot start ({error}); use `meshllm ask` or the HTTP API")
+    run_chat(api)
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if not args.local:
-        return fail("bench against a running mesh (--api) is not available yet; use --local",
-                    EXIT_USAGE)
+    for name in ("prompt_tokens", "decode_tokens", "ttft_runs", "agreement_tokens"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
+    if args.threads is not None and args.threads < 1:
+        return fail("--threads must be at least 1", EXIT_USAGE)
+    if args.local:
+        return _bench_local(args)
+    from daemon.bench import (CODECS, BenchError, format_comparison, format_measure, measure_api,
+                              run_mesh_comparison)
+    from daemon.client import DaemonError, DaemonUnreachable
+
+    def progress(message: str) -> None:
+        print(f"meshllm bench: {message}", file=sys.stderr, flush=True)
+
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if args.mesh is not None:
+        if args.mesh < 2:
+            return fail("--mesh needs at least 2 nodes (the single-node reference runs anyway)", EXIT_USAGE)
+        if not codecs or any(c not in CODECS for c in codecs):
+            return fail(f"--codecs must be a comma-separated list of {', '.join(CODECS)}", EXIT_USAGE)
+    options = dict(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                   ttft_runs=args.ttft_runs, agreement_tokens=args.agreement_tokens, progress=progress)
+    try:
+        if args.api:
+            measure, _prompt = asyncio.run(measure_api(args.api, **options))  # type: ignore[arg-type]
+            print(json.dumps({"mode": "api", **measure.to_json()}, indent=2) if args.json
+                  else format_measure(measure))
+            return EXIT_OK
+        comparison = run_mesh_comparison(args.mesh, codecs=codecs, cores=args.threads, model=args.model,
+                                         cache_dir=args.cache_dir, **options)  # type: ignore[arg-type]
+    except BenchError as error:
+        return fail(str(error))
+    except (DaemonUnreachable, DaemonError) as error:
+        return fail(str(error))
+    print(json.dumps(comparison.to_json(), indent=2) if args.json else format_comparison(comparison))
+    return EXIT_OK
+
+
+def _bench_local(args: argparse.Namespace) -> int:
+    """``meshllm bench --local``: the engine (every layer) in this process, no daemon."""
     try:
         config = NodeConfig.from_sources(
             {"model": args.model, "cache_dir": args.cache_dir, "threads": args.threads}, os.environ
@@ -346,13 +404,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from daemon.bench import BenchError, format_bench, run_local_bench
-    from daemon.node import load_engine
     from meshllm.errors import ModelSourceError
+    from meshllm.model.engine import Engine
 
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     try:
-        engine = load_engine(config)
+        engine = Engine.load(config.model, cache_dir=str(config.cache_dir) if config.cache_dir else None)
     except ModelSourceError as error:
         return fail(str(error))
     load_s = time.perf_counter() - started

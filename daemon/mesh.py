@@ -170,7 +170,10 @@ class Mesh:
         self.ready_nodes: set[str] = set()
         self.placement_error: str | None = None
         self._epoch = 0
-        self._last_plan: PlannerPlan | None = None
+        self.leaving: set[str] = set()
+        """Nodes that asked to leave (coordinator side): planned around, then let go."""
+        self.speeds: dict[str, float] = {}
+        """Coordinator side: ms per layer to plan with, where balancing corrected a node's own figure."""
         self._plan_changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._replan_due: float | None = None
@@ -259,6 +262,8 @@ class Mesh:
         if hello is None:
             return
         self.ready_nodes.discard(peer_id)
+        self.leaving.discard(peer_id)
+        self.speeds.pop(peer_id, None)
         self.election.peer_lost(peer_id, time.monotonic())
         self._log_event("leave", f"{hello.name or peer_id} left ({reason})")
         for key, p in list(self._pending.items()):
@@ -305,6 +310,8 @@ class Mesh:
         elif isinstance(msg, wire.DropSession):
             if msg.session_id.startswith(f"{sender}/"):
                 self._spawn(self.worker.call(lambda: self.runtime.drop(msg.session_id)))
+        elif isinstance(msg, wire.NodeReport):
+            self._on_report(sender, msg)
         elif isinstance(msg, wire.PlanRefused):
             self.placement_error = msg.reason
             self._plan_changed.set()
@@ -372,13 +379,20 @@ class Mesh:
         if not self.is_coordinator:
             return
         caps = [
-            NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer)
+            NodeCapacity(nid, h.mem_budget_bytes, self.speeds.get(nid, h.ms_per_layer))
             for nid, h in sorted(self.members.items())
+            if nid not in self.leaving
         ]
+        current = self.book.active or self.book.pending
+        previous = None
+        if current is not None:  # sticky: keep what the nodes hold, even under a new coordinator
+            previous = PlannerPlan(tuple(PlannerStage(n, a, b) for n, a, b in current.stages), 0.0)
         try:
+            if not caps:
+                raise PlacementError("no node is left to hold the model", 0)
             planned = plan_layers(
                 self.spec, caps, objective=self.settings.objective,  # type: ignore[arg-type]
-                previous=self._last_plan,
+                previous=previous,
             )
         except PlacementError as e:
             self.placement_error = str(e)
@@ -386,15 +400,50 @@ class Mesh:
             await self._broadcast(wire.PlanRefused(self.election.term, str(e)[:1000]))
             return
         self.placement_error = None
-        if self._last_plan is not None and planned.stages == self._last_plan.stages and self.book.active is not None:
-            return
-        self._last_plan = planned
+        if previous is not None and planned.stages == previous.stages and current is not None \
+                and current.key[0] == self.election.term:
+            return  # the plan in force (made in this term) is still the best one
         self._epoch += 1
         stages = tuple(wire.Stage(s.node_id, s.start_layer, s.end_layer) for s in planned.stages)
         msg = wire.Plan(self.election.term, self._epoch, stages, self.settings.codec)
         spans = ", ".join(f"{self._name(s.node_id)} [{s.start_layer}, {s.end_layer})" for s in stages)
         self._log_event("replan", f"plan {self.election.term}.{self._epoch}: {spans}")
         await self._broadcast(msg)
+
+    def _on_report(self, sender: str, msg: wire.NodeReport) -> None:
+        if msg.node_id != sender:
+            raise ValueError("a node may only report for itself")
+        if msg.state == "leaving" and sender not in self.leaving:
+            self.leaving.add(sender)
+            self._log_event("leave", f"{self._name(sender)} is leaving: handing its layers over")
+            self._schedule_replan(now=True)
+
+    async def leave(self, timeout_s: float = 5.0) -> None:
+        """Hand this node's layers over before going: ask the coordinator for a plan without
+        it and wait (at most `timeout_s`) until that plan is active. Sessions elsewhere replay
+        onto it between two tokens, so nobody waits for a heartbeat timeout."""
+        if len(self.members) <= 1 or self.election.coordinator_id is None:
+            return
+        report = wire.NodeReport(self.node_id, self.election.term, self.hello.mem_budget_bytes,
+                                 self.hello.ms_per_layer, *self.runtime.span, "leaving")
+        try:
+            await self._send(self.election.coordinator_id, report)
+        except Exception as e:  # noqa: BLE001 - then peers notice the Bye instead
+            log.info("could not announce leaving: %s", e)
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            active = self.book.active
+            if active is not None and self.node_id not in active.node_ids:
+                return
+            if self.placement_error is not None:
+                return  # the others cannot hold the model without this node
+            try:
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                    await self.wait_changed()
+            except TimeoutError:
+                break
+        log.warning("leaving before the others took over this node's layers")
 
     def _name(self, node_id: str) -> str:
         h = self.members.get(node_id)

@@ -141,7 +141,7 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 loading = tasks.create_task(self._load(worker, completions, board, hub, tasks))
                 await self._stop_requested.wait()
-                for cleanup in reversed(self._cleanup):  # say goodbye while the loop still runs
+                for cleanup in self._cleanup:  # say goodbye while the loop still runs
                     try:
                         await cleanup()
                     except Exception as error:  # noqa: BLE001 - stopping goes on regardless
@@ -216,7 +216,6 @@ class Node:
 
         signal_app.router.add_post(SIGNAL_PATH, signal)
         signal_server = await ApiServer.start(signal_app, config.signal_host, config.signal_port)
-        self._cleanup.append(signal_server.stop)
         hello = Hello(board.state.node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
                       info.model_id, signal_server.port, budget, ms_per_layer, True)
         mesh_ref: list[Mesh] = []
@@ -240,16 +239,17 @@ class Node:
         mesh_ref.append(mesh)
         board.attach_mesh(mesh.status_view)
         await links.start()
-        self._cleanup.append(lambda: links.close("meshllm down"))
         self._background.append(tasks.create_task(mesh.run()))
         discovery = Discovery(hello, host=config.signal_host, port=signal_server.port,
                               loopback=config.loopback,
                               on_event=lambda event: mesh.on_discovery(event, links))
         try:
             await discovery.start()
-            self._cleanup.append(discovery.close)
         except OSError as error:  # no multicast here: --join still works
             hub.log("error", f"mDNS discovery unavailable ({error}); use --join HOST:PORT")
+        # On stop, in this order: hand the layers over, say goodbye on mDNS, Bye on every
+        # link, stop answering signaling.
+        self._cleanup += [mesh.leave, discovery.close, lambda: links.close("meshllm down"), signal_server.stop]
         for address in config.join:
             self._background.append(tasks.create_task(mesh.keep_joined(address, links)))
         hub.log("info", f"mesh '{config.mesh_name}': peers reach this node at "

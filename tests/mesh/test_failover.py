@@ -1,0 +1,121 @@
+"""Peers leave, answers don't: a stage or the coordinator dies, leaves or joins mid-answer,
+and the streamed answer still equals the undisturbed single-machine answer, token for token.
+
+Every node sleeps a little before each step it computes (`--debug-delay-ms`), so that a
+64-token answer on the tiny model lasts long enough to be interrupted in the middle.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.launcher import LocalMesh
+from tests.mesh.conftest import stream_chat, unique_mesh_name
+from tests.tinymodel import PROMPTS, chat_ids, reference_greedy
+
+TOKENS = 64
+DELAY = ["--debug-delay-ms", "40"]
+
+
+def start_mesh(model: Path, nodes: int, started: int | None = None, extra: list[str] | None = None,
+               delay: list[str] = DELAY) -> LocalMesh:
+    mesh = LocalMesh(nodes, model=str(model), extra_args=["--mesh-name", unique_mesh_name(), *delay, *(extra or [])])
+    for i in range(started if started is not None else nodes):
+        mesh.start_node(i)
+    mesh.wait_ready(180, nodes=list(range(started if started is not None else nodes)))
+    return mesh
+
+
+@pytest.fixture
+def reference(tiny_llama: Path) -> list[int]:
+    return reference_greedy(tiny_llama, chat_ids(tiny_llama, PROMPTS[1]), TOKENS)
+
+
+def node_index_of(mesh: LocalMesh, node_id: str) -> int:
+    for i, node in enumerate(mesh.nodes):
+        if node.alive and mesh.status(i)["self_id"] == node_id:
+            return i
+    raise LookupError(node_id)
+
+
+def answer_while(mesh: LocalMesh, entry: int, at_piece: int, action) -> "object":  # type: ignore[no-untyped-def]
+    fired = threading.Event()
+
+    def on_piece(n: int) -> None:
+        if n == at_piece and not fired.is_set():
+            fired.set()
+            action()
+
+    out = stream_chat(mesh.nodes[entry].url, list(PROMPTS[1]), TOKENS, on_piece=on_piece)
+    assert fired.is_set(), "the answer ended before the fault was injected"
+    return out
+
+
+@pytest.fixture
+def mesh3(tiny_llama: Path) -> Iterator[LocalMesh]:
+    mesh = start_mesh(tiny_llama, 3)
+    yield mesh
+    mesh.stop()
+
+
+def test_kill_9_the_middle_stage_mid_answer(mesh3: LocalMesh, reference: list[int]) -> None:
+    plan = mesh3.status(0)["plan"]
+    middle = node_index_of(mesh3, plan["stages"][1]["node_id"])
+    entry = next(i for i in range(3) if i != middle)
+    out = answer_while(mesh3, entry, 10, lambda: mesh3.kill_node(middle))
+    assert out.errors == []
+    assert out.token_ids == reference
+    assert "replanning" in out.states and out.states[-1] == "running"
+    after = mesh3.status(entry)["plan"]
+    dead_id = plan["stages"][1]["node_id"]
+    assert dead_id not in {s["node_id"] for s in after["stages"]}
+
+
+def test_kill_9_the_coordinator_mid_answer(mesh3: LocalMesh, reference: list[int]) -> None:
+    status = mesh3.status(0)
+    coordinator = node_index_of(mesh3, status["coordinator_id"])
+    entry = next(i for i in range(3) if i != coordinator)
+    term_before = status["term"]
+    out = answer_while(mesh3, entry, 10, lambda: mesh3.kill_node(coordinator))
+    assert out.errors == []
+    assert out.token_ids == reference
+    after = mesh3.status(entry)
+    assert after["term"] > term_before
+    assert after["coordinator_id"] != status["coordinator_id"]
+
+
+def test_sigterm_a_stage_hands_its_layers_over(tiny_llama: Path, reference: list[int]) -> None:
+    # a long heartbeat timeout: only a clean hand-over can keep this answer flowing
+    mesh = start_mesh(tiny_llama, 3, extra=["--heartbeat-timeout", "30"])
+    try:
+        status = mesh.status(0)
+        stage_ids = [s["node_id"] for s in status["plan"]["stages"]]
+        leaver = node_index_of(mesh, next(n for n in stage_ids if n != status["coordinator_id"]))
+        entry = next(i for i in range(3) if i != leaver)
+        out = answer_while(mesh, entry, 10, lambda: mesh.signal_node(leaver, signal.SIGTERM))
+        assert out.errors == []
+        assert out.token_ids == reference
+        coordinator = node_index_of(mesh, mesh.status(entry)["coordinator_id"])
+        assert "is leaving: handing its layers over" in mesh.logs(coordinator)
+        assert mesh.nodes[leaver].process is not None and mesh.nodes[leaver].process.wait(30) == 0
+    finally:
+        mesh.stop()
+
+
+def test_a_node_joining_mid_answer_does_not_break_it(tiny_llama: Path, reference: list[int]) -> None:
+    # slower steps: the newcomer needs a few seconds to start before it can join
+    mesh = start_mesh(tiny_llama, 3, started=2, delay=["--debug-delay-ms", "150"])
+    try:
+        out = answer_while(mesh, 0, 3, lambda: mesh.start_node(2))
+        assert out.errors == []
+        assert out.token_ids == reference
+        assert "replanning" in out.states  # it was taken in while the answer streamed
+        plan = mesh.wait_ready(120)
+        assert len(plan["stages"]) == 3
+    finally:
+        mesh.stop()
