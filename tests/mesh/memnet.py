@@ -68,6 +68,12 @@ class MemoryNet:
         self.meshes[a].on_link_up(b, hb)
         self.meshes[b].on_link_up(a, ha)
 
+    def disconnect(self, a: str, b: str, reason: str = "heartbeat timeout") -> None:
+        self.links[a].connected.pop(b, None)
+        self.links[b].connected.pop(a, None)
+        self.meshes[a].on_link_down(b, reason)
+        self.meshes[b].on_link_down(a, reason)
+
     def connect_all(self) -> None:
         ids = sorted(self.meshes)
         for i, a in enumerate(ids):
@@ -93,11 +99,12 @@ class MemoryNet:
                 await self.tasks[nid]
             self.workers[nid].stop()
 
-    async def wait_active(self, timeout_s: float = 20.0) -> None:
-        """Until every node has the same active plan."""
+    async def wait_active(self, timeout_s: float = 20.0, nodes: list[str] | None = None) -> None:
+        """Until every node (or the given ones) has the same active plan."""
         async def _all_active() -> None:
             while True:
-                keys = {m.book.active.key if m.book.active else None for m in self.meshes.values()}
+                chosen = [self.meshes[n] for n in nodes] if nodes else list(self.meshes.values())
+                keys = {m.book.active.key if m.book.active else None for m in chosen}
                 if None not in keys and len(keys) == 1:
                     return
                 await asyncio.sleep(0.02)

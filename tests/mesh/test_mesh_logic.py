@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from daemon.mesh import MeshUnavailable
 from meshllm.model.sampling import SamplingParams
 from meshllm.session import Token
 from tests.mesh.memnet import memory_net
@@ -81,3 +84,65 @@ async def test_a_single_node_is_a_mesh_of_one(tiny_mistral: Path) -> None:
         assert mesh.election.coordinator_id == "solo"
         prompt = mesh.runtime.engine.chat_prompt(PROMPTS[4])
         assert await answer(mesh, prompt) == reference_greedy(tiny_mistral, prompt, 32)
+
+
+async def test_a_partition_that_heals_leaves_one_coordinator_and_one_plan(tiny_llama: Path) -> None:
+    async with memory_net() as net:
+        for nid in ("a", "b", "c", "d"):
+            await net.add(nid, tiny_llama)
+        net.connect_all()
+        await net.wait_active()
+        for x in ("a", "b"):
+            for y in ("c", "d"):
+                net.disconnect(x, y)
+        await net.wait_active(nodes=["a", "b"])
+        await net.wait_active(nodes=["c", "d"])
+        sides = {net.meshes["a"].election.coordinator_id, net.meshes["c"].election.coordinator_id}
+        assert len(sides) == 2  # each side elected its own coordinator and serves alone
+        prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
+        want = reference_greedy(tiny_llama, prompt, 32)
+        assert await answer(net.meshes["a"], prompt) == want
+        assert await answer(net.meshes["d"], prompt) == want
+        for x in ("a", "b"):
+            for y in ("c", "d"):
+                net.connect(x, y)
+        await net.wait_active()
+        for _ in range(100):  # let the election settle after the heal
+            coords = {m.election.coordinator_id for m in net.meshes.values()}
+            terms = {m.election.term for m in net.meshes.values()}
+            if len(coords) == 1 and len(terms) == 1:
+                break
+            await asyncio.sleep(0.05)
+        await net.wait_active()
+        coords = {m.election.coordinator_id for m in net.meshes.values()}
+        terms = {m.election.term for m in net.meshes.values()}
+        assert len(coords) == 1 and len(terms) == 1
+        winner = net.meshes[coords.pop()]
+        assert winner.election.term == max(terms)
+        plans = {m.book.active.key for m in net.meshes.values() if m.book.active}
+        assert len(plans) == 1
+        assert await answer(net.meshes["b"], prompt) == want
+
+
+async def test_too_little_memory_fails_fast_with_the_shortfall_then_recovers(tiny_llama: Path) -> None:
+    async with memory_net() as net:
+        first = await net.add("a", tiny_llama)
+        shape = first.runtime.engine.shape
+        budget = shape.embed_head_bytes + 2 * shape.layer_bytes  # two of the six layers each
+        await net.kill("a")
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_llama, mem_budget_bytes=budget)
+        net.connect_all()
+        await net.wait_active()
+        prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
+        want = reference_greedy(tiny_llama, prompt, 16)
+        victim = next(n for n in ("b", "c") if n != net.meshes["a"].election.coordinator_id)
+        await net.kill(victim)
+        with pytest.raises(MeshUnavailable, match=r"bytes"):
+            await asyncio.wait_for(answer(net.meshes["a"], prompt, SamplingParams(max_tokens=16)), 10)
+        await net.add("d", tiny_llama, mem_budget_bytes=budget)
+        for other in list(net.meshes):
+            if other != "d":
+                net.connect(other, "d")
+        await net.wait_active()
+        assert await answer(net.meshes["a"], prompt, SamplingParams(max_tokens=16)) == want
