@@ -146,3 +146,22 @@ async def test_too_little_memory_fails_fast_with_the_shortfall_then_recovers(tin
                 net.connect(other, "d")
         await net.wait_active()
         assert await answer(net.meshes["a"], prompt, SamplingParams(max_tokens=16)) == want
+
+
+async def test_a_seeded_sampled_answer_is_reproducible_across_a_lost_stage(tiny_llama: Path) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=40)
+    async with memory_net() as net:
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_llama)
+        net.connect_all()
+        await net.wait_active()
+        prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[2])
+        undisturbed = await answer(net.meshes["a"], prompt, params)
+        victim = next(n for n in ("b", "c") if n != net.meshes["a"].election.coordinator_id)
+        got: list[int] = []
+        async for item in net.meshes["a"].generate(prompt, params):
+            if isinstance(item, Token):
+                got.append(item.id)
+                if len(got) == 12:
+                    await net.kill(victim)
+        assert got == undisturbed
