@@ -35,12 +35,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshllm.model.sampling import SamplingParams
-
-from daemon.completions import ChatEngine
-
 if TYPE_CHECKING:
     import aiohttp
+
+    from daemon.completions import ChatEngine
 
 _FILLER = (
     "A mesh of ordinary devices shares one language model: each holds a span of layers, "
@@ -97,6 +95,8 @@ def run_local_bench(
     clock: Callable[[], float] = time.perf_counter,
 ) -> LocalBenchResult:
     """Warm up, then time one greedy generation of ``decode_tokens`` + 1 tokens."""
+    from meshllm.model.sampling import SamplingParams  # torch: only the local benchmark needs it
+
     info = engine.info
     if prompt_tokens < 1 or decode_tokens < 1:
         raise BenchError("prompt and decode token counts must be at least 1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def failures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, sub
     taken.listen()
     busy_port = taken.getsockname()[1]
     nobody = f"http://127.0.0.1:{closed_port()}"
-    up = [MESHLLM, "up", "--no-tui", "--state-dir", str(tmp / "state"), "--cache-dir", str(tmp / "cache")]
+    up = [MESHLLM, "up", "--no-tui", "--loopback", "--mesh-name", f"test-{uuid.uuid4().hex[:8]}",
+          "--state-dir", str(tmp / "state"), "--cache-dir", str(tmp / "cache")]
     commands = {
         "port in use": ([*up, "--api-port", str(busy_port)], {}),
         "missing model": ([*up, "--api-port", "0", "--model", str(tmp / "nothing")], {}),
@@ -80,7 +82,7 @@ def failures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, sub
         ("ask nobody", 1, "connection refused"),
         ("status nobody", 1, "connection refused"),
         ("down nobody", 1, "connection refused"),
-        ("bench api", 2, "--local"),
+        ("bench api", 1, "connection refused"),
     ],
 )
 def test_failures_are_one_line_on_stderr(failures: dict[str, subprocess.CompletedProcess[str]],

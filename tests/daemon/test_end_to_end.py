@@ -8,6 +8,7 @@ import selectors
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ def daemon(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("e2e")
     corrupt_file = tmp / "corrupt.gguf"
     corrupt_file.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
-    common = [MESHLLM, "up", "--no-tui", "--api-port", "0", "--threads", "1",
+    # loopback and a mesh name of its own: never on a real interface, never in another test's mesh
+    common = [MESHLLM, "up", "--no-tui", "--api-port", "0", "--threads", "1", "--loopback",
+              "--mesh-name", f"test-{uuid.uuid4().hex[:8]}",
               "--state-dir", str(tmp / "state"), "--cache-dir", str(tmp / "cache")]
     # the corrupt model starts alongside, so both pay for their imports at the same time
     corrupt = subprocess.Popen([*common, "--model", str(corrupt_file)], env=clean_env(),

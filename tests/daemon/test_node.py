@@ -1,4 +1,8 @@
-"""A whole node in this process (fake engine): ready line, stops, start-up failures."""
+"""A whole node in this process on the tiny model: ready line, answers, stops, start-up failures.
+
+Every node here runs in loopback mode under a mesh name of its own, so it never advertises on
+a real interface and never joins another test's mesh. Alone, it is a mesh of one.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import os
 import signal
 import socket
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,23 +23,31 @@ import pytest
 from daemon.config import NodeConfig
 from daemon.node import Node, StartupError
 from meshllm.errors import ModelSourceError
-from tests.daemon.fake_engine import FakeEngine
 from tests.daemon.sse import sse_items
+from tests.tinymodel import chat_ids, reference_greedy
 
 HELLO = [{"role": "user", "content": "hello"}]
+"""The tiny model's greedy answer to this runs past 100 tokens (no early EOS)."""
 
 
-def make_node(tmp_path: Path, engine: FakeEngine | None = None, *, lines: list[str],
-              port: int = 0, handle_signals: bool = False) -> Node:
-    config = NodeConfig(api_port=port, state_dir=tmp_path / "state", threads=1, name="testnode")
-    fake = engine or FakeEngine()
-    return Node(config, engine_loader=lambda _config: fake, announce=lines.append,
+def node_config(tmp_path: Path, model_dir: Path, **changes: Any) -> NodeConfig:
+    settings: dict[str, Any] = dict(
+        model=str(model_dir), api_port=0, state_dir=tmp_path / "state", cache_dir=tmp_path / "cache",
+        threads=1, name="testnode", loopback=True, mesh_name=f"test-{uuid.uuid4().hex[:8]}",
+    )
+    settings.update(changes)
+    return NodeConfig(**settings)
+
+
+def make_node(tmp_path: Path, model_dir: Path, *, lines: list[str], handle_signals: bool = False,
+              **changes: Any) -> Node:
+    return Node(node_config(tmp_path, model_dir, **changes), announce=lines.append,
                 handle_signals=handle_signals)
 
 
 async def start(node: Node) -> asyncio.Task[None]:
     task = asyncio.create_task(node.run())
-    ready = asyncio.create_task(asyncio.to_thread(node.ready.wait, 30))
+    ready = asyncio.create_task(asyncio.to_thread(node.ready.wait, 60))
     await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         await task  # raises the start-up error
@@ -41,28 +55,36 @@ async def start(node: Node) -> asyncio.Task[None]:
     return task
 
 
-async def test_ready_line_then_serves_then_down_stops(tmp_path: Path) -> None:
+async def test_ready_line_then_answers_like_the_reference_then_down_stops(
+        tmp_path: Path, tiny_llama: Path) -> None:
     lines: list[str] = []
-    node = make_node(tmp_path, lines=lines)
+    node = make_node(tmp_path, tiny_llama, lines=lines)
     task = await start(node)
     assert node.api_url is not None and node.api_url.startswith("http://127.0.0.1:")
-    assert lines == [f"meshllm ready: {node.api_url} (model fake-model, 4 layers)"]
+    assert lines == [f"meshllm ready: {node.api_url} (model {tiny_llama.name}, 6 layers)"]
+    expected = reference_greedy(tiny_llama, chat_ids(tiny_llama, HELLO), 8)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{node.api_url}/v1/chat/completions", json={"messages": HELLO}) as r:
-            assert (await r.json())["choices"][0]["message"]["content"] == "echo: hello"
+        body = {"messages": HELLO, "max_tokens": 8, "temperature": 0}
+        async with session.post(f"{node.api_url}/v1/chat/completions", json=body) as r:
+            answer = await r.json()
+        assert answer["meshllm"]["token_ids"] == expected
+        assert answer["usage"]["completion_tokens"] == 8
         async with session.get(f"{node.api_url}/v1/status") as r:
             status = await r.json()
         assert status["self_id"] == (tmp_path / "state" / "node_id").read_text().strip()
         assert status["nodes"][0]["address"] == node.api_url.removeprefix("http://")
+        assert status["plan"]["state"] == "active"
+        assert [(s["start_layer"], s["end_layer"]) for s in status["plan"]["stages"]] == [(0, 6)]
+        assert status["stats"]["decode_steps"] >= 7  # the 7 tokens after the first
         async with session.post(f"{node.api_url}/v1/down", json={}) as r:
             assert await r.json() == {"ok": True}
     await asyncio.wait_for(task, 30)
 
 
-async def test_node_id_survives_a_restart(tmp_path: Path) -> None:
+async def test_node_id_survives_a_restart(tmp_path: Path, tiny_llama: Path) -> None:
     ids = []
     for _ in range(2):
-        node = make_node(tmp_path, lines=[])
+        node = make_node(tmp_path, tiny_llama, lines=[])
         task = await start(node)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{node.api_url}/v1/status") as r:
@@ -72,8 +94,8 @@ async def test_node_id_survives_a_restart(tmp_path: Path) -> None:
     assert ids[0] == ids[1]
 
 
-async def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
-    node = make_node(tmp_path, lines=[], handle_signals=True)
+async def test_sigterm_stops_cleanly(tmp_path: Path, tiny_llama: Path) -> None:
+    node = make_node(tmp_path, tiny_llama, lines=[], handle_signals=True)
     task = await start(node)
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(task, 30)
@@ -82,15 +104,15 @@ async def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
             await session.get(f"{node.api_url}/v1/status")
 
 
-async def test_stopping_ends_a_running_stream_with_an_error(tmp_path: Path) -> None:
-    engine = FakeEngine(token_delay_s=0.01, endless=True)
-    node = make_node(tmp_path, engine, lines=[])
+async def test_stopping_ends_a_running_stream_with_an_error(tmp_path: Path, tiny_llama: Path) -> None:
+    node = make_node(tmp_path, tiny_llama, lines=[], debug_delay_ms=20.0)  # ~20 ms per token
     task = await start(node)
-    body = {"messages": HELLO, "stream": True, "max_tokens": 4096}
+    body = {"messages": HELLO, "stream": True, "max_tokens": 200, "temperature": 0}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{node.api_url}/v1/chat/completions", json=body) as response:
             items = sse_items(response)
-            await anext(items)
+            while "content" not in (await anext(items))["choices"][0]["delta"]:
+                pass  # until the answer is under way
             node.request_stop()
             rest = [item async for item in items]
     assert rest[-1] == {"error": {"message": "the daemon is stopping", "type": "server_error",
@@ -98,29 +120,29 @@ async def test_stopping_ends_a_running_stream_with_an_error(tmp_path: Path) -> N
     await asyncio.wait_for(task, 30)
 
 
-async def test_model_error_is_a_startup_error(tmp_path: Path) -> None:
-    def broken(_config: NodeConfig) -> FakeEngine:
+async def test_model_error_is_a_startup_error(tmp_path: Path, tiny_llama: Path) -> None:
+    def broken(_config: NodeConfig) -> Any:
         raise ModelSourceError("model path does not exist: /nowhere")
 
     lines: list[str] = []
-    config = NodeConfig(api_port=0, state_dir=tmp_path, threads=1)
-    node = Node(config, engine_loader=broken, announce=lines.append, handle_signals=False)
+    node = Node(node_config(tmp_path, tiny_llama), runtime_loader=broken, announce=lines.append,
+                handle_signals=False)
     with pytest.raises(StartupError, match="model path does not exist: /nowhere"):
         await asyncio.wait_for(node.run(), 30)
     assert lines == []
 
 
-async def test_port_in_use_is_a_startup_error(tmp_path: Path) -> None:
+async def test_port_in_use_is_a_startup_error(tmp_path: Path, tiny_llama: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        node = make_node(tmp_path, lines=[], port=port)
+        node = make_node(tmp_path, tiny_llama, lines=[], api_port=port)
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
             await asyncio.wait_for(node.run(), 30)
 
 
-def test_up_with_tui_runs_the_tui_on_a_serving_node(tmp_path: Path) -> None:
+def test_up_with_tui_runs_the_tui_on_a_serving_node(tmp_path: Path, tiny_llama: Path) -> None:
     from daemon.cli import EXIT_OK, up_with_tui
 
     seen: dict[str, object] = {}
@@ -130,21 +152,22 @@ def test_up_with_tui_runs_the_tui_on_a_serving_node(tmp_path: Path) -> None:
             seen["status"] = json.load(response)
         on_quit()
 
-    config = NodeConfig(api_port=0, state_dir=tmp_path, threads=1, no_tui=False)
-    assert up_with_tui(config, fake_tui, engine_loader=lambda _c: FakeEngine()) == EXIT_OK
+    config = node_config(tmp_path, tiny_llama, no_tui=False)
+    assert up_with_tui(config, fake_tui) == EXIT_OK
     status = seen["status"]
     assert isinstance(status, dict) and status["nodes"][0]["state"] == "ready"
 
 
-def test_up_with_tui_reports_a_start_up_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_up_with_tui_reports_a_start_up_failure(tmp_path: Path, tiny_llama: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     from daemon.cli import EXIT_FAILURE, up_with_tui
 
-    def broken(_config: NodeConfig) -> FakeEngine:
-        raise ModelSourceError("not a GGUF file (bad magic): x.gguf")
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + b"\x00" * 32)
 
     def never(api_url: str, on_quit: Callable[[], None]) -> None:
         raise AssertionError("the TUI must not start")
 
-    config = NodeConfig(api_port=0, state_dir=tmp_path, threads=1)
-    assert up_with_tui(config, never, engine_loader=broken) == EXIT_FAILURE
-    assert capsys.readouterr().err == "meshllm: not a GGUF file (bad magic): x.gguf\n"
+    config = node_config(tmp_path, tiny_llama, model=str(bad))
+    assert up_with_tui(config, never) == EXIT_FAILURE
+    assert capsys.readouterr().err == f"meshllm: not a GGUF file (bad magic): {bad}\n"
