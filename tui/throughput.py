@@ -23,6 +23,17 @@ class TokenRate:
         self.tokens += tokens
         self._last_s = now
 
+    def settle(self, total_tokens: int, now: float) -> None:
+        """The answer is over and the daemon counted ``total_tokens``: that is the true total.
+
+        Text pieces undercount: a piece can join several tokens (a character split across
+        tokens shows with the last one), and the end-of-sequence token shows no text. The
+        rate then runs from the first token to ``now``, the end of the answer.
+        """
+        self.tokens = max(0, total_tokens)
+        if self._first_s is not None:
+            self._last_s = now
+
     def per_s(self) -> float | None:
         """None until two tokens have arrived some time apart."""
         if self._first_s is None or self._last_s is None or self._last_s <= self._first_s:

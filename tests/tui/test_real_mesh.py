@@ -17,7 +17,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from daemon.launcher import LocalMesh
-from tests.mesh.conftest import unique_mesh_name
+from tests.mesh.conftest import chat, unique_mesh_name
 from tests.tui.pilot_tools import screen_text
 from tui.app import MeshApp
 from tui.client import DaemonClient
@@ -72,6 +72,9 @@ async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh
     api_url = mesh.nodes[0].url
     expected = await meshllm_ask(api_url, PROMPT)
     assert expected.strip(), "the tiny model gave an empty answer; pick another prompt"
+    reference = chat(api_url, [{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS, timeout_s=60)
+    assert reference["choices"][0]["message"]["content"] == expected
+    tokens = reference["usage"]["completion_tokens"]
 
     app = MeshApp(DaemonClient(api_url), settings=SETTINGS)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -100,3 +103,4 @@ async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh
         assert shown[:2] == [("user", PROMPT), ("assistant", expected)]
         status_line = str(app.query_one("#chat-status").render())
         assert "on 2 nodes" in status_line and "done" in status_line and "tok/s" in status_line
+        assert f"· {tokens} tokens ·" in status_line  # the daemon's count, not the text pieces'

@@ -165,6 +165,8 @@ class ChatView(Vertical):
                     replanning = False
                 if delta.finish_reason:
                     finish_reason = delta.finish_reason
+                if delta.completion_tokens is not None:
+                    rate.settle(delta.completion_tokens, time.monotonic())
                 self.post_message(self.AnswerProgress(answer_id, text, rate.tokens, rate.per_s(), replanning))
         except asyncio.CancelledError:
             self.post_message(self.AnswerEnded(answer_id, text, rate.tokens, rate.per_s(), "stopped"))
