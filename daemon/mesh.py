@@ -23,6 +23,7 @@ import numpy as np
 
 from meshllm import election as el
 from meshllm import wire
+from meshllm.balance import BalanceSettings, Balancer
 from meshllm.errors import MeshllmError, PlacementError, WireError
 from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
@@ -125,6 +126,9 @@ class MeshSettings:
     replan_debounce_s: float = 0.1
     debug_delay_s: float = 0.0
     """Testing aid: sleep before every step this node computes, as a slow device would."""
+    report_interval_s: float = 1.0
+    """How often a stage reports its measured decode speed to the coordinator."""
+    balance: BalanceSettings = BalanceSettings()
 
 
 def incompatibility(ours: wire.Hello, theirs: wire.Hello) -> str | None:
@@ -172,8 +176,11 @@ class Mesh:
         self._epoch = 0
         self.leaving: set[str] = set()
         """Nodes that asked to leave (coordinator side): planned around, then let go."""
-        self.speeds: dict[str, float] = {}
-        """Coordinator side: ms per layer to plan with, where balancing corrected a node's own figure."""
+        self.balancer = Balancer(self.spec_for(runtime), objective=settings.objective,  # type: ignore[arg-type]
+                                 settings=settings.balance)
+        """Coordinator side: measured stage speeds against the plan (runtime balancing)."""
+        self._next_report = 0.0
+        self._reported = (0, 0.0)
         self._plan_changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._replan_due: float | None = None
@@ -186,8 +193,7 @@ class Mesh:
         """Discovered peers that cannot join, by instance name: address and reason."""
         self._connecting: set[str] = set()
         self.stats = StageStats()
-        shape = runtime.engine.shape
-        self.spec = ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes)
+        self.spec = self.spec_for(runtime)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -204,7 +210,8 @@ class Mesh:
         try:
             while True:
                 now = time.monotonic()
-                deadlines = [d for d in (self.election.next_timer(), self._replan_due) if d is not None]
+                deadlines = [d for d in (self.election.next_timer(), self._replan_due, self._next_report)
+                             if d is not None]
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 self._wake.clear()
                 try:
@@ -220,6 +227,8 @@ class Mesh:
                 if self._replan_due is not None and self._replan_due <= now:
                     self._replan_due = None
                     await self._replan()
+                if self._next_report <= now:
+                    await self._report_speed(now)
         finally:
             self._closed = True
             for task in list(self._tasks):
@@ -263,7 +272,7 @@ class Mesh:
             return
         self.ready_nodes.discard(peer_id)
         self.leaving.discard(peer_id)
-        self.speeds.pop(peer_id, None)
+        self.balancer.forget(peer_id)
         self.election.peer_lost(peer_id, time.monotonic())
         self._log_event("leave", f"{hello.name or peer_id} left ({reason})")
         for key, p in list(self._pending.items()):
@@ -378,11 +387,7 @@ class Mesh:
     async def _replan(self) -> None:
         if not self.is_coordinator:
             return
-        caps = [
-            NodeCapacity(nid, h.mem_budget_bytes, self.speeds.get(nid, h.ms_per_layer))
-            for nid, h in sorted(self.members.items())
-            if nid not in self.leaving
-        ]
+        caps = self.balancer.capacities([c for c in self._advertised() if c.node_id not in self.leaving])
         current = self.book.active or self.book.pending
         previous = None
         if current is not None:  # sticky: keep what the nodes hold, even under a new coordinator
@@ -403,6 +408,9 @@ class Mesh:
         if previous is not None and planned.stages == previous.stages and current is not None \
                 and current.key[0] == self.election.term:
             return  # the plan in force (made in this term) is still the best one
+        await self._publish(planned)
+
+    async def _publish(self, planned: PlannerPlan) -> None:
         self._epoch += 1
         stages = tuple(wire.Stage(s.node_id, s.start_layer, s.end_layer) for s in planned.stages)
         msg = wire.Plan(self.election.term, self._epoch, stages, self.settings.codec)
@@ -417,6 +425,18 @@ class Mesh:
             self.leaving.add(sender)
             self._log_event("leave", f"{self._name(sender)} is leaving: handing its layers over")
             self._schedule_replan(now=True)
+        elif msg.state == "ready" and self.is_coordinator and self.book.active is not None:
+            layers = msg.span_end - msg.span_start
+            now = time.monotonic()
+            self.balancer.observe(sender, msg.ms_per_layer * layers, layers,
+                                  steps=self.settings.balance.min_steps, now=now)
+            rebalance = self.balancer.check(
+                [c for c in self._advertised() if c.node_id not in self.leaving], now)
+            if rebalance is not None:
+                names = ", ".join(self._name(n) for n in rebalance.changed)
+                self._log_event("replan", f"rebalancing: {names} runs off its planned speed "
+                                          f"({100 * rebalance.gain:.0f}% better plan)")
+                self._spawn(self._publish(rebalance.plan))
 
     async def leave(self, timeout_s: float = 5.0) -> None:
         """Hand this node's layers over before going: ask the coordinator for a plan without
@@ -444,6 +464,35 @@ class Mesh:
             except TimeoutError:
                 break
         log.warning("leaving before the others took over this node's layers")
+
+    def _advertised(self) -> list[NodeCapacity]:
+        return [NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer) for nid, h in sorted(self.members.items())]
+
+    @staticmethod
+    def spec_for(runtime: Runtime) -> ModelSpec:
+        shape = runtime.engine.shape
+        return ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes)
+
+    async def _report_speed(self, now: float) -> None:
+        """Stage side: tell the coordinator how fast this node's span really runs.
+
+        Only after at least a few decode steps since the last report, so that each report
+        is an average of real work."""
+        self._next_report = now + self.settings.report_interval_s
+        plan = self.book.active
+        start, end = self.runtime.span
+        coordinator = self.election.coordinator_id
+        steps, total_ms = self.stats.decode_steps, self.stats.decode_compute_ms
+        d_steps, d_ms = steps - self._reported[0], total_ms - self._reported[1]
+        if plan is None or coordinator is None or end == start or d_steps < self.settings.balance.min_steps:
+            return
+        self._reported = (steps, total_ms)
+        report = wire.NodeReport(self.node_id, self.election.term, self.hello.mem_budget_bytes,
+                                 d_ms / d_steps / (end - start), start, end, "ready")
+        try:
+            await self._send(coordinator, report)
+        except Exception as e:  # noqa: BLE001 - a lost coordinator is handled by the election
+            log.debug("speed report not sent: %s", e)
 
     def _name(self, node_id: str) -> str:
         h = self.members.get(node_id)
@@ -490,6 +539,10 @@ class Mesh:
         plan = self.book.activate((msg.term, msg.epoch))
         if plan is None:
             return
+        if self.is_coordinator:
+            self.balancer.plan_active(
+                PlannerPlan(tuple(PlannerStage(n, a, b) for n, a, b in plan.stages), 0.0), time.monotonic())
+        self._reported = (self.stats.decode_steps, self.stats.decode_compute_ms)
         self.ready_nodes = set(plan.node_ids)
         self._plan_changed.set()
         self._notify_change()

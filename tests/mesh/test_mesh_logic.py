@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.mesh import MeshUnavailable
+from daemon.mesh import MeshSettings, MeshUnavailable
 from meshllm.model.sampling import SamplingParams
 from meshllm.session import Token
 from tests.mesh.memnet import memory_net
@@ -165,3 +165,32 @@ async def test_a_seeded_sampled_answer_is_reproducible_across_a_lost_stage(tiny_
                 if len(got) == 12:
                     await net.kill(victim)
         assert got == undisturbed
+
+
+async def test_a_stage_that_turns_slow_is_given_fewer_layers(tiny_llama: Path) -> None:
+    from meshllm.balance import BalanceSettings
+
+    fast = BalanceSettings(min_reports=3, min_drift_s=0.3, min_interval_s=0.5, min_steps=3)
+
+    def settings(delay_s: float) -> MeshSettings:
+        return MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, report_interval_s=0.1,
+                            balance=fast, debug_delay_s=delay_s)
+
+    async with memory_net() as net:
+        await net.add("a", tiny_llama, settings=settings(0.0))
+        await net.add("b", tiny_llama, settings=settings(0.02))  # busy: 20 ms more per step
+        await net.add("c", tiny_llama, settings=settings(0.0))
+        net.connect_all()
+        await net.wait_active()
+        before = net.meshes["a"].book.active
+        assert before is not None
+        layers_before = dict((n, e - s) for n, s, e in before.stages)
+        assert layers_before.get("b", 0) == 2
+        prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
+        want = reference_greedy(tiny_llama, prompt, 200)
+        got = await answer(net.meshes["a"], prompt, SamplingParams(max_tokens=200))
+        assert got == want  # re-planned mid-answer, and still exact
+        after = net.meshes["a"].book.active
+        assert after is not None and after.key != before.key
+        layers_after = dict((n, e - s) for n, s, e in after.stages)
+        assert layers_after.get("b", 0) < 2
