@@ -24,7 +24,8 @@ class Coordinator:
         self.balancer = Balancer(SPEC, objective="throughput", settings=BalanceSettings(**balance))
         self.now = 0.0
         self.rebalances: list[tuple[float, Rebalance]] = []
-        self.plan = self._activate(plan_layers(SPEC, self.balancer.capacities(nodes), objective="throughput"))
+        first = plan_layers(SPEC, self.balancer.capacities(nodes), objective="throughput")
+        self.plan = self._activate(first)
 
     def _activate(self, plan: Plan) -> Plan:
         self.balancer.plan_active(plan, self.now)
