@@ -33,6 +33,9 @@ from meshllm.errors import WireError
 from meshllm.wire import Hello
 from meshllm.wire.messages import MAX_ID_CHARS, MAX_NAME_CHARS
 
+from daemon.tasks import TaskSet
+
+
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_meshllm._tcp.local."
@@ -185,7 +188,7 @@ class Discovery:
         self._info: AsyncServiceInfo | None = None
         self._seen: dict[str, PeerSeen] = {}
         """Full instance name -> what was last reported for it."""
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet('discovery')
         self._broadcast: asyncio.Future[Any] | None = None
         """zeroconf's announcements of our record (repeated a few times after a change)."""
 
@@ -222,10 +225,9 @@ class Discovery:
 
     async def close(self) -> None:
         """Say goodbye (unregister) and stop browsing."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        tasks = self._tasks.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         if self._browser is not None:
             await self._browser.async_cancel()
             self._browser = None
@@ -268,7 +270,7 @@ class Discovery:
             last = self._seen.pop(name, None)
             self._notify(PeerGone(name=_short(name), node_id=last.node_id if last else None))
             return
-        self._spawn(self._resolve(name), f"resolve {name}")
+        self._tasks.spawn(self._resolve(name), f"resolve {name}")
 
     async def _resolve(self, name: str) -> None:
         assert self._zc is not None
@@ -308,16 +310,6 @@ class Discovery:
             self._on_event(event)
         except Exception:
             log.exception("discovery callback failed on %s", event)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %r failed", task.get_name(), exc_info=task.exception())
 
 
 def _short(name: str) -> str:

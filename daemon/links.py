@@ -42,6 +42,7 @@ from aiortc.exceptions import InvalidStateError
 from daemon.config import ConfigError, parse_host_port
 from daemon.loopback import is_loopback_host, loopback_ice, usable_candidates
 from daemon.meshkey import NO_KEY_WARNING
+from daemon.tasks import TaskSet
 from daemon.signaling import (
     MAX_BODY_BYTES,
     SIGNAL_PATH,
@@ -216,7 +217,7 @@ class LinkManager:
         """Links whose peer is known (at most one per peer), connecting or up."""
         self._every_link: set[_Link] = set()
         """Every link not closed yet, including those still signaling."""
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet('links')
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._running = False
@@ -235,7 +236,7 @@ class LinkManager:
         if not self._auth.has_key:
             log.warning(NO_KEY_WARNING)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._connect_timeout_s))
-        self._heartbeat_task = self._spawn(self._heartbeat_loop(), "link heartbeats")
+        self._heartbeat_task = self._tasks.spawn(self._heartbeat_loop(), "link heartbeats")
         self._running = True
 
     async def close(self, reason: str = "closed") -> None:
@@ -496,7 +497,7 @@ class LinkManager:
         link.settled.set()
         for channel in link.channels.values():
             channel.drained.set()
-        self._spawn(link.pc.close(), f"close link to {link.peer_id}")
+        self._tasks.spawn(link.pc.close(), f"close link to {link.peer_id}")
         if was_up:
             assert link.peer_id is not None
             log.info("link down: %s: %s", link.peer_id, reason)
@@ -637,17 +638,6 @@ class LinkManager:
             callback(*args)
         except Exception:
             log.exception("link callback %s failed", getattr(callback, "__qualname__", callback))
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %r failed", task.get_name(), exc_info=task.exception())
 
 
 async def _read_json(request: web.Request) -> object:

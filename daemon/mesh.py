@@ -32,9 +32,11 @@ from meshllm.plans import PlanBook, PlanKey, PlanView
 from meshllm.session import StateChange, Token
 
 from daemon.worker import GenerationWorker
+from daemon.tasks import TaskSet
 
 if TYPE_CHECKING:
     from daemon.links import LinkManager
+
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,7 @@ class Mesh:
         self._replan_due: float | None = None
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._session_ids = itertools.count()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet('mesh')
         self._closed = False
         self._changed = asyncio.Event()
         self.incompatible: dict[str, dict[str, str]] = {}
@@ -231,8 +233,7 @@ class Mesh:
                     await self._report_speed(now)
         finally:
             self._closed = True
-            for task in list(self._tasks):
-                task.cancel()
+            self._tasks.cancel()
             for p in self._pending.values():
                 if not p.future.done():
                     p.future.set_exception(StepLost("the node is stopping"))
@@ -245,16 +246,6 @@ class Mesh:
         """Until the mesh state changes (membership, election, plans)."""
         self._changed.clear()
         await self._changed.wait()
-
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("mesh task failed: %r", task.exception(), exc_info=task.exception())
 
     # -- links ---------------------------------------------------------------------------
 
@@ -284,7 +275,7 @@ class Mesh:
         prefix = f"{peer_id}/"
         for sid in self.runtime.shard.session_ids:
             if sid.startswith(prefix):
-                self._spawn(self.worker.call(lambda s=sid: self.runtime.drop(s)))
+                self._tasks.spawn(self.worker.call(lambda s=sid: self.runtime.drop(s)))
         self._schedule_replan()
         self._wake.set()
         self._notify_change()
@@ -311,14 +302,14 @@ class Mesh:
         elif isinstance(msg, wire.PlanActive):
             self._on_plan_active(msg)
         elif isinstance(msg, wire.Forward):
-            self._spawn(self._on_forward(sender, msg))
+            self._tasks.spawn(self._on_forward(sender, msg))
         elif isinstance(msg, wire.Result):
             self._on_result(msg.session_id, msg.seq, self._decode_hidden(msg.hidden))
         elif isinstance(msg, wire.StepFailed):
             self._fail_step(msg.session_id, msg.seq, f"{sender}: {msg.code}: {msg.message}")
         elif isinstance(msg, wire.DropSession):
             if msg.session_id.startswith(f"{sender}/"):
-                self._spawn(self.worker.call(lambda: self.runtime.drop(msg.session_id)))
+                self._tasks.spawn(self.worker.call(lambda: self.runtime.drop(msg.session_id)))
         elif isinstance(msg, wire.NodeReport):
             self._on_report(sender, msg)
         elif isinstance(msg, wire.PlanRefused):
@@ -436,7 +427,7 @@ class Mesh:
                 names = ", ".join(self._name(n) for n in rebalance.changed)
                 self._log_event("replan", f"rebalancing: {names} runs off its planned speed "
                                           f"({100 * rebalance.gain:.0f}% better plan)")
-                self._spawn(self._publish(rebalance.plan))
+                self._tasks.spawn(self._publish(rebalance.plan))
 
     async def leave(self, timeout_s: float = 5.0) -> None:
         """Hand this node's layers over before going: ask the coordinator for a plan without
@@ -502,7 +493,7 @@ class Mesh:
         if not self.is_coordinator:
             return
         if self.book.mark_ready((msg.term, msg.epoch), msg.node_id):
-            self._spawn(self._broadcast(wire.PlanActive(msg.term, msg.epoch)))
+            self._tasks.spawn(self._broadcast(wire.PlanActive(msg.term, msg.epoch)))
 
     # -- every node: plans ---------------------------------------------------------------
 
@@ -523,7 +514,7 @@ class Mesh:
         for p in self._pending.values():
             if not p.future.done():
                 p.future.set_exception(StepLost("a new plan arrived"))
-        self._spawn(self._adopt(view))
+        self._tasks.spawn(self._adopt(view))
         self._notify_change()
 
     async def _adopt(self, view: PlanView) -> None:
@@ -696,7 +687,7 @@ class Mesh:
                 token_id = await self.worker.call(lambda: self.runtime.head_sample(out, sampler))
                 yield session.accept(token_id)
         finally:
-            self._spawn(self._drop_everywhere(session.session_id, plan_key))
+            self._tasks.spawn(self._drop_everywhere(session.session_id, plan_key))
 
     async def _drop_everywhere(self, session_id: str, plan_key: PlanKey | None) -> None:
         plan = self.book.active
@@ -734,7 +725,7 @@ class Mesh:
             return
         self.incompatible.pop(event.name, None)
         if self.node_id < event.node_id and event.node_id not in links.peers():
-            self._spawn(self._dial(event.address, links))
+            self._tasks.spawn(self._dial(event.address, links))
 
     async def _dial(self, address: str, links: "LinkManager") -> str | None:
         from daemon.links import LinkError
