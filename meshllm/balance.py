@@ -17,16 +17,18 @@ Driving it (the coordinator)::
 A node **drifts** when its last ``min_reports`` reports (or more) are all off the figure it is
 planned with, the same way (``drift_factor`` times slower, or that much faster), and the first
 of them came at least ``min_drift_s`` ago. Its new figure is the median of the latest
-``min_reports`` of them. A new figure within ``drift_factor`` of the advertised speed is
-dropped in favour of the advertised one, so a node that recovers is planned as it advertised.
+``min_reports`` of them. Every other stage with at least ``min_reports`` reports is re-measured
+the same way at that moment, so that the re-plan compares measured figures with measured ones
+(advertised speeds come from a start-up benchmark and differ from stage timings by overheads).
+A node that recovers drifts back the other way and is planned with its real speed again.
 
 ``check`` re-plans with the new figures (sticky to the current plan) and returns a
 :class:`Rebalance` only when, costed with the new figures, the new plan beats the current one
 by ``min_gain`` on the objective, and no plan became active in the last ``min_interval_s``.
 Otherwise the new figures are kept (later re-plans use them) and nothing moves.
 
-A node planned with a slow figure that then holds no layers sends no reports, so it cannot be
-seen recovering: after ``probe_after_s`` it is planned with its advertised speed again (if
+A node planned with a measured figure that then holds no layers sends no reports, so it cannot
+be seen recovering: after ``probe_after_s`` it is planned with its advertised speed again (if
 that gains enough), and measured anew.
 """
 
@@ -36,7 +38,7 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from meshllm.errors import PlacementError
@@ -99,7 +101,7 @@ class Rebalance:
     ms_per_layer: Mapping[str, float]
     """The figure every node was planned with (as :meth:`Balancer.capacities` gives)."""
     changed: tuple[str, ...]
-    """Nodes whose figure changed, sorted."""
+    """The nodes that drifted (or were probed), sorted: the reason for the re-plan."""
     current_cost_ms: float
     """The current plan's objective (slowest stage or ms per token) under the new figures."""
     new_cost_ms: float
@@ -199,11 +201,15 @@ class Balancer:
         advertised = {node.node_id: node.ms_per_layer for node in nodes}
         if not set(plan.node_ids) <= advertised.keys():
             return None  # a stage left: the membership re-plan comes first
-        changed = self._new_figures(advertised, plan, now)
+        changed = self._new_figures(advertised, now)
         if not changed:
             return None
-        for node_id, figure in changed.items():
-            self._set_figure(node_id, figure, advertised[node_id], now)
+        refreshed = {
+            node_id: self._recent_ms(node_id) for node_id, samples in self._samples.items()
+            if node_id not in changed and len(samples) >= self.settings.min_reports
+        }
+        for node_id, figure in {**refreshed, **changed}.items():
+            self._set_figure(node_id, figure, now)
         caps = self.capacities(nodes)
         figures = {cap.node_id: cap.ms_per_layer for cap in caps}
         hops = HopCosts(hop_ms, default_hop_ms)
@@ -218,19 +224,19 @@ class Balancer:
         rebalance = Rebalance(new, figures, tuple(sorted(changed)), current_cost, new_cost)
         if new.stages == plan.stages or rebalance.gain < self.settings.min_gain:
             log.info("new speed figures %s; no re-plan (gain %.0f%%)",
-                     _fmt(changed), 100 * rebalance.gain)
+                     _fmt(figures, changed), 100 * rebalance.gain)
             return None
         log.info("rebalance: new speed figures %s; %s %.2f -> %.2f ms (%.0f%% better)",
-                 _fmt(changed), self.objective, current_cost, new_cost, 100 * rebalance.gain)
+                 _fmt(figures, changed), self.objective, current_cost, new_cost,
+                 100 * rebalance.gain)
         self._quiet_until_s = now + self.settings.min_interval_s
         return rebalance
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _new_figures(
-        self, advertised: Mapping[str, float], plan: Plan, now: float
-    ) -> dict[str, float]:
-        changed: dict[str, float] = {}
+    def _new_figures(self, advertised: Mapping[str, float], now: float) -> dict[str, float | None]:
+        """Drifted nodes' measured figures; None for nodes to try at their advertised speed."""
+        changed: dict[str, float | None] = {}
         for node_id, ms in advertised.items():
             drifted = self._drift(node_id, self._figures.get(node_id, ms), now)
             if drifted is not None:
@@ -240,7 +246,7 @@ class Balancer:
                 and node_id not in self._layers
                 and now - self._figure_set_at_s[node_id] >= self.settings.probe_after_s
             ):
-                changed[node_id] = ms  # unmeasurable: try it at its advertised speed again
+                changed[node_id] = None  # unmeasurable: try it at its advertised speed again
         return changed
 
     def _drift(self, node_id: str, planned_ms: float, now: float) -> float | None:
@@ -253,10 +259,14 @@ class Balancer:
                 break
             direction = way
             run.append(sample)
-        s = self.settings
-        if len(run) < s.min_reports or now - run[-1].at_s < s.min_drift_s:
+        if len(run) < self.settings.min_reports or now - run[-1].at_s < self.settings.min_drift_s:
             return None
-        return statistics.median(sample.ms_per_layer for sample in run[: s.min_reports])
+        return self._recent_ms(node_id)
+
+    def _recent_ms(self, node_id: str) -> float:
+        """The median ms per layer of the node's latest ``min_reports`` reports."""
+        recent = list(self._samples[node_id])[-self.settings.min_reports:]
+        return statistics.median(sample.ms_per_layer for sample in recent)
 
     def _direction(self, measured_ms: float, planned_ms: float) -> int:
         """+1 when far slower than planned, -1 when far faster, 0 within the band."""
@@ -267,10 +277,9 @@ class Balancer:
             return -1
         return 0
 
-    def _set_figure(self, node_id: str, figure: float, advertised_ms: float, now: float) -> None:
-        factor = self.settings.drift_factor
-        if advertised_ms / factor < figure < advertised_ms * factor:
-            self._figures.pop(node_id, None)  # close enough: trust what it advertised again
+    def _set_figure(self, node_id: str, figure: float | None, now: float) -> None:
+        if figure is None:
+            self._figures.pop(node_id, None)
         else:
             self._figures[node_id] = figure
         self._figure_set_at_s[node_id] = now
@@ -281,5 +290,5 @@ class Balancer:
         return slowest_stage_ms if self.objective == "throughput" else latency_ms
 
 
-def _fmt(figures: Mapping[str, float]) -> str:
-    return ", ".join(f"{node_id} {ms:.3g} ms/layer" for node_id, ms in sorted(figures.items()))
+def _fmt(figures: Mapping[str, float], nodes: Iterable[str]) -> str:
+    return ", ".join(f"{node_id} {figures[node_id]:.3g} ms/layer" for node_id in sorted(nodes))

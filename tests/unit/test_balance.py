@@ -31,6 +31,10 @@ class Coordinator:
         self.balancer.plan_active(plan, self.now)
         return plan
 
+    def planned_ms(self) -> dict[str, float]:
+        """The ms per layer each node would be planned with now."""
+        return {cap.node_id: cap.ms_per_layer for cap in self.balancer.capacities(self.nodes)}
+
     def layers(self, node_id: str) -> int:
         span = self.plan.span_of(node_id)
         return 0 if span is None else span[1] - span[0]
@@ -62,7 +66,7 @@ def test_a_node_slowed_three_times_gets_fewer_layers_after_the_replan() -> None:
     assert rebalance.gain >= 0.15
     assert mesh.layers("b") < 10
     assert mesh.layers("a") > 10 and mesh.layers("c") > 10
-    assert mesh.balancer.figures == {"b": pytest.approx(3.0)}
+    assert mesh.planned_ms() == {"a": 1.0, "b": pytest.approx(3.0), "c": 1.0}
 
 
 def test_noise_within_twenty_percent_never_replans() -> None:
@@ -71,7 +75,7 @@ def test_noise_within_twenty_percent_never_replans() -> None:
     for _ in range(300):
         mesh.run(1, {n: rng.uniform(0.8, 1.2) for n in "abc"})
     assert mesh.rebalances == []
-    assert mesh.balancer.figures == {}
+    assert mesh.planned_ms() == {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
 @settings(max_examples=40, deadline=None)
@@ -113,14 +117,20 @@ def test_no_two_replans_closer_than_the_minimum_interval() -> None:
     assert all(later - earlier >= 10.0 for earlier, later in zip(times, times[1:]))
 
 
+def test_a_mesh_uniformly_slower_than_advertised_moves_nothing() -> None:
+    mesh = Coordinator()
+    # e.g. overheads that the start-up benchmark does not see, on every stage alike
+    mesh.run(60, {"a": 2.0, "b": 2.1, "c": 1.9})
+    assert mesh.rebalances == []
+    assert mesh.planned_ms() == {"a": 2.0, "b": pytest.approx(2.1), "c": pytest.approx(1.9)}
+
+
 def test_a_small_gain_moves_nothing_but_the_figure_is_kept() -> None:
     mesh = Coordinator(min_gain=0.5)
     mesh.run(30, {"b": 1.6})  # 1.6x slower: a re-plan would save ~15%, less than 50%
     assert mesh.rebalances == []
     assert mesh.layers("b") == 10
-    assert mesh.balancer.figures == {"b": pytest.approx(1.6)}
-    caps = {c.node_id: c.ms_per_layer for c in mesh.balancer.capacities(mesh.nodes)}
-    assert caps == {"a": 1.0, "b": pytest.approx(1.6), "c": 1.0}
+    assert mesh.planned_ms() == {"a": 1.0, "b": pytest.approx(1.6), "c": 1.0}
 
 
 def test_a_node_that_recovers_is_planned_with_its_advertised_speed_again() -> None:
@@ -135,7 +145,7 @@ def test_a_node_that_recovers_is_planned_with_its_advertised_speed_again() -> No
     when, rebalance = mesh.rebalances[1]
     assert when - slow_until >= 5.0
     assert rebalance.changed == ("b",)
-    assert mesh.balancer.figures == {}
+    assert mesh.planned_ms() == {"a": 1.0, "b": pytest.approx(1.0), "c": 1.0}
     assert {mesh.layers(n) for n in "abc"} == {10}
     mesh.run(60, {})
     assert len(mesh.rebalances) == 2  # and then it stays put
@@ -151,7 +161,7 @@ def test_a_slow_node_left_without_layers_is_tried_again_later() -> None:
     mesh.run(30, {})
     assert len(mesh.rebalances) == 2  # probed at its advertised speed: it recovered
     assert mesh.rebalances[1][0] - left_out_at >= 60.0
-    assert mesh.balancer.figures == {}
+    assert mesh.planned_ms() == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert {mesh.layers(n) for n in "abc"} == {10}
 
 
@@ -159,5 +169,5 @@ def test_a_node_that_leaves_is_forgotten() -> None:
     mesh = Coordinator()
     mesh.run(30, {"b": 3.0})
     mesh.balancer.forget("b")
-    assert mesh.balancer.figures == {}
+    assert "b" not in mesh.balancer.figures
     assert mesh.balancer.check([n for n in NODES if n.node_id != "b"], mesh.now + 100) is None
