@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.config import DEFAULT_API_URL, LOG_LEVELS, ConfigError, NodeConfig
 
 if TYPE_CHECKING:
-    from daemon.node import EngineLoader
+    from daemon.node import RuntimeLoader
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +246,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def up_with_tui(config: NodeConfig, tui: TuiRunner, engine_loader: EngineLoader | None = None) -> int:
+def up_with_tui(config: NodeConfig, tui: TuiRunner, runtime_loader: RuntimeLoader | None = None) -> int:
     """The TUI owns the terminal (main thread); the node runs on a thread of its own.
 
     The TUI's quit calls ``on_quit``, which stops the node; leaving the TUI any other way
     stops it too. Start-up failures are reported as one line, as in headless mode.
     """
-    from daemon.node import Node, StartupError, load_engine
+    from daemon.node import Node, StartupError, load_runtime
 
     log_file = config.state_dir / "meshllm.log"
-    node = Node(config, engine_loader=engine_loader or load_engine, handle_signals=False,
+    node = Node(config, runtime_loader=runtime_loader or load_runtime, handle_signals=False,
                 announce=lambda line: log.info("%s", line))
     failure: list[StartupError] = []
 
@@ -378,10 +379,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    ttft_runs=args.ttft_runs, agreement_tokens=args.agreement_tokens, progress=progress)
     try:
         if args.api:
-            measure, _prompt = asyncio.run(measure_api(args.api, **options))  # type: ignore[arg-type]
+            measure = asyncio.run(measure_api(args.api, **options))  # type: ignore[arg-type]
             print(json.dumps({"mode": "api", **measure.to_json()}, indent=2) if args.json
                   else format_measure(measure))
             return EXIT_OK
+        signal.signal(signal.SIGTERM, _interrupt)  # stop the local meshes on the way out
         comparison = run_mesh_comparison(args.mesh, codecs=codecs, cores=args.threads, model=args.model,
                                          cache_dir=args.cache_dir, **options)  # type: ignore[arg-type]
     except BenchError as error:
@@ -390,6 +392,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return fail(str(error))
     print(json.dumps(comparison.to_json(), indent=2) if args.json else format_comparison(comparison))
     return EXIT_OK
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _bench_local(args: argparse.Namespace) -> int:

@@ -182,6 +182,8 @@ class Mesh:
                                  settings=settings.balance)
         """Coordinator side: measured stage speeds against the plan (runtime balancing)."""
         self._next_report = 0.0
+        self._leaving_self = False
+        """Set once this node is leaving: it plans and loads nothing more."""
         self._reported = (0, 0.0)
         self._plan_changed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -376,7 +378,7 @@ class Mesh:
         self._wake.set()
 
     async def _replan(self) -> None:
-        if not self.is_coordinator:
+        if not self.is_coordinator or self._leaving_self:
             return
         caps = self.balancer.capacities([c for c in self._advertised() if c.node_id not in self.leaving])
         current = self.book.active or self.book.pending
@@ -446,6 +448,7 @@ class Mesh:
         while time.monotonic() < deadline:
             active = self.book.active
             if active is not None and self.node_id not in active.node_ids:
+                self._leaving_self = True
                 return
             if self.placement_error is not None:
                 return  # the others cannot hold the model without this node
@@ -454,6 +457,7 @@ class Mesh:
                     await self.wait_changed()
             except TimeoutError:
                 break
+        self._leaving_self = True
         log.warning("leaving before the others took over this node's layers")
 
     def _advertised(self) -> list[NodeCapacity]:
@@ -518,6 +522,8 @@ class Mesh:
         self._notify_change()
 
     async def _adopt(self, view: PlanView) -> None:
+        if self._leaving_self:
+            return  # on the way out: load nothing
         start, end = view.span_of(self.node_id)
         await self.worker.call(lambda: self.runtime.load_span(start, end))
         if self.book.pending is not view:
