@@ -64,9 +64,14 @@ class StepLost(Exception):
 
 @dataclass
 class _Pending:
+    """A step sent down the chain, waiting for its Result."""
+
     future: asyncio.Future[np.ndarray]
     plan_key: PlanKey
     nodes: frozenset[str]
+    last_stage: str
+    codec: str
+    positions: int
 
 
 @dataclass
@@ -306,7 +311,7 @@ class Mesh:
         elif isinstance(msg, wire.Forward):
             self._tasks.spawn(self._on_forward(sender, msg))
         elif isinstance(msg, wire.Result):
-            self._on_result(msg.session_id, msg.seq, self._decode_hidden(msg.hidden))
+            self._on_result(sender, msg)
         elif isinstance(msg, wire.StepFailed):
             self._fail_step(msg.session_id, msg.seq, f"{sender}: {msg.code}: {msg.message}")
         elif isinstance(msg, wire.DropSession):
@@ -546,8 +551,10 @@ class Mesh:
 
     # -- stage side ----------------------------------------------------------------------
 
-    def _decode_hidden(self, payload: wire.TensorPayload) -> np.ndarray:
-        return wire.decode_tensor(payload, expect_shape=(None, self.runtime.hidden_size))
+    def _decode_hidden(self, payload: wire.TensorPayload, codec: str, positions: int | None = None) -> np.ndarray:
+        """A hidden-state tensor from a peer, checked against the model and the plan."""
+        return wire.decode_tensor(payload, expect_shape=(positions, self.runtime.hidden_size),
+                                  expect_codec=codec)
 
     async def _on_forward(self, sender: str, msg: wire.Forward) -> None:
         entry = msg.route[-1] if msg.route else sender
@@ -562,7 +569,9 @@ class Mesh:
                 raise ValueError("route names nodes outside the plan")
             if not msg.session_id.startswith(f"{entry}/"):
                 raise ValueError("session id does not belong to its entry node")
-            hidden = self._decode_hidden(msg.hidden)
+            hidden = self._decode_hidden(msg.hidden, plan.codec)
+            if msg.start_pos + hidden.shape[0] > self.runtime.engine.info.max_positions:
+                raise ValueError("step runs past the model's context window")
             t0 = time.perf_counter()
             if self.settings.debug_delay_s:
                 await asyncio.sleep(self.settings.debug_delay_s)
@@ -591,10 +600,18 @@ class Mesh:
 
     # -- entry side ----------------------------------------------------------------------
 
-    def _on_result(self, session_id: str, seq: int, hidden: np.ndarray) -> None:
-        p = self._pending.get((session_id, seq))
-        if p is not None and not p.future.done():
-            p.future.set_result(hidden)
+    def _on_result(self, sender: str, msg: wire.Result) -> None:
+        p = self._pending.get((msg.session_id, msg.seq))
+        if p is None or p.future.done():
+            return
+        if sender != p.last_stage:
+            raise ValueError(f"result for {msg.session_id} from {sender}, not from the last stage")
+        try:
+            hidden = self._decode_hidden(msg.hidden, p.codec, p.positions)
+        except WireError as e:  # the step is lost; the session replays
+            p.future.set_exception(StepLost(f"bad result from {sender}: {e}"))
+            return
+        p.future.set_result(hidden)
 
     def _fail_step(self, session_id: str, seq: int, reason: str) -> None:
         p = self._pending.get((session_id, seq))
@@ -622,7 +639,8 @@ class Mesh:
                          hidden: np.ndarray) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         key = (session_id, seq)
-        self._pending[key] = _Pending(future, plan.key, frozenset(plan.node_ids))
+        self._pending[key] = _Pending(future, plan.key, frozenset(plan.node_ids), plan.node_ids[-1],
+                                      plan.codec, hidden.shape[0])
         try:
             route = tuple(plan.node_ids[1:]) + (self.node_id,)
             payload = wire.encode_tensor(hidden, plan.codec)

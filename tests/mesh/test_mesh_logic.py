@@ -194,3 +194,41 @@ async def test_a_stage_that_turns_slow_is_given_fewer_layers(tiny_llama: Path) -
         assert after is not None and after.key != before.key
         layers_after = dict((n, e - s) for n, s, e in after.stages)
         assert layers_after.get("b", 0) < 2
+
+
+async def test_bad_tensors_from_a_peer_are_refused_and_the_mesh_carries_on(tiny_llama: Path) -> None:
+    import numpy as np
+
+    from meshllm import wire
+
+    async with memory_net() as net:
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_llama)
+        net.connect_all()
+        await net.wait_active()
+        plan = net.meshes["a"].book.active
+        assert plan is not None
+        stage = plan.node_ids[1]
+        sender = next(n for n in ("a", "b", "c") if n != stage)
+        seen: list[wire.Message] = []
+        original = net.meshes[sender].on_message
+        net.meshes[sender].on_message = lambda peer, msg: (seen.append(msg), original(peer, msg))  # type: ignore[method-assign]
+        term, epoch = plan.key
+        bad = [
+            np.zeros((1, 32), np.float32),  # wrong hidden size
+            np.zeros((3, 64, 2), np.float32),  # wrong rank
+        ]
+        for i, hidden in enumerate(bad):
+            fwd = wire.Forward(f"{sender}/bad{i}", 0, term, epoch, 0, wire.encode_tensor(hidden, "f32"), (sender,))
+            await net.links[sender].send(stage, fwd, channel="activation")
+        wrong_codec = wire.Forward(f"{sender}/bad9", 0, term, epoch, 0,
+                                   wire.encode_tensor(np.zeros((1, 64), np.float32), "f16"), (sender,))
+        await net.links[sender].send(stage, wrong_codec, channel="activation")
+        for _ in range(100):
+            if len([m for m in seen if isinstance(m, wire.StepFailed)]) >= 3:
+                break
+            await asyncio.sleep(0.02)
+        failed = [m for m in seen if isinstance(m, wire.StepFailed)]
+        assert len(failed) == 3 and all(m.code == "bad_step" for m in failed)
+        prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
+        assert await answer(net.meshes["a"], prompt) == reference_greedy(tiny_llama, prompt, 32)
