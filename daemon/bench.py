@@ -32,7 +32,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -400,6 +400,8 @@ class CodecRun:
 
     codec: str
     measure: MeshMeasure
+    reference: MeshMeasure
+    """The single node, measured in turns with this mesh."""
     decode_ratio: float | None
     """Decode tokens/s, mesh / single (target >= 0.95)."""
     ttft_ratio: float | None
@@ -416,6 +418,7 @@ class CodecRun:
             "per_hop_ms_net": self.per_hop_ms_net,
             "agreement": asdict(self.agreement),
             "measure": self.measure.to_json(),
+            "reference": {k: v for k, v in self.reference.to_json().items() if k != "answers"},
         }
 
 
@@ -428,6 +431,7 @@ class Comparison:
     single_threads: int
     node_threads: int
     single: MeshMeasure
+    """The single node over every turn of the run (each codec's ``reference`` pooled)."""
     runs: tuple[CodecRun, ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -446,18 +450,27 @@ class Comparison:
 
 
 def compare(single: MeshMeasure, meshes: Sequence[MeshMeasure], *, nodes: int, cores: int,
-            single_threads: int, node_threads: int) -> Comparison:
-    """Ratios, net per-hop ms and token agreement of each mesh against the reference."""
+            single_threads: int, node_threads: int,
+            references: Sequence[MeshMeasure] | None = None) -> Comparison:
+    """Ratios, net per-hop ms and token agreement of each mesh against the single node.
+
+    ``references[i]``, when given, is the single node measured in turns with ``meshes[i]``:
+    ratios and per-hop ms use it. Token agreement always uses ``single.answers``.
+    """
+    refs = list(references) if references is not None else [single] * len(meshes)
+    if len(refs) != len(meshes):
+        raise ValueError("one reference per mesh")
     runs = []
-    for m in meshes:
+    for m, ref in zip(meshes, refs):
         net = None
-        if m.non_compute_ms_per_token is not None and single.non_compute_ms_per_token is not None and m.hops_per_token:
-            net = round((m.non_compute_ms_per_token - single.non_compute_ms_per_token) / m.hops_per_token, 3)
+        if m.non_compute_ms_per_token is not None and ref.non_compute_ms_per_token is not None and m.hops_per_token:
+            net = round((m.non_compute_ms_per_token - ref.non_compute_ms_per_token) / m.hops_per_token, 3)
         runs.append(CodecRun(
             codec=m.codec,
             measure=m,
-            decode_ratio=ratio(m.decode_tokens_per_s, single.decode_tokens_per_s),
-            ttft_ratio=ratio(m.ttft_ms, single.ttft_ms),
+            reference=ref,
+            decode_ratio=ratio(m.decode_tokens_per_s, ref.decode_tokens_per_s),
+            ttft_ratio=ratio(m.ttft_ms, ref.ttft_ms),
             per_hop_ms_net=net,
             agreement=agreement(single.answers, m.answers),
         ))
@@ -513,8 +526,10 @@ def format_comparison(c: Comparison) -> str:
     rows: list[tuple[str, ...]] = [
         header,
         ("decode tokens/s", *[_num(m.decode_tokens_per_s, 2) for m in cols]),
+        ("  single, same turns", "", *[_num(r.reference.decode_tokens_per_s, 2) for r in c.runs]),
         ("  mesh / single", "1.00", *[_num(r.decode_ratio, 2) for r in c.runs]),
         (f"TTFT {s.prompt_tokens} ms", *[_num(m.ttft_ms, 0) for m in cols]),
+        ("  single, same turns", "", *[_num(r.reference.ttft_ms, 0) for r in c.runs]),
         ("  mesh / single", "1.00", *[_num(r.ttft_ratio, 2) for r in c.runs]),
         ("ms per token", *[_num(m.ms_per_token, 2) for m in cols]),
         ("  stage compute", *[_num(m.stage_compute_ms_per_token, 2) for m in cols]),
@@ -531,8 +546,9 @@ def format_comparison(c: Comparison) -> str:
     stage_rows = [_STAGE_HEADER, *_stage_rows("single", s)]
     for r in c.runs:
         stage_rows += _stage_rows(f"mesh {r.codec}", r.measure)
-    notes = ("per-hop ms (net): (mesh - single) non-compute ms per token / hops; token agreement: "
-             "share of the reference's greedy tokens matched before the first divergence")
+    notes = ("mesh / single: against the single node measured in turns with that mesh (same turns); "
+             "per-hop ms (net): (mesh - single) non-compute ms per token / hops;\ntoken agreement: "
+             "share of the single node's greedy tokens matched before each answer's first divergence")
     return "\n".join([title, "", *_grid(rows), "", "per stage:", *_grid(stage_rows), "", notes])
 
 
@@ -687,6 +703,112 @@ def _deltas(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, An
             for b, a in zip(before, after)}
 
 
+def _add(into: dict[str, StatsDelta], more: Mapping[str, StatsDelta]) -> None:
+    for nid, d in more.items():
+        old = into.get(nid)
+        into[nid] = d if old is None else StatsDelta(*(x + y for x, y in zip(astuple(old), astuple(d))))
+
+
+class Target:
+    """One mesh (or single node) being measured: timings and stats deltas of every window."""
+
+    def __init__(self, bench: ApiBench) -> None:
+        self.bench = bench
+        self.entry_status: dict[str, Any] = {}
+        self.names: dict[str, str] = {}
+        self.prompt_messages: list[dict[str, str]] = []
+        self.prompt_tokens = 0
+        self.ttfts_ms: list[float] = []
+        self.prefill: dict[str, StatsDelta] = {}
+        self.decode: dict[str, StatsDelta] = {}
+        self.decode_tokens = 0
+        self.decode_s = 0.0
+        self.answers: list[list[int]] = []
+
+    async def prepare(self, prompt_tokens: int, prompt_messages: list[dict[str, str]] | None,
+                      progress: Callable[[str], None]) -> None:
+        """Check the mesh is ready, warm it up, and find (or check) the bench prompt."""
+        urls = self.bench.urls
+        statuses = await self.bench.statuses()
+        entry = statuses[0]
+        plan = entry.get("plan")
+        if entry.get("model") is None or plan is None or plan.get("state") != "active":
+            raise BenchError(f"the mesh at {urls[0]} has no active plan yet; try again when it is ready")
+        for url, st in zip(urls[1:], statuses[1:]):
+            if st.get("plan") != plan:
+                raise BenchError(f"{url} does not share the entry node's active plan")
+        if "stats" not in entry:
+            raise BenchError(f"the daemon at {urls[0]} reports no stage stats (an older version?)")
+        self.entry_status, self.names = entry, _names(statuses)
+        progress("warming up")
+        await self.bench.complete([{"role": "user", "content": AGREEMENT_PROMPTS[0]}], 4)
+        if prompt_messages is None:
+            progress(f"finding a prompt of {prompt_tokens} tokens")
+            prompt_messages = await self.bench.find_prompt(prompt_tokens, progress)
+        self.prompt_messages = prompt_messages
+        self.prompt_tokens = await self.bench.prompt_tokens(prompt_messages)  # also warms prefill
+
+    async def warm(self) -> None:
+        """One short answer and one prefill of the bench prompt: a node that sat idle is slow
+        on its first request (caches, thread pools)."""
+        await self.bench.complete([{"role": "user", "content": AGREEMENT_PROMPTS[0]}], 4)
+        await self.bench.prompt_tokens(self.prompt_messages)
+
+    def fork(self) -> "Target":
+        """The same mesh and prompt, no timings yet."""
+        other = Target(self.bench)
+        other.entry_status, other.names = self.entry_status, self.names
+        other.prompt_messages, other.prompt_tokens = self.prompt_messages, self.prompt_tokens
+        other.answers = self.answers
+        return other
+
+    def absorb(self, other: "Target") -> None:
+        """Add another fork's timings and stats to this one's."""
+        self.ttfts_ms += other.ttfts_ms
+        _add(self.prefill, other.prefill)
+        _add(self.decode, other.decode)
+        self.decode_tokens += other.decode_tokens
+        self.decode_s += other.decode_s
+
+    async def ttft_once(self) -> None:
+        before = await self.bench.statuses()
+        sent, first, _last, _n = await self.bench.stream(self.prompt_messages, 1)
+        if first is None:
+            raise BenchError("the mesh answered with no token")
+        self.ttfts_ms.append((first - sent) * 1000)
+        _add(self.prefill, _deltas(before, await self.bench.statuses()))
+
+    async def decode_once(self, text: str, new_tokens: int) -> int:
+        """One greedy answer of up to ``new_tokens`` + 1 tokens; returns the tokens timed."""
+        before = await self.bench.statuses()
+        _sent, first, last, n = await self.bench.stream([{"role": "user", "content": text}], new_tokens + 1)
+        _add(self.decode, _deltas(before, await self.bench.statuses()))
+        if first is None or n < 2:
+            return 0
+        self.decode_tokens += n - 1
+        self.decode_s += last - first
+        return n - 1
+
+    async def collect_answers(self, prompts: Sequence[str], tokens: int) -> None:
+        self.answers = []
+        for text in prompts:
+            data = await self.bench.complete([{"role": "user", "content": text}], tokens)
+            ids = (data.get("meshllm") or {}).get("token_ids")
+            if ids is None:
+                raise BenchError("the daemon does not report token ids (meshllm.token_ids)")
+            self.answers.append([int(i) for i in ids])
+
+    def result(self) -> MeshMeasure:
+        if not self.ttfts_ms:
+            raise BenchError("nothing was measured")
+        return summarize(
+            api_url=self.bench.urls[0], entry_status=self.entry_status, names=self.names,
+            decode=self.decode, prefill=self.prefill, prompt_tokens=self.prompt_tokens,
+            ttft_runs_ms=self.ttfts_ms, decode_tokens=self.decode_tokens, decode_s=self.decode_s,
+            answers=self.answers,
+        )
+
+
 async def measure_api(
     urls: Sequence[str],
     *,
@@ -694,100 +816,59 @@ async def measure_api(
     decode_tokens: int = 64,
     ttft_runs: int = 3,
     agreement_tokens: int = 32,
-    agreement_prompts: Sequence[str] = AGREEMENT_PROMPTS,
-    prompt_messages: list[dict[str, str]] | None = None,
     progress: Callable[[str], None] = lambda message: None,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[MeshMeasure, list[dict[str, str]]]:
-    """Measure the mesh behind ``urls`` (entry node first). Returns the measure and the bench
-    prompt's messages (pass them back as ``prompt_messages`` to skip the search next time).
+) -> MeshMeasure:
+    """Measure the mesh behind ``urls`` (entry node first).
 
     Raises BenchError, or DaemonUnreachable / DaemonError (daemon.client) for a URL that
     does not answer.
     """
+    async with _session() as session:
+        try:
+            target = Target(ApiBench(session, urls, clock))
+            await target.prepare(prompt_tokens, None, progress)
+            progress(f"time to first token: {ttft_runs} run(s)")
+            for _ in range(ttft_runs):
+                await target.ttft_once()
+            progress(f"decode: {decode_tokens} tokens")
+            for text in DECODE_PROMPTS * 4:
+                if target.decode_tokens >= decode_tokens:
+                    break
+                await target.decode_once(text, decode_tokens - target.decode_tokens)
+            progress(f"agreement answers: {len(AGREEMENT_PROMPTS)} x {agreement_tokens} tokens")
+            await target.collect_answers(AGREEMENT_PROMPTS, agreement_tokens)
+        except (_client_errors(), TimeoutError) as error:
+            raise BenchError(f"the mesh stopped answering: {error or type(error).__name__}") from None
+    return target.result()
+
+
+def _session() -> aiohttp.ClientSession:
     import aiohttp
 
-    if prompt_tokens < 1 or decode_tokens < 1 or ttft_runs < 1 or agreement_tokens < 1:
-        raise BenchError("token counts and runs must be at least 1")
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=10.0)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        try:
-            return await _measure(ApiBench(session, urls, clock), prompt_tokens=prompt_tokens,
-                                  decode_tokens=decode_tokens, ttft_runs=ttft_runs,
-                                  agreement_tokens=agreement_tokens, agreement_prompts=agreement_prompts,
-                                  prompt_messages=prompt_messages, progress=progress)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise BenchError(f"the mesh stopped answering: {error or type(error).__name__}") from None
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=10.0))
 
 
-async def _measure(
-    bench: ApiBench,
-    *,
-    prompt_tokens: int,
-    decode_tokens: int,
-    ttft_runs: int,
-    agreement_tokens: int,
-    agreement_prompts: Sequence[str],
-    prompt_messages: list[dict[str, str]] | None,
-    progress: Callable[[str], None],
-) -> tuple[MeshMeasure, list[dict[str, str]]]:
-    urls = bench.urls
-    statuses = await bench.statuses()
-    entry = statuses[0]
-    plan = entry.get("plan")
-    if entry.get("model") is None or plan is None or plan.get("state") != "active":
-        raise BenchError(f"the mesh at {urls[0]} has no active plan yet; try again when it is ready")
-    for url, st in zip(urls[1:], statuses[1:]):
-        if st.get("plan") != plan:
-            raise BenchError(f"{url} does not share the entry node's active plan")
-    if "stats" not in entry:
-        raise BenchError(f"the daemon at {urls[0]} reports no stage stats (an older version?)")
+def _client_errors() -> type[Exception]:
+    import aiohttp
 
-    progress("warming up")
-    await bench.complete([{"role": "user", "content": AGREEMENT_PROMPTS[0]}], 4)
-    if prompt_messages is None:
-        progress(f"finding a prompt of {prompt_tokens} tokens")
-        prompt_messages = await bench.find_prompt(prompt_tokens, progress)
-    actual_prompt_tokens = await bench.prompt_tokens(prompt_messages)  # also warms prefill
+    return aiohttp.ClientError
 
-    progress(f"time to first token: {ttft_runs} run(s)")
-    before = await bench.statuses()
-    ttfts = []
-    for _ in range(ttft_runs):
-        sent, first, _last, _n = await bench.stream(prompt_messages, 1)
-        if first is None:
-            raise BenchError("the mesh answered with no token")
-        ttfts.append((first - sent) * 1000)
-    prefill = _deltas(before, await bench.statuses())
 
-    progress(f"decode: {decode_tokens} tokens")
-    before = await bench.statuses()
-    timed, decode_s = 0, 0.0
-    for text in DECODE_PROMPTS * 4:
-        if timed >= decode_tokens:
-            break
-        _sent, first, last, n = await bench.stream([{"role": "user", "content": text}],
-                                                   decode_tokens - timed + 1)
-        if first is not None and n > 1:
-            timed += n - 1
-            decode_s += last - first
-    decode = _deltas(before, await bench.statuses())
-
-    progress(f"agreement answers: {len(agreement_prompts)} x {agreement_tokens} tokens")
-    answers = []
-    for text in agreement_prompts:
-        data = await bench.complete([{"role": "user", "content": text}], agreement_tokens)
-        ids = (data.get("meshllm") or {}).get("token_ids")
-        if ids is None:
-            raise BenchError("the daemon does not report token ids (meshllm.token_ids)")
-        answers.append([int(i) for i in ids])
-
-    measure = summarize(
-        api_url=urls[0], entry_status=entry, names=_names(statuses), decode=decode, prefill=prefill,
-        prompt_tokens=actual_prompt_tokens, ttft_runs_ms=ttfts, decode_tokens=timed,
-        decode_s=decode_s, answers=answers,
-    )
-    return measure, prompt_messages
+async def interleave(targets: Sequence[Target], *, ttft_runs: int, decode_tokens: int,
+                     rounds: int = 4, progress: Callable[[str], None] = lambda message: None) -> None:
+    """Measure the targets in turns (ABAB, then BABA), so that a machine whose load drifts
+    slows each of them alike: TTFT runs first, then ``rounds`` decode answers each."""
+    progress(f"time to first token: {ttft_runs} run(s) each, in turns")
+    for r in range(ttft_runs):
+        for target in targets if r % 2 == 0 else list(reversed(targets)):
+            await target.ttft_once()
+    progress(f"decode: {decode_tokens} tokens each, in {rounds} turns")
+    per_round = -(-decode_tokens // rounds)
+    for r in range(rounds):
+        text = DECODE_PROMPTS[r % len(DECODE_PROMPTS)]
+        for target in targets if r % 2 == 0 else list(reversed(targets)):
+            await target.decode_once(text, per_round)
 
 
 # == --mesh N: single node vs local meshes, one run ==============================================
@@ -810,10 +891,13 @@ def run_mesh_comparison(
     start_timeout_s: float = 300.0,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Comparison:
-    """Start a one-node reference (all cores), measure it, stop it; then per codec an
-    ``nodes``-node local mesh (cores // nodes threads each, at least 1), measured alike."""
-    from daemon.launcher import LocalMesh
+    """A one-node reference (all cores) and, per codec, a ``nodes``-node local mesh (cores //
+    nodes threads each, at least 1), all on this machine and measured through their APIs.
 
+    The reference runs for the whole comparison; each codec's mesh runs while it is measured,
+    in turns with the reference (see `interleave`), and is stopped before the next one starts.
+    Only the node being asked computes at any time; the others wait idle.
+    """
     if nodes < 2:
         raise BenchError("--mesh needs at least 2 nodes (the reference is the single node)")
     unknown = [c for c in codecs if c not in CODECS]
@@ -821,31 +905,79 @@ def run_mesh_comparison(
         raise BenchError(f"codecs must be among {', '.join(CODECS)}, not {', '.join(unknown) or 'none'}")
     cores = cores or os.cpu_count() or 1
     node_threads = max(1, cores // nodes)
-    mesh_name = f"bench-{uuid.uuid4().hex[:8]}"
-    extra = ["--cache-dir", cache_dir] if cache_dir else []
-    prompt: list[dict[str, str]] | None = None
+    setup = _LocalSetup(model, cache_dir, f"bench-{uuid.uuid4().hex[:8]}", start_timeout_s)
+    single, references, meshes = asyncio.run(_compare(
+        setup, nodes, codecs, cores, node_threads, prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens, ttft_runs=ttft_runs, agreement_tokens=agreement_tokens,
+        progress=progress,
+    ))
+    return compare(single, meshes, references=references, nodes=nodes, cores=cores,
+                   single_threads=cores, node_threads=node_threads)
 
-    def measure(count: int, threads: int, codec: str | None, label: str) -> MeshMeasure:
-        nonlocal prompt
-        progress(f"{label}: starting {count} node(s), {threads} thread(s) each")
-        mesh = LocalMesh(count, model=model, codec=codec, threads=threads,
-                         extra_args=[*extra, "--mesh-name", f"{mesh_name}-{label.replace(' ', '-')}"])
-        mesh.start()
+
+@dataclass(frozen=True)
+class _LocalSetup:
+    model: str | None
+    cache_dir: str | None
+    mesh_name: str
+    start_timeout_s: float
+
+    async def start(self, count: int, threads: int, codec: str | None, label: str) -> Any:
+        from daemon.launcher import LocalMesh
+
+        extra = ["--cache-dir", self.cache_dir] if self.cache_dir else []
+        mesh = LocalMesh(count, model=self.model, codec=codec, threads=threads,
+                         extra_args=[*extra, "--mesh-name", f"{self.mesh_name}-{label}"])
+        await asyncio.to_thread(mesh.start)
         try:
-            _wait_for_stages(mesh, count, start_timeout_s)
-            result, prompt = asyncio.run(measure_api(
-                [n.url for n in mesh.nodes], prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-                ttft_runs=ttft_runs, agreement_tokens=agreement_tokens, prompt_messages=prompt,
-                progress=lambda message: progress(f"{label}: {message}"),
-            ))
-        finally:
-            mesh.stop()
-        progress(f"{label}: {_num(result.decode_tokens_per_s, 2)} tokens/s, TTFT {_num(result.ttft_ms, 0)} ms")
-        return result
+            await asyncio.to_thread(_wait_for_stages, mesh, count, self.start_timeout_s)
+        except BaseException:
+            await asyncio.to_thread(mesh.stop)
+            raise
+        return mesh
 
-    single = measure(1, cores, None, "single")
-    meshes = [measure(nodes, node_threads, codec, f"mesh {codec}") for codec in codecs]
-    return compare(single, meshes, nodes=nodes, cores=cores, single_threads=cores, node_threads=node_threads)
+
+async def _compare(setup: _LocalSetup, nodes: int, codecs: Sequence[str], cores: int, node_threads: int, *,
+                   prompt_tokens: int, decode_tokens: int, ttft_runs: int, agreement_tokens: int,
+                   progress: Callable[[str], None]) -> tuple[MeshMeasure, list[MeshMeasure], list[MeshMeasure]]:
+    progress(f"single: starting 1 node, {cores} thread(s)")
+    reference = await setup.start(1, cores, None, "single")
+    try:
+        async with _session() as session:
+            try:
+                single = Target(ApiBench(session, [reference.nodes[0].url]))
+                await single.prepare(prompt_tokens, None, lambda m: progress(f"single: {m}"))
+                progress(f"single: agreement answers: {len(AGREEMENT_PROMPTS)} x {agreement_tokens} tokens")
+                await single.collect_answers(AGREEMENT_PROMPTS, agreement_tokens)
+                pooled = single.fork()
+                references, meshes = [], []
+                for codec in codecs:
+                    label = f"mesh {codec}"
+                    progress(f"{label}: starting {nodes} nodes, {node_threads} thread(s) each")
+                    mesh = await setup.start(nodes, node_threads, codec, codec)
+                    try:
+                        target = Target(ApiBench(session, [n.url for n in mesh.nodes]))
+                        await target.prepare(prompt_tokens, single.prompt_messages,
+                                             lambda m, label=label: progress(f"{label}: {m}"))
+                        paired = single.fork()
+                        await paired.warm()
+                        await interleave([paired, target], ttft_runs=ttft_runs, decode_tokens=decode_tokens,
+                                         progress=lambda m, label=label: progress(f"{label} and single: {m}"))
+                        progress(f"{label}: agreement answers")
+                        await target.collect_answers(AGREEMENT_PROMPTS, agreement_tokens)
+                    finally:
+                        await asyncio.to_thread(mesh.stop)
+                    pooled.absorb(paired)
+                    references.append(paired.result())
+                    meshes.append(target.result())
+                    progress(f"{label}: {_num(meshes[-1].decode_tokens_per_s, 2)} tokens/s (single "
+                             f"{_num(references[-1].decode_tokens_per_s, 2)}), TTFT "
+                             f"{_num(meshes[-1].ttft_ms, 0)} ms (single {_num(references[-1].ttft_ms, 0)})")
+            except (_client_errors(), TimeoutError) as error:
+                raise BenchError(f"a mesh stopped answering: {error or type(error).__name__}") from None
+    finally:
+        await asyncio.to_thread(reference.stop)
+    return pooled.result(), references, meshes
 
 
 def _wait_for_stages(mesh: Any, count: int, timeout_s: float) -> None:

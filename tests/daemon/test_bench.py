@@ -21,6 +21,7 @@ from daemon.bench import (
     format_comparison,
     format_measure,
     hops_per_token,
+    interleave,
     ratio,
     run_local_bench,
     stats_delta,
@@ -169,11 +170,12 @@ def test_comparison_ratios_agreement_and_table() -> None:
     c = compare(single, [mesh], nodes=2, cores=4, single_threads=4, node_threads=2)
     run = c.runs[0]
     assert (run.codec, run.decode_ratio, run.ttft_ratio, run.per_hop_ms_net) == ("f16", 0.8, 1.25, 0.75)
-    assert run.agreement.all_identical
+    assert run.agreement.all_identical and run.reference is single
     data = json.loads(json.dumps(c.to_json()))
     assert data["mode"] == "mesh" and data["nodes"] == 2 and data["single_threads"] == 4
     assert data["codecs"][0]["decode_ratio"] == 0.8
     assert data["codecs"][0]["measure"]["stages"][1]["name"] == "phone"
+    assert data["codecs"][0]["reference"]["decode_tokens_per_s"] == 100.0
     lines = format_comparison(c).splitlines()
     assert lines[0].startswith("Tiny (6 layers): one node with 4 thread(s) vs a 2-node local mesh")
 
@@ -186,6 +188,40 @@ def test_comparison_ratios_agreement_and_table() -> None:
     assert row("per-hop ms (net)") == ["-", "0.75"]
     assert row("identical answers") == ["2/2", "2/2"]
     assert [line for line in lines if "mesh / single" in line][0].split()[-2:] == ["1.00", "0.80"]
+
+    # against the single node measured in the same turns (here 50 tokens/s, TTFT 500 ms)
+    slow = summarize(
+        api_url="http://127.0.0.1:1", entry_status=status("s", [("s", 0, 6)], zero), names={"s": "solo"},
+        decode={"s": stats_delta(zero, stats(10, 18.0, 0, 0.0))}, prefill={}, prompt_tokens=512,
+        ttft_runs_ms=[500.0], decode_tokens=50, decode_s=1.0, answers=[],
+    )
+    paired = compare(single, [mesh], references=[slow], nodes=2, cores=4, single_threads=4, node_threads=2)
+    assert (paired.runs[0].decode_ratio, paired.runs[0].ttft_ratio) == (1.6, 0.5)
+    assert paired.runs[0].agreement.all_identical  # answers still come from `single`
+    assert row_of(format_comparison(paired), "  single, same turns") == ["50.00"]
+
+
+def row_of(text: str, label: str) -> list[str]:
+    return next(line for line in text.splitlines() if line.startswith(label))[len(label):].split()
+
+
+async def test_interleave_takes_turns_so_drift_hits_both_alike() -> None:
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def ttft_once(self) -> None:
+            calls.append(f"{self.name}:ttft")
+
+        async def decode_once(self, text: str, new_tokens: int) -> int:
+            calls.append(f"{self.name}:decode{new_tokens}")
+            return new_tokens
+
+    await interleave([Recorder("a"), Recorder("b")], ttft_runs=2, decode_tokens=30, rounds=3)  # type: ignore[list-item]
+    assert calls == ["a:ttft", "b:ttft", "b:ttft", "a:ttft",
+                     "a:decode10", "b:decode10", "b:decode10", "a:decode10", "a:decode10", "b:decode10"]
 
 
 # -- mesh: --api against a real 2-node mesh ------------------------------------------------------
