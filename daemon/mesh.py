@@ -133,6 +133,8 @@ class MeshSettings:
     replan_debounce_s: float = 0.1
     debug_delay_s: float = 0.0
     """Testing aid: sleep before every step this node computes, as a slow device would."""
+    step_timeout_s: float = 120.0
+    """A step whose result has not come back after this long is lost (no hangs)."""
     report_interval_s: float = 1.0
     """How often a stage reports its measured decode speed to the coordinator."""
     balance: BalanceSettings = BalanceSettings()
@@ -651,7 +653,11 @@ class Mesh:
                 await self._send(plan.node_ids[0], msg, channel="activation")
             except Exception as e:  # noqa: BLE001 - a dead first hop: the step is lost
                 raise StepLost(f"cannot reach {plan.node_ids[0]}: {e}") from e
-            return await future
+            try:
+                async with asyncio.timeout(self.settings.step_timeout_s):
+                    return await future
+            except TimeoutError:
+                raise StepLost(f"no result after {self.settings.step_timeout_s:.0f} s") from None
         finally:
             self._pending.pop(key, None)
 
