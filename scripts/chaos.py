@@ -69,6 +69,8 @@ class Answer:
     index: int
     prompt: str
     text: str = ""
+    token_ids: list[int] | None = None
+    """The generated ids, from the last chunk's ``meshllm.token_ids`` when the daemon sends them."""
     chunks: int = 0
     """Streamed chunks that carried text."""
     replanning: int = 0
@@ -84,6 +86,12 @@ class Answer:
     @property
     def completed(self) -> bool:
         return self.error is None and self.finish_reason is not None
+
+    def same_as(self, reference: Answer) -> bool:
+        """Token for token when both carry ids, else character for character."""
+        if self.token_ids is not None and reference.token_ids is not None:
+            return self.token_ids == reference.token_ids and self.text == reference.text
+        return self.text == reference.text
 
 
 def stream_answer(url: str, answer: Answer, max_tokens: int, timeout_s: float, progress: Progress) -> None:
@@ -108,8 +116,11 @@ def stream_answer(url: str, answer: Answer, max_tokens: int, timeout_s: float, p
                 if "error" in chunk:
                     answer.error = f"stream error: {chunk['error'].get('message')}"
                     return
-                if chunk.get("meshllm", {}).get("state") == "replanning":
+                extension = chunk.get("meshllm", {})
+                if extension.get("state") == "replanning":
                     answer.replanning += 1
+                if "token_ids" in extension:
+                    answer.token_ids = list(extension["token_ids"])
                 for choice in chunk.get("choices", []):
                     answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
                     content = choice.get("delta", {}).get("content")
@@ -227,8 +238,8 @@ def run_answer(mesh: LocalMesh, chaos: Chaos | None, answer: Answer, kill_steps:
     Returns the kill steps it did not reach."""
     progress = Progress()
     thread = threading.Thread(
-        target=stream_answer, args=(mesh.nodes[ENTRY].url, answer, args.max_tokens, args.answer_timeout, progress),
-        name=f"answer{answer.index}", daemon=True)
+        target=stream_answer, name=f"answer{answer.index}", daemon=True,
+        args=(mesh.nodes[ENTRY].url, answer, args.max_tokens, args.answer_timeout, progress))
     thread.start()
     steps = sorted(kill_steps)
     while True:
@@ -324,7 +335,7 @@ def chaos_run(args: argparse.Namespace, mesh: LocalMesh) -> dict[str, Any]:
             chaos.wait_for_victim(args.ready_timeout)
         answer = Answer(index, prompt)
         carried = run_answer(mesh, chaos, answer, steps, args)
-        answer.identical = answer.completed and answer.text == references[prompt].text
+        answer.identical = answer.completed and answer.same_as(references[prompt])
         answers.append(answer)
         log(args, f"answer {index + 1}/{args.answers}: " + (
             "identical" if answer.identical else "DIFFERS" if answer.completed else f"FAILED: {answer.error}")
@@ -385,8 +396,7 @@ def summarize(args: argparse.Namespace, answers: list[Answer], references: dict[
             for a in answers if not a.identical
         ],
         "per_answer": [
-            {**{k: v for k, v in asdict(a).items() if k != "text"}, "longest_gap_s": round(a.longest_gap_s, 3)}
-            for a in answers
+            {**asdict(a), "longest_gap_s": round(a.longest_gap_s, 3)} for a in answers
         ],
     }
 
@@ -395,10 +405,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     s = summary
     print(f"answers completed: {s['completed']}/{s['answers']}, identical to the reference: "
           f"{s['identical']}/{s['answers']}")
-    print(f"kills: {s['kills']} (aimed at {s['kills_target']}), of the coordinator: {s['coordinator_kills']}, "
-          f"restarts: {s['restarts']}")
+    print(f"kills: {s['kills']} (aimed at {s['kills_target']}), "
+          f"of the coordinator: {s['coordinator_kills']}, restarts: {s['restarts']}")
     print(f"longest stall: {s['longest_stall_s']:.2f} s (answer {s['longest_stall_answer']}; "
-          f"without faults: {s['reference_stall_s']:.2f} s); replanning states seen: {s['replanning_states']}")
+          f"without faults: {s['reference_stall_s']:.2f} s)")
+    print(f"replanning states seen: {s['replanning_states']}")
     print(f"time: {s['elapsed_s']:.0f} s")
     for failure in s["failures"]:
         print(f"answer {failure['answer']} ({failure['prompt']!r}): {failure['error']}")
