@@ -190,6 +190,8 @@ class Mesh:
         """Coordinator side: measured stage speeds against the plan (runtime balancing)."""
         self._next_report = 0.0
         self._leaving_self = False
+        self._published: wire.Plan | None = None
+        """Coordinator side: the last plan this node published."""
         """Set once this node is leaving: it plans and loads nothing more."""
         self._reported = (0, 0.0)
         self._plan_changed = asyncio.Event()
@@ -260,6 +262,9 @@ class Mesh:
 
     def on_link_up(self, peer_id: str, hello: wire.Hello) -> None:
         self.members[peer_id] = hello
+        if self.is_coordinator and self._published is not None and self._published.term == self.election.term:
+            # a newcomer that the next plan leaves out must still learn the plan in force
+            self._tasks.spawn(self._tell_plan(peer_id, self._published))
         self.election.peer_up(peer_id, self._score(hello), time.monotonic())
         self._log_event("join", f"{hello.name or peer_id} joined")
         self._schedule_replan()
@@ -410,10 +415,20 @@ class Mesh:
             return  # the plan in force (made in this term) is still the best one
         await self._publish(planned)
 
+    async def _tell_plan(self, peer_id: str, plan: wire.Plan) -> None:
+        active = self.book.active
+        try:
+            await self._send(peer_id, plan)
+            if active is not None and active.key == (plan.term, plan.epoch):
+                await self._send(peer_id, wire.PlanActive(plan.term, plan.epoch))
+        except Exception as e:  # noqa: BLE001 - the peer went again; nothing to tell
+            log.debug("could not tell %s the plan: %s", peer_id, e)
+
     async def _publish(self, planned: PlannerPlan) -> None:
         self._epoch += 1
         stages = tuple(wire.Stage(s.node_id, s.start_layer, s.end_layer) for s in planned.stages)
         msg = wire.Plan(self.election.term, self._epoch, stages, self.settings.codec)
+        self._published = msg
         spans = ", ".join(f"{self._name(s.node_id)} [{s.start_layer}, {s.end_layer})" for s in stages)
         self._log_event("replan", f"plan {self.election.term}.{self._epoch}: {spans}")
         await self._broadcast(msg)
@@ -536,7 +551,10 @@ class Mesh:
         if self.book.pending is not view:
             return  # a newer plan came while loading
         if self.node_id in view.node_ids:
-            await self._send(view.coordinator_id, wire.StageReady(view.key[0], view.key[1], self.node_id))
+            try:
+                await self._send(view.coordinator_id, wire.StageReady(view.key[0], view.key[1], self.node_id))
+            except Exception as e:  # noqa: BLE001 - a lost coordinator: the next one re-plans
+                log.info("could not report ready to %s: %s", view.coordinator_id, e)
         self._notify_change()
 
     def _on_plan_active(self, msg: wire.PlanActive) -> None:

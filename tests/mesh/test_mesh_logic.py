@@ -232,3 +232,19 @@ async def test_bad_tensors_from_a_peer_are_refused_and_the_mesh_carries_on(tiny_
         assert len(failed) == 3 and all(m.code == "bad_step" for m in failed)
         prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
         assert await answer(net.meshes["a"], prompt) == reference_greedy(tiny_llama, prompt, 32)
+
+
+async def test_a_newcomer_left_out_of_the_plan_still_learns_it_and_can_ask(tiny_llama: Path) -> None:
+    async with memory_net() as net:
+        for nid in ("a", "b"):
+            await net.add(nid, tiny_llama)
+        net.connect_all()
+        await net.wait_active()
+        key = net.meshes["a"].book.active.key  # type: ignore[union-attr]
+        await net.add("z", tiny_llama, mem_budget_bytes=0)  # holds no layers: the plan stays as it is
+        net.connect("a", "z")
+        net.connect("b", "z")
+        await net.wait_active()
+        assert net.meshes["z"].book.active.key == key  # type: ignore[union-attr]
+        prompt = net.meshes["z"].runtime.engine.chat_prompt(PROMPTS[3])
+        assert await answer(net.meshes["z"], prompt) == reference_greedy(tiny_llama, prompt, 32)
