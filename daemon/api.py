@@ -117,6 +117,8 @@ class ApiHandlers:
                     finished = piece
                 elif isinstance(piece, str):
                     pieces.append(piece)
+        except WorkerStopped:
+            return error_response(503, "the daemon is stopping")
         except MeshllmError as error:  # the mesh cannot answer (too little memory, no plan)
             self._hub.log("error", str(error))
             return error_response(503, str(error))
@@ -176,6 +178,9 @@ class ApiHandlers:
                         await _send_event(response, {**chunk({}), "meshllm": {"state": piece.state}})
                     else:
                         await _send_event(response, chunk({"content": piece}))
+            except WorkerStopped:
+                await _send_event(response, {"error": _error_body("the daemon is stopping")})
+                return response
             except MeshllmError as error:  # the mesh cannot answer (too little memory, no plan)
                 self._hub.log("error", str(error))
                 await _send_event(response, {"error": _error_body(str(error), 503)})

@@ -829,7 +829,7 @@ class Mesh:
                 "ms_per_layer": h.ms_per_layer,
                 "span": list(span) if span != (0, 0) else None,
                 "rtt_ms": None if nid == self.node_id else self.links.rtt_ms(nid),
-                "address": f"127.0.0.1:{h.api_port}" if nid == self.node_id else None,
+                "address": None,  # the status board fills in this node's own API address
             })
         return rows
 

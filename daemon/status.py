@@ -118,4 +118,7 @@ class StatusBoard:
         }
         if self._mesh_view is not None:
             snap.update(self._mesh_view())
+            for node in snap["nodes"]:
+                if node.get("is_self"):
+                    node["address"] = s.address  # where this node's API answers
         return snap
