@@ -187,6 +187,8 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         help="hidden-state codec between stages (default f32, exact)")
     parser.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, default=None,
                         metavar="S", help="silence that marks a peer lost (default 1.0 s)")
+    parser.add_argument("--device", default=None, metavar="DEV",
+                        help="where this node's layers run: cpu (default), cuda or cuda:N")
     parser.add_argument("--debug-delay-ms", dest="debug_delay_ms", type=float, default=None,
                         metavar="MS", help=argparse.SUPPRESS)
 

@@ -78,6 +78,8 @@ class NodeConfig:
     """Hidden-state codec between stages: f32 (exact), f16, bf16 or int8 (lossy, opt-in)."""
     heartbeat_timeout_s: float = 1.0
     """Silence on a link for this long marks the peer lost."""
+    device: str = "cpu"
+    """Where this node's layers run: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine with a GPU."""
     debug_delay_ms: float = 0.0
     """Testing aid: sleep this long before every step this node computes (a slow device)."""
 

@@ -54,7 +54,7 @@ def load_runtime(config: NodeConfig) -> Runtime:
     from meshllm.model.cache import prepare
     from meshllm.model.source import resolve
 
-    return Runtime.load(prepare(resolve(config.model), config.cache_dir))
+    return Runtime.load(prepare(resolve(config.model), config.cache_dir), device=config.device)
 
 
 

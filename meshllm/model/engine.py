@@ -63,6 +63,25 @@ def _as_list(v: object) -> list[int]:
 _session_counter = itertools.count()
 
 
+def check_device(device: str) -> str:
+    """`device` if torch can use it here; else ValueError with a one-line reason."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are here")
+    return device
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so timings measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 class Engine:
     """Whole model (or several uneven shards, chained) in one process. Synchronous.
 
@@ -73,8 +92,11 @@ class Engine:
         self,
         prepared: PreparedModel,
         spans: Sequence[tuple[int, int]] | None = None,
+        *,
+        device: str = "cpu",
     ) -> None:
         self.prepared = prepared
+        self.device = check_device(device)
         config = load_config(prepared)
         n = int(config.num_hidden_layers)
         spans = list(spans) if spans is not None else [(0, n)]
@@ -84,7 +106,7 @@ class Engine:
             a[1] != b[0] for a, b in zip(spans, spans[1:])
         ):
             raise ValueError(f"spans {spans} must chain [0, {n}) without gaps")
-        self.shards = [Shard(prepared, s, e) for s, e in spans]
+        self.shards = [Shard(prepared, s, e, device=self.device) for s, e in spans]
         self.tokenizer = load_tokenizer(prepared.folder)
         self.shape: ModelShape = model_shape(config)
         self.info = ModelInfo(
@@ -98,7 +120,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, *, cache_dir: str | None = None,
-             spans: Sequence[tuple[int, int]] | None = None) -> "Engine":
+             spans: Sequence[tuple[int, int]] | None = None, device: str = "cpu") -> "Engine":
         """Resolve, convert once if needed, and load. Raises `ModelSourceError`.
 
         `spans=[]` loads only the entry pieces (embedding, norm, head) and the tokenizer.
@@ -106,7 +128,7 @@ class Engine:
         from pathlib import Path
 
         prepared = prepare(resolve(model), Path(cache_dir) if cache_dir else None)
-        return cls(prepared, spans)
+        return cls(prepared, spans, device=device)
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -162,9 +184,11 @@ class Engine:
             hidden = shard.embed([1] * 8)
             shard.forward(session_id, hidden, 0)
             step = shard.embed([1])
+            synchronize(self.device)
             t0 = time.perf_counter()
             for i in range(steps):
                 shard.forward(session_id, step, 8 + i)
+            synchronize(self.device)
             elapsed_ms = (time.perf_counter() - t0) * 1000
         shard.drop(session_id)
         return elapsed_ms / steps / max(1, shard.num_span_layers)

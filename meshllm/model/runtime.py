@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from meshllm.model.cache import PreparedModel
-from meshllm.model.engine import Engine
+from meshllm.model.engine import Engine, synchronize
 from meshllm.model.sampling import Sampler
 from meshllm.model.shard import Shard
 
@@ -34,9 +34,13 @@ class Runtime:
         self.hidden_size = engine.info.hidden_size
 
     @classmethod
-    def load(cls, prepared: PreparedModel) -> "Runtime":
+    def load(cls, prepared: PreparedModel, device: str = "cpu") -> "Runtime":
         """Start holding no layers: only what an entry node needs (embedding, norm, head)."""
-        return cls(Engine(prepared, spans=[]))
+        return cls(Engine(prepared, spans=[], device=device))
+
+    @property
+    def device(self) -> str:
+        return self.engine.device
 
     @property
     def span(self) -> tuple[int, int]:
@@ -49,13 +53,13 @@ class Runtime:
                 self.shard.drop(sid)
             return
         t0 = time.perf_counter()
-        self.shard = Shard(self.prepared, start_layer, end_layer)
+        self.shard = Shard(self.prepared, start_layer, end_layer, device=self.device)
         log.info("loaded layers [%d, %d) in %.0f ms", start_layer, end_layer, (time.perf_counter() - t0) * 1000)
 
     # -- entry side ----------------------------------------------------------------------
 
     def embed(self, token_ids: list[int]) -> np.ndarray:
-        return self.shard.embed(token_ids)[0].numpy().copy()
+        return self.shard.embed(token_ids)[0].cpu().numpy().copy()
 
     def head_sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
         logits = self.shard.head(torch.from_numpy(hidden).unsqueeze(0))
@@ -66,7 +70,7 @@ class Runtime:
     def forward(self, session_id: str, hidden: np.ndarray, start_pos: int) -> np.ndarray:
         """Run this node's span on (positions, hidden) at start_pos; ValueError if it does not fit."""
         out = self.shard.forward(session_id, torch.from_numpy(hidden).unsqueeze(0), start_pos)
-        return out[0].numpy().copy()
+        return out[0].cpu().numpy().copy()
 
     def drop(self, session_id: str) -> None:
         self.shard.drop(session_id)
@@ -74,11 +78,13 @@ class Runtime:
     def measure_ms_per_layer(self, layers: int = 2, steps: int = 8) -> float:
         """ms per decoder layer per token, measured on a throwaway shard of a few layers."""
         n = min(layers, self.engine.info.num_layers)
-        probe = Shard(self.prepared, 0, n)
+        probe = Shard(self.prepared, 0, n, device=self.device)
         sid = "measure"
         probe.forward(sid, probe.embed([1] * 8), 0)
         step = probe.embed([1])
+        synchronize(self.device)
         t0 = time.perf_counter()
         for i in range(steps):
             probe.forward(sid, step, 8 + i)
+        synchronize(self.device)
         return (time.perf_counter() - t0) * 1000 / steps / n

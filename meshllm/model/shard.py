@@ -88,6 +88,7 @@ class Shard:
         *,
         dtype: torch.dtype = torch.float32,
         max_sessions: int = 64,
+        device: str | torch.device = "cpu",
     ) -> None:
         config = load_config(prepared)
         n_layers = config.num_hidden_layers
@@ -97,6 +98,7 @@ class Shard:
         self.start_layer = start_layer
         self.end_layer = end_layer
         self.dtype = dtype
+        self.device = torch.device(device)
         self.max_sessions = max_sessions
         self._local_config = span_config(config, start_layer, end_layer)
         self._caches: dict[str, DynamicCache] = {}
@@ -116,7 +118,7 @@ class Shard:
             skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
         inner = skeleton.model
         # Buffers that are not saved (rotary inv_freq) are still on meta: rebuild them.
-        inner.rotary_emb = type(inner.rotary_emb)(config=self._local_config)
+        inner.rotary_emb = type(inner.rotary_emb)(config=self._local_config).to(self.device)
         self.norm: nn.Module = inner.norm
         inner.norm = nn.Identity()  # the decoder stack must not normalise; the head does.
         self._inner = inner
@@ -145,7 +147,7 @@ class Shard:
         for path, keys in by_file.items():
             with safe_open(path, framework="pt") as f:
                 for key in keys:
-                    state[wanted[key]] = f.get_tensor(key).to(self.dtype)
+                    state[wanted[key]] = f.get_tensor(key).to(device=self.device, dtype=self.dtype)
         return state
 
     # -- shape ---------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class Shard:
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """Token ids -> hidden states (1, positions, hidden)."""
-        ids = torch.tensor([token_ids], dtype=torch.long)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self.embed_tokens(ids)
 
     def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -203,9 +205,9 @@ class Shard:
         have = int(cache.get_seq_length())
         if have != start_pos:
             raise ValueError(f"session {session_id}: KV cache holds {have} positions, step starts at {start_pos}")
-        position_ids = torch.arange(start_pos, start_pos + positions).unsqueeze(0)
+        position_ids = torch.arange(start_pos, start_pos + positions, device=self.device).unsqueeze(0)
         out = self._inner(
-            inputs_embeds=hidden.to(self.dtype),
+            inputs_embeds=hidden.to(device=self.device, dtype=self.dtype),
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
@@ -213,9 +215,9 @@ class Shard:
         return out.last_hidden_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states (1, positions, hidden) -> logits of the last position (vocab,)."""
-        normed = self.norm(hidden)
-        return self.lm_head(normed[:, -1, :])[0].float()
+        """Hidden states (1, positions, hidden) -> logits of the last position (vocab,), on the CPU."""
+        normed = self.norm(hidden.to(device=self.device, dtype=self.dtype))
+        return self.lm_head(normed[:, -1, :])[0].float().cpu()
 
 
 def model_shape(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> ModelShape:

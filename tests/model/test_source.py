@@ -70,3 +70,16 @@ def test_gguf_is_converted_once_then_reused(default_engine) -> None:  # type: ig
     again = prepare(resolve(None))
     assert again.folder == folder and again.model_id == default_engine.prepared.model_id
     assert weights.stat().st_mtime_ns == mtime
+
+
+def test_an_unusable_device_is_a_clear_error(tiny_llama: Path) -> None:
+    import torch
+
+    from meshllm.model.engine import Engine
+
+    if torch.cuda.is_available():  # this check is about machines without a GPU
+        bad = "cuda:99"
+    else:
+        bad = "cuda"
+    with pytest.raises(ValueError, match="cuda"):
+        Engine(prepare(resolve(tiny_llama)), device=bad)
