@@ -124,7 +124,6 @@ class StageStats:
 
 @dataclass(frozen=True)
 class MeshSettings:
-    mesh_name: str = "default"
     objective: str = "throughput"
     codec: str = "f32"
     election_timeout_s: float = 0.5
@@ -200,7 +199,6 @@ class Mesh:
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._session_ids = itertools.count()
         self._tasks = TaskSet('mesh')
-        self._closed = False
         self._changed = asyncio.Event()
         self.incompatible: dict[str, dict[str, str]] = {}
         """Discovered peers that cannot join, by instance name: address and reason."""
@@ -243,7 +241,6 @@ class Mesh:
                 if self._next_report <= now:
                     await self._report_speed(now)
         finally:
-            self._closed = True
             self._tasks.cancel()
             for p in self._pending.values():
                 if not p.future.done():
@@ -735,9 +732,9 @@ class Mesh:
                 token_id = await self.worker.call(lambda: self.runtime.head_sample(out, sampler))
                 yield session.accept(token_id)
         finally:
-            self._tasks.spawn(self._drop_everywhere(session.session_id, plan_key))
+            self._tasks.spawn(self._drop_everywhere(session.session_id))
 
-    async def _drop_everywhere(self, session_id: str, plan_key: PlanKey | None) -> None:
+    async def _drop_everywhere(self, session_id: str) -> None:
         plan = self.book.active
         for nid in plan.node_ids if plan is not None else ():
             try:

@@ -232,7 +232,7 @@ class Node:
             is_compatible=lambda other: incompatibility(hello, other),
         )
         holder["links"] = links
-        settings = MeshSettings(mesh_name=config.mesh_name, objective=config.objective,
+        settings = MeshSettings(objective=config.objective,
                                 codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000)
         mesh = Mesh(hello, runtime, worker, links, settings=settings,
                     on_change=board.refresh, log_event=hub.log)
