@@ -65,6 +65,11 @@ def save_runs(path: Path, runs: list[dict[str, Any]]) -> None:
 # -- plots ------------------------------------------------------------------------------------
 
 
+def _legend_below(ax: Any) -> None:
+    ax.margins(y=0.12)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+
+
 def _run_label(i: int, run: dict[str, Any]) -> str:
     return f"run {i + 1}: single {run['single_threads']} thr, mesh {run['nodes']}x{run['node_threads']} thr"
 
@@ -84,7 +89,7 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
 
     # decode tokens/s: single, then the mesh for each codec
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5))
     labels = ["single"] + [f"mesh {c}" for c in codecs]
     for i, run in enumerate(runs):
         values = [run["single"]["decode_tokens_per_s"] or 0.0] + [
@@ -95,14 +100,14 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("decode tokens/s (greedy, batch 1)")
     ax.set_title(f"Decode speed\n{subtitle}", fontsize=10)
-    ax.legend(fontsize=8)
+    _legend_below(ax)
     fig.tight_layout()
     paths.append(out_dir / "bench_tokens_per_s.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     # bytes per decode hop per codec
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
         values = [c["measure"]["decode_bytes_per_hop"] or 0.0 for c in run["codecs"]]
         xs = [x + (i - (len(runs) - 1) / 2) * width for x in range(len(codecs))]
@@ -113,14 +118,14 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     ax.set_xticks(range(len(codecs)), codecs)
     ax.set_ylabel("bytes per decode hop (whole message)")
     ax.set_title(f"Bytes per decode hop by codec\n{subtitle}", fontsize=10)
-    ax.legend(fontsize=8)
+    _legend_below(ax)
     fig.tight_layout()
     paths.append(out_dir / "bench_bytes_per_hop.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     # ratios against the targets
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2))
     for ax, key, target, title in (
         (left, "decode_ratio", DECODE_RATIO_TARGET, "decode tokens/s, mesh / single (higher is better)"),
         (right, "ttft_ratio", TTFT_RATIO_TARGET, "TTFT(512), mesh / single (lower is better)"),
@@ -134,7 +139,7 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(codecs)), codecs)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        _legend_below(ax)
     fig.suptitle(subtitle, fontsize=10)
     fig.tight_layout()
     paths.append(out_dir / "bench_ratios.png")
