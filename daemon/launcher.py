@@ -97,6 +97,7 @@ class LocalMesh:
             raise ValueError("need at least one node")
         self._own_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="meshllm-local-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
         self._cmd = list(meshllm or [sys.executable, "-m", "daemon.cli"])
         self.env = {**os.environ, **(env or {})}

@@ -507,10 +507,10 @@ class LinkManager:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def send(self, peer_id: str, msg: Message, *, channel: str = "control") -> None:
-        """Send one message, framed into data-channel pieces. Waits while the channel has
-        more than the high-water mark queued. Raises LinkError when there is no link or it
-        ends meanwhile."""
+    async def send(self, peer_id: str, msg: Message, *, channel: str = "control") -> int:
+        """Send one message, framed into data-channel pieces; return its encoded size in bytes.
+        Waits while the channel has more than the high-water mark queued. Raises LinkError
+        when there is no link or it ends meanwhile."""
         if channel not in CHANNEL_IDS:
             raise ValueError(f"unknown channel {channel!r}; one of {sorted(CHANNEL_IDS)}")
         link = self._links.get(peer_id)
@@ -530,6 +530,7 @@ class LinkManager:
                 except InvalidStateError:
                     self._finish(link, "channel closed")
                     raise LinkError(f"link to {peer_id} lost: channel closed", peer_id) from None
+        return len(data)
 
     def _send_now(self, link: _Link, channel: str, msg: Message) -> None:
         """Queue a small message at once, ignoring backpressure (heartbeats, acks, byes)."""

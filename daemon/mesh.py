@@ -47,7 +47,7 @@ MAX_STEP_RETRIES = 4
 class Links(Protocol):
     """What the mesh needs from the link layer."""
 
-    async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> None: ...
+    async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> int: ...
 
     def peers(self) -> dict[str, wire.Hello]: ...
 
@@ -148,6 +148,12 @@ def incompatibility(ours: wire.Hello, theirs: wire.Hello) -> str | None:
     if theirs.model_id != ours.model_id:
         return f"model {theirs.model_id} != {ours.model_id}"
     return None
+
+
+def encode_hidden(hidden: np.ndarray, codec: str) -> wire.TensorPayload:
+    """A hidden state for the wire. zstd is tried on prompts (many positions), where it can
+    pay; a decode step's one position barely compresses (docs/wire-format.md), so it goes raw."""
+    return wire.encode_tensor(hidden, codec, compress="auto" if hidden.shape[0] > 1 else False)
 
 
 EventLogger = Callable[[str, str], None]
@@ -331,11 +337,12 @@ class Mesh:
             log.debug("ignoring %s from %s", type(msg).__name__, sender)
         self._wake.set()
 
-    async def _send(self, dest: str, msg: wire.Message, *, channel: str = "control") -> None:
+    async def _send(self, dest: str, msg: wire.Message, *, channel: str = "control") -> int:
+        """Send to a peer (or hand to this node itself); the encoded bytes that went out."""
         if dest == self.node_id:
             self.on_message(self.node_id, msg)
-            return
-        await self.links.send(dest, msg, channel=channel)
+            return 0
+        return await self.links.send(dest, msg, channel=channel)
 
     async def _broadcast(self, msg: wire.Message, *, include_self: bool = True) -> None:
         for peer in list(self.members):
@@ -602,18 +609,19 @@ class Mesh:
             except Exception as send_error:  # noqa: BLE001 - the entry may be gone too
                 log.debug("could not report failed step to %s: %s", entry, send_error)
             return
-        payload = wire.encode_tensor(out, plan.codec)
+        payload = encode_hidden(out, plan.codec)
         nxt = msg.route[0]
         if len(msg.route) == 1:
             reply: wire.Message = wire.Result(msg.session_id, msg.seq, payload)
         else:
             reply = wire.Forward(msg.session_id, msg.seq, msg.term, msg.epoch, msg.start_pos, payload, msg.route[1:])
-        if nxt != self.node_id:
-            self.stats.sent(hidden.shape[0], len(wire.encode(reply)))
         try:
-            await self._send(nxt, reply, channel="activation")
+            sent = await self._send(nxt, reply, channel="activation")
         except Exception as e:  # noqa: BLE001 - the next stage's loss is handled by link events
             log.info("could not pass step %s/%d to %s: %s", msg.session_id, msg.seq, nxt, e)
+            return
+        if sent:
+            self.stats.sent(hidden.shape[0], sent)
 
     # -- entry side ----------------------------------------------------------------------
 
@@ -660,14 +668,14 @@ class Mesh:
                                       plan.codec, hidden.shape[0])
         try:
             route = tuple(plan.node_ids[1:]) + (self.node_id,)
-            payload = wire.encode_tensor(hidden, plan.codec)
+            payload = encode_hidden(hidden, plan.codec)
             msg = wire.Forward(session_id, seq, plan.key[0], plan.key[1], start_pos, payload, route)
-            if plan.node_ids[0] != self.node_id:
-                self.stats.sent(hidden.shape[0], len(wire.encode(msg)))
             try:
-                await self._send(plan.node_ids[0], msg, channel="activation")
+                sent = await self._send(plan.node_ids[0], msg, channel="activation")
             except Exception as e:  # noqa: BLE001 - a dead first hop: the step is lost
                 raise StepLost(f"cannot reach {plan.node_ids[0]}: {e}") from e
+            if sent:
+                self.stats.sent(hidden.shape[0], sent)
             try:
                 async with asyncio.timeout(self.settings.step_timeout_s):
                     return await future

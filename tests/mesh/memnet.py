@@ -25,12 +25,14 @@ class MemoryLinks:
         self.node_id = node_id
         self.connected: dict[str, wire.Hello] = {}
 
-    async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> None:
+    async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> int:
         if peer_id not in self.connected:
             raise ConnectionError(f"no link to {peer_id}")
-        decoded = wire.decode(wire.encode(msg))
+        data = wire.encode(msg)
+        decoded = wire.decode(data)
         target = self.net.meshes[peer_id]
         asyncio.get_running_loop().call_soon(target.on_message, self.node_id, decoded)
+        return len(data)
 
     def peers(self) -> dict[str, wire.Hello]:
         return dict(self.connected)
