@@ -232,9 +232,18 @@ def test_bench_api_measures_a_running_mesh(tiny_llama: Path, tmp_path: Path,
     from daemon.launcher import LocalMesh
 
     (tmp_path / "mesh").mkdir()
+    from meshllm.model.cache import prepare
+    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.source import resolve
+
+    # room for 4 of the 6 layers each: the plan must use both nodes, however the start-up
+    # speed measurements of a busy machine come out
+    shape = model_shape(load_config(prepare(resolve(tiny_llama))))
+    budget = shape.embed_head_bytes + 4 * shape.layer_bytes
     mesh = LocalMesh(2, model=str(tiny_llama), threads=1, work_dir=tmp_path / "mesh",
                      extra_args=["--mesh-name", f"test-{uuid.uuid4().hex[:8]}",
-                                 "--cache-dir", str(tmp_path / "cache")])
+                                 "--cache-dir", str(tmp_path / "cache"),
+                                 "--mem-budget", str(budget)])
     mesh.start()
     try:
         mesh.wait_ready(120)
