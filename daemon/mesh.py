@@ -725,12 +725,10 @@ class Mesh:
                     if not paused:
                         paused = True
                         yield StateChange("replanning")
-                    session.restart()
-                    plan_key = None
+                    session.restart()  # failures count up only while the plan stays the same
                     seq += 1
                     continue
                 seq += 1
-                failures = 0
                 if paused and not session.replaying():
                     paused = False
                     yield StateChange("running")
@@ -738,6 +736,7 @@ class Mesh:
                     session.step_done()
                     continue
                 token_id = await self.worker.call(lambda: self.runtime.head_sample(out, sampler))
+                failures = 0  # progress: a new token (replayed steps do not count)
                 yield session.accept(token_id)
         finally:
             self._tasks.spawn(self._drop_everywhere(session.session_id))

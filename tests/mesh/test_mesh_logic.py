@@ -248,3 +248,22 @@ async def test_a_newcomer_left_out_of_the_plan_still_learns_it_and_can_ask(tiny_
         assert net.meshes["z"].book.active.key == key  # type: ignore[union-attr]
         prompt = net.meshes["z"].runtime.engine.chat_prompt(PROMPTS[3])
         assert await answer(net.meshes["z"], prompt) == reference_greedy(tiny_llama, prompt, 32)
+
+
+async def test_a_stage_that_always_fails_ends_the_request_with_an_error_not_a_hang(tiny_llama: Path) -> None:
+    async with memory_net() as net:
+        for nid in ("a", "b"):
+            await net.add(nid, tiny_llama)
+        net.connect_all()
+        await net.wait_active()
+        plan = net.meshes["a"].book.active
+        assert plan is not None
+        broken = net.meshes[plan.node_ids[-1]]
+
+        def refuse(session_id: str, hidden, start_pos: int):  # type: ignore[no-untyped-def]
+            raise ValueError("this stage is broken")
+
+        broken.runtime.forward = refuse  # type: ignore[method-assign]
+        prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
+        with pytest.raises(MeshUnavailable, match="keep failing"):
+            await asyncio.wait_for(answer(net.meshes["a"], prompt), 30)
