@@ -4,6 +4,7 @@ over WebRTC, elect a coordinator and answer exactly like plain transformers `gen
 from __future__ import annotations
 
 import json
+import time
 import socket
 import subprocess
 import sys
@@ -129,6 +130,12 @@ def test_a_node_with_the_wrong_mesh_key_is_refused(tiny_llama: Path, tmp_path: P
     mesh.start()
     try:
         plan = mesh.wait_ready(180, nodes=[0, 1])
+        mesh.wait_ready(180, nodes=[2])  # the intruder is up too (a mesh of one)
+        for _ in range(150):  # it finds the others over mDNS and is refused
+            if "403" in mesh.logs(2) or "refused" in mesh.logs(2).lower():
+                break
+            time.sleep(0.1)
+        plan = mesh.status(0)["plan"]
         intruder = mesh.status(2)["self_id"]
         assert intruder not in {s["node_id"] for s in plan["stages"]}
         for i in (0, 1):

@@ -65,10 +65,13 @@ async def wait_for(pilot: Pilot[object], condition: Callable[[], bool], what: st
         await pilot.pause(0.05)
 
 
+def owners(plan: dict) -> tuple[str, ...]:  # type: ignore[type-arg]
+    """The node holding each layer under `plan`."""
+    return tuple(stage["node_id"] for stage in plan["stages"]
+                 for _ in range(stage["start_layer"], stage["end_layer"]))
+
+
 async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh: LocalMesh) -> None:
-    plan = mesh.status(0)["plan"]
-    expected_owners = tuple(stage["node_id"] for stage in plan["stages"]
-                            for _ in range(stage["start_layer"], stage["end_layer"]))
     api_url = mesh.nodes[0].url
     expected = await meshllm_ask(api_url, PROMPT)
     assert expected.strip(), "the tiny model gave an empty answer; pick another prompt"
@@ -85,8 +88,11 @@ async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh
         assert "node1" in screen and "node2" in screen
         layer_map = app.mesh_view.query_one(LayerMap)
         assert app.mesh_status is not None and len(layer_map.owners) == app.mesh_status.num_layers
-        assert layer_map.owners == expected_owners
-        assert None not in layer_map.owners and len(set(layer_map.owners)) == 2
+        # the plan may move (runtime balancing re-plans when measured speeds drift): the map
+        # must show the plan in force
+        await wait_for(pilot, lambda: layer_map.owners == owners(mesh.status(0)["plan"]),
+                       "the layer map shows the plan in force", 20)
+        assert None not in layer_map.owners
 
         # the chat view: type the prompt key by key, send it, wait for the whole answer
         await pilot.press("f3")
