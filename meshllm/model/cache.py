@@ -6,6 +6,7 @@ milliseconds, with memory in proportion to the span. A Hugging Face folder is us
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -93,8 +94,13 @@ def prepare(source: ModelSource, cache_dir: Path | None = None) -> PreparedModel
     folder = root / f"{source.name}-{model_id}"
     marker = folder / _DONE_MARKER
     if not _cache_complete(marker, digest):
-        log.info("converting %s once into the weight cache at %s", source.path.name, folder)
-        _convert_gguf(source.path, folder, digest)
+        root.mkdir(parents=True, exist_ok=True)
+        # several nodes on one machine share the cache: one converts, the others wait for it
+        with open(root / f".{source.name}-{model_id}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _cache_complete(marker, digest):
+                log.info("converting %s once into the weight cache at %s", source.path.name, folder)
+                _convert_gguf(source.path, folder, digest)
     files = tuple(sorted(folder.glob("*.safetensors")))
     return PreparedModel(model_id, source.name, folder, files)
 
