@@ -94,9 +94,10 @@ def prepare(source: ModelSource, cache_dir: Path | None = None) -> PreparedModel
     folder = root / f"{source.name}-{model_id}"
     marker = folder / _DONE_MARKER
     if not _cache_complete(marker, digest):
-        root.mkdir(parents=True, exist_ok=True)
+        locks = root.parent / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
         # several nodes on one machine share the cache: one converts, the others wait for it
-        with open(root / f".{source.name}-{model_id}.lock", "w") as lock:
+        with open(locks / f"{source.name}-{model_id}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not _cache_complete(marker, digest):
                 log.info("converting %s once into the weight cache at %s", source.path.name, folder)
