@@ -178,17 +178,22 @@ class Engine:
 
     def measure_ms_per_layer(self, steps: int = 8) -> float:
         """Milliseconds per decoder layer per token, from a short decode on this machine."""
-        shard = max(self.shards, key=lambda s: s.num_span_layers)
-        session_id = "measure"
         with torch.inference_mode():
-            hidden = shard.embed([1] * 8)
-            shard.forward(session_id, hidden, 0)
-            step = shard.embed([1])
-            synchronize(self.device)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                shard.forward(session_id, step, 8 + i)
-            synchronize(self.device)
-            elapsed_ms = (time.perf_counter() - t0) * 1000
-        shard.drop(session_id)
-        return elapsed_ms / steps / max(1, shard.num_span_layers)
+            return shard_ms_per_layer(max(self.shards, key=lambda s: s.num_span_layers), steps)
+
+
+def shard_ms_per_layer(shard: Shard, steps: int = 8) -> float:
+    """Time `steps` one-position decode steps through `shard` after an 8-position prefill;
+    milliseconds per layer per step. Leaves no session behind."""
+    session_id = "measure"
+    shard.forward(session_id, shard.embed([1] * 8), 0)
+    step = shard.embed([1])
+    device = str(shard.device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        shard.forward(session_id, step, 8 + i)
+    synchronize(device)
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+    shard.drop(session_id)
+    return elapsed_ms / steps / max(1, shard.num_span_layers)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from meshllm.model.cache import PreparedModel
-from meshllm.model.engine import Engine, synchronize
+from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
 from meshllm.model.shard import Shard
 
@@ -78,13 +78,4 @@ class Runtime:
     def measure_ms_per_layer(self, layers: int = 2, steps: int = 8) -> float:
         """ms per decoder layer per token, measured on a throwaway shard of a few layers."""
         n = min(layers, self.engine.info.num_layers)
-        probe = Shard(self.prepared, 0, n, device=self.device)
-        sid = "measure"
-        probe.forward(sid, probe.embed([1] * 8), 0)
-        step = probe.embed([1])
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            probe.forward(sid, step, 8 + i)
-        synchronize(self.device)
-        return (time.perf_counter() - t0) * 1000 / steps / n
+        return shard_ms_per_layer(Shard(self.prepared, 0, n, device=self.device), steps)
