@@ -37,6 +37,10 @@ class PreparedModel:
     name: str
     folder: Path
     weight_files: tuple[Path, ...]
+    gguf_path: Path | None = None
+    """The GGUF this was converted from (its 4-bit blocks are read as they are), if any."""
+    formats_folder: Path | None = None
+    """Where the other weight formats are written (see ``formats``); None: `folder`/formats."""
 
 
 def default_cache_dir() -> Path:
@@ -86,7 +90,9 @@ def prepare(source: ModelSource, cache_dir: Path | None = None) -> PreparedModel
     """Make `source` loadable span by span. Converts a GGUF on first use (slow, shows progress)."""
     if source.kind == "hf":
         files = tuple(sorted(source.path.glob("*.safetensors")))
-        return PreparedModel(folder_model_id(source.path, files), source.name, source.path, files)
+        model_id = folder_model_id(source.path, files)
+        formats = (cache_dir or default_cache_dir()) / "models" / f"{source.name}-{model_id}" / "formats"
+        return PreparedModel(model_id, source.name, source.path, files, formats_folder=formats)
 
     digest = file_sha256(source.path)
     model_id = digest[:16]
@@ -103,7 +109,7 @@ def prepare(source: ModelSource, cache_dir: Path | None = None) -> PreparedModel
                 log.info("converting %s once into the weight cache at %s", source.path.name, folder)
                 _convert_gguf(source.path, folder, digest)
     files = tuple(sorted(folder.glob("*.safetensors")))
-    return PreparedModel(model_id, source.name, folder, files)
+    return PreparedModel(model_id, source.name, folder, files, source.path)
 
 
 def _cache_complete(marker: Path, digest: str) -> bool:

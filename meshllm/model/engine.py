@@ -11,16 +11,21 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from meshllm.errors import PromptTooLong
 from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
-from meshllm.model.shard import ModelShape, Shard, load_config, model_shape
+from meshllm.model.formats import resolve_format
+from meshllm.model.shard import ModelShape, Shard, load_config, model_shape, open_shard
 from meshllm.model.source import resolve
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
 from meshllm.session import Session, Token, run_local
+
+if TYPE_CHECKING:
+    from meshllm.model.lean import LeanShard
 
 __all__ = ["Engine", "ModelInfo", "Token"]
 
@@ -35,6 +40,8 @@ class ModelInfo:
     hidden_size: int
     max_positions: int
     eos_token_ids: tuple[int, ...]
+    weights: str = "f32"
+    """The weight format in memory (f32, f16, int8, int4); part of `model_id`."""
 
 
 def eos_ids(prepared: PreparedModel, tokenizer) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
@@ -94,9 +101,11 @@ class Engine:
         spans: Sequence[tuple[int, int]] | None = None,
         *,
         device: str = "cpu",
+        weights: str = "f32",
     ) -> None:
         self.prepared = prepared
         self.device = check_device(device)
+        self.weights = resolve_format(prepared, weights)
         config = load_config(prepared)
         n = int(config.num_hidden_layers)
         spans = list(spans) if spans is not None else [(0, n)]
@@ -106,21 +115,24 @@ class Engine:
             a[1] != b[0] for a, b in zip(spans, spans[1:])
         ):
             raise ValueError(f"spans {spans} must chain [0, {n}) without gaps")
-        self.shards = [Shard(prepared, s, e, device=self.device) for s, e in spans]
+        self.shards = [open_shard(prepared, s, e, weights=self.weights, device=self.device) for s, e in spans]
         self.tokenizer = load_tokenizer(prepared.folder)
-        self.shape: ModelShape = model_shape(config)
+        self.shape: ModelShape = model_shape(config, self.weights)
         self.info = ModelInfo(
-            model_id=prepared.model_id,
+            # two formats of one file compute differently: to a mesh they are different models
+            model_id=f"{prepared.model_id}-{self.weights}",
             name=prepared.name,
             num_layers=n,
             hidden_size=int(config.hidden_size),
             max_positions=self.shape.max_positions,
             eos_token_ids=eos_ids(prepared, self.tokenizer),
+            weights=self.weights,
         )
 
     @classmethod
     def load(cls, model: str | None = None, *, cache_dir: str | None = None,
-             spans: Sequence[tuple[int, int]] | None = None, device: str = "cpu") -> "Engine":
+             spans: Sequence[tuple[int, int]] | None = None, device: str = "cpu",
+             weights: str = "f32") -> "Engine":
         """Resolve, convert once if needed, and load. Raises `ModelSourceError`.
 
         `spans=[]` loads only the entry pieces (embedding, norm, head) and the tokenizer.
@@ -128,7 +140,7 @@ class Engine:
         from pathlib import Path
 
         prepared = prepare(resolve(model), Path(cache_dir) if cache_dir else None)
-        return cls(prepared, spans, device=device)
+        return cls(prepared, spans, device=device, weights=weights)
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -182,7 +194,7 @@ class Engine:
             return shard_ms_per_layer(max(self.shards, key=lambda s: s.num_span_layers), steps)
 
 
-def shard_ms_per_layer(shard: Shard, steps: int = 8) -> float:
+def shard_ms_per_layer(shard: "Shard | LeanShard", steps: int = 8) -> float:
     """Time `steps` one-position decode steps through `shard` after an 8-position prefill;
     milliseconds per layer per step. Leaves no session behind."""
     session_id = "measure"

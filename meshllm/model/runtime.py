@@ -15,7 +15,8 @@ import torch
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
-from meshllm.model.shard import Shard
+from meshllm.model.lean import LeanShard
+from meshllm.model.shard import Shard, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ class Runtime:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.prepared: PreparedModel = engine.prepared
-        self.shard: Shard = engine.shards[0]
+        self.shard: Shard | LeanShard = engine.shards[0]
         self.hidden_size = engine.info.hidden_size
 
     @classmethod
-    def load(cls, prepared: PreparedModel, device: str = "cpu") -> "Runtime":
+    def load(cls, prepared: PreparedModel, device: str = "cpu", weights: str = "f32") -> "Runtime":
         """Start holding no layers: only what an entry node needs (embedding, norm, head)."""
-        return cls(Engine(prepared, spans=[], device=device))
+        return cls(Engine(prepared, spans=[], device=device, weights=weights))
 
     @property
     def device(self) -> str:
@@ -53,7 +54,8 @@ class Runtime:
                 self.shard.drop(sid)
             return
         t0 = time.perf_counter()
-        self.shard = Shard(self.prepared, start_layer, end_layer, device=self.device)
+        self.shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights,
+                                device=self.device)
         log.info("loaded layers [%d, %d) in %.0f ms", start_layer, end_layer, (time.perf_counter() - t0) * 1000)
 
     # -- entry side ----------------------------------------------------------------------
@@ -78,4 +80,5 @@ class Runtime:
     def measure_ms_per_layer(self, layers: int = 2, steps: int = 8) -> float:
         """ms per decoder layer per token, measured on a throwaway shard of a few layers."""
         n = min(layers, self.engine.info.num_layers)
-        return shard_ms_per_layer(Shard(self.prepared, 0, n, device=self.device), steps)
+        return shard_ms_per_layer(open_shard(self.prepared, 0, n, weights=self.engine.weights,
+                                             device=self.device), steps)

@@ -11,6 +11,7 @@ import copy
 import logging
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Pretrai
 
 from meshllm.errors import ModelSourceError
 from meshllm.model.cache import PreparedModel
+from meshllm.model.quant import bytes_per_weight
+
+if TYPE_CHECKING:
+    from meshllm.model.lean import LeanShard
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ class ModelShape:
     vocab_size: int
     max_positions: int
     layer_bytes: int
-    """Bytes of one decoder layer's weights at the shard's dtype."""
+    """Bytes of one decoder layer's weights in the weight format in use."""
     embed_head_bytes: int
     """Bytes of embedding + final norm + lm_head (counted once when tied)."""
 
@@ -98,6 +103,7 @@ class Shard:
         self.start_layer = start_layer
         self.end_layer = end_layer
         self.dtype = dtype
+        self.weights = "f32"
         self.device = torch.device(device)
         self.max_sessions = max_sessions
         self._local_config = span_config(config, start_layer, end_layer)
@@ -220,22 +226,49 @@ class Shard:
         return self.lm_head(normed[:, -1, :])[0].float().cpu()
 
 
-def model_shape(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> ModelShape:
-    """Parameter bytes per layer and for embed/norm/head, computed on the meta device."""
+def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
+    """Bytes per layer and for embed/norm/head in the weight format `weights`, from the config.
+
+    Linear weights count `bytes_per_weight(weights)` an element; norms and biases stay float32;
+    the embedding and head are int8 rows with a float32 scale (and a bfloat16 copy of it) a
+    row, except in f32.
+    """
     one = span_config(config, 0, 1)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(one, dtype=dtype)
-    elem = torch.tensor([], dtype=dtype).element_size()
-    layer_params = sum(p.numel() for p in m.model.layers[0].parameters())
-    embed = m.model.embed_tokens.weight.numel()
-    head = 0 if getattr(config, "tie_word_embeddings", False) else m.lm_head.weight.numel()
+        m = AutoModelForCausalLM.from_config(one, dtype=torch.float32)
+    layer = m.model.layers[0]
+    linear = sum(mod.weight.numel() for mod in layer.modules() if isinstance(mod, nn.Linear))
+    other = sum(p.numel() for p in layer.parameters()) - linear
+    vocab, hidden = m.model.embed_tokens.weight.shape
+    tables = 1 if getattr(config, "tie_word_embeddings", False) else 2
     norm = sum(p.numel() for p in m.model.norm.parameters())
+    table_bytes = vocab * hidden * 4 if weights == "f32" else vocab * (hidden + 6)
     return ModelShape(
         model_type=config.model_type,
         num_layers=int(config.num_hidden_layers),
         hidden_size=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
         max_positions=int(getattr(config, "max_position_embeddings", 2048)),
-        layer_bytes=layer_params * elem,
-        embed_head_bytes=(embed + head + norm) * elem,
+        layer_bytes=int(linear * bytes_per_weight(weights)) + other * 4,
+        embed_head_bytes=tables * table_bytes + norm * 4,
     )
+
+
+def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, weights: str = "f32",
+               device: str | torch.device = "cpu", max_sessions: int = 64) -> "Shard | LeanShard":
+    """A shard of layers [start_layer, end_layer) in weight format `weights` (not `auto`).
+
+    f32 runs transformers' own layers (the exact reference); the other formats run the lean
+    decoder on quantized weights, read from the format's cache file (written on first use).
+    """
+    if weights == "f32":
+        return Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions)
+    from meshllm.model.formats import format_file
+    from meshllm.model.lean import LeanShard
+
+    config = load_config(prepared)
+    n_layers = int(config.num_hidden_layers)
+    if not 0 <= start_layer <= end_layer <= n_layers:
+        raise ValueError(f"span [{start_layer}, {end_layer}) is outside [0, {n_layers})")
+    return LeanShard(prepared, config, start_layer, end_layer, weights, str(format_file(prepared, weights)),
+                     max_sessions=max_sessions, device=device)

@@ -1,0 +1,217 @@
+"""Which weight format a model runs in, and the cache file that holds each format.
+
+``auto`` keeps the file's precision class: a GGUF whose linears are Q4_x runs as int4 (codes
+read straight from its blocks), Q5/Q6/Q8 and other quantized types as int8, F16/BF16 as f16,
+F32 as f32; a Hugging Face folder keeps its dtype (bf16 runs as f16).
+
+Each format but f32 is written once into the weight cache as ``formats/weights-<fmt>.safetensors``
+beside the float32 conversion, with one entry per tensor, so a span still reads only its own
+bytes. The float32 conversion stays the source of the config, the tokenizer and every tensor
+that is not read from 4-bit blocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from meshllm.model.cache import PreparedModel
+from meshllm.model.quant import FORMATS, check_format
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LINEAR_SUFFIXES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+_GGUF_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+def gguf_linear_types(path: Path) -> Counter[str]:
+    """How many of the file's decoder linears are of each GGUF type (Q4_1, Q8_0, F16...)."""
+    from gguf import GGUFReader
+
+    counts: Counter[str] = Counter()
+    for t in GGUFReader(str(path)).tensors:
+        m = _GGUF_BLOCK.match(t.name)
+        if m and m.group(2) in _GGUF_LINEARS:
+            counts[t.tensor_type.name] += 1
+    return counts
+
+
+def auto_format(prepared: PreparedModel) -> str:
+    """The format `auto` picks for this model (see the module docstring)."""
+    if prepared.gguf_path is not None:
+        counts = gguf_linear_types(prepared.gguf_path)
+        if not counts:
+            return "f32"
+        kind = counts.most_common(1)[0][0]
+        if kind.startswith("Q4") or kind.startswith("IQ4"):
+            return "int4"
+        if kind in ("F16", "BF16"):
+            return "f16"
+        if kind == "F32":
+            return "f32"
+        return "int8"
+    dtypes = _folder_dtypes(prepared)
+    if dtypes and dtypes <= {"F32"}:
+        return "f32"
+    if dtypes & {"F16", "BF16"}:
+        return "f16"
+    return "f32"
+
+
+def _folder_dtypes(prepared: PreparedModel) -> set[str]:
+    from meshllm.model.cache import _safetensors_header
+
+    found: set[str] = set()
+    for path in prepared.weight_files:
+        header = json.loads(_safetensors_header(path))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and k.endswith(".weight")}
+    return found
+
+
+def resolve_format(prepared: PreparedModel, weights: str) -> str:
+    """`weights` with `auto` replaced by the file's own format."""
+    check_format(weights)
+    return auto_format(prepared) if weights == "auto" else weights
+
+
+def format_file(prepared: PreparedModel, fmt: str) -> Path:
+    """The cache file holding `prepared` in `fmt` (not for f32); written on first use."""
+    if fmt not in FORMATS or fmt == "f32":
+        raise ValueError(f"no format file for {fmt!r}")
+    folder = prepared.formats_folder or prepared.folder / "formats"
+    path = folder / f"weights-{fmt}.safetensors"
+    marker = folder / f"weights-{fmt}.json"
+    if _complete(marker):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".weights-{fmt}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _complete(marker):
+            log.info("writing the %s weights of %s once into the weight cache", fmt, prepared.name)
+            _write_format(prepared, fmt, path)
+            marker.write_text(json.dumps({"version": FORMAT_VERSION, "format": fmt}))
+    return path
+
+
+
+
+def _complete(marker: Path) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
+    """Convert every tensor of the float32 weights into `fmt`, 4-bit blocks read as they are."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from meshllm.model import quant
+    from meshllm.model.shard import load_config
+
+    config = load_config(prepared)
+    blocks = _gguf_int4_blocks(prepared, config) if fmt == "int4" and prepared.gguf_path else {}
+    out: dict[str, torch.Tensor] = {}
+    exact = 0
+    for file in prepared.weight_files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                w = f.get_tensor(key).float()
+                stem = key.removesuffix(".weight")
+                if key.endswith(".weight") and stem.split("model.layers.")[-1].split(".", 1)[-1] in LINEAR_SUFFIXES:
+                    if fmt == "f16":
+                        out[key] = w.half()
+                    elif fmt == "int8":
+                        q, s = quant.quantize_int8_rows(w)
+                        out[f"{stem}.q"], out[f"{stem}.scale"] = q, s
+                    else:
+                        codes, scale, zero = _int4_for(stem, w, blocks)
+                        exact += stem in blocks
+                        out[f"{stem}.codes"] = quant.pack_nibbles(codes)
+                        out[f"{stem}.scale"], out[f"{stem}.zero"] = scale, zero
+                elif key in ("model.embed_tokens.weight", "lm_head.weight"):
+                    q, s = quant.quantize_int8_rows(w)
+                    out[f"{stem}.q"], out[f"{stem}.scale"] = q, s
+                else:
+                    out[key] = w  # norms and biases stay float32
+    if fmt == "int4" and prepared.gguf_path:
+        log.info("int4: %d of %d linears read losslessly from 4-bit blocks", exact,
+                 sum(1 for k in out if k.endswith(".codes")))
+    tmp = Path(tempfile.mkstemp(prefix=".weights-", suffix=".tmp", dir=path.parent)[1])
+    try:
+        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+        shutil.move(str(tmp), path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _int4_for(stem: str, w, blocks):  # type: ignore[no-untyped-def]
+    import torch
+
+    from meshllm.model import quant
+
+    if stem in blocks:
+        codes, scale, zero = blocks[stem]
+        return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero)
+    return quant.quantize_int4_groups(w)
+
+
+def _gguf_int4_blocks(prepared: PreparedModel, config) -> dict:  # type: ignore[no-untyped-def]
+    """Codes, scales and zeros of every 4-bit linear in the GGUF, keyed by HF name, in the row
+    order of the float32 conversion (checked against it, tensor by tensor)."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from meshllm.model.gguf_blocks import INT4_TYPES, dequantize_int4, read_int4, unpermute_rows
+
+    index = {}
+    for file in prepared.weight_files:
+        with safe_open(str(file), framework="pt") as f:
+            index.update({k: file for k in f.keys()})
+    heads = {"attn_q": int(config.num_attention_heads),
+             "attn_k": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)}
+    found = {}
+    for t in GGUFReader(str(prepared.gguf_path)).tensors:
+        m = _GGUF_BLOCK.match(t.name)
+        if not m or m.group(2) not in _GGUF_LINEARS or t.tensor_type.name not in INT4_TYPES:
+            continue
+        stem = f"model.layers.{m.group(1)}.{_GGUF_LINEARS[m.group(2)]}"
+        key = f"{stem}.weight"
+        if key not in index:
+            continue
+        cols, rows = (int(x) for x in t.shape[:2])
+        codes, scale, zero = read_int4(t.tensor_type.name, np.asarray(t.data), rows, cols)
+        with safe_open(str(index[key]), framework="pt") as f:
+            ref = f.get_tensor(key).float().numpy()
+        candidates = [(codes, scale, zero)]
+        if m.group(2) in heads:
+            n = heads[m.group(2)]
+            candidates.append(tuple(unpermute_rows(a, n) for a in (codes, scale, zero)))
+        tol = 1e-5 * float(np.abs(ref).max()) + 1e-7
+        for c, s, z in candidates:
+            if np.abs(dequantize_int4(c, s, z) - ref).max() <= tol:
+                found[stem] = (np.ascontiguousarray(c), np.ascontiguousarray(s), np.ascontiguousarray(z))
+                break
+        else:
+            log.warning("%s: 4-bit blocks do not match the float32 conversion; requantizing it", t.name)
+    return found
+

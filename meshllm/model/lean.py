@@ -1,0 +1,309 @@
+"""A lean decoder for Llama-family layers (Llama, Qwen2, Mistral) with quantized weights.
+
+transformers' eager layers spend about 16 ms a token outside the matmuls on the default
+model; this path does the same arithmetic in a few tensor ops a layer, with q/k/v and
+gate/up fused into one matmul each. It serves the f16, int8 and int4 formats; ``--weights
+f32`` keeps transformers' own modules as the exact reference. transformers stays the loader
+(config, rotary tables) and the reference that the tests compare against.
+
+``LeanShard`` has the interface of ``Shard``: hidden states are (1, positions, hidden).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from meshllm.errors import ModelSourceError
+from meshllm.model import quant
+from meshllm.model.cache import PreparedModel
+from meshllm.model.quant import QLinear
+
+log = logging.getLogger(__name__)
+
+
+def _rotary_class(model_type: str):  # type: ignore[no-untyped-def]
+    if model_type == "qwen2":
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as R
+    elif model_type == "mistral":
+        from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding as R
+    else:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as R
+    return R
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class LeanLayer:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qkv: QLinear
+    o: QLinear
+    gate_up: QLinear
+    down: QLinear
+
+
+class _KV:
+    """One session's keys and values for every layer of a span, grown in place."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
+        self.length = 0
+        self._shape = (kv_heads, head_dim)
+        self._device = device
+        self.k: list[torch.Tensor] = [torch.empty(kv_heads, 0, head_dim, device=device) for _ in range(layers)]
+        self.v: list[torch.Tensor] = [torch.empty(kv_heads, 0, head_dim, device=device) for _ in range(layers)]
+
+    def reserve(self, total: int) -> None:
+        cap = self.k[0].shape[1] if self.k else 0
+        if total <= cap:
+            return
+        new_cap = max(total, 2 * cap, 64)
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                grown = torch.empty(self._shape[0], new_cap, self._shape[1], device=self._device)
+                grown[:, : self.length] = old[:, : self.length]
+                store[i] = grown
+
+
+class LeanShard:
+    """Embedding, norm and head, plus decoder layers [start_layer, end_layer), in a quantized format.
+
+    Not thread-safe: one worker thread drives it.
+    """
+
+    def __init__(self, prepared: PreparedModel, config: PretrainedConfig, start_layer: int, end_layer: int,
+                 fmt: str, weights_file: str, *, max_sessions: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.start_layer = start_layer
+        self.end_layer = end_layer
+        self.weights = fmt
+        self.dtype = torch.float32
+        self.device = torch.device(device)
+        self.max_sessions = max_sessions
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+        self.eps = float(config.rms_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+        self.scaling = self.head_dim ** -0.5
+        window = getattr(config, "sliding_window", None)
+        use_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
+        self.window = int(window) if window and use_window else None
+        self._caches: dict[str, _KV] = {}
+        self._rotary = _rotary_class(config.model_type)(config=config).to(self.device)
+        self._cos = torch.empty(0, self.head_dim, device=self.device)
+        self._sin = torch.empty(0, self.head_dim, device=self.device)
+        self.nbytes = 0
+        with safe_open(weights_file, framework="pt") as f:
+            self._load(f, fmt)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def _load(self, f, fmt: str) -> None:  # type: ignore[no-untyped-def]
+        keys = set(f.keys())
+
+        def get(key: str) -> torch.Tensor:
+            if key not in keys:
+                raise ModelSourceError(f"tensor {key} is missing from the {fmt} weights")
+            return f.get_tensor(key)
+
+        def maybe(key: str) -> torch.Tensor | None:
+            return f.get_tensor(key) if key in keys else None
+
+        def linear(stems: list[str]) -> QLinear:
+            biases = [maybe(f"{s}.bias") for s in stems]
+            bias = None
+            if any(b is not None for b in biases):
+                sizes = [self._rows(get, s, fmt) for s in stems]
+                bias = torch.cat([b.float() if b is not None else torch.zeros(n) for b, n in zip(biases, sizes)])
+            return self._make_linear(fmt, [self._parts(get, s, fmt) for s in stems], bias)
+
+        self.layers: list[LeanLayer] = []
+        for i in range(self.start_layer, self.end_layer):
+            p = f"model.layers.{i}"
+            layer = LeanLayer(
+                attn_norm=get(f"{p}.input_layernorm.weight").float().to(self.device),
+                mlp_norm=get(f"{p}.post_attention_layernorm.weight").float().to(self.device),
+                qkv=linear([f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"]),
+                o=linear([f"{p}.self_attn.o_proj"]),
+                gate_up=linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
+                down=linear([f"{p}.mlp.down_proj"]),
+            )
+            self.layers.append(layer)
+            self.nbytes += sum(x.nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            self.nbytes += 2 * layer.attn_norm.numel() * 4
+        self.norm_weight = get("model.norm.weight").float().to(self.device)
+        self.embedding = self._embedding(get, "model.embed_tokens")
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self.head_table = self.embedding if tied or "lm_head.q" not in keys else self._embedding(get, "lm_head")
+        self.nbytes += self.embedding.nbytes + (0 if self.head_table is self.embedding else self.head_table.nbytes)
+        self.intermediate = self.layers[0].gate_up.out_features // 2 if self.layers else 0
+
+    @staticmethod
+    def _rows(get, stem: str, fmt: str) -> int:  # type: ignore[no-untyped-def]
+        return int(get(f"{stem}.{ {'f16': 'weight', 'int8': 'q', 'int4': 'codes'}[fmt] }").shape[0])
+
+    @staticmethod
+    def _parts(get, stem: str, fmt: str) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
+        if fmt == "f16":
+            return (get(f"{stem}.weight"),)
+        if fmt == "int8":
+            return get(f"{stem}.q"), get(f"{stem}.scale")
+        return quant.unpack_nibbles(get(f"{stem}.codes")), get(f"{stem}.scale"), get(f"{stem}.zero")
+
+    def _make_linear(self, fmt: str, parts: list[tuple[torch.Tensor, ...]], bias: torch.Tensor | None) -> QLinear:
+        """One linear from the row blocks of several (fused along the output dimension)."""
+        joined = [torch.cat(col) for col in zip(*parts)]
+        if self.device.type != "cpu":  # the quantized CPU kernels: on a GPU, dense float16 instead
+            return quant.DenseLinear(_dequantize(fmt, joined).to(self.device), bias, torch.float16)
+        if fmt == "f16":
+            return quant.F16Linear(joined[0], bias)
+        if fmt == "int8":
+            return quant.Int8Linear(joined[0], joined[1], bias)
+        codes, scale, zero = joined
+        if not quant.int4_fits(*codes.shape):
+            log.info("a %s linear does not fit int4 kernels; it runs as int8", tuple(codes.shape))
+            return quant.Int8Linear(*quant.quantize_int8_rows(_dequantize(fmt, joined)), bias)
+        return quant.Int4Linear(codes, scale, zero, bias)
+
+    def _embedding(self, get, stem: str) -> quant.Int8Embedding:  # type: ignore[no-untyped-def]
+        q, scale = get(f"{stem}.q"), get(f"{stem}.scale").float()
+        return quant.Int8Embedding(q.to(self.device), scale.to(self.device))
+
+    # -- shape and sessions --------------------------------------------------------------
+
+    @property
+    def num_span_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def cache_length(self, session_id: str) -> int:
+        kv = self._caches.get(session_id)
+        return 0 if kv is None else kv.length
+
+    def drop(self, session_id: str) -> None:
+        self._caches.pop(session_id, None)
+
+    @property
+    def session_ids(self) -> tuple[str, ...]:
+        return tuple(self._caches)
+
+    # -- forward -------------------------------------------------------------------------
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        return self.embedding.lookup(ids).unsqueeze(0)  # (1, positions, hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (1, positions, hidden) -> logits of the last position (vocab,), on the CPU."""
+        x = hidden[0, -1:, :].to(device=self.device, dtype=torch.float32)
+        return self.head_table.logits(self._rms(x, self.norm_weight))[0].float().cpu()
+
+    def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Run the span on hidden states (1, positions, hidden) at start_pos (see ``Shard.forward``)."""
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+            raise ValueError(f"hidden states must be (1, positions, {self.hidden_size}), got {tuple(hidden.shape)}")
+        if self.num_span_layers == 0:
+            return hidden
+        kv = self._caches.get(session_id)
+        if start_pos == 0 and kv is not None:
+            kv = None  # a replay from the start rebuilds the cache
+        if kv is None:
+            if start_pos != 0:
+                raise ValueError(f"session {session_id} has no KV cache here; it must start at position 0")
+            if len(self._caches) >= self.max_sessions:
+                raise RuntimeError(f"too many sessions on this shard (limit {self.max_sessions})")
+            kv = _KV(self.num_span_layers, self.n_kv, self.head_dim, self.device)
+            self._caches[session_id] = kv
+        if kv.length != start_pos:
+            raise ValueError(f"session {session_id}: KV cache holds {kv.length} positions, step starts at {start_pos}")
+        x = hidden[0].to(device=self.device, dtype=torch.float32)  # (positions, hidden)
+        positions = x.shape[0]
+        end = start_pos + positions
+        kv.reserve(end)
+        cos, sin = self._rope(start_pos, end)
+        mask, causal = self._mask(start_pos, positions)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x, kv, i, start_pos, cos, sin, mask, causal)
+        kv.length = end
+        return x.unsqueeze(0)
+
+    def _layer(self, layer: LeanLayer, x: torch.Tensor, kv: _KV, i: int, start: int,
+               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        t = x.shape[0]
+        nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qkv = layer.qkv(self._rms(x, layer.attn_norm))  # (positions, (nq + 2 nkv) hd)
+        q = qkv[:, : nq * hd].view(t, nq, hd).transpose(0, 1)
+        k = qkv[:, nq * hd: (nq + nkv) * hd].view(t, nkv, hd).transpose(0, 1)
+        v = qkv[:, (nq + nkv) * hd:].view(t, nkv, hd).transpose(0, 1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        end = start + t
+        kv.k[i][:, start:end] = k
+        kv.v[i][:, start:end] = v
+        keys, values = kv.k[i][:, :end], kv.v[i][:, :end]
+        if self.window is not None and mask is None and end > self.window:  # one position, a window
+            keys, values = keys[:, end - self.window:], values[:, end - self.window:]
+        a = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                           attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                           enable_gqa=nq != nkv)
+        x = x + layer.o(a[0].transpose(0, 1).reshape(t, nq * hd))
+        gu = layer.gate_up(self._rms(x, layer.mlp_norm))
+        n = gu.shape[1] // 2
+        return x + layer.down(self.act(gu[:, :n]) * gu[:, n:])
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (positions, head_dim) for positions [start, end), from a table grown on demand."""
+        if end > self._cos.shape[0]:
+            size = max(end, 2 * self._cos.shape[0], 256)
+            ids = torch.arange(size, device=self.device).unsqueeze(0)
+            probe = torch.zeros(1, device=self.device)
+            cos, sin = self._rotary(probe, ids)
+            self._cos, self._sin = cos[0].float(), sin[0].float()
+        return self._cos[start:end], self._sin[start:end]
+
+    def _mask(self, start: int, positions: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for SDPA: none for one position, causal from 0, else explicit."""
+        end = start + positions
+        windowed = self.window is not None and end > self.window
+        if positions == 1 and not windowed:
+            return None, False
+        if start == 0 and not windowed:
+            return None, True
+        if positions == 1:
+            return None, False  # the window is applied by slicing the keys
+        rows = torch.arange(start, end, device=self.device)[:, None]
+        cols = torch.arange(end, device=self.device)[None, :]
+        allowed = cols <= rows
+        if self.window is not None:
+            allowed &= cols > rows - self.window
+        return allowed, False
+
+
+def _dequantize(fmt: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Float32 weights from a format's parts (for a GPU, or a shape the int4 kernel refuses)."""
+    if fmt == "f16":
+        return parts[0].float()
+    if fmt == "int8":
+        return parts[0].float() * parts[1].float()[:, None]
+    codes, scale, zero = parts
+    n, k = codes.shape
+    g = codes.reshape(n, k // quant.GROUP, quant.GROUP).float()
+    return ((g - 8.0) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
