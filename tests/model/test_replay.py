@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from meshllm.model.cache import prepare
@@ -36,10 +37,11 @@ def _drive(engine_for_step, session, sampler, n_replan_at: set[int]) -> list[int
     return out
 
 
-def test_replay_onto_other_spans_gives_identical_greedy_tokens(tiny_qwen2: Path) -> None:
+@pytest.mark.parametrize("weights", ["f32", "int4"])
+def test_replay_onto_other_spans_gives_identical_greedy_tokens(tiny_qwen2: Path, weights: str) -> None:
     prepared = prepare(resolve(tiny_qwen2))
     plans = [[(0, 2), (2, 6)], [(0, 5), (5, 6)], [(0, 6)], [(0, 1), (1, 3), (3, 6)]]
-    engines = [Engine(prepared, p) for p in plans]
+    engines = [Engine(prepared, p, weights=weights) for p in plans]
     for messages in PROMPTS[:3]:
         prompt = engines[0].chat_prompt(messages)
         params = SamplingParams(max_tokens=40)

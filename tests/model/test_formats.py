@@ -1,0 +1,121 @@
+"""Every weight format: one node and a chain of uneven shards answer token for token alike;
+the lean decoder does transformers' arithmetic; a 4-bit GGUF is read from its blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from meshllm.model import quant
+from meshllm.model.cache import prepare
+from meshllm.model.engine import Engine
+from meshllm.model.formats import format_file, resolve_format
+from meshllm.model.sampling import SamplingParams
+from meshllm.model.shard import load_config, model_shape
+from meshllm.model.source import resolve
+from tests.tinymodel import PROMPTS
+
+QUANTIZED = ["f16", "int8", "int4"]
+
+
+def _greedy(engine: Engine, messages, n: int = 24) -> list[int]:  # type: ignore[no-untyped-def]
+    return [t.id for t in engine.generate(engine.chat_prompt(messages), SamplingParams(max_tokens=n))]
+
+
+@pytest.mark.parametrize("weights", QUANTIZED)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_a_split_model_answers_like_one_node_in_every_format(arch: str, weights: str, request) -> None:  # type: ignore[no-untyped-def]
+    prepared = prepare(resolve(request.getfixturevalue(f"tiny_{arch}")))
+    whole = Engine(prepared, weights=weights)
+    split = Engine(prepared, [(0, 1), (1, 4), (4, 6)], weights=weights)
+    assert whole.info.weights == weights and split.shards[1].weights == weights
+    for messages in PROMPTS[:4]:
+        assert _greedy(split, messages) == _greedy(whole, messages)
+
+
+def _with_dense_linears(engine: Engine) -> Engine:
+    """The lean decoder of `engine`, its linears swapped for float32 ones from the f32 weights."""
+    files = engine.prepared.weight_files
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+
+    def dense(stems: list[str]) -> quant.DenseLinear:
+        w = torch.cat([tensors[f"{s}.weight"] for s in stems])
+        biases = [tensors.get(f"{s}.bias") for s in stems]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(tensors[f"{s}.weight"].shape[0]) for s, b in zip(stems, biases)])
+        return quant.DenseLinear(w, bias)
+
+    shard = engine.shards[0]
+    for i, layer in enumerate(shard.layers):
+        p = f"model.layers.{i}"
+        layer.qkv = dense([f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"])
+        layer.o = dense([f"{p}.self_attn.o_proj"])
+        layer.gate_up = dense([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        layer.down = dense([f"{p}.mlp.down_proj"])
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_the_lean_decoder_does_transformers_arithmetic(arch: str, request) -> None:  # type: ignore[no-untyped-def]
+    """With float32 linears, the lean layers give transformers' hidden states, in prefill and
+    in decode steps, past Mistral's sliding window too."""
+    prepared = prepare(resolve(request.getfixturevalue(f"tiny_{arch}")))
+    lean = _with_dense_linears(Engine(prepared, weights="f16")).shards[0]
+    ref = Engine(prepared, weights="f32").shards[0]
+    ids = Engine(prepared, spans=[], weights="f32").chat_prompt(PROMPTS[4])
+    with torch.inference_mode():
+        prompt = ref.embed(ids[:20])  # float32 rows for both (the lean one keeps int8 rows)
+        torch.testing.assert_close(lean.forward("s", prompt, 0), ref.forward("s", prompt, 0), rtol=1e-4, atol=1e-4)
+        pos = 20
+        for token in ids[20:] + [7] * 20:  # decode one position at a time, past the window of 24
+            want = ref.forward("s", ref.embed([token]), pos)
+            got = lean.forward("s", ref.embed([token]), pos)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            pos += 1
+
+
+def test_model_id_and_memory_figures_follow_the_format(tiny_llama: Path) -> None:
+    prepared = prepare(resolve(tiny_llama))
+    config = load_config(prepared)
+    ids = {w: Engine(prepared, spans=[], weights=w).info.model_id for w in ("f32", "int4")}
+    assert ids["f32"] != ids["int4"]  # to a mesh, two formats of one file are two models
+    sizes = {w: model_shape(config, w).layer_bytes for w in quant.FORMATS}
+    assert sizes["int4"] < sizes["int8"] < sizes["f16"] < sizes["f32"]
+    shard = Engine(prepared, [(0, 6)], weights="int4").shards[0]
+    planned = 6 * model_shape(config, "int4").layer_bytes + model_shape(config, "int4").embed_head_bytes
+    assert 0.8 * planned <= shard.nbytes <= 1.2 * planned
+
+
+def test_auto_keeps_the_files_precision(tiny_llama: Path) -> None:
+    assert resolve_format(prepare(resolve(tiny_llama)), "auto") == "f32"  # a float32 folder
+    assert resolve_format(prepare(resolve(None)), "auto") == "int4"  # the default Q4_1 GGUF
+
+
+def test_the_default_gguf_runs_int4_from_its_own_blocks(default_engine: Engine) -> None:
+    """Every 4-bit linear of the default model is its GGUF codes: dequantized, the int4 weights
+    are the float32 conversion's weights."""
+    prepared = default_engine.prepared
+    path = format_file(prepared, "int4")
+    with safe_open(str(path), framework="pt") as q, safe_open(str(prepared.weight_files[0]), framework="pt") as f:
+        stems = [k.removesuffix(".codes") for k in q.keys() if k.endswith(".codes")]
+        assert len(stems) == 30 * 7
+        for stem in stems[::17]:
+            codes = quant.unpack_nibbles(q.get_tensor(f"{stem}.codes"))
+            n, k = codes.shape
+            w = (codes.reshape(n, k // 32, 32).float() - 8) * q.get_tensor(f"{stem}.scale")[..., None]
+            w = (w + q.get_tensor(f"{stem}.zero")[..., None]).reshape(n, k)
+            torch.testing.assert_close(w, f.get_tensor(f"{stem}.weight"), rtol=0, atol=1e-6)
+
+
+def test_the_default_model_answers_in_int4() -> None:
+    engine = Engine.load(None, weights="int4")
+    text = "".join(t.text for t in engine.generate(
+        engine.chat_prompt([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]),
+        SamplingParams(max_tokens=20)))
+    assert "Paris" in text

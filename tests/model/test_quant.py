@@ -1,0 +1,84 @@
+"""Weight formats, kernel by kernel: 4-bit GGUF blocks read exactly, and each quantized linear
+computes what its dequantized weights would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from meshllm.model import quant
+from meshllm.model.gguf_blocks import dequantize_int4, read_int4, unpermute_rows
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_q4_blocks_map_exactly_onto_int4_groups(kind: str) -> None:
+    w = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32)
+    blocks = quantize(w, GGMLQuantizationType[kind])
+    codes, scale, zero = read_int4(kind, blocks, 48, 256)
+    assert codes.min() >= 0 and codes.max() <= 15
+    np.testing.assert_array_equal(dequantize_int4(codes, scale, zero), dequantize(blocks, GGMLQuantizationType[kind]))
+
+
+def test_q4_k_blocks_map_exactly_onto_int4_groups() -> None:
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (16, 2, 144), dtype=np.uint8)  # 16 rows of 512: two super-blocks each
+    raw[..., 0:2] = np.frombuffer(np.float16(0.02).tobytes(), np.uint8)
+    raw[..., 2:4] = np.frombuffer(np.float16(0.005).tobytes(), np.uint8)
+    blocks = raw.reshape(16, -1)
+    codes, scale, zero = read_int4("Q4_K", blocks, 16, 512)
+    np.testing.assert_array_equal(dequantize_int4(codes, scale, zero), dequantize(blocks, GGMLQuantizationType.Q4_K))
+
+
+def test_unpermute_undoes_the_converters_rotary_row_order() -> None:
+    heads, head_dim = 4, 8
+    w = np.arange(heads * head_dim * 3).reshape(heads * head_dim, 3)
+    # how GGUF converters order q/k rows: the two halves of each head interleaved
+    permuted = w.reshape(heads, 2, head_dim // 2, 3).swapaxes(1, 2).reshape(w.shape)
+    np.testing.assert_array_equal(unpermute_rows(permuted, heads), w)
+
+
+def test_nibbles_pack_and_unpack() -> None:
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    assert quant.pack_nibbles(codes).shape == (32, 32)
+    assert torch.equal(quant.unpack_nibbles(quant.pack_nibbles(codes)), codes)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_each_quantized_linear_computes_its_dequantized_weights(rows: int) -> None:
+    torch.manual_seed(0)
+    n, k = 96, 128
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(rows, k)
+
+    codes, scale, zero = quant.quantize_int4_groups(w)
+    w4 = ((codes.reshape(n, k // 32, 32).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    assert _rel_err(w4, w) < 0.1  # 4 bits: a coarse but faithful copy
+    got = quant.Int4Linear(codes, scale, zero, b)(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert _rel_err(got, x @ w4.T + b) < 0.02  # bfloat16 activations, scales and zeros
+
+    q, s = quant.quantize_int8_rows(w)
+    assert _rel_err(quant.Int8Linear(q, s, b)(x), x @ (q.float() * s[:, None]).T + b) < 0.02
+
+    assert _rel_err(quant.F16Linear(w, b)(x), x @ w.half().float().T + b) < 1e-3
+
+
+def test_int8_embedding_looks_up_rows_and_computes_logits() -> None:
+    torch.manual_seed(0)
+    table = torch.randn(300, 64)
+    emb = quant.Int8Embedding(*quant.quantize_int8_rows(table))
+    ids = torch.tensor([0, 5, 299])
+    assert _rel_err(emb.lookup(ids), table[ids]) < 0.01
+    x = torch.randn(2, 64)
+    assert _rel_err(emb.logits(x), x @ table.T) < 0.02
+
+
+def test_unknown_format_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="auto, f32, f16, int8, int4"):
+        quant.check_format("int3")
