@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.config import DEFAULT_API_URL, LOG_LEVELS, ConfigError, NodeConfig
+from daemon.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES, ConfigError, NodeConfig
 
 if TYPE_CHECKING:
     from daemon.node import RuntimeLoader
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare one node with an N-node local mesh per codec (same total cores)")
     bench.add_argument("--model", default=None, help="model path for --local/--mesh (default: the built-in model)")
     bench.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    _weights_arg(bench)
     bench.add_argument("--threads", type=int, default=None,
                        help="--local: torch threads; --mesh: total cores to share (default: all cores)")
     bench.add_argument("--codecs", default=",".join(("f32", "f16", "bf16", "int8")),
@@ -189,8 +190,15 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         metavar="S", help="silence that marks a peer lost (default 1.0 s)")
     parser.add_argument("--device", default=None, metavar="DEV",
                         help="where this node's layers run: cpu (default), cuda or cuda:N")
+    _weights_arg(parser)
     parser.add_argument("--debug-delay-ms", dest="debug_delay_ms", type=float, default=None,
                         metavar="MS", help=argparse.SUPPRESS)
+
+
+def _weights_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default=None, choices=WEIGHT_CHOICES,
+                        help="weight format in memory: auto (default: the file's own, a 4-bit GGUF "
+                             "stays 4-bit), f32 (exact reference), f16, int8 or int4")
 
 
 # -- up ---------------------------------------------------------------------------------------
@@ -404,7 +412,8 @@ def _bench_local(args: argparse.Namespace) -> int:
     """``meshllm bench --local``: the engine (every layer) in this process, no daemon."""
     try:
         config = NodeConfig.from_sources(
-            {"model": args.model, "cache_dir": args.cache_dir, "threads": args.threads}, os.environ
+            {"model": args.model, "cache_dir": args.cache_dir, "threads": args.threads,
+             "weights": args.weights}, os.environ
         )
     except ConfigError as error:
         return fail(str(error), EXIT_USAGE)
@@ -418,7 +427,8 @@ def _bench_local(args: argparse.Namespace) -> int:
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     try:
-        engine = Engine.load(config.model, cache_dir=str(config.cache_dir) if config.cache_dir else None)
+        engine = Engine.load(config.model, cache_dir=str(config.cache_dir) if config.cache_dir else None,
+                             weights=config.weights)
     except ModelSourceError as error:
         return fail(str(error))
     load_s = time.perf_counter() - started

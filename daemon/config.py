@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+WEIGHT_CHOICES = ("auto", "f32", "f16", "int8", "int4")
+"""`--weights`: the same list as meshllm.model.quant.CHOICES (that module imports torch)."""
 ENV_PREFIX = "MESHLLM_"
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 8470
@@ -78,6 +80,9 @@ class NodeConfig:
     """Hidden-state codec between stages: f32 (exact), f16, bf16 or int8 (lossy, opt-in)."""
     heartbeat_timeout_s: float = 1.0
     """Silence on a link for this long marks the peer lost."""
+    weights: str = "auto"
+    """Weight format in memory: ``auto`` (the file's own: a 4-bit GGUF stays 4-bit), ``f32``
+    (exact, transformers' own layers), ``f16``, ``int8`` or ``int4``."""
     device: str = "cpu"
     """Where this node's layers run: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine with a GPU."""
     debug_delay_ms: float = 0.0
@@ -144,6 +149,8 @@ class NodeConfig:
             raise ConfigError(f"objective must be throughput or latency, not {self.objective!r}")
         if self.codec not in ("f32", "f16", "bf16", "int8"):
             raise ConfigError(f"codec must be one of f32, f16, bf16, int8, not {self.codec!r}")
+        if self.weights not in WEIGHT_CHOICES:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, not {self.weights!r}")
         if not 0.1 <= self.heartbeat_timeout_s <= 600:
             raise ConfigError("heartbeat timeout must be 0.1..600 s")
         if not 0 <= self.debug_delay_ms <= 60_000:

@@ -832,6 +832,8 @@ class Mesh:
                 "mem_budget_bytes": h.mem_budget_bytes,
                 "ms_per_layer": h.ms_per_layer,
                 "span": list(span) if span != (0, 0) else None,
+                # every node holds the embedding and head, plus the layers of its span
+                "weight_bytes": (span[1] - span[0]) * self.spec.layer_bytes + self.spec.embed_head_bytes,
                 "rtt_ms": None if nid == self.node_id else self.links.rtt_ms(nid),
                 "address": None,  # the status board fills in this node's own API address
             })

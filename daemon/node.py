@@ -54,7 +54,8 @@ def load_runtime(config: NodeConfig) -> Runtime:
     from meshllm.model.cache import prepare
     from meshllm.model.source import resolve
 
-    return Runtime.load(prepare(resolve(config.model), config.cache_dir), device=config.device)
+    return Runtime.load(prepare(resolve(config.model), config.cache_dir), device=config.device,
+                        weights=config.weights)
 
 
 
@@ -182,7 +183,7 @@ class Node:
             return
         info = runtime.engine.info
         budget = config.mem_budget or physical_memory_bytes() // 2
-        board.update(model=ModelSummary(info.model_id, info.name, info.num_layers),
+        board.update(model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights),
                      ms_per_layer=round(ms_per_layer, 4), mem_budget_bytes=budget)
         hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, "
                         f"{ms_per_layer:.2f} ms per layer per token")

@@ -21,6 +21,8 @@ class ModelSummary:
     """Content hash of the weights."""
     name: str
     num_layers: int
+    weights: str = "f32"
+    """Weight format in memory (f32, f16, int8, int4)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class StatusBoard:
             }
         model = None
         if s.model is not None:
-            model = {"id": s.model.model_id, "name": s.model.name, "num_layers": s.model.num_layers}
+            model = {"id": s.model.model_id, "name": s.model.name, "num_layers": s.model.num_layers,
+                     "weights": s.model.weights}
         snap = {
             "self_id": s.node_id,
             "model": model,
@@ -109,6 +112,7 @@ class StatusBoard:
                     "mem_budget_bytes": s.mem_budget_bytes,
                     "ms_per_layer": s.ms_per_layer,
                     "span": span,
+                    "weight_bytes": None,
                     "rtt_ms": None,
                     "address": s.address,
                 }

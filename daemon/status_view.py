@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_COLUMNS = ("NODE", "ROLE", "STATE", "MEMORY", "MS/LAYER", "SPAN", "RTT", "ADDRESS")
+_COLUMNS = ("NODE", "ROLE", "STATE", "MEMORY", "WEIGHTS", "MS/LAYER", "SPAN", "RTT", "ADDRESS")
 
 
 def format_bytes(n: int | None) -> str:
@@ -30,7 +30,8 @@ def format_status(status: dict[str, Any]) -> str:
     """A header, one row per node, and the incompatible nodes seen, if any."""
     model = status.get("model")
     plan = status.get("plan")
-    model_text = "loading" if model is None else f"{model['name']} ({model['num_layers']} layers, id {model['id'][:12]})"
+    model_text = "loading" if model is None else (
+        f"{model['name']} ({model['num_layers']} layers, {model.get('weights', 'f32')} weights, id {model['id'][:12]})")
     plan_text = "none yet" if plan is None else f"term {plan['term']}, {plan['state']}, {len(plan['stages'])} stage(s)"
     lines = [
         f"model:    {model_text}",
@@ -45,6 +46,7 @@ def format_status(status: dict[str, Any]) -> str:
             node["role"],
             node["state"],
             format_bytes(node.get("mem_budget_bytes")),
+            format_bytes(node.get("weight_bytes")),
             _number(node.get("ms_per_layer"), 2),
             _span(node.get("span")),
             "-" if node.get("rtt_ms") is None else f"{node['rtt_ms']:.1f} ms",

@@ -36,6 +36,15 @@ def default_engine():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def default_auto_engine():  # type: ignore[no-untyped-def]
+    """One meshllm node's engine on the default model in its default format (int4 from Q4 blocks):
+    the reference for meshes in that format."""
+    from meshllm.model.engine import Engine
+
+    return Engine.load(None, weights="auto")
+
+
+@pytest.fixture(scope="session")
 def default_reference_model():  # type: ignore[no-untyped-def]
     """Plain transformers on the same GGUF: the single-machine reference."""
     import torch

@@ -32,6 +32,8 @@ class NodeInfo:
     """Measured compute per decoder layer per token."""
     span: tuple[int, int] | None
     """Half-open layer range ``[start_layer, end_layer)`` this node holds, if any."""
+    weight_bytes: int | None
+    """Memory of the weights it holds (its span plus embedding and head), in the mesh's format."""
     rtt_ms: float | None
     """Link round trip from this node; None for this node itself or when not measured yet."""
     address: str
@@ -75,6 +77,8 @@ class MeshStatus:
     incompatible: tuple[IncompatibleNode, ...]
     sessions: int
     """Chat requests in progress on this node."""
+    weights: str | None = None
+    """The mesh's weight format in memory (f32, f16, int8, int4)."""
 
     def node(self, node_id: str) -> NodeInfo | None:
         return next((node for node in self.nodes if node.node_id == node_id), None)
@@ -114,6 +118,7 @@ class MeshStatus:
             model_name=_optional(model_map, "name", str),
             model_id=_optional(model_map, "id", str),
             num_layers=_optional(model_map, "num_layers", int),
+            weights=_optional(model_map, "weights", str),
             codec=_optional(body, "codec", str) or "?",
             term=_optional(body, "term", int) or 0,
             coordinator_id=coordinator_id,
@@ -144,6 +149,7 @@ def _node(data: object, coordinator_id: str | None) -> NodeInfo:
         mem_budget_bytes=_optional(body, "mem_budget_bytes", int),
         ms_per_layer=_optional(body, "ms_per_layer", float),
         span=_span(span) if span is not None else None,
+        weight_bytes=_optional(body, "weight_bytes", int),
         rtt_ms=_optional(body, "rtt_ms", float),
         address=_optional(body, "address", str) or "",
     )

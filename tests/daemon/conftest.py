@@ -50,7 +50,7 @@ async def make_api() -> AsyncIterator[MakeApi]:
         if loaded:
             completions.attach(engine)
             info = engine.info
-            board.update(state="ready", model=ModelSummary(info.model_id, info.name, info.num_layers),
+            board.update(state="ready", model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights),
                          ms_per_layer=engine.measure_ms_per_layer())
         stop_requested = asyncio.Event()
         app = create_app(completions, board, hub, stop_requested.set, keepalive_s=keepalive_s)

@@ -110,19 +110,20 @@ def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixtur
 
 def test_status_table() -> None:
     status = {
-        "self_id": "n-1", "model": {"id": "abcdef0123456789", "name": "Tiny", "num_layers": 6},
+        "self_id": "n-1", "model": {"id": "abcdef0123456789", "name": "Tiny", "num_layers": 6, "weights": "int4"},
         "codec": "f32", "term": 2, "coordinator_id": "n-1",
         "plan": {"term": 2, "state": "active", "stages": [{"node_id": "n-1", "start_layer": 0, "end_layer": 6}]},
         "nodes": [{"id": "n-1", "name": "laptop", "is_self": True, "role": "coordinator",
                    "state": "ready", "mem_budget_bytes": 8_000_000_000, "ms_per_layer": 1.94,
-                   "span": [0, 6], "rtt_ms": None, "address": "127.0.0.1:8470"}],
+                   "span": [0, 6], "weight_bytes": 2_500_000, "rtt_ms": None, "address": "127.0.0.1:8470"}],
         "incompatible": [{"name": "other", "address": "127.0.0.1:9000", "reason": "mesh name 'x' != 'default'"}],
         "sessions": 1,
     }
     text = format_status(status)
-    assert "Tiny (6 layers, id abcdef012345)" in text
+    assert "Tiny (6 layers, int4 weights, id abcdef012345)" in text
     assert "term 2, active, 1 stage(s)" in text
     header, row = [line for line in text.splitlines() if "coordinator" in line or "ROLE" in line]
-    assert header.split() == ["NODE", "ROLE", "STATE", "MEMORY", "MS/LAYER", "SPAN", "RTT", "ADDRESS"]
-    assert row.split() == ["laptop", "*", "coordinator", "ready", "8.0", "GB", "1.94", "[0,", "6)", "-", "127.0.0.1:8470"]
+    assert header.split() == ["NODE", "ROLE", "STATE", "MEMORY", "WEIGHTS", "MS/LAYER", "SPAN", "RTT", "ADDRESS"]
+    assert row.split() == ["laptop", "*", "coordinator", "ready", "8.0", "GB", "2.5", "MB", "1.94", "[0,", "6)", "-",
+                           "127.0.0.1:8470"]
     assert "other at 127.0.0.1:9000: mesh name 'x' != 'default'" in text

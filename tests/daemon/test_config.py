@@ -16,6 +16,12 @@ def test_defaults() -> None:
     assert config.threads >= 1 and config.name
     assert config.api_url == "http://127.0.0.1:8470"
     assert config.is_loopback_only()
+    assert config.weights == "auto"  # a 4-bit GGUF stays 4-bit
+
+
+def test_weights_come_from_the_flag_or_the_environment() -> None:
+    assert NodeConfig.from_sources({}, {"MESHLLM_WEIGHTS": "int8"}).weights == "int8"
+    assert NodeConfig.from_sources({"weights": "f32"}, {"MESHLLM_WEIGHTS": "int8"}).weights == "f32"
 
 
 def test_environment_fills_what_flags_leave_out() -> None:
@@ -56,6 +62,7 @@ def test_api_url_for_wildcard_hosts() -> None:
         ({"log_level": "loud"}, {}, "log level"),
         ({"join": ["nohost"]}, {}, "HOST:PORT"),
         ({"name": "x" * 64}, {}, "name"),
+        ({}, {"MESHLLM_WEIGHTS": "int3"}, "weights must be one of auto, f32, f16, int8, int4"),
     ],
 )
 def test_bad_values_are_named(flags: dict[str, object], env: dict[str, str], words: str) -> None:

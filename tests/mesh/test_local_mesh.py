@@ -1,5 +1,6 @@
 """Real meshes: N `meshllm up --loopback` processes that find each other over mDNS, link
-over WebRTC, elect a coordinator and answer exactly like plain transformers `generate`."""
+over WebRTC, elect a coordinator and answer exactly like one node: plain transformers
+`generate` with f32 weights, one meshllm node in the same format otherwise."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from daemon.launcher import LocalMesh
 from tests.mesh.conftest import chat, token_ids, unique_mesh_name
+from meshllm.model.sampling import SamplingParams
 from tests.tinymodel import PROMPTS, chat_ids, reference_greedy
 
 
@@ -42,37 +44,49 @@ def test_three_nodes_form_one_mesh_with_one_coordinator(default_mesh: LocalMesh)
     stages = plan["stages"]
     assert stages[0]["start_layer"] == 0 and stages[-1]["end_layer"] == 30
     assert all(a["end_layer"] == b["start_layer"] for a, b in zip(stages, stages[1:]))
-    assert {s["node_id"] for s in stages} == ids  # every node holds a share
+    assert {s["node_id"] for s in stages} <= ids  # the balancer may leave a slow node without layers
     for s in statuses:
         assert len(s["nodes"]) == 3
         assert {n["role"] for n in s["nodes"]} == {"coordinator", "member"}
 
 
-def test_greedy_answers_at_every_node_match_generate_on_the_gguf(
-    default_mesh: LocalMesh, default_engine, default_reference_model  # type: ignore[no-untyped-def]
+def test_the_default_mesh_keeps_the_gguf_4_bit_and_says_so(default_mesh: LocalMesh) -> None:
+    status = default_mesh.status(0)
+    assert status["model"]["weights"] == "int4"
+    for node in status["nodes"]:
+        assert node["weight_bytes"] > 0
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--api", default_mesh.nodes[0].url],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert "int4 weights" in out.stdout and "WEIGHTS" in out.stdout
+
+
+def test_greedy_answers_at_every_node_match_one_node_in_the_same_format(
+    default_mesh: LocalMesh, default_auto_engine  # type: ignore[no-untyped-def]
 ) -> None:
+    engine = default_auto_engine
     urls = [n.url for n in default_mesh.nodes]
     for messages in PROMPTS[:6]:
-        prompt = default_engine.chat_prompt(messages)
-        want = reference_greedy(None, prompt, 32, model=default_reference_model)
+        prompt = engine.chat_prompt(messages)
+        want = [t.id for t in engine.generate(prompt, SamplingParams(max_tokens=32))]
         # the same question at all three nodes at once: three concurrent sessions
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda u: chat(u, list(messages)), urls))
         for url, answer in zip(urls, answers):
             assert token_ids(answer) == want, (url, messages)
             text = answer["choices"][0]["message"]["content"]
-            assert text == default_engine.tokenizer.decode(want, skip_special_tokens=True)
+            assert text == engine.tokenizer.decode(want, skip_special_tokens=True)
 
 
-def test_meshllm_ask_streams_the_same_answer(default_mesh: LocalMesh, default_engine, default_reference_model) -> None:  # type: ignore[no-untyped-def]
+def test_meshllm_ask_streams_the_same_answer(default_mesh: LocalMesh, default_auto_engine) -> None:  # type: ignore[no-untyped-def]
+    engine = default_auto_engine
     messages = [{"role": "user", "content": "Name three colours."}]
-    want = reference_greedy(None, default_engine.chat_prompt(messages), 32, model=default_reference_model)
+    want = [t.id for t in engine.generate(engine.chat_prompt(messages), SamplingParams(max_tokens=32))]
     out = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "ask", "--api", default_mesh.nodes[2].url, "--max-tokens", "32",
          "Name three colours."],
         capture_output=True, text=True, timeout=300, check=True,
     )
-    assert out.stdout.strip() == default_engine.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert out.stdout.strip() == engine.tokenizer.decode(want, skip_special_tokens=True).strip()
 
 
 def test_stage_stats_report_compute_and_bytes_per_hop(default_mesh: LocalMesh) -> None:
@@ -85,7 +99,7 @@ def test_stage_stats_report_compute_and_bytes_per_hop(default_mesh: LocalMesh) -
 
 @pytest.fixture(scope="module")
 def qwen_mesh(tiny_qwen2: Path) -> Iterator[LocalMesh]:
-    mesh = LocalMesh(3, model=str(tiny_qwen2), extra_args=["--mesh-name", unique_mesh_name()])
+    mesh = LocalMesh(3, model=str(tiny_qwen2), extra_args=["--mesh-name", unique_mesh_name(), "--weights", "f32"])
     mesh.start()
     try:
         mesh.wait_ready(300)

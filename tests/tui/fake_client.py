@@ -27,6 +27,8 @@ def node(node_id: str, name: str, span: tuple[int, int] | None, *, is_self: bool
         "role": "coordinator" if coordinator else "member", "state": state,
         "mem_budget_bytes": int(mem_gib * GiB), "ms_per_layer": ms_per_layer,
         "span": list(span) if span is not None else None,
+        # int4 weights: 3 MiB a layer plus 27 MiB of embedding and head
+        "weight_bytes": (span[1] - span[0] + 9) * 3 * 2**20 if span is not None else None,
         "rtt_ms": None if is_self else rtt_ms, "address": f"127.0.0.1:{8470 + len(node_id)}",
     }
 
@@ -39,7 +41,7 @@ def status(nodes: Sequence[dict[str, Any]], *, term: int = 1, num_layers: int = 
               for n in sorted(nodes, key=lambda n: n["span"][0] if n["span"] else 0) if n["span"]]
     return {
         "self_id": self_id,
-        "model": {"id": "b3f1c2", "name": "SmolLM2-135M-Instruct", "num_layers": num_layers},
+        "model": {"id": "b3f1c2", "name": "SmolLM2-135M-Instruct", "num_layers": num_layers, "weights": "int4"},
         "codec": "f16",
         "term": term,
         "coordinator_id": coordinator,

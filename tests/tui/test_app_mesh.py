@@ -49,8 +49,9 @@ async def test_the_table_and_the_layer_map_show_the_plan() -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: len(table_rows(app)) == 2, "two rows in the table")
         rows = table_rows(app)
-        assert rows["n-laptop"] == ["laptop", "●", "coord", "ready", "7.50 GiB", "1.92", "[0, 12)", "—"]
-        assert rows["n-desktop"] == ["desktop", "", "member", "ready", "15.6 GiB", "0.84", "[12, 30)", "0.71 ms"]
+        assert rows["n-laptop"] == ["laptop", "●", "coord", "ready", "7.50 GiB", "63.0 MiB", "1.92", "[0, 12)", "—"]
+        assert rows["n-desktop"] == ["desktop", "", "member", "ready", "15.6 GiB", "81.0 MiB", "0.84", "[12, 30)",
+                                     "0.71 ms"]
 
         layer_map = app.query_one(LayerMap)
         assert layer_map.owners == ("n-laptop",) * 12 + ("n-desktop",) * 18
@@ -67,7 +68,7 @@ async def test_the_table_and_the_layer_map_show_the_plan() -> None:
 
         screen = screen_text(app)
         assert "laptop [0, 12)" in screen and "desktop [12, 30)" in screen  # the legend
-        assert "SmolLM2-135M-Instruct (30 layers)" in screen
+        assert "SmolLM2-135M-Instruct (30 layers, int4)" in screen
         assert "codec f16" in screen and "term 3" in screen and "plan active" in screen
         assert "connected to the daemon at http://127.0.0.1:8470" in log_text(app)
         assert not app.query_one("#banner").display
@@ -82,7 +83,7 @@ async def test_a_join_a_leave_and_a_replan_show_in_the_table_and_the_log() -> No
 
         fake.push_status(three_nodes())
         await wait_until(pilot, lambda: "n-phone" in table_rows(app), "the phone's row")
-        assert table_rows(app)["n-phone"][6] == "[24, 30)"
+        assert table_rows(app)["n-phone"][7] == "[24, 30)"
         assert app.query_one(LayerMap).owners[24:] == ("n-phone",) * 6
         await wait_until(pilot, lambda: "phone joined" in log_text(app), "a join line")
         assert "new plan (term 3, active): laptop [0, 10), desktop [10, 24), phone [24, 30)" in log_text(app)

@@ -20,7 +20,7 @@ def format_facts(status: MeshStatus) -> Text:
     """One or two lines: model, codec, term and coordinator, plan state; nodes not joined."""
     model = status.model_name or "no model yet"
     if status.num_layers:
-        model += f" ({status.num_layers} layers)"
+        model += f" ({status.num_layers} layers" + (f", {status.weights}" if status.weights else "") + ")"
     plan_state = status.plan.state if status.plan is not None else "none"
     facts = Text.assemble(
         (model, "bold"),
