@@ -188,6 +188,28 @@ class Engine:
             for shard in self.shards:
                 shard.drop(session.session_id)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights held, over every shard (each holds its own embedding and head)."""
+        return sum(shard.nbytes for shard in self.shards)
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the model file (the GGUF), or of the folder's safetensors."""
+        files = [self.prepared.gguf_path] if self.prepared.gguf_path else self.prepared.weight_files
+        return sum(f.stat().st_size for f in files)
+
+    def token_logprobs(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """log p(token_ids[i + 1] | token_ids[: i + 1]) for every i, in one prefill (float32)."""
+        with torch.inference_mode():
+            hidden = self.shards[0].embed(list(token_ids))
+            for shard in self.shards:
+                hidden = shard.forward("score", hidden, 0)
+                shard.drop("score")
+            logits = self.shards[-1].logits_all(hidden)[:-1]
+        targets = torch.tensor(list(token_ids[1:]))
+        return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+
     def measure_ms_per_layer(self, steps: int = 8) -> float:
         """Milliseconds per decoder layer per token, from a short decode on this machine."""
         with torch.inference_mode():

@@ -116,10 +116,12 @@ class LeanShard:
         def get(key: str) -> torch.Tensor:
             if key not in keys:
                 raise ModelSourceError(f"tensor {key} is missing from the {fmt} weights")
-            return f.get_tensor(key)
+            # a copy: tensors read from the file may sit at any byte offset, and the int8
+            # kernel reads past alignment it assumes (a crash, seen on the f16 file's table)
+            return f.get_tensor(key).clone()
 
         def maybe(key: str) -> torch.Tensor | None:
-            return f.get_tensor(key) if key in keys else None
+            return get(key) if key in keys else None
 
         def linear(stems: list[str]) -> QLinear:
             biases = [maybe(f"{s}.bias") for s in stems]
@@ -212,6 +214,11 @@ class LeanShard:
         """Hidden states (1, positions, hidden) -> logits of the last position (vocab,), on the CPU."""
         x = hidden[0, -1:, :].to(device=self.device, dtype=torch.float32)
         return self.head_table.logits(self._rms(x, self.norm_weight))[0].float().cpu()
+
+    def logits_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (1, positions, hidden) -> logits of every position (positions, vocab)."""
+        x = hidden[0].to(device=self.device, dtype=torch.float32)
+        return self.head_table.logits(self._rms(x, self.norm_weight)).float().cpu()
 
     def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Run the span on hidden states (1, positions, hidden) at start_pos (see ``Shard.forward``)."""

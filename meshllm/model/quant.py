@@ -45,6 +45,13 @@ def bytes_per_weight(fmt: str) -> float:
     return {"f32": 4.0, "f16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / GROUP}[fmt]
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, contiguous and at a 64-byte aligned address (copied if it is not): the int8 kernel
+    crashes on tables that sit at an odd offset, as tensors read from a file can."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def _has_fbgemm() -> bool:
     return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
@@ -147,8 +154,8 @@ class Int8Linear(QLinear):
     """int8 weights with a scale per output row; bfloat16 activations."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.q = q.to(torch.int8).contiguous()
-        self.scale = scale.to(torch.bfloat16).contiguous()
+        self.q = aligned(q.to(torch.int8))
+        self.scale = aligned(scale.to(torch.bfloat16))
         self.bias = None if bias is None else bias.float()
         self.out_features, self.in_features = q.shape
         self.nbytes = self.q.numel() + self.scale.numel() * 2
@@ -196,7 +203,8 @@ class Int8Embedding:
     scale: torch.Tensor  # (vocab,) float32
 
     def __post_init__(self) -> None:
-        self._scale_bf16 = self.scale.to(torch.bfloat16)
+        self.q = aligned(self.q)
+        self._scale_bf16 = aligned(self.scale.to(torch.bfloat16))
 
     @property
     def nbytes(self) -> int:

@@ -163,6 +163,16 @@ class Shard:
         return self.end_layer - self.start_layer
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the weights this shard holds (a tied head counted once)."""
+        seen = {id(p): p for p in (*self._inner.parameters(), *self.norm.parameters(), *self.lm_head.parameters())}
+        return sum(p.numel() * p.element_size() for p in seen.values())
+
+    def logits_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (1, positions, hidden) -> logits of every position (positions, vocab)."""
+        return self.lm_head(self.norm(hidden.to(device=self.device, dtype=self.dtype)))[0].float().cpu()
+
+    @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 

@@ -79,6 +79,19 @@ def test_int8_embedding_looks_up_rows_and_computes_logits() -> None:
     assert _rel_err(emb.logits(x), x @ table.T) < 0.02
 
 
+def test_int8_tables_at_an_odd_address_still_compute() -> None:
+    """Tensors read from a file can start at any byte; the int8 kernel crashed on one at +24."""
+    table = torch.randn(4096, 64)
+    q, scale = quant.quantize_int8_rows(table)
+    raw = torch.empty(q.numel() + 24, dtype=torch.int8)
+    odd = raw[24:].view(q.shape)
+    odd.copy_(q)
+    assert odd.data_ptr() % 64 != 0
+    x = torch.randn(10, 64)
+    assert _rel_err(quant.Int8Embedding(odd, scale).logits(x), x @ table.T) < 0.02
+    assert _rel_err(quant.Int8Linear(odd, scale, None)(x), x @ table.T) < 0.02
+
+
 def test_unknown_format_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="auto, f32, f16, int8, int4"):
         quant.check_format("int3")
