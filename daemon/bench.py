@@ -70,6 +70,16 @@ class LocalBenchResult:
     decode_tokens_per_s: float | None
     ms_per_layer: float
     """Engine's measure: one decode step, per decoder layer."""
+    weights: str = "f32"
+    """Weight format in memory."""
+    weight_bytes: int = 0
+    """Bytes of the weights the engine holds (its own count)."""
+    file_bytes: int = 0
+    """Size of the model file (the GGUF) on disk."""
+    weight_rss_bytes: int | None = None
+    """Resident memory the load added (RSS after loading minus before)."""
+    peak_rss_bytes: int | None = None
+    """Peak resident memory of the whole benchmark process."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +148,9 @@ def run_local_bench(
         decode_tokens=timed,
         decode_tokens_per_s=None if rate is None else round(rate, 2),
         ms_per_layer=round(engine.measure_ms_per_layer(), 4),
+        weights=str(getattr(info, "weights", "f32")),
+        weight_bytes=int(getattr(engine, "weight_bytes", 0)),
+        file_bytes=int(getattr(engine, "file_bytes", 0)),
     )
 
 
@@ -148,8 +161,12 @@ def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
 
 def format_bench(result: LocalBenchResult) -> str:
     rate = "-" if result.decode_tokens_per_s is None else f"{result.decode_tokens_per_s:.2f}"
+    memory = f"{_mb(result.weight_bytes)} held, {_mb(result.weight_rss_bytes)} resident"
+    if result.file_bytes:
+        memory += f" ({_ratio_text(result.weight_rss_bytes, result.file_bytes)} the file's {_mb(result.file_bytes)})"
     return _key_value_table([
         ("model", f"{result.model_name} ({result.num_layers} layers, id {result.model_id[:12]})"),
+        ("weights", f"{result.weights}: {memory}; peak RSS {_mb(result.peak_rss_bytes)}"),
         ("mode", result.mode),
         ("torch threads", str(result.threads)),
         ("load", f"{result.load_s:.2f} s"),
@@ -157,6 +174,14 @@ def format_bench(result: LocalBenchResult) -> str:
         ("decode", f"{rate} tokens/s ({result.decode_tokens} tokens)"),
         ("per layer per token", f"{result.ms_per_layer:.3f} ms"),
     ])
+
+
+def _mb(n: int | None) -> str:
+    return "-" if not n else f"{n / 1e6:.0f} MB"
+
+
+def _ratio_text(a: int | None, b: int | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
 
 
 # == pure parts of the mesh benchmark =============================================================
@@ -884,6 +909,7 @@ def run_mesh_comparison(
     cores: int | None = None,
     model: str | None = None,
     cache_dir: str | None = None,
+    weights: str | None = None,
     prompt_tokens: int = 512,
     decode_tokens: int = 64,
     ttft_runs: int = 3,
@@ -905,7 +931,7 @@ def run_mesh_comparison(
         raise BenchError(f"codecs must be among {', '.join(CODECS)}, not {', '.join(unknown) or 'none'}")
     cores = cores or os.cpu_count() or 1
     node_threads = max(1, cores // nodes)
-    setup = _LocalSetup(model, cache_dir, f"bench-{uuid.uuid4().hex[:8]}", start_timeout_s)
+    setup = _LocalSetup(model, cache_dir, f"bench-{uuid.uuid4().hex[:8]}", start_timeout_s, weights)
     single, references, meshes = asyncio.run(_compare(
         setup, nodes, codecs, cores, node_threads, prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens, ttft_runs=ttft_runs, agreement_tokens=agreement_tokens,
@@ -921,11 +947,13 @@ class _LocalSetup:
     cache_dir: str | None
     mesh_name: str
     start_timeout_s: float
+    weights: str | None = None
 
     async def start(self, count: int, threads: int, codec: str | None, label: str) -> Any:
         from daemon.launcher import LocalMesh
 
         extra = ["--cache-dir", self.cache_dir] if self.cache_dir else []
+        extra += ["--weights", self.weights] if self.weights else []
         mesh = LocalMesh(count, model=self.model, codec=codec, threads=threads,
                          extra_args=[*extra, "--mesh-name", f"{self.mesh_name}-{label}"])
         await asyncio.to_thread(mesh.start)

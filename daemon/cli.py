@@ -129,9 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a running mesh's node (repeatable; the first is the entry node)")
     where.add_argument("--mesh", type=int, default=None, metavar="N",
                        help="compare one node with an N-node local mesh per codec (same total cores)")
+    where.add_argument("--quality", action="store_true",
+                       help="perplexity of each --weights format on a fixed English text (shipped)")
     bench.add_argument("--model", default=None, help="model path for --local/--mesh (default: the built-in model)")
     bench.add_argument("--cache-dir", default=None, help="where converted weights are cached")
-    _weights_arg(bench)
+    bench.add_argument("--weights", default=None, metavar="FMT[,FMT...]",
+                       help="weight format(s): auto (default), f32, f16, int8, int4; with several, "
+                            "--local runs each in a fresh process, alternating, --rounds times")
+    bench.add_argument("--rounds", type=int, default=3, help="--local with several formats: rounds (3)")
     bench.add_argument("--threads", type=int, default=None,
                        help="--local: torch threads; --mesh: total cores to share (default: all cores)")
     bench.add_argument("--codecs", default=",".join(("f32", "f16", "bf16", "int8")),
@@ -365,11 +370,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    for name in ("prompt_tokens", "decode_tokens", "ttft_runs", "agreement_tokens"):
+    formats = [w.strip() for w in (args.weights or "").split(",") if w.strip()]
+    if any(w not in WEIGHT_CHOICES for w in formats):
+        return fail(f"--weights must be a comma-separated list of {', '.join(WEIGHT_CHOICES)}", EXIT_USAGE)
+    if args.mesh is not None and len(formats) > 1:
+        return fail("--mesh takes one --weights format", EXIT_USAGE)
+    args.weights = formats[0] if len(formats) == 1 else None
+    args.formats = formats
+    for name in ("prompt_tokens", "decode_tokens", "ttft_runs", "agreement_tokens", "rounds"):
         if getattr(args, name) < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
     if args.threads is not None and args.threads < 1:
         return fail("--threads must be at least 1", EXIT_USAGE)
+    if args.quality:
+        return _bench_quality(args)
+    if args.local and len(args.formats) > 1:
+        return _bench_formats(args)
     if args.local:
         return _bench_local(args)
     from daemon.bench import (CODECS, BenchError, format_comparison, format_measure, measure_api,
@@ -395,7 +411,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_OK
         signal.signal(signal.SIGTERM, _interrupt)  # stop the local meshes on the way out
         comparison = run_mesh_comparison(args.mesh, codecs=codecs, cores=args.threads, model=args.model,
-                                         cache_dir=args.cache_dir, **options)  # type: ignore[arg-type]
+                                         cache_dir=args.cache_dir, weights=args.weights,
+                                         **options)  # type: ignore[arg-type]
     except BenchError as error:
         return fail(str(error))
     except (DaemonUnreachable, DaemonError) as error:
@@ -418,27 +435,94 @@ def _bench_local(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return fail(str(error), EXIT_USAGE)
     _setup_logging("warning")
+    import dataclasses
+
     import torch
 
     from daemon.bench import BenchError, format_bench, run_local_bench
+    from daemon.bench_formats import peak_rss_bytes, rss_bytes
     from meshllm.errors import ModelSourceError
     from meshllm.model.engine import Engine
+
+    from meshllm.model.cache import prepare
+    from meshllm.model.engine import release_free_memory
+    from meshllm.model.sampling import SamplingParams
+    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.source import resolve
+    from meshllm.model.text import load_tokenizer
 
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     try:
-        engine = Engine.load(config.model, cache_dir=str(config.cache_dir) if config.cache_dir else None,
-                             weights=config.weights)
-    except ModelSourceError as error:
+        prepared = prepare(resolve(config.model), config.cache_dir)
+        tokenizer = load_tokenizer(prepared.folder)
+        model_shape(load_config(prepared))  # the modelling code, imported before the baseline
+        release_free_memory()
+        baseline = rss_bytes()  # weights only from here: code and tokenizer are loaded
+        engine = Engine(prepared, weights=config.weights, tokenizer=tokenizer)
+    except (ModelSourceError, ValueError) as error:
         return fail(str(error))
     load_s = time.perf_counter() - started
+    with torch.inference_mode():  # touch every weight (file-backed f32 pages count once read)
+        for _ in engine.generate(engine.chat_prompt([{"role": "user", "content": "hi"}]), SamplingParams(max_tokens=2)):
+            pass
+    weight_rss = rss_bytes() - baseline
     try:
         with torch.inference_mode():
             result = run_local_bench(engine, threads=config.threads, load_s=load_s,
                                      prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
     except BenchError as error:
         return fail(str(error), EXIT_USAGE)
+    result = dataclasses.replace(result, weight_rss_bytes=weight_rss, peak_rss_bytes=peak_rss_bytes())
     print(json.dumps(result.to_json(), indent=2) if args.json else format_bench(result))
+    return EXIT_OK
+
+
+def _bench_formats(args: argparse.Namespace) -> int:
+    """``meshllm bench --local --weights a,b``: each format in a fresh process, alternating."""
+    from daemon.bench import BenchError
+    from daemon.bench_formats import compare_formats, format_formats
+
+    passed = ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+    for flag, value in (("--model", args.model), ("--cache-dir", args.cache_dir), ("--threads", args.threads)):
+        if value is not None:
+            passed += [flag, str(value)]
+    try:
+        runs = compare_formats(args.formats, args.rounds, passed,
+                               progress=lambda m: print(f"meshllm bench: {m}", file=sys.stderr, flush=True))
+    except BenchError as error:
+        return fail(str(error))
+    print(json.dumps(runs, indent=2) if args.json else format_formats(runs))
+    return EXIT_OK
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    """``meshllm bench --quality``: perplexity of each format on the shipped text."""
+    try:
+        config = NodeConfig.from_sources({"model": args.model, "cache_dir": args.cache_dir,
+                                          "threads": args.threads}, os.environ)
+    except ConfigError as error:
+        return fail(str(error), EXIT_USAGE)
+    _setup_logging("warning")
+    import torch
+
+    from daemon.bench_formats import format_quality
+    from meshllm.errors import ModelSourceError
+    from meshllm.model.engine import Engine
+    from meshllm.model.quality import perplexity
+
+    torch.set_num_threads(config.threads)
+    results = []
+    for weights in args.formats or ["f32", "auto"]:
+        print(f"meshllm bench: perplexity with {weights} weights", file=sys.stderr, flush=True)
+        try:
+            engine = Engine.load(config.model, cache_dir=str(config.cache_dir) if config.cache_dir else None,
+                                 weights=weights)
+            results.append(perplexity(engine, ctx=min(512, engine.info.max_positions)))
+        except (ModelSourceError, ValueError) as error:
+            return fail(str(error))
+        del engine
+    print(json.dumps([r.__dict__ for r in results], indent=2) if args.json else format_quality(results))
     return EXIT_OK
 
 

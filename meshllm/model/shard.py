@@ -225,7 +225,7 @@ class Shard:
         out = self._inner(
             inputs_embeds=hidden.to(device=self.device, dtype=self.dtype),
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         return out.last_hidden_state
