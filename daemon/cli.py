@@ -445,7 +445,7 @@ def _bench_local(args: argparse.Namespace) -> int:
     from meshllm.model.engine import Engine
 
     from meshllm.model.cache import prepare
-    from meshllm.model.engine import release_free_memory
+    from meshllm.model.lean import release_free_memory
     from meshllm.model.sampling import SamplingParams
     from meshllm.model.shard import load_config, model_shape
     from meshllm.model.source import resolve

@@ -6,7 +6,6 @@ uneven shards in one process to prove that splitting changes no token.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import time
@@ -20,6 +19,7 @@ from meshllm.errors import PromptTooLong
 from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.formats import resolve_format
+from meshllm.model.lean import release_free_memory
 from meshllm.model.shard import ModelShape, Shard, load_config, model_shape, open_shard
 from meshllm.model.source import resolve
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
@@ -71,13 +71,7 @@ def _as_list(v: object) -> list[int]:
 _session_counter = itertools.count()
 
 
-def release_free_memory() -> None:
-    """Hand memory freed while loading back to the system (glibc keeps it otherwise: about
-    130 MB after loading the default model's int4 weights). A no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+
 
 
 def check_device(device: str) -> str:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from meshllm.model.cache import PreparedModel
-from meshllm.model.engine import Engine, release_free_memory, shard_ms_per_layer
+from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
-from meshllm.model.lean import LeanShard
+from meshllm.model.lean import LeanShard, release_free_memory
 from meshllm.model.shard import Shard, open_shard
 
 log = logging.getLogger(__name__)
