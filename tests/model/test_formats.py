@@ -119,3 +119,42 @@ def test_the_default_model_answers_in_int4() -> None:
         engine.chat_prompt([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]),
         SamplingParams(max_tokens=20)))
     assert "Paris" in text
+
+
+_NO_AVX2_PROBE = """
+import json, sys, torch
+from meshllm.model.cache import prepare
+from meshllm.model.engine import Engine
+from meshllm.model.sampling import SamplingParams
+from meshllm.model.source import resolve
+prepared = prepare(resolve(sys.argv[1]))
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for weights in ("f16", "int8", "int4"):
+    answers = []
+    for spans in ([(0, 6)], [(0, 2), (2, 6)]):
+        engine = Engine(prepared, spans, weights=weights)
+        prompt = engine.chat_prompt([{"role": "user", "content": "hello world"}])
+        answers.append([t.id for t in engine.generate(prompt, SamplingParams(max_tokens=12))])
+    out[weights] = answers
+print(json.dumps(out))
+"""
+
+
+def test_every_format_runs_on_a_cpu_without_avx2(tiny_llama: Path) -> None:
+    """Without AVX2 (forced here with ATEN_CPU_CAPABILITY=default) the quantized kernels take
+    their plain loops and fbgemm is not used: slower, and still one answer whole or split."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", _NO_AVX2_PROBE, str(tiny_llama)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["capability"] == "DEFAULT"
+    for weights in ("f16", "int8", "int4"):
+        whole, split = result[weights]
+        assert len(whole) > 0 and whole == split, weights
