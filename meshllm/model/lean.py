@@ -270,11 +270,10 @@ class LeanShard:
         t = x.shape[0]
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = layer.qkv(self._rms(x, layer.attn_norm))  # (positions, (nq + 2 nkv) hd)
-        q = qkv[:, : nq * hd].view(t, nq, hd).transpose(0, 1)
-        k = qkv[:, nq * hd: (nq + nkv) * hd].view(t, nkv, hd).transpose(0, 1)
+        qk = qkv[:, : (nq + nkv) * hd].view(t, nq + nkv, hd).transpose(0, 1)  # q and k heads: one rotation
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:nq], qk[nq:]
         v = qkv[:, (nq + nkv) * hd:].view(t, nkv, hd).transpose(0, 1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
         end = start + t
         kv.k[i][:, start:end] = k
         kv.v[i][:, start:end] = v
@@ -294,7 +293,7 @@ class LeanShard:
         return x + layer.down(self.act(gu[:, :n]) * gu[:, n:])
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (positions, head_dim) for positions [start, end), from a table grown on demand."""
