@@ -50,10 +50,11 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("rows", [1, 7, 40])
-def test_each_quantized_linear_computes_its_dequantized_weights(rows: int) -> None:
+@pytest.mark.parametrize("n", [96, 128])  # 96 rows: not a layout the prefill path reads back
+@pytest.mark.parametrize("rows", [1, 7, quant.PREFILL_ROWS, 40])
+def test_each_quantized_linear_computes_its_dequantized_weights(rows: int, n: int) -> None:
     torch.manual_seed(0)
-    n, k = 96, 128
+    k = 128
     w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(rows, k)
 
     codes, scale, zero = quant.quantize_int4_groups(w)
@@ -67,6 +68,16 @@ def test_each_quantized_linear_computes_its_dequantized_weights(rows: int) -> No
     assert _rel_err(quant.Int8Linear(q, s, b)(x), x @ (q.float() * s[:, None]).T + b) < 0.02
 
     assert _rel_err(quant.F16Linear(w, b)(x), x @ w.half().float().T + b) < 1e-3
+
+
+def test_int4_weights_read_back_from_the_kernels_packing_exactly() -> None:
+    torch.manual_seed(1)
+    n, k = 192, 576
+    codes, scale, zero = quant.quantize_int4_groups(torch.randn(n, k))
+    linear = quant.Int4Linear(codes, scale, zero, None)
+    want = (codes.reshape(n, k // 32, 32).float() - 8) * scale.bfloat16().float()[..., None]
+    want = (want + zero.bfloat16().float()[..., None]).reshape(n, k)
+    assert torch.equal(linear.dequantize(torch.float32), want)
 
 
 def test_int8_embedding_looks_up_rows_and_computes_logits() -> None:
