@@ -3,8 +3,9 @@
 
 For tiny random Llama, Qwen2 and Mistral models (built here, nothing downloaded), greedy
 answers of meshllm's engine on the GPU, whole and split into three uneven spans, must equal
-plain transformers `generate` on the same GPU, token for token. Prints JSON; exit 1 on a
-mismatch. Run: `python scripts/check_cuda.py [--device cuda]`.
+plain transformers `generate` on the same GPU, token for token; in each quantized weight
+format (f16, int8, int4: dequantized to float16 on the GPU), the split engine must answer what
+the whole one answers. Prints JSON; exit 1 on a mismatch. Run: `python scripts/check_cuda.py [--device cuda]`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def main() -> int:
                             "engine_tokens_per_s": round(total * args.tokens / t_engine, 1),
                             "shard_device": str(whole.shards[0].embed_tokens.weight.device)}
             ok = ok and matches == total
+            for weights in ("f16", "int8", "int4"):
+                q_whole = Engine(prepared, device=args.device, weights=weights)
+                q_split = Engine(prepared, [(0, 1), (1, 4), (4, 6)], device=args.device, weights=weights)
+                same = 0
+                for messages in PROMPTS[:5]:
+                    prompt = q_whole.chat_prompt(messages)
+                    a = [t.id for t in q_whole.generate(prompt, SamplingParams(max_tokens=args.tokens))]
+                    b = [t.id for t in q_split.generate(prompt, SamplingParams(max_tokens=args.tokens))]
+                    same += int(a == b and len(a) > 0)
+                report[f"{arch}-{weights}"] = {"split_equals_whole": f"{same}/5"}
+                ok = ok and same == 5
     report["ok"] = ok
     print(json.dumps(report, indent=2))
     return 0 if ok else 1

@@ -20,17 +20,19 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshllm.model.cache import PreparedModel
+from meshllm.model.gguf_blocks import INT4_TYPES
 from meshllm.model.quant import FORMATS, check_format
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-LINEAR_SUFFIXES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
+_LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 _GGUF_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -58,7 +60,7 @@ def auto_format(prepared: PreparedModel) -> str:
         if not counts:
             return "f32"
         kind = counts.most_common(1)[0][0]
-        if kind.startswith("Q4") or kind.startswith("IQ4"):
+        if kind in INT4_TYPES:
             return "int4"
         if kind in ("F16", "BF16"):
             return "f16"
@@ -108,8 +110,6 @@ def format_file(prepared: PreparedModel, fmt: str) -> Path:
     return path
 
 
-
-
 def _complete(marker: Path) -> bool:
     try:
         return json.loads(marker.read_text()).get("version") == FORMAT_VERSION
@@ -135,7 +135,7 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
             for key in f.keys():
                 w = f.get_tensor(key).float()
                 stem = key.removesuffix(".weight")
-                if key.endswith(".weight") and stem.split("model.layers.")[-1].split(".", 1)[-1] in LINEAR_SUFFIXES:
+                if _LAYER_LINEAR.match(key):
                     if fmt == "f16":
                         out[key] = w.half()
                     elif fmt == "int8":
@@ -162,9 +162,8 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _int4_for(stem: str, w, blocks):  # type: ignore[no-untyped-def]
-    import torch
-
+def _int4_for(stem: str, w: torch.Tensor, blocks: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
+    """The 4-bit blocks of `stem` when the GGUF has them, else `w` quantized group by group."""
     from meshllm.model import quant
 
     if stem in blocks:
@@ -181,7 +180,7 @@ def _gguf_int4_blocks(prepared: PreparedModel, config) -> dict:  # type: ignore[
     from gguf import GGUFReader
     from safetensors import safe_open
 
-    from meshllm.model.gguf_blocks import INT4_TYPES, dequantize_int4, read_int4, unpermute_rows
+    from meshllm.model.gguf_blocks import dequantize_int4, read_int4, unpermute_rows
 
     index = {}
     for file in prepared.weight_files:

@@ -166,11 +166,12 @@ class LeanShard:
             for _ in layer_by_layer([None]):
                 self.head_table = self._embedding(get, "lm_head")
         self.nbytes += self.embedding.nbytes + (0 if self.head_table is self.embedding else self.head_table.nbytes)
-        self.intermediate = self.layers[0].gate_up.out_features // 2 if self.layers else 0
 
     @staticmethod
     def _rows(get, stem: str, fmt: str) -> int:  # type: ignore[no-untyped-def]
-        return int(get(f"{stem}.{ {'f16': 'weight', 'int8': 'q', 'int4': 'codes'}[fmt] }").shape[0])
+        """Output rows of one linear (for the zero bias of a fused part that has none)."""
+        rows_tensor = {"f16": "weight", "int8": "q", "int4": "codes"}[fmt]
+        return int(get(f"{stem}.{rows_tensor}").shape[0])
 
     @staticmethod
     def _parts(get, stem: str, fmt: str) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
