@@ -164,6 +164,8 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
 
 def _int4_for(stem: str, w: torch.Tensor, blocks: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
     """The 4-bit blocks of `stem` when the GGUF has them, else `w` quantized group by group."""
+    import torch
+
     from meshllm.model import quant
 
     if stem in blocks:

@@ -97,20 +97,61 @@ def test_auto_keeps_the_files_precision(tiny_llama: Path) -> None:
     assert resolve_format(prepare(resolve(None)), "auto") == "int4"  # the default Q4_1 GGUF
 
 
-def test_the_default_gguf_runs_int4_from_its_own_blocks(default_engine: Engine) -> None:
-    """Every 4-bit linear of the default model is its GGUF codes: dequantized, the int4 weights
-    are the float32 conversion's weights."""
-    prepared = default_engine.prepared
+def _assert_int4_is_the_f32_conversion(prepared, linears: int, every: int = 1) -> None:  # type: ignore[no-untyped-def]
+    """Dequantized, the int4 weights equal the float32 conversion's: codes read from the blocks."""
     path = format_file(prepared, "int4")
     with safe_open(str(path), framework="pt") as q, safe_open(str(prepared.weight_files[0]), framework="pt") as f:
         stems = [k.removesuffix(".codes") for k in q.keys() if k.endswith(".codes")]
-        assert len(stems) == 30 * 7
-        for stem in stems[::17]:
+        assert len(stems) == linears
+        for stem in stems[::every]:
             codes = quant.unpack_nibbles(q.get_tensor(f"{stem}.codes"))
             n, k = codes.shape
             w = (codes.reshape(n, k // 32, 32).float() - 8) * q.get_tensor(f"{stem}.scale")[..., None]
             w = (w + q.get_tensor(f"{stem}.zero")[..., None]).reshape(n, k)
             torch.testing.assert_close(w, f.get_tensor(f"{stem}.weight"), rtol=0, atol=1e-6)
+
+
+def test_the_default_gguf_runs_int4_from_its_own_blocks(default_engine: Engine) -> None:
+    """Every 4-bit linear of the default model (Q4_1) is its GGUF codes."""
+    _assert_int4_is_the_f32_conversion(default_engine.prepared, 30 * 7, every=17)
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_0_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama GGUF with Q4_0 linears and random weights, written by the benchmark's script."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-q4_0.gguf"
+    subprocess.run([sys.executable, "scripts/make_synthetic_gguf.py", str(out), "--tiny", "--std", "0.2"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_a_q4_0_gguf_runs_int4_from_its_blocks_written_into_a_fresh_cache(tiny_q4_0_gguf: Path,
+                                                                        tmp_path: Path) -> None:
+    prepared = prepare(resolve(tiny_q4_0_gguf), tmp_path)  # nothing cached: converted and written here
+    whole = Engine(prepared, weights="auto")
+    assert whole.info.weights == "int4"
+    _assert_int4_is_the_f32_conversion(prepared, 2 * 7)  # q and k rows in transformers' order too
+    split = Engine(prepared, [(0, 1), (1, 2)], weights="auto")
+    for messages in PROMPTS[:3]:
+        answer = _greedy(whole, messages, 16)
+        assert len(answer) > 0 and _greedy(split, messages, 16) == answer
+
+
+@pytest.mark.parametrize("weights", QUANTIZED)
+def test_each_format_is_written_once_into_a_fresh_cache(tiny_llama: Path, tmp_path: Path, weights: str) -> None:
+    prepared = prepare(resolve(tiny_llama), tmp_path)
+    first = Engine(prepared, weights=weights)
+    path = format_file(prepared, weights)
+    assert path.is_relative_to(tmp_path)
+    written = path.stat().st_mtime_ns
+    again = Engine(prepared, [(0, 3), (3, 6)], weights=weights)
+    assert path.stat().st_mtime_ns == written  # read, not written again
+    assert _greedy(again, PROMPTS[1]) == _greedy(first, PROMPTS[1])
 
 
 def test_the_default_model_answers_in_int4() -> None:
