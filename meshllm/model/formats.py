@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -53,10 +54,26 @@ def gguf_linear_types(path: Path) -> Counter[str]:
     return counts
 
 
+def _cached_linear_types(prepared: PreparedModel) -> Counter[str]:
+    """`gguf_linear_types`, kept beside the conversion: reading a GGUF's metadata takes seconds
+    (its tokenizer), and every start asks."""
+    assert prepared.gguf_path is not None
+    path = prepared.folder / "gguf-linear-types.json"
+    try:
+        return Counter(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        counts = gguf_linear_types(prepared.gguf_path)
+        fd, tmp = tempfile.mkstemp(prefix=".types-", dir=prepared.folder)  # nodes may race: each its own
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(counts))
+        os.replace(tmp, path)
+        return counts
+
+
 def auto_format(prepared: PreparedModel) -> str:
     """The format `auto` picks for this model (see the module docstring)."""
     if prepared.gguf_path is not None:
-        counts = gguf_linear_types(prepared.gguf_path)
+        counts = _cached_linear_types(prepared)
         if not counts:
             return "f32"
         kind = counts.most_common(1)[0][0]
