@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshllm.model.cache import PreparedModel
-from meshllm.model.gguf_blocks import INT4_TYPES
+from meshllm.errors import ModelSourceError
+from meshllm.model.gguf_blocks import INT4_TYPES, TensorInfo, read_tensor_infos
 from meshllm.model.quant import FORMATS, check_format
 
 if TYPE_CHECKING:
@@ -44,14 +45,19 @@ _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 def gguf_linear_types(path: Path) -> Counter[str]:
     """How many of the file's decoder linears are of each GGUF type (Q4_1, Q8_0, F16...)."""
-    from gguf import GGUFReader
-
     counts: Counter[str] = Counter()
-    for t in GGUFReader(str(path)).tensors:
+    for t in _tensor_infos(path).values():
         m = _GGUF_BLOCK.match(t.name)
         if m and m.group(2) in _GGUF_LINEARS:
-            counts[t.tensor_type.name] += 1
+            counts[t.type_name] += 1
     return counts
+
+
+def _tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    try:
+        return read_tensor_infos(path)
+    except (ValueError, OSError) as e:
+        raise ModelSourceError(f"cannot read the tensors of {path.name}: {e}") from e
 
 
 def _cached_linear_types(prepared: PreparedModel) -> Counter[str]:
@@ -195,11 +201,9 @@ def _gguf_int4_blocks(prepared: PreparedModel, config) -> dict:  # type: ignore[
     """Codes, scales and zeros of every 4-bit linear in the GGUF, keyed by HF name, in the row
     order of the float32 conversion (checked against it, tensor by tensor)."""
     import numpy as np
-    import torch
-    from gguf import GGUFReader
     from safetensors import safe_open
 
-    from meshllm.model.gguf_blocks import dequantize_int4, read_int4, unpermute_rows
+    from meshllm.model.gguf_blocks import dequantize_int4, read_int4, read_tensor_bytes, unpermute_rows
 
     index = {}
     for file in prepared.weight_files:
@@ -208,16 +212,16 @@ def _gguf_int4_blocks(prepared: PreparedModel, config) -> dict:  # type: ignore[
     heads = {"attn_q": int(config.num_attention_heads),
              "attn_k": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)}
     found = {}
-    for t in GGUFReader(str(prepared.gguf_path)).tensors:
+    for t in _tensor_infos(prepared.gguf_path).values():
         m = _GGUF_BLOCK.match(t.name)
-        if not m or m.group(2) not in _GGUF_LINEARS or t.tensor_type.name not in INT4_TYPES:
+        if not m or m.group(2) not in _GGUF_LINEARS or t.type_name not in INT4_TYPES:
             continue
         stem = f"model.layers.{m.group(1)}.{_GGUF_LINEARS[m.group(2)]}"
         key = f"{stem}.weight"
         if key not in index:
             continue
         cols, rows = (int(x) for x in t.shape[:2])
-        codes, scale, zero = read_int4(t.tensor_type.name, np.asarray(t.data), rows, cols)
+        codes, scale, zero = read_int4(t.type_name, read_tensor_bytes(prepared.gguf_path, t), rows, cols)
         with safe_open(str(index[key]), framework="pt") as f:
             ref = f.get_tensor(key).float().numpy()
         candidates = [(codes, scale, zero)]

@@ -15,6 +15,12 @@ its high nibble; in Q4_K each 32 bytes hold two sub-blocks of 32, low nibbles th
 
 from __future__ import annotations
 
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
@@ -81,3 +87,109 @@ def unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     rows = a.shape[0]
     rest = a.shape[1:]
     return a.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+# -- the tensor directory of a GGUF file ---------------------------------------------------------
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type_name: str
+    shape: tuple[int, ...]
+    """GGUF order: the row length first."""
+    offset: int
+    """Absolute byte offset of the tensor's data in the file."""
+    nbytes: int
+
+
+def read_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """The tensor directory of a GGUF, read without decoding its metadata values.
+
+    gguf's own reader turns every metadata value (a tokenizer's 50,000 strings) into numpy
+    views, which takes seconds; this skips them. Raises ValueError on a malformed file.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        size = len(mm)
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            width = struct.calcsize(fmt)
+            if pos + width > size:
+                raise ValueError(f"truncated GGUF header in {path.name}")
+            (value,) = struct.unpack_from(fmt, mm, pos)
+            pos += width
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            if pos + n > size:
+                raise ValueError(f"truncated GGUF header in {path.name}")
+            pos += n
+            return bytes(mm[pos - n:pos]).decode("utf-8", "replace")
+
+        def skip(value_type: int) -> Any:
+            nonlocal pos
+            if value_type in _SCALAR:
+                return take(_SCALAR[value_type])
+            if value_type == _STRING:
+                return string()
+            if value_type == _ARRAY:
+                item_type, count = take("<I"), take("<Q")
+                if item_type in _SCALAR:  # fixed width: jump over the whole array
+                    pos += struct.calcsize(_SCALAR[item_type]) * count
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+                return None
+            raise ValueError(f"unknown GGUF value type {value_type} in {path.name}")
+
+        if take("<4s") != b"GGUF":
+            raise ValueError(f"not a GGUF file: {path.name}")
+        version, n_tensors, n_values = take("<I"), take("<Q"), take("<Q")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old: {path.name}")
+        alignment = 32
+        for _ in range(n_values):
+            key = string()
+            value = skip(take("<I"))
+            if key == "general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+        raw = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = take("<I")
+            if n_dims > _MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            shape = tuple(take("<Q") for _ in range(n_dims))
+            raw.append((name, take("<I"), shape, take("<Q")))
+        data_start = -(-pos // alignment) * alignment
+        infos: dict[str, TensorInfo] = {}
+        for name, type_id, shape, offset in raw:
+            kind = GGMLQuantizationType(type_id)  # ValueError for an unknown type
+            if kind not in GGML_QUANT_SIZES:
+                raise ValueError(f"tensor {name} has a type of unknown size: {kind.name}")
+            block, block_bytes = GGML_QUANT_SIZES[kind]
+            count = 1
+            for d in shape:
+                count *= d
+            nbytes = count // block * block_bytes
+            if data_start + offset + nbytes > size:
+                raise ValueError(f"tensor {name} runs past the end of {path.name}")
+            infos[name] = TensorInfo(name, kind.name, shape, data_start + offset, nbytes)
+        return infos
+
+
+def read_tensor_bytes(path: Path, info: TensorInfo) -> np.ndarray:
+    """One tensor's raw bytes (blocks, for a quantized type)."""
+    with path.open("rb") as f:
+        f.seek(info.offset)
+        return np.frombuffer(f.read(info.nbytes), dtype=np.uint8)

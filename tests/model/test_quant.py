@@ -106,3 +106,44 @@ def test_int8_tables_at_an_odd_address_still_compute() -> None:
 def test_unknown_format_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="auto, f32, f16, int8, int4"):
         quant.check_format("int3")
+
+
+def test_the_tensor_directory_of_a_gguf_matches_ggufs_own_reader(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gguf import GGUFReader
+
+    from meshllm.model.gguf_blocks import read_tensor_bytes, read_tensor_infos
+    from meshllm.model.source import default_gguf_path
+
+    path = default_gguf_path()
+    infos = read_tensor_infos(path)
+    reader = GGUFReader(str(path))
+    assert set(infos) == {t.name for t in reader.tensors}
+    for t in reader.tensors[::25]:
+        info = infos[t.name]
+        assert (info.type_name, info.offset, info.shape) == (t.tensor_type.name, t.data_offset, tuple(int(d) for d in t.shape))
+        np.testing.assert_array_equal(read_tensor_bytes(path, info), np.asarray(t.data).reshape(-1).view(np.uint8))
+
+    # a cut file is an error that names it, never a crash or a read past the end
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: 4 << 20])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        read_tensor_infos(cut)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    with pytest.raises(ValueError):
+        read_tensor_infos(junk)
+
+
+def test_random_gguf_headers_are_errors_never_crashes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from meshllm.model.gguf_blocks import read_tensor_infos
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "random.gguf"
+    for _ in range(200):
+        body = rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8).tobytes()
+        head = b"GGUF" + (3).to_bytes(4, "little") + int(rng.integers(0, 4)).to_bytes(8, "little")
+        path.write_bytes(head + int(rng.integers(0, 4)).to_bytes(8, "little") + body)
+        try:
+            read_tensor_infos(path)
+        except ValueError:
+            pass
