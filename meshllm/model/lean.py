@@ -25,6 +25,7 @@ from meshllm.errors import ModelSourceError
 from meshllm.model import quant
 from meshllm.model.cache import PreparedModel
 from meshllm.model.quant import QLinear
+from meshllm.model.span import SpanSessions
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class _KV:
                 store[i] = grown
 
 
-class LeanShard:
+class LeanShard(SpanSessions[_KV]):
     """Embedding, norm and head, plus decoder layers [start_layer, end_layer), in a quantized format.
 
     Not thread-safe: one worker thread drives it.
@@ -85,6 +86,7 @@ class LeanShard:
     def __init__(self, prepared: PreparedModel, config: PretrainedConfig, start_layer: int, end_layer: int,
                  fmt: str, weights_file: str, *, max_sessions: int = 64,
                  device: str | torch.device = "cpu") -> None:
+        super().__init__()
         self.config = config
         self.start_layer = start_layer
         self.end_layer = end_layer
@@ -101,7 +103,6 @@ class LeanShard:
         window = getattr(config, "sliding_window", None)
         use_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
         self.window = int(window) if window and use_window else None
-        self._caches: dict[str, _KV] = {}
         self._rotary = _rotary_class(config.model_type)(config=config).to(self.device)
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
@@ -203,23 +204,14 @@ class LeanShard:
     # -- shape and sessions --------------------------------------------------------------
 
     @property
-    def num_span_layers(self) -> int:
-        return self.end_layer - self.start_layer
-
-    @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
-    def cache_length(self, session_id: str) -> int:
-        kv = self._caches.get(session_id)
-        return 0 if kv is None else kv.length
+    def _new_cache(self) -> _KV:
+        return _KV(self.num_span_layers, self.n_kv, self.head_dim, self.device)
 
-    def drop(self, session_id: str) -> None:
-        self._caches.pop(session_id, None)
-
-    @property
-    def session_ids(self) -> tuple[str, ...]:
-        return tuple(self._caches)
+    def _cached_positions(self, cache: _KV) -> int:
+        return cache.length
 
     # -- forward -------------------------------------------------------------------------
 
@@ -239,22 +231,10 @@ class LeanShard:
 
     def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Run the span on hidden states (1, positions, hidden) at start_pos (see ``Shard.forward``)."""
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-            raise ValueError(f"hidden states must be (1, positions, {self.hidden_size}), got {tuple(hidden.shape)}")
         if self.num_span_layers == 0:
+            self._check_hidden(hidden)
             return hidden
-        kv = self._caches.get(session_id)
-        if start_pos == 0 and kv is not None:
-            kv = None  # a replay from the start rebuilds the cache
-        if kv is None:
-            if start_pos != 0:
-                raise ValueError(f"session {session_id} has no KV cache here; it must start at position 0")
-            if len(self._caches) >= self.max_sessions:
-                raise RuntimeError(f"too many sessions on this shard (limit {self.max_sessions})")
-            kv = _KV(self.num_span_layers, self.n_kv, self.head_dim, self.device)
-            self._caches[session_id] = kv
-        if kv.length != start_pos:
-            raise ValueError(f"session {session_id}: KV cache holds {kv.length} positions, step starts at {start_pos}")
+        kv = self._step_cache(session_id, hidden, start_pos)
         x = hidden[0].to(device=self.device, dtype=torch.float32)  # (positions, hidden)
         positions = x.shape[0]
         end = start_pos + positions

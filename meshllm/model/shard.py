@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Pretrai
 from meshllm.errors import ModelSourceError
 from meshllm.model.cache import PreparedModel
 from meshllm.model.quant import bytes_per_weight
+from meshllm.model.span import SpanSessions
 
 if TYPE_CHECKING:
     from meshllm.model.lean import LeanShard
@@ -79,7 +80,7 @@ def _tensor_index(prepared: PreparedModel) -> dict[str, str]:
     return index
 
 
-class Shard:
+class Shard(SpanSessions[DynamicCache]):
     """Embedding, norm and head, plus a contiguous span of decoder layers, with per-session KV caches.
 
     Not thread-safe: one worker thread drives it.
@@ -95,6 +96,7 @@ class Shard:
         max_sessions: int = 64,
         device: str | torch.device = "cpu",
     ) -> None:
+        super().__init__()
         config = load_config(prepared)
         n_layers = config.num_hidden_layers
         if not 0 <= start_layer <= end_layer <= n_layers:
@@ -107,7 +109,6 @@ class Shard:
         self.device = torch.device(device)
         self.max_sessions = max_sessions
         self._local_config = span_config(config, start_layer, end_layer)
-        self._caches: dict[str, DynamicCache] = {}
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self._local_config, dtype=dtype)
@@ -159,10 +160,6 @@ class Shard:
     # -- shape ---------------------------------------------------------------------------
 
     @property
-    def num_span_layers(self) -> int:
-        return self.end_layer - self.start_layer
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the weights this shard holds (a tied head counted once)."""
         seen = {id(p): p for p in (*self._inner.parameters(), *self.norm.parameters(), *self.lm_head.parameters())}
@@ -178,17 +175,11 @@ class Shard:
 
     # -- sessions ------------------------------------------------------------------------
 
-    def cache_length(self, session_id: str) -> int:
-        cache = self._caches.get(session_id)
-        return 0 if cache is None else int(cache.get_seq_length())
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self._local_config)
 
-    def drop(self, session_id: str) -> None:
-        """Free a session's KV caches. Unknown ids are ignored."""
-        self._caches.pop(session_id, None)
-
-    @property
-    def session_ids(self) -> tuple[str, ...]:
-        return tuple(self._caches)
+    def _cached_positions(self, cache: DynamicCache) -> int:
+        return int(cache.get_seq_length())
 
     # -- forward -------------------------------------------------------------------------
 
@@ -203,24 +194,11 @@ class Shard:
         The session's KV cache must hold exactly `start_pos` positions: prefill starts at 0,
         each decode step continues where the last one ended, and a replay starts again at 0.
         """
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-            raise ValueError(f"hidden states must be (1, positions, {self.hidden_size}), got {tuple(hidden.shape)}")
-        positions = hidden.shape[1]
         if self.num_span_layers == 0:
+            self._check_hidden(hidden)
             return hidden
-        cache = self._caches.get(session_id)
-        if start_pos == 0 and cache is not None:
-            cache = None  # a replay from the start rebuilds the cache
-        if cache is None:
-            if start_pos != 0:
-                raise ValueError(f"session {session_id} has no KV cache here; it must start at position 0")
-            if len(self._caches) >= self.max_sessions:
-                raise RuntimeError(f"too many sessions on this shard (limit {self.max_sessions})")
-            cache = DynamicCache(config=self._local_config)
-            self._caches[session_id] = cache
-        have = int(cache.get_seq_length())
-        if have != start_pos:
-            raise ValueError(f"session {session_id}: KV cache holds {have} positions, step starts at {start_pos}")
+        cache = self._step_cache(session_id, hidden, start_pos)
+        positions = hidden.shape[1]
         position_ids = torch.arange(start_pos, start_pos + positions, device=self.device).unsqueeze(0)
         out = self._inner(
             inputs_embeds=hidden.to(device=self.device, dtype=self.dtype),

@@ -199,3 +199,18 @@ def test_every_format_runs_on_a_cpu_without_avx2(tiny_llama: Path) -> None:
     for weights in ("f16", "int8", "int4"):
         whole, split = result[weights]
         assert len(whole) > 0 and whole == split, weights
+
+
+@pytest.mark.parametrize("weights", ["f32", "int4"])
+def test_a_full_shard_still_replays_its_own_sessions(tiny_llama: Path, weights: str) -> None:
+    from meshllm.model.shard import open_shard
+
+    shard = open_shard(prepare(resolve(tiny_llama)), 0, 6, weights=weights, max_sessions=1)
+    with torch.inference_mode():
+        shard.forward("a", shard.embed([1, 2, 3]), 0)
+        with pytest.raises(RuntimeError, match="too many sessions"):
+            shard.forward("b", shard.embed([1, 2, 3]), 0)
+        with pytest.raises(ValueError, match="holds 3 positions"):
+            shard.forward("a", shard.embed([4]), 5)
+        shard.forward("a", shard.embed([1, 2, 3]), 0)  # a replay from the start: its own cache, rebuilt
+        assert shard.cache_length("a") == 3 and shard.session_ids == ("a",)
