@@ -238,19 +238,25 @@ def meshllm_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "daemon.cli"]
 
 
+def _run_json(cmd: list[str], label: str, opener: str, cwd: Path | None = None) -> tuple[Any, int | None, float]:
+    """Run a measuring child; its JSON output (from the first `opener`), peak RSS and wall time."""
+    started = time.monotonic()
+    rc, out, err, rss = run_measured(cmd, cwd=cwd)
+    if rc != 0:
+        raise BenchFailure(f"{label} failed (exit {rc}): {_tail(err)}")
+    try:
+        data = json.loads(out[out.index(opener):])
+    except ValueError:
+        raise BenchFailure(f"{label} printed no JSON: {_tail(out + err)}") from None
+    return data, rss, round(time.monotonic() - started, 2)
+
+
 def measure_meshllm(model: Path, weights: str, threads: int, prompt: int, decode: int) -> dict[str, Any]:
     cmd = [*meshllm_command(), "bench", "--local", "--model", str(model), "--weights", weights,
            "--threads", str(threads), "--prompt-tokens", str(prompt), "--decode-tokens", str(decode), "--json"]
-    started = time.monotonic()
-    rc, out, err, rss = run_measured(cmd, cwd=REPO)
-    if rc != 0:
-        raise BenchFailure(f"meshllm bench (weights {weights}, {threads} threads) failed (exit {rc}): {_tail(err)}")
-    try:
-        result = json.loads(out[out.index("{"):])
-    except ValueError:
-        raise BenchFailure(f"meshllm bench printed no JSON: {_tail(out)}") from None
+    result, rss, wall_s = _run_json(cmd, f"meshllm bench (weights {weights}, {threads} threads)", "{", cwd=REPO)
     result["child_peak_rss_bytes"] = rss
-    result["wall_s"] = round(time.monotonic() - started, 2)
+    result["wall_s"] = wall_s
     return result
 
 
@@ -258,16 +264,8 @@ def measure_llama_bench(tools: Path, model: Path, threads: int, prompt: int, dec
                         depth: int, flash_attn: str = "auto") -> dict[str, Any]:
     cmd = [str(tools / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt),
            "-n", str(decode), "-d", str(depth), "-fa", flash_attn, "-r", "1", "-o", "json"]
-    started = time.monotonic()
-    rc, out, err, rss = run_measured(cmd)
-    if rc != 0:
-        raise BenchFailure(f"llama-bench ({threads} threads, depth {depth}) failed (exit {rc}): {_tail(err)}")
-    try:
-        tests = json.loads(out[out.index("["):])
-    except ValueError:
-        raise BenchFailure(f"llama-bench printed no JSON: {_tail(out + err)}") from None
-    result: dict[str, Any] = {"depth": depth, "peak_rss_bytes": rss, "wall_s": round(time.monotonic() - started, 2),
-                              "tests": tests}
+    tests, rss, wall_s = _run_json(cmd, f"llama-bench ({threads} threads, depth {depth})", "[")
+    result: dict[str, Any] = {"depth": depth, "peak_rss_bytes": rss, "wall_s": wall_s, "tests": tests}
     for test in tests:
         if test.get("n_prompt", 0) > 0 and test.get("n_gen", 0) == 0:
             result["pp_tokens_per_s"] = test.get("avg_ts")
