@@ -67,8 +67,8 @@ def physical_memory_bytes() -> int:
         return 0
 
 
-def ready_line(api_url: str, model_name: str, num_layers: int) -> str:
-    return f"meshllm ready: {api_url} (model {model_name}, {num_layers} layers)"
+def ready_line(api_url: str, model_name: str, num_layers: int, weights: str) -> str:
+    return f"meshllm ready: {api_url} (model {model_name}, {num_layers} layers, {weights} weights)"
 
 
 class Node:
@@ -198,7 +198,7 @@ class Node:
             await mesh.wait_changed()
         board.update(state="ready")
         assert self.api_url is not None
-        self._announce(ready_line(self.api_url, info.name, info.num_layers))
+        self._announce(ready_line(self.api_url, info.name, info.num_layers, info.weights))
         self.ready.set()
 
     async def _start_mesh(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,

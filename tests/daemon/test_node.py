@@ -61,7 +61,7 @@ async def test_ready_line_then_answers_like_the_reference_then_down_stops(
     node = make_node(tmp_path, tiny_llama, lines=lines)
     task = await start(node)
     assert node.api_url is not None and node.api_url.startswith("http://127.0.0.1:")
-    assert lines == [f"meshllm ready: {node.api_url} (model {tiny_llama.name}, 6 layers)"]
+    assert lines == [f"meshllm ready: {node.api_url} (model {tiny_llama.name}, 6 layers, f32 weights)"]
     expected = reference_greedy(tiny_llama, chat_ids(tiny_llama, HELLO), 8)
     async with aiohttp.ClientSession() as session:
         body = {"messages": HELLO, "max_tokens": 8, "temperature": 0}
