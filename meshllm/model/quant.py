@@ -28,12 +28,10 @@ in every format but f32, so the largest matrix of a small model is not held in f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-WeightFormat = Literal["f32", "f16", "int8", "int4"]
 FORMATS: tuple[str, ...] = ("f32", "f16", "int8", "int4")
 CHOICES: tuple[str, ...] = ("auto", *FORMATS)
 GROUP = 32

@@ -68,3 +68,10 @@ def test_api_url_for_wildcard_hosts() -> None:
 def test_bad_values_are_named(flags: dict[str, object], env: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         NodeConfig.from_sources(flags, env)
+
+
+def test_the_weights_choices_are_the_models_own() -> None:
+    from daemon.config import WEIGHT_CHOICES
+    from meshllm.model.quant import CHOICES
+
+    assert WEIGHT_CHOICES == CHOICES  # written twice: the config must not import torch
