@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "compute ms, per-hop ms and bytes per hop. --local runs the engine in this "
                     "process; --api measures a running mesh (give every node's URL for its stage "
                     "stats, the entry node first); --mesh N starts a single-node reference and an "
-                    "N-node local mesh per codec on this machine and compares them in one run.",
+                    "N-node local mesh per codec on this machine and compares them in one run. "
+                    "--local with several --weights compares weight formats (speed, memory "
+                    "against the file); --quality gives each format's perplexity.",
     )
     where = bench.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="benchmark this machine alone, in-process")
