@@ -444,9 +444,8 @@ def _bench_local(args: argparse.Namespace) -> int:
     from daemon.bench import BenchError, format_bench, run_local_bench
     from daemon.bench_formats import peak_rss_bytes, rss_bytes
     from meshllm.errors import ModelSourceError
-    from meshllm.model.engine import Engine
-
     from meshllm.model.cache import prepare
+    from meshllm.model.engine import Engine
     from meshllm.model.lean import release_free_memory
     from meshllm.model.sampling import SamplingParams
     from meshllm.model.shard import load_config, model_shape
