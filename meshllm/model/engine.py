@@ -19,7 +19,6 @@ from meshllm.errors import PromptTooLong
 from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.formats import resolve_format
-from meshllm.model.lean import release_free_memory
 from meshllm.model.shard import ModelShape, Shard, load_config, model_shape, open_shard
 from meshllm.model.source import resolve
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
@@ -71,9 +70,6 @@ def _as_list(v: object) -> list[int]:
 _session_counter = itertools.count()
 
 
-
-
-
 def check_device(device: str) -> str:
     """`device` if torch can use it here; else ValueError with a one-line reason."""
     try:
@@ -122,7 +118,6 @@ class Engine:
         ):
             raise ValueError(f"spans {spans} must chain [0, {n}) without gaps")
         self.shards = [open_shard(prepared, s, e, weights=self.weights, device=self.device) for s, e in spans]
-        release_free_memory()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(prepared.folder)
         self.shape: ModelShape = model_shape(config, self.weights)
         self.info = ModelInfo(

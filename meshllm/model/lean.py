@@ -23,7 +23,6 @@ from transformers.activations import ACT2FN
 
 from meshllm.errors import ModelSourceError
 from meshllm.model import quant
-from meshllm.model.cache import PreparedModel
 from meshllm.model.quant import QLinear
 from meshllm.model.span import SpanSessions
 
@@ -83,17 +82,13 @@ class LeanShard(SpanSessions[_KV]):
     Not thread-safe: one worker thread drives it.
     """
 
-    def __init__(self, prepared: PreparedModel, config: PretrainedConfig, start_layer: int, end_layer: int,
-                 fmt: str, weights_file: str, *, max_sessions: int = 64,
-                 device: str | torch.device = "cpu") -> None:
-        super().__init__()
+    def __init__(self, config: PretrainedConfig, start_layer: int, end_layer: int, fmt: str, weights_file: str,
+                 *, max_sessions: int = 64, device: str | torch.device = "cpu") -> None:
+        super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
-        self.start_layer = start_layer
-        self.end_layer = end_layer
         self.weights = fmt
         self.dtype = torch.float32
         self.device = torch.device(device)
-        self.max_sessions = max_sessions
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
@@ -108,7 +103,6 @@ class LeanShard(SpanSessions[_KV]):
         self._sin = torch.empty(0, self.head_dim, device=self.device)
         self.nbytes = 0
         self._load(weights_file, fmt)
-        release_free_memory()
 
     # -- loading -------------------------------------------------------------------------
 
@@ -186,7 +180,7 @@ class LeanShard(SpanSessions[_KV]):
         """One linear from the row blocks of several (fused along the output dimension)."""
         joined = [torch.cat(col) for col in zip(*parts)]
         if self.device.type != "cpu":  # the quantized CPU kernels: on a GPU, dense float16 instead
-            return quant.DenseLinear(_dequantize(fmt, joined).to(self.device), bias, torch.float16)
+            return quant.DenseLinear(quant.dense_weights(fmt, joined).to(self.device), bias, torch.float16)
         if fmt == "f16":
             return quant.F16Linear(joined[0], bias)
         if fmt == "int8":
@@ -194,7 +188,7 @@ class LeanShard(SpanSessions[_KV]):
         codes, scale, zero = joined
         if not quant.int4_fits(*codes.shape):
             log.info("a %s linear does not fit int4 kernels; it runs as int8", tuple(codes.shape))
-            return quant.Int8Linear(*quant.quantize_int8_rows(_dequantize(fmt, joined)), bias)
+            return quant.Int8Linear(*quant.quantize_int8_rows(quant.dense_weights(fmt, joined)), bias)
         return quant.Int4Linear(codes, scale, zero, bias)
 
     def _embedding(self, get, stem: str) -> quant.Int8Embedding:  # type: ignore[no-untyped-def]
@@ -221,8 +215,7 @@ class LeanShard(SpanSessions[_KV]):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (1, positions, hidden) -> logits of the last position (vocab,), on the CPU."""
-        x = hidden[0, -1:, :].to(device=self.device, dtype=torch.float32)
-        return self.head_table.logits(self._rms(x, self.norm_weight))[0].float().cpu()
+        return self.logits_all(hidden[:, -1:, :])[0]
 
     def logits_all(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (1, positions, hidden) -> logits of every position (positions, vocab)."""
@@ -311,15 +304,3 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _dequantize(fmt: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Float32 weights from a format's parts (for a GPU, or a shape the int4 kernel refuses)."""
-    if fmt == "f16":
-        return parts[0].float()
-    if fmt == "int8":
-        return parts[0].float() * parts[1].float()[:, None]
-    codes, scale, zero = parts
-    n, k = codes.shape
-    g = codes.reshape(n, k // quant.GROUP, quant.GROUP).float()
-    return ((g - 8.0) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)

@@ -100,6 +100,19 @@ def quantize_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.reshape(n, k), scale, zero
 
 
+def dense_weights(fmt: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Float32 weights from a format's stored parts: f16 (weight), int8 (q, scale) or int4
+    (codes 0..15, scale, zero). For a GPU, or a shape the int4 kernel refuses."""
+    if fmt == "f16":
+        return parts[0].float()
+    if fmt == "int8":
+        return parts[0].float() * parts[1].float()[:, None]
+    codes, scale, zero = parts
+    n, k = codes.shape
+    g = codes.reshape(n, k // GROUP, GROUP).float()
+    return ((g - 8.0) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes 0..15 -> (N, K/2) bytes, even k in the low nibble (the cache's layout)."""
     c = codes.to(torch.uint8)

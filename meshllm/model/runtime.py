@@ -15,7 +15,7 @@ import torch
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
-from meshllm.model.lean import LeanShard, release_free_memory
+from meshllm.model.lean import LeanShard
 from meshllm.model.shard import Shard, open_shard
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ class Runtime:
         t0 = time.perf_counter()
         self.shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights,
                                 device=self.device)
-        release_free_memory()
         log.info("loaded layers [%d, %d) in %.0f ms", start_layer, end_layer, (time.perf_counter() - t0) * 1000)
 
     # -- entry side ----------------------------------------------------------------------

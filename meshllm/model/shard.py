@@ -96,18 +96,12 @@ class Shard(SpanSessions[DynamicCache]):
         max_sessions: int = 64,
         device: str | torch.device = "cpu",
     ) -> None:
-        super().__init__()
         config = load_config(prepared)
-        n_layers = config.num_hidden_layers
-        if not 0 <= start_layer <= end_layer <= n_layers:
-            raise ValueError(f"span [{start_layer}, {end_layer}) is outside [0, {n_layers})")
+        super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
-        self.start_layer = start_layer
-        self.end_layer = end_layer
         self.dtype = dtype
         self.weights = "f32"
         self.device = torch.device(device)
-        self.max_sessions = max_sessions
         self._local_config = span_config(config, start_layer, end_layer)
 
         with torch.device("meta"):
@@ -248,15 +242,17 @@ def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, wei
 
     f32 runs transformers' own layers (the exact reference); the other formats run the lean
     decoder on quantized weights, read from the format's cache file (written on first use).
+    Memory freed while loading is handed back to the system before it returns.
     """
-    if weights == "f32":
-        return Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions)
-    from meshllm.model.formats import format_file
-    from meshllm.model.lean import LeanShard
+    from meshllm.model.lean import LeanShard, release_free_memory
 
-    config = load_config(prepared)
-    n_layers = int(config.num_hidden_layers)
-    if not 0 <= start_layer <= end_layer <= n_layers:
-        raise ValueError(f"span [{start_layer}, {end_layer}) is outside [0, {n_layers})")
-    return LeanShard(prepared, config, start_layer, end_layer, weights, str(format_file(prepared, weights)),
-                     max_sessions=max_sessions, device=device)
+    shard: Shard | LeanShard
+    if weights == "f32":
+        shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions)
+    else:
+        from meshllm.model.formats import format_file
+
+        shard = LeanShard(load_config(prepared), start_layer, end_layer, weights,
+                          str(format_file(prepared, weights)), max_sessions=max_sessions, device=device)
+    release_free_memory()
+    return shard

@@ -13,11 +13,12 @@ CacheT = TypeVar("CacheT")
 class SpanSessions(Generic[CacheT]):
     """Layers [start_layer, end_layer) and one KV cache per session, at most `max_sessions`."""
 
-    start_layer: int
-    end_layer: int
-    max_sessions: int
-
-    def __init__(self) -> None:
+    def __init__(self, start_layer: int, end_layer: int, num_layers: int, max_sessions: int) -> None:
+        if not 0 <= start_layer <= end_layer <= num_layers:
+            raise ValueError(f"span [{start_layer}, {end_layer}) is outside [0, {num_layers})")
+        self.start_layer = start_layer
+        self.end_layer = end_layer
+        self.max_sessions = max_sessions
         self._caches: dict[str, CacheT] = {}
 
     # what a shard says about its caches

@@ -171,3 +171,15 @@ def test_up_with_tui_reports_a_start_up_failure(tmp_path: Path, tiny_llama: Path
     config = node_config(tmp_path, tiny_llama, model=str(bad))
     assert up_with_tui(config, never) == EXIT_FAILURE
     assert capsys.readouterr().err == f"meshllm: not a GGUF file (bad magic): {bad}\n"
+
+
+def test_the_weights_option_reaches_the_model(tiny_llama: Path) -> None:
+    """`--weights` / MESHLLM_WEIGHTS is what the node loads (auto keeps a float32 folder f32)."""
+    from daemon.config import NodeConfig
+    from daemon.node import load_runtime
+
+    for asked, loaded in (("int8", "int8"), ("auto", "f32")):
+        config = NodeConfig.from_sources({"model": str(tiny_llama)}, {"MESHLLM_WEIGHTS": asked})
+        runtime = load_runtime(config)
+        assert runtime.engine.info.weights == loaded
+        assert runtime.engine.info.model_id.endswith(f"-{loaded}")

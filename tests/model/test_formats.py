@@ -154,8 +154,9 @@ def test_each_format_is_written_once_into_a_fresh_cache(tiny_llama: Path, tmp_pa
     assert _greedy(again, PROMPTS[1]) == _greedy(first, PROMPTS[1])
 
 
-def test_the_default_model_answers_in_int4() -> None:
-    engine = Engine.load(None, weights="int4")
+def test_the_default_model_answers_in_int4(default_auto_engine: Engine) -> None:
+    engine = default_auto_engine
+    assert engine.info.weights == "int4"
     text = "".join(t.text for t in engine.generate(
         engine.chat_prompt([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]),
         SamplingParams(max_tokens=20)))
