@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshllm.errors import PlacementError
+from meshllm.wire.messages import Stage  # the one Stage type: plans, the wire, status
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,6 @@ class NodeCapacity:
             raise ValueError(f"{self.node_id}: mem_budget_bytes must be >= 0")
         if not (self.ms_per_layer >= 0 and math.isfinite(self.ms_per_layer)):
             raise ValueError(f"{self.node_id}: ms_per_layer must be finite and >= 0")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One node's place in the chain: it runs layers ``[start_layer, end_layer)``."""
-
-    node_id: str
-    start_layer: int
-    end_layer: int
-
-    @property
-    def num_layers(self) -> int:
-        return self.end_layer - self.start_layer
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,10 @@ class Stage(WireStruct):
     def _check_invariants(self) -> None:
         _check_span("Stage", self.start_layer, self.end_layer)
 
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
 
 @dataclass(frozen=True)
 class Plan(WireStruct):
