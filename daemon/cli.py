@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from daemon.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES, ConfigError, NodeConfig
 
 if TYPE_CHECKING:
     from daemon.node import RuntimeLoader
+    from tui.client import DaemonClient
 
 log = logging.getLogger(__name__)
 
@@ -299,31 +300,44 @@ def up_with_tui(config: NodeConfig, tui: TuiRunner, runtime_loader: RuntimeLoade
 # -- clients ----------------------------------------------------------------------------------
 
 
+def _client(api: str) -> DaemonClient:
+    """The HTTP client of the daemon at ``api`` (tui.client: the client side, imported lazily)."""
+    from tui.client import DaemonClient
+
+    return DaemonClient(api, connect_timeout_s=10.0, request_timeout_s=30.0)
+
+
+def _client_failure(error: Exception) -> int:
+    """One line for a daemon that is not there, or that answered with an error."""
+    message = str(error)
+    if message.startswith("cannot reach the daemon"):
+        message += " (is `meshllm up` running?)"
+    return fail(message)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
-    from daemon.client import DaemonError, DaemonUnreachable, stream_chat
+    from tui.client import DaemonError, DaemonUnavailable
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [{"role": "user", "content": prompt}]
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
-    body: dict[str, Any] = {"messages": messages, "max_tokens": args.max_tokens,
-                            "temperature": args.temperature}
-    for key in ("seed", "top_p", "top_k"):
-        if getattr(args, key) is not None:
-            body[key] = getattr(args, key)
 
     async def ask() -> str:
         last = ""
-        async for piece in stream_chat(args.api or _default_api(), body):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            last = piece
+        async for delta in _client(args.api or _default_api()).chat(
+                messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+            if delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                last = delta.text
         return last
 
     try:
         last = asyncio.run(ask())
-    except (DaemonUnreachable, DaemonError) as error:
-        return fail(str(error))
+    except (DaemonUnavailable, DaemonError) as error:
+        return _client_failure(error)
     if not last.endswith("\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()
@@ -331,38 +345,38 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.client import DaemonError, DaemonUnreachable, get_status
     from daemon.status_view import format_status
+    from tui.client import DaemonError, DaemonUnavailable
 
     try:
-        status = asyncio.run(get_status(args.api or _default_api()))
-    except (DaemonUnreachable, DaemonError) as error:
-        return fail(str(error))
+        status = asyncio.run(_client(args.api or _default_api()).status())
+    except (DaemonUnavailable, DaemonError) as error:
+        return _client_failure(error)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from daemon.client import DaemonError, DaemonUnreachable, request_down
+    from tui.client import DaemonError, DaemonUnavailable
 
     api = args.api or _default_api()
     try:
-        asyncio.run(request_down(api))
-    except (DaemonUnreachable, DaemonError) as error:
-        return fail(str(error))
+        asyncio.run(_client(api).down())
+    except (DaemonUnavailable, DaemonError) as error:
+        return _client_failure(error)
     print(f"meshllm: the daemon at {api} is stopping", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """``meshllm chat``: the TUI, opening on the chat, on a running daemon."""
-    from daemon.client import DaemonError, DaemonUnreachable, get_status
+    from tui.client import DaemonError, DaemonUnavailable
 
     api = args.api or _default_api()
     try:
-        asyncio.run(get_status(api))  # nothing answers: one line, as every client command
-    except (DaemonUnreachable, DaemonError) as error:
-        return fail(str(error))
+        asyncio.run(_client(api).status())  # nothing answers: one line, as every client command
+    except (DaemonUnavailable, DaemonError) as error:
+        return _client_failure(error)
     try:
         from tui.app import run_chat
     except ImportError as error:
@@ -390,9 +404,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_formats(args)
     if args.local:
         return _bench_local(args)
-    from daemon.bench import (CODECS, BenchError, format_comparison, format_measure, measure_api,
-                              run_mesh_comparison)
-    from daemon.client import DaemonError, DaemonUnreachable
+    from tui.bench.api import measure_api
+    from tui.bench.mesh import CODECS, format_comparison, run_mesh_comparison
+    from tui.bench.report import BenchError, format_measure
+    from tui.client import DaemonError, DaemonUnavailable
 
     def progress(message: str) -> None:
         print(f"meshllm bench: {message}", file=sys.stderr, flush=True)
@@ -417,8 +432,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                          **options)  # type: ignore[arg-type]
     except BenchError as error:
         return fail(str(error))
-    except (DaemonUnreachable, DaemonError) as error:
-        return fail(str(error))
+    except (DaemonUnavailable, DaemonError) as error:
+        return _client_failure(error)
     print(json.dumps(comparison.to_json(), indent=2) if args.json else format_comparison(comparison))
     return EXIT_OK
 
@@ -441,8 +456,6 @@ def _bench_local(args: argparse.Namespace) -> int:
 
     import torch
 
-    from daemon.bench import BenchError, format_bench, run_local_bench
-    from daemon.bench_formats import peak_rss_bytes, rss_bytes
     from meshllm.errors import ModelSourceError
     from meshllm.model.cache import prepare
     from meshllm.model.engine import Engine
@@ -451,6 +464,8 @@ def _bench_local(args: argparse.Namespace) -> int:
     from meshllm.model.shard import load_config, model_shape
     from meshllm.model.source import resolve
     from meshllm.model.text import load_tokenizer
+    from tui.bench.local import format_bench, peak_rss_bytes, rss_bytes, run_local_bench
+    from tui.bench.report import BenchError
 
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -481,8 +496,8 @@ def _bench_local(args: argparse.Namespace) -> int:
 
 def _bench_formats(args: argparse.Namespace) -> int:
     """``meshllm bench --local --weights a,b``: each format in a fresh process, alternating."""
-    from daemon.bench import BenchError
-    from daemon.bench_formats import compare_formats, format_formats
+    from tui.bench.formats import compare_formats, format_formats
+    from tui.bench.report import BenchError
 
     passed = ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
     for flag, value in (("--model", args.model), ("--cache-dir", args.cache_dir), ("--threads", args.threads)):
@@ -507,10 +522,10 @@ def _bench_quality(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     import torch
 
-    from daemon.bench_formats import format_quality
     from meshllm.errors import ModelSourceError
     from meshllm.model.engine import Engine
     from meshllm.model.quality import perplexity
+    from tui.bench.formats import format_quality
 
     torch.set_num_threads(config.threads)
     results = []

@@ -4,7 +4,7 @@
     python scripts/chaos.py [--nodes 4] [--answers 20] [--kills 20] [--model PATH]
                             [--max-tokens 48] [--seed 1] [--extra "--heartbeat-timeout 1.0"] [--json]
 
-Starts a local mesh (daemon.launcher.LocalMesh), answers each prompt once with no fault (the
+Starts a local mesh (tui.launcher.LocalMesh), answers each prompt once with no fault (the
 reference: greedy, temperature 0), then streams M answers from node 1 (the entry node, never
 killed) while it kills -9 random other nodes at random tokens of the answer, restarts them
 after a random delay (so that at most --max-down are down at once), and now and then kills
@@ -27,15 +27,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.launcher import LocalMesh  # noqa: E402
+from tui.client import DaemonClient, DaemonError, DaemonUnavailable, iterate_sync  # noqa: E402
+from tui.launcher import LocalMesh  # noqa: E402
 
 ENTRY = 0
 """Index of the entry node: answers are asked there, and it is never killed."""
@@ -95,60 +94,38 @@ class Answer:
 
 
 def stream_answer(url: str, answer: Answer, max_tokens: int, timeout_s: float, progress: Progress) -> None:
-    """Stream one greedy answer into ``answer``; errors end up in ``answer.error``."""
-    body = {"messages": [{"role": "user", "content": answer.prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    """Stream one greedy answer into ``answer``; errors end up in ``answer.error``.
+
+    ``timeout_s`` bounds the silence between two chunks: a longer stall is an error.
+    """
+    client = DaemonClient(url, connect_timeout_s=timeout_s, chat_idle_timeout_s=timeout_s)
     last = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            for raw in response:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    if answer.finish_reason is None:
-                        answer.error = "the stream ended without a finish_reason"
-                    return
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    answer.error = f"stream error: {chunk['error'].get('message')}"
-                    return
-                extension = chunk.get("meshllm", {})
-                if extension.get("state") == "replanning":
-                    answer.replanning += 1
-                if "token_ids" in extension:
-                    answer.token_ids = list(extension["token_ids"])
-                for choice in chunk.get("choices", []):
-                    answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
-                    content = choice.get("delta", {}).get("content")
-                    if content:
-                        now = time.monotonic()
-                        answer.longest_gap_s = max(answer.longest_gap_s, now - last)
-                        last = now
-                        answer.text += content
-                        answer.chunks += 1
-                        with progress.lock:
-                            progress.chunks = answer.chunks
-            answer.error = "the stream ended before [DONE]"
-    except urllib.error.HTTPError as e:
-        answer.error = f"HTTP {e.code}: {_error_message(e)}"
-    except (OSError, ValueError) as e:  # refused, reset, timed out (a stall), garbled JSON
+        for delta in iterate_sync(client.chat([{"role": "user", "content": answer.prompt}],
+                                              max_tokens=max_tokens, temperature=0)):
+            if delta.state == "replanning":
+                answer.replanning += 1
+            if delta.token_ids is not None:
+                answer.token_ids = list(delta.token_ids)
+            answer.finish_reason = delta.finish_reason or answer.finish_reason
+            if delta.text:
+                now = time.monotonic()
+                answer.longest_gap_s = max(answer.longest_gap_s, now - last)
+                last = now
+                answer.text += delta.text
+                answer.chunks += 1
+                with progress.lock:
+                    progress.chunks = answer.chunks
+        if answer.finish_reason is None:
+            answer.error = "the stream ended without a finish_reason"
+    except DaemonError as e:
+        answer.error = f"HTTP {e.status}: {e}" if e.status is not None else f"stream error: {e}"
+    except DaemonUnavailable as e:  # refused, reset, timed out (a stall), cut short
         answer.error = f"{type(e).__name__}: {e}"
     finally:
         answer.longest_gap_s = max(answer.longest_gap_s, time.monotonic() - last if answer.error else 0.0)
         with progress.lock:
             progress.done = True
-
-
-def _error_message(e: urllib.error.HTTPError) -> str:
-    text = e.read().decode("utf-8", "replace")
-    try:
-        return str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return text.strip()[:200]
 
 
 # -- the chaos -----------------------------------------------------------------------------

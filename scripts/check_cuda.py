@@ -28,7 +28,7 @@ def main() -> int:
     from meshllm.model.engine import Engine
     from meshllm.model.sampling import SamplingParams
     from meshllm.model.source import resolve
-    from tests.tinymodel import PROMPTS, build_tiny_model
+    from meshllm.model.tiny import PROMPTS, build_tiny_model
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.launcher import LocalMesh  # noqa: E402
+from tui.launcher import LocalMesh  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

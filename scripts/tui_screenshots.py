@@ -1,4 +1,4 @@
-"""Write SVG screenshots of the terminal UI's two views, driven by the tests' fake daemon.
+"""Write SVG screenshots of the terminal UI's two views, driven by a stand-in daemon (tui.demo).
 
     .venv/bin/python scripts/tui_screenshots.py [--out docs/img] [--size 100x30]
 
@@ -16,11 +16,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.tui.fake_client import FakeClient, node, status  # noqa: E402
-from tests.tui.pilot_tools import wait_until  # noqa: E402
 from tui.app import MeshApp  # noqa: E402
+from tui.demo import FakeClient, node, status  # noqa: E402
 from tui.settings import TuiSettings  # noqa: E402
 from tui.widgets.chat_log import ChatLog  # noqa: E402
+
+
+async def wait_until(pilot, condition, what: str, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Let the app run until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"tui_screenshots: the app never showed {what}")
+        await pilot.pause(0.01)
 
 
 def mesh(term: int, with_phone: bool) -> dict:

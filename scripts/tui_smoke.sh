@@ -68,19 +68,19 @@ wait_for() {
 # mesh_of URL NODES: until the daemon at URL sees NODES nodes under one active plan
 mesh_of() {
     $PY - "$1" "$2" "$WAIT_S" <<'EOF'
-import json, sys, time, urllib.request
+import sys, time
+from tui.client import DaemonClient, DaemonError, DaemonUnavailable, run_sync
 url, nodes, wait_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 deadline = time.monotonic() + wait_s
 while time.monotonic() < deadline:
     try:
-        with urllib.request.urlopen(url + "/v1/status", timeout=2) as r:
-            st = json.load(r)
+        st = run_sync(DaemonClient(url, connect_timeout_s=2, request_timeout_s=2).status())
         plan = st.get("plan") or {}
         if len(st["nodes"]) == nodes and plan.get("state") == "active" \
                 and all(n["state"] == "ready" for n in st["nodes"]):
             print(next(n["name"] for n in st["nodes"] if n["role"] == "coordinator"))
             sys.exit(0)
-    except OSError:
+    except (DaemonUnavailable, DaemonError):
         pass
     time.sleep(0.5)
 sys.exit(1)
@@ -88,7 +88,7 @@ EOF
 }
 
 free_port_pair() {
-    $PY -c 'from daemon.launcher import free_port_pair; print(free_port_pair())'
+    $PY -c 'from tui.launcher import free_port_pair; print(free_port_pair())'
 }
 
 if ! command -v tmux >/dev/null; then

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tinymodel import build_tiny_model
+from meshllm.model.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,8 +1,10 @@
-"""A stand-in daemon for the TUI tests, driven step by step by the test.
+"""A stand-in daemon for the TUI, driven step by step: the TUI's tests and
+``scripts/tui_screenshots.py`` play a mesh into the app with it, no daemon needed.
 
-It satisfies ``tui.client.MeshClient``. The test pushes status snapshots and log events into
-the event stream, feeds each chat answer piece by piece, and can take the daemon away
-(``go_away``: the open stream breaks and new connections are refused) and bring it back.
+``FakeClient`` satisfies ``tui.client.MeshClient``. Its driver pushes status snapshots
+(``status``, ``node`` build them as docs/api.md gives them) and log events into the event
+stream, feeds each chat answer piece by piece, and can take the daemon away (``go_away``: the
+open stream breaks and new connections are refused) and bring it back.
 """
 
 from __future__ import annotations

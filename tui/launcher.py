@@ -8,7 +8,6 @@ down by fighting over threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,12 +18,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tui.client import DaemonClient, DaemonError, DaemonUnavailable, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,6 @@ def free_port_pair() -> int:
             continue
         return port
     raise RuntimeError("no free pair of ports on 127.0.0.1")
-
-
-def get_json(url: str, timeout_s: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        return json.load(r)
 
 
 @dataclass
@@ -178,8 +172,10 @@ class LocalMesh:
 
     # -- state ---------------------------------------------------------------------------
 
-    def status(self, index: int) -> dict[str, Any]:
-        return get_json(self.nodes[index].url + "/v1/status")
+    def status(self, index: int, timeout_s: float = 2.0) -> dict[str, Any]:
+        """The node's ``/v1/status``; DaemonUnavailable / DaemonError when it does not answer."""
+        return run_sync(DaemonClient(self.nodes[index].url, connect_timeout_s=timeout_s,
+                                     request_timeout_s=timeout_s).status())
 
     def wait_ready(self, timeout_s: float = 120.0, *, nodes: Sequence[int] | None = None) -> dict[str, Any]:
         """Until the given nodes (default: all) printed ready and agree on one active plan
@@ -206,7 +202,7 @@ class LocalMesh:
         for i in indexes:
             try:
                 st = self.status(i)
-            except (OSError, urllib.error.URLError, ValueError):
+            except (DaemonUnavailable, DaemonError):
                 return None
             plans.append(st.get("plan"))
             ids.add(st["self_id"])

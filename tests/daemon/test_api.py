@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -10,9 +12,19 @@ import pytest
 
 from tests.daemon.conftest import MakeApi, Served
 from tests.daemon.fake_engine import REFUSED_CONTENT, FakeEngine, reply_for
-from tests.daemon.sse import DONE, read_all, sse_items
+from tui.client import DONE, SseComment, read_sse
 
 HELLO = [{"role": "user", "content": "hello"}]
+
+
+async def sse_items(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    """Each event of a stream as the wire has it: decoded JSON, "[DONE]", or a ": ..." comment."""
+    async for data in read_sse(response, comments=True):
+        yield data if isinstance(data, SseComment) or data == DONE else json.loads(data)
+
+
+async def read_all(response: aiohttp.ClientResponse) -> list[Any]:
+    return [item async for item in sse_items(response)]
 
 
 async def post_chat(api: Served, body: Any) -> tuple[int, Any]:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import secrets
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -31,9 +30,12 @@ from daemon.discovery import (
 )
 from daemon.loopback import accept_only_from_loopback
 from meshllm.wire import Hello
+from tests.waiting import async_wait_until
 
 
 RUN = secrets.token_hex(5)
+MDNS_WAIT_S = 15.0
+"""A bound for a failing test: announcements on a loaded machine can take seconds."""
 
 
 def make_hello(index: int, *, ms_per_layer: float = 1.5, name: str | None = None) -> Hello:
@@ -48,15 +50,6 @@ def make_hello(index: int, *, ms_per_layer: float = 1.5, name: str | None = None
         ms_per_layer=ms_per_layer,
         can_coordinate=index % 2 == 1,
     )
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait for ``condition`` (a bound to fail the test, not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 Started = tuple[Discovery, list[DiscoveryEvent]]
@@ -87,7 +80,8 @@ async def test_two_nodes_see_each_other_and_a_goodbye(start_discovery) -> None:
     a, events_a = await start_discovery(hello_a)
     b, events_b = await start_discovery(hello_b)
 
-    await wait_until(lambda: seen(events_a, hello_b.node_id) and seen(events_b, hello_a.node_id))
+    await async_wait_until(lambda: seen(events_a, hello_b.node_id) and seen(events_b, hello_a.node_id),
+                           MDNS_WAIT_S, "a and b see each other")
 
     peer_b = seen(events_a, hello_b.node_id)[-1]
     assert peer_b.address == "127.0.0.1:8402"
@@ -103,8 +97,8 @@ async def test_two_nodes_see_each_other_and_a_goodbye(start_discovery) -> None:
 
     await b.close()
 
-    await wait_until(lambda: any(isinstance(e, PeerGone) and e.node_id == hello_b.node_id
-                                 for e in events_a))
+    await async_wait_until(lambda: any(isinstance(e, PeerGone) and e.node_id == hello_b.node_id
+                                       for e in events_a), MDNS_WAIT_S, "a sees b's goodbye")
     assert [e for e in events_a if isinstance(e, PeerGone) and e.name == instance_name(hello_b)] == [
         PeerGone(name=instance_name(hello_b), node_id=hello_b.node_id)
     ]
@@ -113,11 +107,12 @@ async def test_two_nodes_see_each_other_and_a_goodbye(start_discovery) -> None:
 async def test_an_update_is_seen_with_the_new_record(start_discovery) -> None:
     a, events_a = await start_discovery(make_hello(1))
     b, _ = await start_discovery(make_hello(2))
-    await wait_until(lambda: seen(events_a, make_hello(2).node_id))
+    await async_wait_until(lambda: seen(events_a, make_hello(2).node_id), MDNS_WAIT_S, "a sees b")
 
     await b.update(make_hello(2, ms_per_layer=3.25))
 
-    await wait_until(lambda: seen(events_a, make_hello(2).node_id)[-1].txt["ms"] == "3.25")
+    await async_wait_until(lambda: seen(events_a, make_hello(2).node_id)[-1].txt["ms"] == "3.25",
+                           MDNS_WAIT_S, "a sees b's new speed")
     assert seen(events_a, make_hello(2).node_id)[-1].address == "127.0.0.1:8402"
 
 
@@ -135,11 +130,11 @@ async def test_a_malformed_record_is_logged_and_ignored(
             properties=bad_txt, server=f"bad-{RUN}.local.",
         )
         await zc.async_register_service(bad, cooperating_responders=True)
-        await wait_until(lambda: any(f"malformed mDNS record of bad-{RUN}" in r.getMessage()
-                                     for r in caplog.records))
+        await async_wait_until(lambda: any(f"malformed mDNS record of bad-{RUN}" in r.getMessage()
+                                           for r in caplog.records), MDNS_WAIT_S, "the malformed record logged")
 
         b, _ = await start_discovery(make_hello(2))
-        await wait_until(lambda: seen(events_a, make_hello(2).node_id))
+        await async_wait_until(lambda: seen(events_a, make_hello(2).node_id), MDNS_WAIT_S, "a sees b")
     finally:
         await zc.async_close()
 

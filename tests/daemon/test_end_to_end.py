@@ -7,7 +7,6 @@ import json
 import selectors
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pytest
 
 from tests.daemon.test_cli import MESHLLM, clean_env
 from tests.tinymodel import PROMPTS, chat_ids, reference_greedy
+from tui.client import DaemonClient, iterate_sync, run_sync
 
 MAX_NEW_TOKENS = 24
 START_TIMEOUT_S = 180.0
@@ -98,13 +98,6 @@ def expected(daemon: Daemon, reference: tuple[Any, Any],
     return ids, text.rstrip("\ufffd")
 
 
-def post(url: str, body: dict[str, Any]) -> bytes:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.read()
-
-
 def test_ask_prints_the_reference_greedy_answer(daemon: Daemon, reference: tuple[Any, Any]) -> None:
     for messages in (PROMPTS[0], PROMPTS[1]):
         _, text = expected(daemon, reference, messages)
@@ -120,20 +113,19 @@ def test_ask_prints_the_reference_greedy_answer(daemon: Daemon, reference: tuple
 def test_http_answers_are_the_reference_tokens(daemon: Daemon, reference: tuple[Any, Any]) -> None:
     messages = PROMPTS[2]
     ids, text = expected(daemon, reference, messages)
-    body = {"messages": messages, "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
-    answer = json.loads(post(f"{daemon.url}/v1/chat/completions", body))
+    client = DaemonClient(daemon.url, request_timeout_s=120)
+    answer = run_sync(client.complete(messages, max_tokens=MAX_NEW_TOKENS, temperature=0))
     assert answer["choices"][0]["message"]["content"] == text
     assert answer["usage"]["completion_tokens"] == len(ids)
     assert answer["usage"]["prompt_tokens"] == len(chat_ids(daemon.model_dir, messages))
     finish = "length" if len(ids) == MAX_NEW_TOKENS else "stop"
     assert answer["choices"][0]["finish_reason"] == finish
 
-    raw = post(f"{daemon.url}/v1/chat/completions", {**body, "stream": True}).decode()
-    events = [line[len("data: "):] for line in raw.split("\n\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
-    assert chunks[-1]["choices"][0]["finish_reason"] == finish
+    deltas = list(iterate_sync(client.chat(messages, max_tokens=MAX_NEW_TOKENS, temperature=0)))
+    assert "".join(d.text for d in deltas) == text
+    assert [d.finish_reason for d in deltas if d.finish_reason] == [finish]
+    assert [d.token_ids for d in deltas if d.token_ids] == [tuple(ids)]
+    assert [d.completion_tokens for d in deltas if d.completion_tokens] == [len(ids)]
 
 
 def test_status_command_shows_the_node(daemon: Daemon) -> None:

@@ -7,24 +7,21 @@ a real interface and never joins another test's mesh. Alone, it is a mesh of one
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from daemon.config import NodeConfig
 from daemon.node import Node, StartupError
 from meshllm.errors import ModelSourceError
-from tests.daemon.sse import sse_items
 from tests.tinymodel import chat_ids, reference_greedy
+from tui.client import DaemonClient, DaemonError, DaemonUnavailable, run_sync
 
 HELLO = [{"role": "user", "content": "hello"}]
 """The tiny model's greedy answer to this runs past 100 tokens (no early EOS)."""
@@ -63,21 +60,17 @@ async def test_ready_line_then_answers_like_the_reference_then_down_stops(
     assert node.api_url is not None and node.api_url.startswith("http://127.0.0.1:")
     assert lines == [f"meshllm ready: {node.api_url} (model {tiny_llama.name}, 6 layers, f32 weights)"]
     expected = reference_greedy(tiny_llama, chat_ids(tiny_llama, HELLO), 8)
-    async with aiohttp.ClientSession() as session:
-        body = {"messages": HELLO, "max_tokens": 8, "temperature": 0}
-        async with session.post(f"{node.api_url}/v1/chat/completions", json=body) as r:
-            answer = await r.json()
-        assert answer["meshllm"]["token_ids"] == expected
-        assert answer["usage"]["completion_tokens"] == 8
-        async with session.get(f"{node.api_url}/v1/status") as r:
-            status = await r.json()
-        assert status["self_id"] == (tmp_path / "state" / "node_id").read_text().strip()
-        assert status["nodes"][0]["address"] == node.api_url.removeprefix("http://")
-        assert status["plan"]["state"] == "active"
-        assert [(s["start_layer"], s["end_layer"]) for s in status["plan"]["stages"]] == [(0, 6)]
-        assert status["stats"]["decode_steps"] >= 7  # the 7 tokens after the first
-        async with session.post(f"{node.api_url}/v1/down", json={}) as r:
-            assert await r.json() == {"ok": True}
+    client = DaemonClient(node.api_url)
+    answer = await client.complete(HELLO, max_tokens=8, temperature=0)
+    assert answer["meshllm"]["token_ids"] == expected
+    assert answer["usage"]["completion_tokens"] == 8
+    status = await client.status()
+    assert status["self_id"] == (tmp_path / "state" / "node_id").read_text().strip()
+    assert status["nodes"][0]["address"] == node.api_url.removeprefix("http://")
+    assert status["plan"]["state"] == "active"
+    assert [(s["start_layer"], s["end_layer"]) for s in status["plan"]["stages"]] == [(0, 6)]
+    assert status["stats"]["decode_steps"] >= 7  # the 7 tokens after the first
+    await client.down()
     await asyncio.wait_for(task, 30)
 
 
@@ -86,9 +79,7 @@ async def test_node_id_survives_a_restart(tmp_path: Path, tiny_llama: Path) -> N
     for _ in range(2):
         node = make_node(tmp_path, tiny_llama, lines=[])
         task = await start(node)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{node.api_url}/v1/status") as r:
-                ids.append((await r.json())["self_id"])
+        ids.append((await DaemonClient(node.api_url).status())["self_id"])
         node.request_stop()
         await asyncio.wait_for(task, 30)
     assert ids[0] == ids[1]
@@ -99,24 +90,20 @@ async def test_sigterm_stops_cleanly(tmp_path: Path, tiny_llama: Path) -> None:
     task = await start(node)
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(task, 30)
-    with pytest.raises(aiohttp.ClientConnectionError):
-        async with aiohttp.ClientSession() as session:
-            await session.get(f"{node.api_url}/v1/status")
+    with pytest.raises(DaemonUnavailable, match="cannot reach the daemon"):
+        await DaemonClient(node.api_url).status()
 
 
 async def test_stopping_ends_a_running_stream_with_an_error(tmp_path: Path, tiny_llama: Path) -> None:
     node = make_node(tmp_path, tiny_llama, lines=[], debug_delay_ms=20.0)  # ~20 ms per token
     task = await start(node)
-    body = {"messages": HELLO, "stream": True, "max_tokens": 200, "temperature": 0}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{node.api_url}/v1/chat/completions", json=body) as response:
-            items = sse_items(response)
-            while "content" not in (await anext(items))["choices"][0]["delta"]:
-                pass  # until the answer is under way
-            node.request_stop()
-            rest = [item async for item in items]
-    assert rest[-1] == {"error": {"message": "the daemon is stopping", "type": "server_error",
-                                  "param": None, "code": None}}
+    answer = DaemonClient(node.api_url).chat(HELLO, max_tokens=200, temperature=0)
+    while not (await anext(answer)).text:
+        pass  # until the answer is under way
+    node.request_stop()
+    with pytest.raises(DaemonError, match="is stopping"):
+        async for _ in answer:
+            pass
     await asyncio.wait_for(task, 30)
 
 
@@ -148,8 +135,7 @@ def test_up_with_tui_runs_the_tui_on_a_serving_node(tmp_path: Path, tiny_llama: 
     seen: dict[str, object] = {}
 
     def fake_tui(api_url: str, on_quit: Callable[[], None]) -> None:
-        with urllib.request.urlopen(f"{api_url}/v1/status", timeout=10) as response:
-            seen["status"] = json.load(response)
+        seen["status"] = run_sync(DaemonClient(api_url).status())
         on_quit()
 
     config = node_config(tmp_path, tiny_llama, no_tui=False)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from tui.client import DaemonClient, DaemonError, iterate_sync, run_sync
 
 
 def unique_mesh_name() -> str:
@@ -16,11 +17,8 @@ def unique_mesh_name() -> str:
 
 def chat(url: str, messages: list[dict[str, str]], max_tokens: int = 32, timeout_s: float = 300, **extra: Any) -> dict[str, Any]:
     """A non-streaming, greedy chat completion; returns the response JSON."""
-    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        return json.load(r)
+    client = DaemonClient(url, request_timeout_s=timeout_s)
+    return run_sync(client.complete(messages, max_tokens=max_tokens, temperature=0, **extra))
 
 
 def token_ids(response: dict[str, Any]) -> list[int]:
@@ -40,35 +38,28 @@ class StreamedAnswer:
         self.states: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.errors: list[dict[str, Any]] = []
+        self.errors: list[str] = []
 
 
 def stream_chat(url: str, messages: list[dict[str, str]], max_tokens: int,
-                on_piece: Any = None, timeout_s: float = 300) -> StreamedAnswer:
-    """Stream a greedy answer; `on_piece(n)` is called after the n-th text piece."""
-    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+                on_piece: Callable[[int], None] | None = None, timeout_s: float = 300) -> StreamedAnswer:
+    """Stream a greedy answer; `on_piece(n)` is called (on this thread) after the n-th text piece.
+
+    An error the daemon sends mid-stream ends the answer and is kept in ``errors``.
+    """
+    client = DaemonClient(url, chat_idle_timeout_s=timeout_s)
     out = StreamedAnswer()
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                out.errors.append(event["error"])
-                continue
-            if "meshllm" in event and "state" in event["meshllm"]:
-                out.states.append(event["meshllm"]["state"])
-            for choice in event.get("choices", []):
-                text = choice.get("delta", {}).get("content")
-                if text:
-                    out.pieces.append(text)
-                    if on_piece is not None:
-                        on_piece(len(out.pieces))
-                if choice.get("finish_reason"):
-                    out.finish_reason = choice["finish_reason"]
-                    out.token_ids = list(event.get("meshllm", {}).get("token_ids", []))
+    try:
+        for delta in iterate_sync(client.chat(messages, max_tokens=max_tokens, temperature=0)):
+            if delta.state is not None:
+                out.states.append(delta.state)
+            if delta.text:
+                out.pieces.append(delta.text)
+                if on_piece is not None:
+                    on_piece(len(out.pieces))
+            if delta.finish_reason:
+                out.finish_reason = delta.finish_reason
+                out.token_ids = list(delta.token_ids or ())
+    except DaemonError as error:
+        out.errors.append(str(error))
     return out

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import TypeVar
 
 from rich.console import Console
 from textual.app import App
 from textual.pilot import Pilot
 
-WAIT_STEPS = 400
+from tests.waiting import async_wait_until
+
+T = TypeVar("T")
+
+APP_WAIT_S = 15.0
+"""A bound for a failing test, not a timing assertion: a loaded machine is slow."""
 
 
 def screen_text(app: App[object]) -> str:
@@ -21,10 +27,9 @@ def screen_text(app: App[object]) -> str:
     return console.export_text()
 
 
-async def wait_until(pilot: Pilot[object], condition: Callable[[], bool], what: str) -> None:
-    """Let the app run until ``condition()`` holds; fail naming ``what`` if it never does."""
-    for _ in range(WAIT_STEPS):
-        if condition():
-            return
-        await pilot.pause(0.01)
-    raise AssertionError(f"never happened: {what}\n--- screen ---\n{screen_text(pilot.app)}")
+async def app_wait_until(pilot: Pilot[object], condition: Callable[[], T], what: str,
+                         timeout_s: float = APP_WAIT_S) -> T:
+    """``tests.waiting.async_wait_until`` with the app running between tries (``pilot.pause``)
+    and the screen in the failure message."""
+    return await async_wait_until(condition, timeout_s, what, sleep=pilot.pause,
+                                  context=lambda: "--- screen ---\n" + screen_text(pilot.app))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from tests.tui.fake_client import FakeClient, node, status
-from tests.tui.pilot_tools import screen_text, wait_until
+from tui.demo import FakeClient, node, status
+from tests.tui.pilot_tools import app_wait_until, screen_text
 from tui.app import MeshApp
 from tui.help import HelpScreen
 from tui.settings import TuiSettings
@@ -47,7 +47,7 @@ async def test_the_table_and_the_layer_map_show_the_plan() -> None:
     fake.push_status(TWO_NODES)
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: len(table_rows(app)) == 2, "two rows in the table")
+        await app_wait_until(pilot, lambda: len(table_rows(app)) == 2, "two rows in the table")
         rows = table_rows(app)
         assert rows["n-laptop"] == ["laptop", "●", "coord", "ready", "7.50 GiB", "63.0 MiB", "1.92", "[0, 12)", "—"]
         assert rows["n-desktop"] == ["desktop", "", "member", "ready", "15.6 GiB", "81.0 MiB", "0.84", "[12, 30)",
@@ -79,13 +79,13 @@ async def test_a_join_a_leave_and_a_replan_show_in_the_table_and_the_log() -> No
     fake.push_status(TWO_NODES)
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: len(table_rows(app)) == 2, "two rows")
+        await app_wait_until(pilot, lambda: len(table_rows(app)) == 2, "two rows")
 
         fake.push_status(three_nodes())
-        await wait_until(pilot, lambda: "n-phone" in table_rows(app), "the phone's row")
+        await app_wait_until(pilot, lambda: "n-phone" in table_rows(app), "the phone's row")
         assert table_rows(app)["n-phone"][7] == "[24, 30)"
         assert app.query_one(LayerMap).owners[24:] == ("n-phone",) * 6
-        await wait_until(pilot, lambda: "phone joined" in log_text(app), "a join line")
+        await app_wait_until(pilot, lambda: "phone joined" in log_text(app), "a join line")
         assert "new plan (term 3, active): laptop [0, 10), desktop [10, 24), phone [24, 30)" in log_text(app)
 
         # the laptop (coordinator) leaves: the desktop wins term 4 and re-plans
@@ -93,14 +93,14 @@ async def test_a_join_a_leave_and_a_replan_show_in_the_table_and_the_log() -> No
             node("n-desktop", "desktop", (0, 20), coordinator=True),
             node("n-phone", "phone", (20, 30)),
         ], term=4, self_id="n-desktop"))
-        await wait_until(pilot, lambda: "n-laptop" not in table_rows(app), "the laptop's row gone")
-        await wait_until(pilot, lambda: "laptop left" in log_text(app), "a leave line")
+        await app_wait_until(pilot, lambda: "n-laptop" not in table_rows(app), "the laptop's row gone")
+        await app_wait_until(pilot, lambda: "laptop left" in log_text(app), "a leave line")
         assert "term 4: desktop is the coordinator" in log_text(app)
         assert "new plan (term 4, active): desktop [0, 20), phone [20, 30)" in log_text(app)
         assert table_rows(app)["n-desktop"][2] == "coord"
 
         fake.push_log("error", "link to phone: heartbeat missed")
-        await wait_until(pilot, lambda: "heartbeat missed" in log_text(app), "the daemon's own line")
+        await app_wait_until(pilot, lambda: "heartbeat missed" in log_text(app), "the daemon's own line")
         assert "error" in screen_text(app)
 
 
@@ -109,10 +109,10 @@ async def test_daemon_gone_shows_a_banner_and_reconnects_when_it_is_back() -> No
     fake.push_status(TWO_NODES)
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: app.connected, "connected")
+        await app_wait_until(pilot, lambda: app.connected, "connected")
         fake.go_away()
-        await wait_until(pilot, lambda: not app.connected and app.query_one("#banner").display, "the banner")
-        await wait_until(pilot, lambda: "Trying again in" in app.banner_text, "the banner's text")
+        await app_wait_until(pilot, lambda: not app.connected and app.query_one("#banner").display, "the banner")
+        await app_wait_until(pilot, lambda: "Trying again in" in app.banner_text, "the banner's text")
         await pilot.pause()
         assert "Lost the daemon at http://127.0.0.1:8470" in screen_text(app)
         assert "Traceback" not in screen_text(app)
@@ -122,8 +122,8 @@ async def test_daemon_gone_shows_a_banner_and_reconnects_when_it_is_back() -> No
 
         fake.come_back()
         fake.push_status(three_nodes())
-        await wait_until(pilot, lambda: app.connected, "connected again")
-        await wait_until(pilot, lambda: "n-phone" in table_rows(app), "the new snapshot shown")
+        await app_wait_until(pilot, lambda: app.connected, "connected again")
+        await app_wait_until(pilot, lambda: "n-phone" in table_rows(app), "the new snapshot shown")
         assert fake.connections == tries + 1 and fake.open_streams == 1
         assert not app.query_one("#banner").display
         assert "the daemon is back" in log_text(app)
@@ -135,13 +135,13 @@ async def test_starting_before_the_daemon_waits_for_it() -> None:
     fake.available = False
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: "try 3" in app.banner_text, "retries")
+        await app_wait_until(pilot, lambda: "try 3" in app.banner_text, "retries")
         await pilot.pause()
         assert "Waiting for the daemon at http://127.0.0.1:8470" in screen_text(app)
         assert fake.connections == 0
         fake.push_status(TWO_NODES)
         fake.come_back()
-        await wait_until(pilot, lambda: len(table_rows(app)) == 2, "the mesh shown")
+        await app_wait_until(pilot, lambda: len(table_rows(app)) == 2, "the mesh shown")
         assert not app.query_one("#banner").display
 
 
@@ -150,10 +150,10 @@ async def test_resizing_to_120x40_and_back() -> None:
     fake.push_status(three_nodes())
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: len(table_rows(app)) == 3, "three rows")
+        await app_wait_until(pilot, lambda: len(table_rows(app)) == 3, "three rows")
         for width, height in ((120, 40), (80, 24), (60, 20), (80, 24)):
             await pilot.resize_terminal(width, height)
-            await wait_until(pilot, lambda: app.size == (width, height), f"resized to {width}x{height}")
+            await app_wait_until(pilot, lambda: app.size == (width, height), f"resized to {width}x{height}")
             await pilot.pause()
             screen = screen_text(app).splitlines()
             assert len(screen) == height and all(len(line) <= width for line in screen)
@@ -167,15 +167,15 @@ async def test_f1_and_question_mark_open_the_help_and_escape_closes_it() -> None
     fake.push_status(TWO_NODES)
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: app.connected, "connected")
+        await app_wait_until(pilot, lambda: app.connected, "connected")
         for key in ("f1", "question_mark"):
             await pilot.press(key)
-            await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), f"help after {key}")
+            await app_wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), f"help after {key}")
             screen = screen_text(app)
             for words in ("stop the answer in progress", "new chat", "the mesh", "quit"):
                 assert words in screen
             await pilot.press("escape")
-            await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help closed")
+            await app_wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help closed")
         footer = screen_text(app).splitlines()[-1]
         assert "Help" in footer and "Chat" in footer and "Quit" in footer
         assert "Stop" not in footer  # chat keys show on the chat view only
@@ -187,9 +187,9 @@ async def test_f2_and_f3_switch_views() -> None:
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("f3")
-        await wait_until(pilot, lambda: app.active_view == "chat", "the chat view")
+        await app_wait_until(pilot, lambda: app.active_view == "chat", "the chat view")
         assert app.focused is not None and app.focused.id == "prompt"
         assert "New chat" in screen_text(app).splitlines()[-1]
         await pilot.press("f2")
-        await wait_until(pilot, lambda: app.active_view == "mesh", "the mesh view")
+        await app_wait_until(pilot, lambda: app.active_view == "mesh", "the mesh view")
         assert isinstance(app.focused, NodesTable)

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.tui.fake_client import node, status
+from tui.demo import node, status
 from tui.client import ChatDelta, DaemonClient, DaemonError, DaemonUnavailable
 
 SNAPSHOT = status([node("n-laptop", "laptop", (0, 30), is_self=True, coordinator=True)])

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from tests.tui.fake_client import node, status
+from tui.demo import node, status
 from tui.mesh_events import EventFeed, diff_status, parse_log
 from tui.mesh_status import MeshStatus, StatusFormatError
 

@@ -8,19 +8,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from textual.pilot import Pilot
 from textual.widgets import Input
 
-from daemon.launcher import LocalMesh
 from tests.mesh.conftest import chat, unique_mesh_name
-from tests.tui.pilot_tools import screen_text
+from tests.tui.pilot_tools import app_wait_until, screen_text
 from tui.app import MeshApp
 from tui.client import DaemonClient
+from tui.launcher import LocalMesh
 from tui.settings import TuiSettings
 from tui.widgets.chat_log import ChatLog
 from tui.widgets.layer_map import LayerMap
@@ -57,14 +55,6 @@ async def meshllm_ask(api_url: str, prompt: str) -> str:
     return printed[:-1]
 
 
-async def wait_for(pilot: Pilot[object], condition: Callable[[], bool], what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}\n--- screen ---\n{screen_text(pilot.app)}")
-        await pilot.pause(0.05)
-
-
 def owners(plan: dict) -> tuple[str, ...]:  # type: ignore[type-arg]
     """The node holding each layer under `plan`."""
     return tuple(stage["node_id"] for stage in plan["stages"]
@@ -82,16 +72,16 @@ async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh
     app = MeshApp(DaemonClient(api_url), settings=SETTINGS)
     async with app.run_test(size=(100, 30)) as pilot:
         # the mesh view: both nodes, and a layer map with every layer held by the plan's node
-        await wait_for(pilot, lambda: app.mesh_status is not None and len(app.mesh_status.nodes) == 2,
-                       "both nodes in the mesh view", 20)
+        await app_wait_until(pilot, lambda: app.mesh_status is not None and len(app.mesh_status.nodes) == 2,
+                             "both nodes in the mesh view", 30)
         screen = screen_text(app)
         assert "node1" in screen and "node2" in screen
         layer_map = app.mesh_view.query_one(LayerMap)
         assert app.mesh_status is not None and len(layer_map.owners) == app.mesh_status.num_layers
         # the plan may move (runtime balancing re-plans when measured speeds drift): the map
         # must show the plan in force
-        await wait_for(pilot, lambda: layer_map.owners == owners(mesh.status(0)["plan"]),
-                       "the layer map shows the plan in force", 20)
+        await app_wait_until(pilot, lambda: layer_map.owners == owners(mesh.status(0)["plan"]),
+                             "the layer map shows the plan in force", 30)
         assert None not in layer_map.owners
 
         # the chat view: type the prompt key by key, send it, wait for the whole answer
@@ -100,8 +90,8 @@ async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh
         await pilot.press(*PROMPT)
         assert app.query_one("#prompt", Input).value == PROMPT
         await pilot.press("enter")
-        await wait_for(pilot, lambda: not app.chat_view.streaming and len(app.chat_view.messages) == 2,
-                       "the answer finished", 40)
+        await app_wait_until(pilot, lambda: not app.chat_view.streaming and len(app.chat_view.messages) == 2,
+                             "the answer finished", 60)
 
         assert app.chat_view.messages == [{"role": "user", "content": PROMPT},
                                           {"role": "assistant", "content": expected}]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tui.sse import SseError, SseParser
+from tui.client import SseComment, SseError, SseParser
 
 STREAM = (
     b'data: {"type":"status"}\n\n'
@@ -40,6 +40,12 @@ def test_an_unfinished_event_waits_for_its_blank_line() -> None:
 
 def test_comments_alone_make_no_event() -> None:
     assert SseParser().feed(b": ping\n\n: ping\n\n\n") == []
+
+
+def test_comments_when_asked_for_come_in_order_and_apart_from_data() -> None:
+    items = SseParser(comments=True).feed(STREAM)
+    assert items == ['{"type":"status"}', ": ping", *EVENTS[1:]]
+    assert [isinstance(item, SseComment) for item in items] == [False, True, False, False, False]
 
 
 def test_an_event_larger_than_the_bound_is_refused() -> None:

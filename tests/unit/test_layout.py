@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -33,3 +35,22 @@ def test_no_module_under_meshllm_imports_networking_or_ui() -> None:
     pattern = re.compile(r"^\s*(import|from)\s+(" + "|".join(FORBIDDEN) + r")\b", re.M)
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "meshllm").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, by its full dotted name (relative imports excluded)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_scripts_do_not_import_the_tests() -> None:
+    scripts = sorted((REPO / "scripts").glob("*.py"))
+    assert scripts, "no scripts found"
+    offenders = {str(p.relative_to(REPO)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "tests")
+                 for p in scripts}
+    assert {path: mods for path, mods in offenders.items() if mods} == {}

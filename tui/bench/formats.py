@@ -8,28 +8,13 @@ formats, and the medians are reported.
 from __future__ import annotations
 
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from daemon.bench import BenchError
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from tui.bench.report import BenchError
 
 
 def compare_formats(formats: Sequence[str], rounds: int, passed: Sequence[str],

@@ -11,24 +11,13 @@ from typing import Any
 
 import pytest
 
-from daemon.bench import (
-    BenchError,
-    MeshMeasure,
-    agreement,
-    bench_prompt_ids,
-    compare,
-    format_bench,
-    format_comparison,
-    format_measure,
-    hops_per_token,
-    interleave,
-    ratio,
-    run_local_bench,
-    stats_delta,
-    summarize,
-)
 from daemon.cli import main
 from tests.daemon.fake_engine import FakeEngine
+from tui.bench.api import interleave
+from tui.bench.local import bench_prompt_ids, format_bench, run_local_bench
+from tui.bench.mesh import compare, format_comparison
+from tui.bench.report import (BenchError, MeshMeasure, agreement, format_measure, hops_per_token, ratio,
+                              stats_delta, summarize)
 
 # -- --local ---------------------------------------------------------------------------------
 
@@ -229,7 +218,7 @@ async def test_interleave_takes_turns_so_drift_hits_both_alike() -> None:
 
 def test_bench_api_measures_a_running_mesh(tiny_llama: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from daemon.launcher import LocalMesh
+    from tui.launcher import LocalMesh
 
     (tmp_path / "mesh").mkdir()
     from meshllm.model.cache import prepare
