@@ -5,10 +5,10 @@ from __future__ import annotations
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from tui.demo import ChatCall, FakeClient, node, status
 from tests.tui.pilot_tools import app_wait_until, screen_text
 from tui.app import MeshApp
 from tui.client import DaemonError
+from tui.demo import ChatCall, FakeClient, node, status
 from tui.settings import TuiSettings
 from tui.widgets.chat_log import ChatLog
 
@@ -112,9 +112,9 @@ async def test_ctrl_n_starts_a_new_empty_chat() -> None:
         await app_wait_until(pilot, lambda: second.cancelled, "the streaming answer cancelled")
         await app_wait_until(pilot, lambda: entries(app) == [], "an empty chat")
         assert app.chat_view.messages == [] and not app.chat_view.streaming
-        await pilot.pause()
+        await app_wait_until(pilot, lambda: "Enter sends" in screen_text(app), "the empty chat on screen")
         screen = screen_text(app)
-        assert "Noted." not in screen and "Still" not in screen and "Enter sends" in screen
+        assert "Noted." not in screen and "Still" not in screen
 
         fresh = await ask(pilot, fake, "hello")
         assert fresh.messages == [{"role": "user", "content": "hello"}]
@@ -130,8 +130,7 @@ async def test_the_replanning_indicator_shows_until_tokens_flow_again() -> None:
 
         call.state("replanning")
         await app_wait_until(pilot, lambda: app.chat_view.is_replanning_shown, "the indicator")
-        await pilot.pause()
-        assert "re-planning…" in screen_text(app)
+        await app_wait_until(pilot, lambda: "re-planning…" in screen_text(app), "re-planning on screen")
 
         call.state("running")
         call.send(" a time")
@@ -173,9 +172,8 @@ async def test_a_question_without_a_daemon_says_so_calmly() -> None:
         await pilot.press("enter")
         await app_wait_until(pilot, lambda: any(role == "error" for role, _ in entries(app)), "an error line")
         assert "The daemon is not reachable" in entries(app)[-1][1]
-        await pilot.pause()
-        screen = screen_text(app)
-        assert "Traceback" not in screen and "Lost the daemon" in screen
+        await app_wait_until(pilot, lambda: "Lost the daemon" in screen_text(app), "the banner on screen")
+        assert "Traceback" not in screen_text(app)
         assert app.query_one("#prompt", Input).value == "anyone?"
 
         fake.come_back()

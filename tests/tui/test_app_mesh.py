@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from tui.demo import FakeClient, node, status
 from tests.tui.pilot_tools import app_wait_until, screen_text
 from tui.app import MeshApp
+from tui.demo import FakeClient, node, status
 from tui.help import HelpScreen
 from tui.settings import TuiSettings
 from tui.widgets.event_log import EventLog
@@ -101,7 +101,7 @@ async def test_a_join_a_leave_and_a_replan_show_in_the_table_and_the_log() -> No
 
         fake.push_log("error", "link to phone: heartbeat missed")
         await app_wait_until(pilot, lambda: "heartbeat missed" in log_text(app), "the daemon's own line")
-        assert "error" in screen_text(app)
+        await app_wait_until(pilot, lambda: "error" in screen_text(app), "the line's kind on screen")
 
 
 async def test_daemon_gone_shows_a_banner_and_reconnects_when_it_is_back() -> None:
@@ -113,8 +113,8 @@ async def test_daemon_gone_shows_a_banner_and_reconnects_when_it_is_back() -> No
         fake.go_away()
         await app_wait_until(pilot, lambda: not app.connected and app.query_one("#banner").display, "the banner")
         await app_wait_until(pilot, lambda: "Trying again in" in app.banner_text, "the banner's text")
-        await pilot.pause()
-        assert "Lost the daemon at http://127.0.0.1:8470" in screen_text(app)
+        await app_wait_until(pilot, lambda: "Lost the daemon at http://127.0.0.1:8470" in screen_text(app),
+                             "the banner on screen")
         assert "Traceback" not in screen_text(app)
         assert "lost the daemon" in log_text(app)
         assert len(table_rows(app)) == 2  # the last known mesh stays on screen
@@ -136,8 +136,8 @@ async def test_starting_before_the_daemon_waits_for_it() -> None:
     app = make_app(fake)
     async with app.run_test(size=(80, 24)) as pilot:
         await app_wait_until(pilot, lambda: "try 3" in app.banner_text, "retries")
-        await pilot.pause()
-        assert "Waiting for the daemon at http://127.0.0.1:8470" in screen_text(app)
+        await app_wait_until(pilot, lambda: "Waiting for the daemon at http://127.0.0.1:8470" in screen_text(app),
+                             "the banner on screen")
         assert fake.connections == 0
         fake.push_status(TWO_NODES)
         fake.come_back()

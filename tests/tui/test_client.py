@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tui.demo import node, status
 from tui.client import ChatDelta, DaemonClient, DaemonError, DaemonUnavailable
+from tui.demo import node, status
 
 SNAPSHOT = status([node("n-laptop", "laptop", (0, 30), is_self=True, coordinator=True)])
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
