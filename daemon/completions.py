@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from meshllm.session import StateChange
 
-    from daemon.mesh import Mesh
+    from daemon.mesh import MeshDriver
     from meshllm.model.sampling import SamplingParams
 
 
@@ -67,10 +67,10 @@ class Completions:
     def __init__(self, worker: GenerationWorker) -> None:
         self._worker = worker
         self._engine: ChatEngine | None = None
-        self._mesh: Mesh | None = None
+        self._mesh: MeshDriver | None = None
         self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-prompt")
 
-    def attach(self, engine: ChatEngine, mesh: "Mesh | None" = None) -> None:
+    def attach(self, engine: ChatEngine, mesh: "MeshDriver | None" = None) -> None:
         """Serve this engine from now on; with a mesh, answers run across the mesh."""
         self._engine = engine
         self._mesh = mesh

@@ -26,7 +26,7 @@ from daemon.api import LOOPBACK_HOSTS, ApiServer, create_app
 from daemon.completions import Completions
 from daemon.discovery import Discovery
 from daemon.links import LinkManager
-from daemon.mesh import Mesh, MeshSettings, incompatibility
+from daemon.mesh import MeshDriver, MeshSettings, incompatibility
 from daemon.meshkey import MeshKeyError, load_mesh_key
 from daemon.signaling import SIGNAL_PATH
 from daemon.config import NodeConfig, client_url
@@ -194,7 +194,7 @@ class Node:
             self._fail(f"cannot listen for peers on {config.signal_host}:{config.signal_port}: {reason}")
             return
         completions.attach(runtime.engine, mesh)
-        while mesh.book.active is None:  # ready to answer once a plan is active
+        while mesh.core.book.active is None:  # ready to answer once a plan is active
             await mesh.wait_changed()
         board.update(state="ready")
         assert self.api_url is not None
@@ -203,7 +203,7 @@ class Node:
 
     async def _start_mesh(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
                           hub: EventHub, tasks: asyncio.TaskGroup, key: bytes | None,
-                          budget: int, ms_per_layer: float) -> Mesh:
+                          budget: int, ms_per_layer: float) -> MeshDriver:
         """Links, signaling server, discovery and the mesh logic, all owned by `tasks`."""
         config = self.config
         info = runtime.engine.info
@@ -219,7 +219,7 @@ class Node:
         signal_server = await ApiServer.start(signal_app, config.signal_host, config.signal_port)
         hello = Hello(board.state.node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
                       info.model_id, signal_server.port, budget, ms_per_layer, True)
-        mesh_ref: list[Mesh] = []
+        mesh_ref: list[MeshDriver] = []
         links = LinkManager(
             hello,
             ice_servers=config.ice_servers,
@@ -235,7 +235,7 @@ class Node:
         holder["links"] = links
         settings = MeshSettings(objective=config.objective,
                                 codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000)
-        mesh = Mesh(hello, runtime, worker, links, settings=settings,
+        mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
                     on_change=board.refresh, log_event=hub.log)
         mesh_ref.append(mesh)
         board.attach_mesh(mesh.status_view)

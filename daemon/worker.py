@@ -92,9 +92,15 @@ class GenerationWorker:
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the worker thread and return its result (or raise its error)."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Queue ``fn`` for the worker thread, behind every job queued before it; its future.
+
+        Raises WorkerStopped when the worker is not running."""
         future: Future[object] = Future()
         self._submit(_Job(fn, future, runs_when_stopping=False))
-        return await asyncio.wrap_future(future)  # type: ignore[return-value]
+        return future  # type: ignore[return-value]
 
     def stream(self, produce: Callable[[ShouldStop], Iterator[T]]) -> TokenStream[T]:
         """Run ``produce(should_stop)`` on the worker thread; iterate its items asynchronously.

@@ -32,3 +32,8 @@ class PlacementError(MeshllmError):
 
 class WireError(MeshllmError):
     """A frame or message from the network is malformed, oversized or of another version."""
+
+
+class MeshUnavailable(MeshllmError):
+    """The mesh cannot answer now: no active plan in time, too little memory, or steps that
+    keep failing."""

@@ -14,27 +14,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshllm.wire.messages import Stage
+
 PlanKey = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class PlanView:
-    """A plan as this node sees it: key, chain of (node_id, start_layer, end_layer), codec."""
+    """A plan as this node sees it: key, chain of stages, codec, and who made it."""
 
     key: PlanKey
-    stages: tuple[tuple[str, int, int], ...]
+    stages: tuple[Stage, ...]
     codec: str
     coordinator_id: str
 
     @property
     def node_ids(self) -> tuple[str, ...]:
-        return tuple(s[0] for s in self.stages)
+        return tuple(s.node_id for s in self.stages)
 
     def span_of(self, node_id: str) -> tuple[int, int]:
         """The half-open span `node_id` holds under this plan; (0, 0) when none."""
-        for nid, start, end in self.stages:
-            if nid == node_id:
-                return (start, end)
+        for s in self.stages:
+            if s.node_id == node_id:
+                return (s.start_layer, s.end_layer)
         return (0, 0)
 
 

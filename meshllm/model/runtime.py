@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from meshllm.mesh.jobs import Compute, Computed
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
@@ -57,6 +58,32 @@ class Runtime:
         self.shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights,
                                 device=self.device)
         log.info("loaded layers [%d, %d) in %.0f ms", start_layer, end_layer, (time.perf_counter() - t0) * 1000)
+
+    def compute(self, job: Compute, sampler: Sampler | None = None, delay_s: float = 0.0) -> Computed:
+        """One mesh job: embed or take the hidden state, run the span, then hand the hidden
+        state on, or sample with the head (`sampler`), or drop it (meshllm.mesh.jobs).
+
+        `delay_s` is the testing aid of a slow device: a sleep before the layers, counted in
+        their time."""
+        if job.token_ids is not None:
+            x = self.shard.embed(list(job.token_ids))  # (1, positions, hidden)
+        else:
+            assert job.hidden is not None
+            x = torch.from_numpy(job.hidden).unsqueeze(0)
+        span_ms = 0.0
+        if job.run_span:
+            t0 = time.perf_counter()
+            if delay_s:
+                time.sleep(delay_s)
+            x = self.shard.forward(job.session_id, x, job.start_pos)
+            span_ms = (time.perf_counter() - t0) * 1000
+        if job.finish == "sample":
+            if sampler is None:
+                raise RuntimeError(f"no sampler for session {job.session_id}: the answer is over")
+            return Computed(token_id=sampler.sample(self.shard.head(x)), span_ms=span_ms)
+        if job.finish == "discard":
+            return Computed(span_ms=span_ms)
+        return Computed(hidden=x[0].cpu().numpy().copy(), span_ms=span_ms)
 
     # -- entry side ----------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from meshllm.model.cache import prepare
 from meshllm.model.runtime import Runtime
 from meshllm.model.source import resolve
 
-from daemon.mesh import Mesh, MeshSettings
+from daemon.links import LinkError
+from daemon.mesh import MeshDriver, MeshSettings
 from daemon.worker import GenerationWorker
 
 
@@ -27,7 +28,7 @@ class MemoryLinks:
 
     async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> int:
         if peer_id not in self.connected:
-            raise ConnectionError(f"no link to {peer_id}")
+            raise LinkError(f"no link to {peer_id}", peer_id)
         data = wire.encode(msg)
         decoded = wire.decode(data)
         target = self.net.meshes[peer_id]
@@ -43,13 +44,13 @@ class MemoryLinks:
 
 class MemoryNet:
     def __init__(self) -> None:
-        self.meshes: dict[str, Mesh] = {}
+        self.meshes: dict[str, MeshDriver] = {}
         self.links: dict[str, MemoryLinks] = {}
         self.workers: dict[str, GenerationWorker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
-                  ms_per_layer: float = 1.0, settings: MeshSettings | None = None) -> Mesh:
+                  ms_per_layer: float = 1.0, settings: MeshSettings | None = None) -> MeshDriver:
         worker = GenerationWorker(1, name=f"worker-{node_id}")
         worker.start()
         prepared = prepare(resolve(model))
@@ -57,7 +58,7 @@ class MemoryNet:
         hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", prepared.model_id, 8000,
                            mem_budget_bytes, ms_per_layer, True)
         links = MemoryLinks(self, node_id)
-        mesh = Mesh(hello, runtime, worker, links,
+        mesh = MeshDriver(hello, runtime, worker, links,
                     settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
         self.meshes[node_id], self.links[node_id], self.workers[node_id] = mesh, links, worker
         self.tasks[node_id] = asyncio.get_running_loop().create_task(mesh.run())
@@ -106,7 +107,7 @@ class MemoryNet:
         async def _all_active() -> None:
             while True:
                 chosen = [self.meshes[n] for n in nodes] if nodes else list(self.meshes.values())
-                keys = {m.book.active.key if m.book.active else None for m in chosen}
+                keys = {m.core.book.active.key if m.core.book.active else None for m in chosen}
                 if None not in keys and len(keys) == 1:
                     return
                 await asyncio.sleep(0.02)

@@ -1,0 +1,656 @@
+"""`MeshCore`: the mesh state machine of one node, sans-IO.
+
+Inputs, each with `now`: `start`, `link_up`, `link_down`, `receive`, `handle_timer`,
+`job_done` / `job_failed`, and for answers typed here `open_session` / `cancel_session` /
+`close_session`; `leave` before going. Outputs, drained by the driver: `sends()`, `jobs()`,
+`events()`, and `next_timer()`.
+
+What it holds:
+- membership and the bully election (`meshllm.election`);
+- plans (`PlanBook`): adopt, load, report ready, activate;
+- on the coordinator: planning, re-planning on joins, leaves and losses, and balancing;
+- on a stage: the checks of every forwarded step, and a bound on the steps queued for compute;
+- on the entry node: its answers' policy (`meshllm.mesh.entry`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshllm import election as el
+from meshllm import wire
+from meshllm.balance import BalanceSettings, Balancer
+from meshllm.errors import PlacementError, WireError
+from meshllm.mesh.entry import EntrySessions
+from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, StatusChanged
+from meshllm.mesh.jobs import Compute, Computed, DropSessions, Job, LoadSpan
+from meshllm.mesh.stats import StageStats
+from meshllm.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, plan_layers
+from meshllm.plans import PlanBook, PlanView
+from meshllm.session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    objective: str = "throughput"
+    codec: str = "f32"
+    election_timeout_s: float = 0.5
+    plan_wait_s: float = 30.0
+    """How long an answer waits for an active plan before it fails."""
+    replan_debounce_s: float = 0.1
+    debug_delay_s: float = 0.0
+    """Testing aid (the driver applies it): a delay before every step this node's layers run,
+    as a slow device would take."""
+    step_timeout_s: float = 120.0
+    """A step whose result has not come back after this long is lost (no hangs)."""
+    report_interval_s: float = 1.0
+    """How often a stage reports its measured decode speed to the coordinator."""
+    max_queued_steps: int = 64
+    """Forwarded steps waiting for this node's compute; more are refused ("busy")."""
+    balance: BalanceSettings = field(default_factory=BalanceSettings)
+
+
+def incompatibility(ours: wire.Hello, theirs: wire.Hello) -> str | None:
+    """Why a peer cannot join our mesh, or None when it can."""
+    if theirs.protocol_version != ours.protocol_version:
+        return f"protocol version {theirs.protocol_version} != {ours.protocol_version}"
+    if theirs.mesh_name != ours.mesh_name:
+        return f"mesh name {theirs.mesh_name!r} != {ours.mesh_name!r}"
+    if theirs.model_id != ours.model_id:
+        return f"model {theirs.model_id} != {ours.model_id}"
+    return None
+
+
+def election_score(hello: wire.Hello) -> float:
+    """Who should coordinate: memory per unit of compute time; -1 for a node that cannot."""
+    if not hello.can_coordinate:
+        return -1.0
+    return hello.mem_budget_bytes / 1e9 / max(hello.ms_per_layer, 1e-3)
+
+
+@dataclass(frozen=True)
+class _StageStep:
+    """A forwarded step computing here, and where its output goes."""
+
+    msg: wire.Forward
+    plan: PlanView
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a forwarded hidden state must fit."""
+
+    hidden_size: int
+    max_positions: int
+
+
+class MeshCore:
+    def __init__(self, hello: wire.Hello, spec: ModelSpec, limits: ModelLimits,
+                 settings: MeshSettings = MeshSettings()) -> None:
+        self.hello = hello
+        self.node_id = hello.node_id
+        self.spec = spec
+        self.limits = limits
+        self.settings = settings
+        self.election = el.Election(self.node_id, election_score(hello), timeout_s=settings.election_timeout_s)
+        self.book = PlanBook()
+        self.members: dict[str, wire.Hello] = {self.node_id: hello}
+        self.ready_nodes: set[str] = set()
+        self.placement_error: str | None = None
+        self.leaving: set[str] = set()
+        """Coordinator side: nodes that asked to leave; planned around, then let go."""
+        self.balancer = Balancer(spec, objective=settings.objective,  # type: ignore[arg-type]
+                                 settings=settings.balance)
+        self.stats = StageStats()
+        self.span: tuple[int, int] = (0, 0)
+        """The layers this node holds (once loaded)."""
+        self.entry = EntrySessions(self)
+        self._epoch = 0
+        self._published: wire.Plan | None = None
+        self._leaving_self = False
+        self._replan_due: float | None = None
+        self._next_report = 0.0
+        self._reported = (0, 0.0)
+        self._job_ids = 0
+        self._loads: dict[int, PlanView] = {}
+        self._stage_steps: dict[int, _StageStep] = {}
+        self._stage_sessions: set[str] = set()
+        """Sessions of other entry nodes whose caches this node may hold."""
+        self._sends: list[Send] = []
+        self._jobs: list[Job] = []
+        self._events: list[Event] = []
+        self._now = 0.0
+        """The time of the input being handled (for what it triggers on this node itself)."""
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def sends(self) -> list[Send]:
+        out, self._sends = self._sends, []
+        return out
+
+    def jobs(self) -> list[Job]:
+        out, self._jobs = self._jobs, []
+        return out
+
+    def events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    def next_timer(self) -> float | None:
+        deadlines = [self.election.next_timer(), self._replan_due, self.entry.next_timer()]
+        if self.book.active is not None and self.span[1] > self.span[0]:
+            deadlines.append(self._next_report)
+        return min((d for d in deadlines if d is not None), default=None)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.election.coordinator_id == self.node_id
+
+    @property
+    def coordinator_id(self) -> str | None:
+        return self.election.coordinator_id
+
+    @property
+    def leave_settled(self) -> bool:
+        """After `leave`: the others hold every layer without this node, or cannot at all."""
+        active = self.book.active
+        return (active is not None and self.node_id not in active.node_ids) or self.placement_error is not None
+
+    def name_of(self, node_id: str) -> str:
+        h = self.members.get(node_id)
+        return h.name if h and h.name else node_id
+
+    # -- inputs: lifecycle and links ---------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._now = now
+        self.election.start(now)
+        self._next_report = now + self.settings.report_interval_s
+        self._flush_election(now)
+
+    def link_up(self, peer_id: str, hello: wire.Hello, now: float) -> None:
+        self._now = now
+        self.members[peer_id] = hello
+        if self.is_coordinator and self._published is not None and self._published.term == self.election.term:
+            # a newcomer that the next plan leaves out must still learn the plan in force
+            self.send(peer_id, self._published)
+            active = self.book.active
+            if active is not None and active.key == (self._published.term, self._published.epoch):
+                self.send(peer_id, wire.PlanActive(*active.key))
+        self.election.peer_up(peer_id, election_score(hello), now)
+        self._log("join", f"{hello.name or peer_id} joined")
+        self._flush_election(now)
+        self._schedule_replan(now)
+        self._changed()
+
+    def link_down(self, peer_id: str, reason: str, now: float) -> None:
+        self._now = now
+        hello = self.members.pop(peer_id, None)
+        if hello is None:
+            return
+        self.ready_nodes.discard(peer_id)
+        self.leaving.discard(peer_id)
+        self.balancer.forget(peer_id)
+        self.election.peer_lost(peer_id, now)
+        self._log("leave", f"{hello.name or peer_id} left ({reason})")
+        plan_void = self.book.forget_node(peer_id)
+        self.entry.node_lost(peer_id, now)
+        if plan_void:
+            self.entry.plan_changed(now)
+        prefix = f"{peer_id}/"  # sessions whose entry node left: their user is gone
+        orphans = tuple(sid for sid in self._stage_sessions if sid.startswith(prefix))
+        if orphans:
+            self._drop_local(orphans)
+        self._flush_election(now)
+        self._schedule_replan(now)
+        self._changed()
+
+    def leave(self, now: float) -> bool:
+        """Ask the coordinator for a plan without this node. False when there is nobody to
+        hand over to; then watch `leave_settled`, and call `stop_loading` when done waiting."""
+        self._now = now
+        coordinator = self.election.coordinator_id
+        if len(self.members) <= 1 or coordinator is None:
+            return False
+        self.send(coordinator, wire.NodeReport(self.node_id, self.election.term, self.hello.mem_budget_bytes,
+                                               self.hello.ms_per_layer, *self.span, "leaving"))
+        return True
+
+    def stop_loading(self) -> None:
+        """On the way out: adopt no more plans."""
+        self._leaving_self = True
+
+    def stop(self, reason: str) -> None:
+        self.entry.stop(reason)
+
+    # -- inputs: messages ----------------------------------------------------------------------
+
+    def receive(self, sender: str, msg: wire.Message, now: float) -> None:
+        """Everything that arrives from a peer. Never raises: bad input is logged and dropped."""
+        self._now = now
+        try:
+            self._dispatch(sender, msg, now)
+        except (WireError, ValueError) as e:
+            log.warning("rejected %s from %s: %s", type(msg).__name__, sender, e)
+
+    def _dispatch(self, sender: str, msg: wire.Message, now: float) -> None:
+        if isinstance(msg, wire.Forward):
+            self._on_forward(sender, msg, now)
+        elif isinstance(msg, wire.Result):
+            self.entry.result(sender, msg, now)
+        elif isinstance(msg, wire.StepFailed):
+            self.entry.step_failed(sender, msg, now)
+        elif isinstance(msg, (wire.Election, wire.Answer, wire.Coordinator)):
+            self._on_election(sender, msg, now)
+        elif isinstance(msg, wire.Plan):
+            self._on_plan(sender, msg, now)
+        elif isinstance(msg, wire.StageReady):
+            self._on_stage_ready(msg)
+        elif isinstance(msg, wire.PlanActive):
+            self._on_plan_active(msg, now)
+        elif isinstance(msg, wire.DropSession):
+            if msg.session_id.startswith(f"{sender}/") and msg.session_id in self._stage_sessions:
+                self._drop_local((msg.session_id,))
+        elif isinstance(msg, wire.NodeReport):
+            self._on_report(sender, msg, now)
+        elif isinstance(msg, wire.PlanRefused):
+            self.placement_error = msg.reason
+            self.entry.plan_changed(now)
+            self._changed()
+        else:
+            log.debug("ignoring %s from %s", type(msg).__name__, sender)
+
+    # -- inputs: timers and jobs -----------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        timer = self.election.next_timer()
+        if timer is not None and timer <= now:
+            self.election.handle_timer(now)
+            self._flush_election(now)
+        if self._replan_due is not None and self._replan_due <= now:
+            self._replan_due = None
+            self._replan(now)
+        if self._next_report <= now:
+            self._report_speed(now)
+        self.entry.handle_timer(now)
+
+    def job_done(self, job_id: int, result: Computed | None, now: float) -> None:
+        """A job issued by `jobs()` finished; `result` for a `Compute` job."""
+        self._now = now
+        if job_id in self._loads:
+            self._loaded(self._loads.pop(job_id))
+        elif job_id in self._stage_steps:
+            assert result is not None
+            self._stage_step_done(self._stage_steps.pop(job_id), result)
+        elif result is not None:
+            self.entry.job_done(job_id, result, now)
+
+    def job_failed(self, job_id: int, reason: str, now: float) -> None:
+        self._now = now
+        if job_id in self._loads:
+            view = self._loads.pop(job_id)
+            self._log("error", f"cannot load layers {view.span_of(self.node_id)}: {reason}")
+        elif job_id in self._stage_steps:
+            step = self._stage_steps.pop(job_id)
+            log.info("step %s/%d failed here: %s", step.msg.session_id, step.msg.seq, reason)
+            self._refuse(step.msg, "bad_step", reason)
+        else:
+            self.entry.job_failed(job_id, reason, now)
+
+    # -- inputs: answers typed here ----------------------------------------------------------------
+
+    def open_session(self, session: Session, now: float) -> str:
+        """Start answering `session` (this node is its entry node); its id."""
+        self._now = now
+        return self.entry.open(session, now)
+
+    def cancel_session(self, session_id: str, now: float) -> None:
+        self._now = now
+        self.entry.cancel(session_id, now)
+
+    def close_session(self, session_id: str) -> None:
+        self.entry.close(session_id)
+
+    # -- helpers the entry side uses ---------------------------------------------------------------
+
+    def next_job_id(self) -> int:
+        self._job_ids += 1
+        return self._job_ids
+
+    def add_job(self, job: Job) -> None:
+        self._jobs.append(job)
+
+    def emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def send(self, dest: str, msg: wire.Message, *, channel: Channel = "control", positions: int = 0) -> None:
+        """Queue a message for a peer; one for this node is handled at once, without a link."""
+        if dest == self.node_id:
+            self._dispatch_local(msg)
+        elif dest in self.members:
+            self._sends.append(Send(dest, msg, channel, positions))
+
+    def decode_hidden(self, payload: wire.TensorPayload, codec: str, positions: int | None = None) -> np.ndarray:
+        """A hidden-state tensor from a peer, checked against the model and the plan."""
+        return wire.decode_tensor(payload, expect_shape=(positions, self.limits.hidden_size), expect_codec=codec)
+
+    @staticmethod
+    def encode_hidden(hidden: np.ndarray, codec: str) -> wire.TensorPayload:
+        """zstd is tried on prompts (many positions), where it can pay; a decode step's one
+        position barely compresses (docs/wire-format.md), so it goes raw."""
+        return wire.encode_tensor(hidden, codec, compress="auto" if hidden.shape[0] > 1 else False)
+
+    def drop_everywhere(self, session_id: str) -> None:
+        plan = self.book.active
+        for nid in plan.node_ids if plan is not None else ():
+            if nid == self.node_id:
+                self._drop_local((session_id,))
+            else:
+                self.send(nid, wire.DropSession(session_id))
+
+    def log_step_lost(self, session_id: str, seq: int, reason: str) -> None:
+        log.info("session %s step %d lost: %s", session_id, seq, reason)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _dispatch_local(self, msg: wire.Message) -> None:
+        """Messages this node sends itself (plans, activation, reports as coordinator)."""
+        if isinstance(msg, wire.Plan):
+            self._adopt_plan(self.node_id, msg, self._now)
+        elif isinstance(msg, wire.StageReady):
+            self._on_stage_ready(msg)
+        elif isinstance(msg, wire.PlanActive):
+            self._activate(msg, self._now)
+        elif isinstance(msg, wire.PlanRefused):
+            self.placement_error = msg.reason
+            self._changed()
+        elif isinstance(msg, wire.NodeReport):
+            self._note_report(self.node_id, msg, self._now)
+        # election messages, drops and steps are never sent to this node itself
+
+    def _drop_local(self, session_ids: tuple[str, ...]) -> None:
+        self._stage_sessions.difference_update(session_ids)
+        self._jobs.append(DropSessions(self.next_job_id(), session_ids))
+
+    def _log(self, kind: LogKind, message: str) -> None:
+        self._events.append(Logged(kind, message))
+
+    def _changed(self) -> None:
+        self._events.append(StatusChanged())
+
+    def _broadcast(self, msg: wire.Message, *, include_self: bool = True) -> None:
+        for peer in list(self.members):
+            if include_self or peer != self.node_id:
+                self.send(peer, msg)
+
+    # -- election ----------------------------------------------------------------------------------
+
+    def _on_election(self, sender: str, msg: wire.Message, now: float) -> None:
+        if isinstance(msg, wire.Election):
+            self.election.receive(sender, el.ElectionMsg(msg.term, msg.candidate_id, msg.score), now)
+        elif isinstance(msg, wire.Answer):
+            self.election.receive(sender, el.AnswerMsg(msg.term, msg.node_id), now)
+        elif isinstance(msg, wire.Coordinator):
+            self.election.receive(sender, el.CoordinatorMsg(msg.term, msg.node_id), now)
+        self._flush_election(now)
+
+    def _flush_election(self, now: float) -> None:
+        for dest, m in self.election.outbox():
+            if isinstance(m, el.ElectionMsg):
+                msg: wire.Message = wire.Election(m.term, m.candidate_id, m.score)
+            elif isinstance(m, el.AnswerMsg):
+                msg = wire.Answer(m.term, m.node_id)
+            else:
+                msg = wire.Coordinator(m.term, m.node_id)
+            if dest == el.BROADCAST:
+                self._broadcast(msg, include_self=False)
+            else:
+                self.send(dest, msg)
+        for event in self.election.events():
+            if isinstance(event, el.CoordinatorElected):
+                self._log("election", f"{self.name_of(event.node_id)} is coordinator (term {event.term})")
+                if event.node_id == self.node_id:
+                    self._schedule_replan(now, at_once=True)
+            self._changed()
+
+    # -- coordinator -------------------------------------------------------------------------------
+
+    def _schedule_replan(self, now: float, at_once: bool = False) -> None:
+        if not self.is_coordinator:
+            return
+        due = now + (0.0 if at_once else self.settings.replan_debounce_s)
+        if self._replan_due is None or due < self._replan_due:
+            self._replan_due = due
+
+    def _advertised(self) -> list[NodeCapacity]:
+        return [NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer)
+                for nid, h in sorted(self.members.items()) if nid not in self.leaving]
+
+    def _replan(self, now: float) -> None:
+        if not self.is_coordinator or self._leaving_self:
+            return
+        caps = self.balancer.capacities(self._advertised())
+        current = self.book.active or self.book.pending
+        # sticky: keep what the nodes hold, even under a new coordinator
+        previous = PlannerPlan(current.stages, 0.0) if current is not None else None
+        try:
+            if not caps:
+                raise PlacementError("no node is left to hold the model", 0)
+            planned = plan_layers(self.spec, caps, objective=self.settings.objective,  # type: ignore[arg-type]
+                                  previous=previous)
+        except PlacementError as e:
+            self.placement_error = str(e)
+            self._log("error", f"cannot place the model: {e}")
+            self._broadcast(wire.PlanRefused(self.election.term, str(e)[:1000]))
+            self.entry.plan_changed(now)
+            return
+        self.placement_error = None
+        if previous is not None and planned.stages == previous.stages and current is not None \
+                and current.key[0] == self.election.term:
+            return  # the plan in force (made in this term) is still the best one
+        self._publish(planned)
+
+    def _publish(self, planned: PlannerPlan) -> None:
+        # Nodes that started apart may each have coordinated this term alone: the new plan
+        # must outrank every plan of the term seen here, or the others would ignore it.
+        term, seen_epoch = self.book.highest_key
+        self._epoch = max(self._epoch, seen_epoch if term == self.election.term else 0) + 1
+        msg = wire.Plan(self.election.term, self._epoch, tuple(planned.stages), self.settings.codec)
+        self._published = msg
+        spans = ", ".join(f"{self.name_of(s.node_id)} [{s.start_layer}, {s.end_layer})" for s in msg.stages)
+        self._log("replan", f"plan {self.election.term}.{self._epoch}: {spans}")
+        self._broadcast(msg)
+
+    def _on_stage_ready(self, msg: wire.StageReady) -> None:
+        if self.is_coordinator and self.book.mark_ready((msg.term, msg.epoch), msg.node_id):
+            self._broadcast(wire.PlanActive(msg.term, msg.epoch))
+
+    def _on_report(self, sender: str, msg: wire.NodeReport, now: float) -> None:
+        if msg.node_id != sender:
+            raise ValueError("a node may only report for itself")
+        self._note_report(sender, msg, now)
+
+    def _note_report(self, sender: str, msg: wire.NodeReport, now: float) -> None:
+        if msg.state == "leaving" and sender not in self.leaving:
+            self.leaving.add(sender)
+            self._log("leave", f"{self.name_of(sender)} is leaving: handing its layers over")
+            self._schedule_replan(now, at_once=True)
+        elif msg.state == "ready" and self.is_coordinator and self.book.active is not None:
+            layers = msg.span_end - msg.span_start
+            self.balancer.observe(sender, msg.ms_per_layer * layers, layers,
+                                  steps=self.settings.balance.min_steps, now=now)
+            rebalance = self.balancer.check(self._advertised(), now)
+            if rebalance is not None:
+                names = ", ".join(self.name_of(n) for n in rebalance.changed)
+                self._log("replan", f"rebalancing: {names} runs off its planned speed "
+                                    f"({100 * rebalance.gain:.0f}% better plan)")
+                self._publish(rebalance.plan)
+
+    def _report_speed(self, now: float) -> None:
+        """Stage side: tell the coordinator how fast this node's span really runs, once a few
+        decode steps ran since the last report, so that each report averages real work."""
+        self._next_report = now + self.settings.report_interval_s
+        start, end = self.span
+        coordinator = self.election.coordinator_id
+        steps, total_ms = self.stats.decode_steps, self.stats.decode_compute_ms
+        d_steps, d_ms = steps - self._reported[0], total_ms - self._reported[1]
+        if self.book.active is None or coordinator is None or end == start \
+                or d_steps < self.settings.balance.min_steps:
+            return
+        self._reported = (steps, total_ms)
+        report = wire.NodeReport(self.node_id, self.election.term, self.hello.mem_budget_bytes,
+                                 d_ms / d_steps / (end - start), start, end, "ready")
+        if coordinator == self.node_id:
+            self._note_report(self.node_id, report, now)
+        else:
+            self.send(coordinator, report)
+
+    # -- every node: plans ---------------------------------------------------------------------------
+
+    def _on_plan(self, sender: str, msg: wire.Plan, now: float) -> None:
+        if sender == self.node_id:
+            raise ValueError("a plan from this node's own id over a link")
+        self._adopt_plan(sender, msg, now)
+
+    def _adopt_plan(self, sender: str, msg: wire.Plan, now: float) -> None:
+        view = PlanView(key=(msg.term, msg.epoch), stages=msg.stages, codec=msg.codec, coordinator_id=sender)
+        if view.stages[0].start_layer != 0 or view.stages[-1].end_layer != self.spec.num_layers:
+            raise ValueError(f"plan does not cover [0, {self.spec.num_layers})")
+        if not self.book.offer(view, self.election.term):
+            log.info("ignoring plan %s from %s (have seen %s)", view.key, sender, self.book.highest_key)
+            return
+        self.placement_error = None
+        self.entry.plan_changed(now)
+        if not self._leaving_self:
+            job = LoadSpan(self.next_job_id(), *view.span_of(self.node_id))
+            self._loads[job.job_id] = view
+            self._jobs.append(job)
+        self._changed()
+
+    def _loaded(self, view: PlanView) -> None:
+        self.span = view.span_of(self.node_id)
+        self._stage_sessions.clear()  # loading a span drops every KV cache
+        if self.book.pending is not view:
+            return  # a newer plan came while loading
+        if self.node_id in view.node_ids:
+            self.send(view.coordinator_id, wire.StageReady(view.key[0], view.key[1], self.node_id))
+        self._changed()
+
+    def _on_plan_active(self, msg: wire.PlanActive, now: float) -> None:
+        self._activate(msg, now)
+
+    def _activate(self, msg: wire.PlanActive, now: float) -> None:
+        plan = self.book.activate((msg.term, msg.epoch))
+        if plan is None:
+            return
+        if self.is_coordinator:
+            self.balancer.plan_active(PlannerPlan(plan.stages, 0.0), now)
+        self._reported = (self.stats.decode_steps, self.stats.decode_compute_ms)
+        self.ready_nodes = set(plan.node_ids)
+        self.entry.plan_active(now)
+        self._changed()
+
+    # -- stage side --------------------------------------------------------------------------------
+
+    def _on_forward(self, sender: str, msg: wire.Forward, now: float) -> None:
+        entry = msg.route[-1] if msg.route else sender
+        plan = self.book.active
+        if plan is None or plan.key != (msg.term, msg.epoch):
+            return self._refuse(msg, "stale_plan", f"plan {msg.term}.{msg.epoch} is not active here", entry)
+        if self.node_id not in plan.node_ids:
+            return self._refuse(msg, "stale_plan", "this node holds no layers in the active plan", entry)
+        if not msg.route or any(n not in plan.node_ids and n != entry for n in msg.route):
+            return self._refuse(msg, "bad_step", "route names nodes outside the plan", entry)
+        if not msg.session_id.startswith(f"{entry}/"):
+            return self._refuse(msg, "bad_step", "session id does not belong to its entry node", entry)
+        try:
+            hidden = self.decode_hidden(msg.hidden, plan.codec)
+        except WireError as e:
+            return self._refuse(msg, "bad_step", str(e), entry)
+        if msg.start_pos + hidden.shape[0] > self.limits.max_positions:
+            return self._refuse(msg, "bad_step", "step runs past the model's context window", entry)
+        if self.entry.forward_is_final(msg.session_id, msg.route):
+            self.entry.final_forward(msg, hidden, now)  # this node's own answer: layers + head
+            return None
+        if len(self._stage_steps) >= self.settings.max_queued_steps:
+            return self._refuse(msg, "busy", f"over {self.settings.max_queued_steps} steps queued here", entry)
+        self._stage_sessions.add(msg.session_id)
+        job = Compute(self.next_job_id(), msg.session_id, msg.start_pos, hidden.shape[0], hidden=hidden)
+        self._stage_steps[job.job_id] = _StageStep(msg, plan)
+        self._jobs.append(job)
+        return None
+
+    def _stage_step_done(self, step: _StageStep, result: Computed) -> None:
+        assert result.hidden is not None
+        msg = step.msg
+        self.stats.computed(result.hidden.shape[0], result.span_ms)
+        payload = self.encode_hidden(result.hidden, step.plan.codec)
+        if len(msg.route) == 1:
+            reply: wire.Message = wire.Result(msg.session_id, msg.seq, payload)
+        else:
+            reply = wire.Forward(msg.session_id, msg.seq, msg.term, msg.epoch, msg.start_pos, payload, msg.route[1:])
+        self.send(msg.route[0], reply, channel="activation", positions=result.hidden.shape[0])
+
+    def _refuse(self, msg: wire.Forward, code: str, reason: str, entry: str | None = None) -> None:
+        entry = entry or (msg.route[-1] if msg.route else None)
+        log.info("step %s/%d refused: %s", msg.session_id, msg.seq, reason)
+        if entry is not None:
+            self.send(entry, wire.StepFailed(msg.session_id, msg.seq, code, reason[:500]))
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def status_view(self, rtt_ms: Callable[[str], float | None] = lambda _peer: None) -> dict[str, object]:
+        """The mesh's part of GET /v1/status (docs/api.md)."""
+        return {
+            "term": self.election.term,
+            "coordinator_id": self.election.coordinator_id,
+            "plan": self._status_plan(),
+            "nodes": self._status_nodes(rtt_ms),
+            "codec": self.settings.codec,
+            "placement_error": self.placement_error,
+            "stats": self.stats.as_json(),
+        }
+
+    def _status_nodes(self, rtt_ms: Callable[[str], float | None]) -> list[dict[str, object]]:
+        plan = self.book.active or self.book.pending
+        rows = []
+        for nid, h in sorted(self.members.items(), key=lambda kv: (kv[0] != self.node_id, kv[0])):
+            span = plan.span_of(nid) if plan is not None else (0, 0)
+            rows.append({
+                "id": nid,
+                "name": h.name,
+                "is_self": nid == self.node_id,
+                "role": "coordinator" if nid == self.election.coordinator_id else "member",
+                "state": "ready" if nid in self.ready_nodes or (
+                    self.book.active is not None and nid not in self.book.active.node_ids) else "loading",
+                "mem_budget_bytes": h.mem_budget_bytes,
+                "ms_per_layer": h.ms_per_layer,
+                "span": list(span) if span != (0, 0) else None,
+                # every node holds the embedding and head, plus the layers of its span
+                "weight_bytes": (span[1] - span[0]) * self.spec.layer_bytes + self.spec.embed_head_bytes,
+                "rtt_ms": None if nid == self.node_id else rtt_ms(nid),
+                "address": None,  # the status board fills in this node's own API address
+            })
+        return rows
+
+    def _status_plan(self) -> dict[str, object] | None:
+        plan = self.book.active or self.book.pending
+        if plan is None:
+            return None
+        return {
+            "term": plan.key[0],
+            "epoch": plan.key[1],
+            "state": "active" if plan is self.book.active else "pending",
+            "stages": [{"node_id": s.node_id, "start_layer": s.start_layer, "end_layer": s.end_layer}
+                       for s in plan.stages],
+            "codec": plan.codec,
+        }

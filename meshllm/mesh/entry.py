@@ -1,0 +1,331 @@
+"""The entry side: the answers this node is the entry node of, and their policy when the mesh
+moves under them (pause, replay, retry, give up), sans-IO.
+
+Each answer runs one step at a time. A step starts with this node's own job (embed, plus its
+layers when it holds the first stage), crosses the other stages as `Forward` messages, and
+ends with the head and sampler here (fused with this node's layers when it holds the last
+stage). A step that is lost (a stage left, a new plan came, a stage refused it, no result in
+time) is replayed from the start of the session on the plan in force: `Session.restart()`
+repeats the same steps in the same chunking, so the answer does not change (design §8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from meshllm import wire
+from meshllm.errors import WireError
+from meshllm.mesh.events import SessionEnded, SessionOutput
+from meshllm.mesh.jobs import Compute, Computed
+from meshllm.plans import PlanKey, PlanView
+from meshllm.session import Session, StateChange, Step
+
+if TYPE_CHECKING:
+    from meshllm.mesh.core import MeshCore
+
+MAX_STEP_RETRIES = 4
+"""Consecutive failed steps of one session under one plan before the answer fails."""
+
+
+@dataclass
+class _InFlight:
+    """The step of a session that is running: in a job here, or out on the chain."""
+
+    seq: int
+    step: Step
+    plan: PlanView
+    job_id: int | None = None
+    """Set while this node's own job for the step runs."""
+    deadline: float | None = None
+    """Set while the step is out on the chain: lost if no result by then."""
+    lost: str | None = None
+    """Set when the step was lost while its job ran: the job's outcome is ignored."""
+    ran_span: bool = False
+    """The job ran this node's layers (first or last stage): its time goes to the stats."""
+
+
+@dataclass
+class _Answer:
+    session: Session
+    seq: int = 0
+    plan_key: PlanKey | None = None
+    failures: int = 0
+    paused: bool = False
+    plan_deadline: float | None = None
+    """While no plan is active: when the answer gives up waiting for one."""
+    cancel: bool = False
+    step: _InFlight | None = None
+
+
+class EntrySessions:
+    """Every answer whose entry node this is."""
+
+    def __init__(self, core: MeshCore) -> None:
+        self._core = core
+        self._answers: dict[str, _Answer] = {}
+        self._by_job: dict[int, str] = {}
+        self._counter = 0
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._answers
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    # -- from the driver -------------------------------------------------------------------
+
+    def open(self, session: Session, now: float) -> str:
+        session.session_id = f"{self._core.node_id}/{self._counter}"
+        self._counter += 1
+        self._answers[session.session_id] = _Answer(session)
+        self._advance(self._answers[session.session_id], now)
+        return session.session_id
+
+    def cancel(self, session_id: str, now: float) -> None:
+        """Stop at the next step boundary; the answer ends with a "cancelled" token."""
+        answer = self._answers.get(session_id)
+        if answer is not None:
+            answer.cancel = True
+            self._advance(answer, now)
+
+    def close(self, session_id: str) -> None:
+        """Nobody listens any more: forget the answer now, with no further output."""
+        answer = self._answers.pop(session_id, None)
+        if answer is not None:
+            self._core.drop_everywhere(session_id)
+
+    # -- from the core -------------------------------------------------------------------------
+
+    def plan_changed(self, now: float) -> None:
+        """A new plan was offered, or the plan in force went void: steps on the chain are lost."""
+        for answer in list(self._answers.values()):
+            if answer.step is not None and answer.step.deadline is not None:
+                self._lose(answer, "a new plan arrived", now)
+            else:
+                self._advance(answer, now)
+
+    def plan_active(self, now: float) -> None:
+        for answer in list(self._answers.values()):
+            self._advance(answer, now)
+
+    def node_lost(self, node_id: str, now: float) -> None:
+        for answer in list(self._answers.values()):
+            step = answer.step
+            if step is not None and step.deadline is not None and node_id in step.plan.node_ids:
+                self._lose(answer, f"{node_id} lost", now)
+
+    def step_failed(self, sender: str, msg: wire.StepFailed, now: float) -> None:
+        answer = self._answers.get(msg.session_id)
+        if answer is not None and answer.step is not None and answer.step.seq == msg.seq:
+            self._lose(answer, f"{sender}: {msg.code}: {msg.message}", now)
+
+    def result(self, sender: str, msg: wire.Result, now: float) -> None:
+        """The last stage's output for a step. Raises ValueError for a result that cannot be
+        ours (the caller logs and drops it)."""
+        answer = self._answers.get(msg.session_id)
+        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.deadline is None:
+            return  # late: the step was already lost or the answer is over
+        step = answer.step
+        if sender != step.plan.node_ids[-1]:
+            raise ValueError(f"result for {msg.session_id} from {sender}, not from the last stage")
+        try:
+            hidden = self._core.decode_hidden(msg.hidden, step.plan.codec, len(step.step.token_ids))
+        except WireError as e:
+            self._lose(answer, f"bad result from {sender}: {e}", now)
+            return
+        step.deadline = None
+        if step.step.replay:
+            self._finish_step(answer, None, now)
+        else:
+            self._run_job(answer, hidden=hidden, run_span=False, finish="sample")
+
+    def forward_is_final(self, session_id: str, route: tuple[str, ...]) -> bool:
+        """A `Forward` whose last stage is this node, for an answer of its own: the layers
+        are fused with the head and sampler."""
+        return route == (self._core.node_id,) and session_id in self._answers
+
+    def final_forward(self, msg: wire.Forward, hidden: np.ndarray, now: float) -> int | None:
+        """Run this node's layers (the last stage) and the head for an answer of its own; the
+        job id, or None when the step is not the one in flight any more."""
+        answer = self._answers.get(msg.session_id)
+        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.deadline is None:
+            return None
+        answer.step.deadline = None
+        return self._run_job(answer, hidden=hidden, run_span=True,
+                             finish="discard" if answer.step.step.replay else "sample")
+
+    def job_done(self, job_id: int, result: Computed, now: float) -> bool:
+        """True when the job was one of the entry side's."""
+        session_id = self._by_job.pop(job_id, None)
+        if session_id is None:
+            return False
+        answer = self._answers.get(session_id)
+        if answer is None or answer.step is None or answer.step.job_id != job_id:
+            return True
+        step = answer.step
+        step.job_id = None
+        if step.ran_span:
+            self._core.stats.computed(len(step.step.token_ids), result.span_ms)
+        active = self._core.book.active
+        if step.lost is not None:
+            self._lose(answer, step.lost, now)
+        elif result.hidden is not None and (active is None or active.key != step.plan.key):
+            self._lose(answer, "a new plan arrived", now)  # the stages would refuse it
+        elif result.hidden is not None:
+            self._send_down_chain(answer, result.hidden, now)
+        else:
+            self._finish_step(answer, result.token_id, now)
+        return True
+
+    def job_failed(self, job_id: int, reason: str, now: float) -> bool:
+        session_id = self._by_job.pop(job_id, None)
+        if session_id is None:
+            return False
+        answer = self._answers.get(session_id)
+        if answer is not None and answer.step is not None and answer.step.job_id == job_id:
+            answer.step.job_id = None
+            self._lose(answer, reason, now)
+        return True
+
+    def handle_timer(self, now: float) -> None:
+        for answer in list(self._answers.values()):
+            step = answer.step
+            if step is not None and step.deadline is not None and step.deadline <= now:
+                self._lose(answer, f"no result after {self._core.settings.step_timeout_s:.0f} s", now)
+            elif answer.plan_deadline is not None and answer.plan_deadline <= now:
+                self._advance(answer, now)
+
+    def next_timer(self) -> float | None:
+        deadlines = [d for a in self._answers.values()
+                     for d in (a.plan_deadline, a.step.deadline if a.step else None) if d is not None]
+        return min(deadlines, default=None)
+
+    def stop(self, reason: str) -> None:
+        """The node is stopping: every answer ends with an error."""
+        for session_id in list(self._answers):
+            self._end(session_id, reason)
+
+    # -- the policy ----------------------------------------------------------------------------
+
+    def _advance(self, answer: _Answer, now: float) -> None:
+        """Start the answer's next step if nothing is in flight and a plan allows it."""
+        core = self._core
+        session = answer.session
+        while answer.step is None:
+            step = session.next_step()
+            if step is None:
+                self._end(session.session_id, None)
+                return
+            if answer.cancel:
+                self._output(answer, session.cancel())
+                self._end(session.session_id, None)
+                return
+            plan = core.book.active
+            if plan is None:
+                if core.placement_error is not None:
+                    self._end(session.session_id, f"the mesh cannot hold the model: {core.placement_error}")
+                    return
+                if answer.plan_deadline is None:
+                    answer.plan_deadline = now + core.settings.plan_wait_s
+                elif answer.plan_deadline <= now:
+                    self._end(session.session_id, "no active plan: the mesh is still forming or re-planning")
+                    return
+                self._pause(answer)
+                return
+            answer.plan_deadline = None
+            if answer.plan_key is not None and plan.key != answer.plan_key:
+                session.restart()  # the caches live on the old plan's stages: replay
+                answer.failures = 0
+                answer.plan_key = plan.key
+                continue
+            answer.plan_key = plan.key
+            answer.step = _InFlight(answer.seq, step, plan)
+            answer.seq += 1
+            first_is_here = plan.node_ids[0] == core.node_id
+            alone = first_is_here and len(plan.stages) == 1
+            finish = ("discard" if step.replay else "sample") if alone else "send"
+            self._run_job(answer, token_ids=step.token_ids, run_span=first_is_here, finish=finish)
+
+    def _run_job(self, answer: _Answer, *, token_ids: tuple[int, ...] | None = None,
+                 hidden: np.ndarray | None = None, run_span: bool, finish: str) -> int:
+        step = answer.step
+        assert step is not None
+        job_id = self._core.next_job_id()
+        step.job_id = job_id
+        step.ran_span = run_span
+        self._by_job[job_id] = answer.session.session_id
+        self._core.add_job(Compute(job_id, answer.session.session_id, step.step.start_pos,
+                                   len(step.step.token_ids), token_ids, hidden, run_span,
+                                   finish))  # type: ignore[arg-type]
+        return job_id
+
+    def _send_down_chain(self, answer: _Answer, hidden: np.ndarray, now: float) -> None:
+        """This node's part of the step is done: hand the hidden state to the next stage."""
+        core = self._core
+        step = answer.step
+        assert step is not None
+        plan = step.plan
+        ids = plan.node_ids
+        first = 1 if ids[0] == core.node_id else 0  # this node ran the first stage already
+        if first == len(ids):  # a single stage here, with finish "send": cannot happen
+            raise AssertionError("a plan of one stage on the entry node runs as one job")
+        route = ids[first + 1:] + (core.node_id,)
+        msg = wire.Forward(answer.session.session_id, step.seq, plan.key[0], plan.key[1],
+                           step.step.start_pos, core.encode_hidden(hidden, plan.codec), route)
+        step.deadline = now + core.settings.step_timeout_s
+        core.send(ids[first], msg, channel="activation", positions=hidden.shape[0])
+
+    def _finish_step(self, answer: _Answer, token_id: int | None, now: float) -> None:
+        session = answer.session
+        step = answer.step
+        assert step is not None
+        answer.step = None
+        if step.step.replay:
+            session.step_done()
+        else:
+            if token_id is None:
+                raise AssertionError("a sampling step ended without a token")
+            answer.failures = 0  # progress: a new token (replayed steps do not count)
+            if answer.paused:
+                self._resume(answer)
+            self._output(answer, session.accept(token_id))
+        self._advance(answer, now)
+
+    def _lose(self, answer: _Answer, reason: str, now: float) -> None:
+        """The step in flight is lost: replay the session (or give up after too many)."""
+        step = answer.step
+        if step is None:
+            return
+        if step.job_id is not None:
+            step.lost = reason  # wait for the job: its outcome is ignored
+            return
+        answer.step = None
+        answer.failures += 1
+        self._core.log_step_lost(answer.session.session_id, step.seq, reason)
+        if answer.failures > MAX_STEP_RETRIES:
+            self._end(answer.session.session_id, f"steps keep failing: {reason}")
+            return
+        self._pause(answer)
+        answer.session.restart()  # failures count up only while the plan stays the same
+        self._advance(answer, now)
+
+    def _pause(self, answer: _Answer) -> None:
+        if not answer.paused:
+            answer.paused = True
+            self._output(answer, StateChange("replanning"))
+
+    def _resume(self, answer: _Answer) -> None:
+        answer.paused = False
+        self._output(answer, StateChange("running"))
+
+    def _output(self, answer: _Answer, item: object) -> None:
+        self._core.emit(SessionOutput(answer.session.session_id, item))  # type: ignore[arg-type]
+
+    def _end(self, session_id: str, error: str | None) -> None:
+        if self._answers.pop(session_id, None) is None:
+            return
+        self._core.emit(SessionEnded(session_id, error))
+        self._core.drop_everywhere(session_id)

@@ -1,0 +1,71 @@
+"""The torch work the mesh asks its node to run, and what comes back.
+
+A job is run by the node's single worker thread, in the order the core issued it. The core
+never waits for one: it is told the outcome with `MeshCore.job_done` or `MeshCore.job_failed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Finish = Literal["send", "sample", "discard"]
+
+
+@dataclass(frozen=True, eq=False)
+class Compute:
+    """One step of one session on this node, as a single job.
+
+    It starts from `token_ids` (the entry node embeds them) or from `hidden`, a
+    `(positions, hidden)` float32 array that came over a link; runs this node's layers if
+    `run_span`; and then, by `finish`:
+    - "send": returns the hidden state, for the next stage;
+    - "sample": applies the final norm and lm_head and samples the session's next token;
+    - "discard": returns nothing (a replayed step whose logits are not used).
+
+    So a node that holds every layer answers a token with one job: embed, layers, head and
+    sample, with no codec and no message to itself.
+    """
+
+    job_id: int
+    session_id: str
+    start_pos: int
+    positions: int
+    token_ids: tuple[int, ...] | None = None
+    hidden: np.ndarray | None = None
+    run_span: bool = True
+    finish: Finish = "send"
+
+
+@dataclass(frozen=True)
+class LoadSpan:
+    """Hold layers `[start_layer, end_layer)` from now on (a plan was adopted)."""
+
+    job_id: int
+    start_layer: int
+    end_layer: int
+
+
+@dataclass(frozen=True)
+class DropSessions:
+    """Free these sessions' KV caches on this node."""
+
+    job_id: int
+    session_ids: tuple[str, ...]
+
+
+Job = Compute | LoadSpan | DropSessions
+
+
+@dataclass(frozen=True, eq=False)
+class Computed:
+    """What a `Compute` job returned."""
+
+    hidden: np.ndarray | None = None
+    """The span's output `(positions, hidden)` when the job's finish was "send"."""
+    token_id: int | None = None
+    """The sampled token when the finish was "sample"."""
+    span_ms: float = 0.0
+    """Time spent in this node's layers (plus any testing delay): what balancing measures."""

@@ -1,0 +1,50 @@
+"""What one node computed and sent: for `meshllm bench` and for runtime balancing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageStats:
+    """Decode steps (one position) are kept apart from prefill steps (many positions)."""
+
+    decode_steps: int = 0
+    decode_compute_ms: float = 0.0
+    prefill_steps: int = 0
+    prefill_compute_ms: float = 0.0
+    prefill_positions: int = 0
+    decode_hops_sent: int = 0
+    decode_bytes_sent: int = 0
+    prefill_bytes_sent: int = 0
+    recent_decode_ms: list[float] = field(default_factory=list)
+    """The last few decode compute times (ms), newest last."""
+
+    def computed(self, positions: int, ms: float) -> None:
+        if positions == 1:
+            self.decode_steps += 1
+            self.decode_compute_ms += ms
+            self.recent_decode_ms = (self.recent_decode_ms + [ms])[-32:]
+        else:
+            self.prefill_steps += 1
+            self.prefill_positions += positions
+            self.prefill_compute_ms += ms
+
+    def sent(self, positions: int, nbytes: int) -> None:
+        if positions == 1:
+            self.decode_hops_sent += 1
+            self.decode_bytes_sent += nbytes
+        else:
+            self.prefill_bytes_sent += nbytes
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "decode_steps": self.decode_steps,
+            "decode_compute_ms_avg": round(self.decode_compute_ms / self.decode_steps, 4) if self.decode_steps else 0.0,
+            "prefill_steps": self.prefill_steps,
+            "prefill_positions": self.prefill_positions,
+            "prefill_compute_ms": round(self.prefill_compute_ms, 3),
+            "decode_hops_sent": self.decode_hops_sent,
+            "decode_bytes_per_hop": round(self.decode_bytes_sent / self.decode_hops_sent, 1) if self.decode_hops_sent else 0.0,
+            "prefill_bytes_sent": self.prefill_bytes_sent,
+        }

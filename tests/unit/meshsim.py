@@ -1,0 +1,330 @@
+"""Mesh cores wired together in memory, with a fake clock and a toy model: the mesh logic
+without torch, sockets or an event loop (like the election tests' `Net`).
+
+The toy model has real KV-cache rules: a layer's output at a position depends on every
+earlier position's input to that layer, so a cache that is missing, stale or built in the
+wrong order changes the tokens. Every message is encoded and decoded on the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshllm import wire
+from meshllm.mesh import (
+    Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, SessionEnded, SessionOutput,
+)
+from meshllm.mesh.core import ModelLimits
+from meshllm.planner import ModelSpec
+from meshllm.session import Session, StateChange, Token
+
+HIDDEN = 8
+VOCAB = 50
+LAYERS = 6
+LAYER_BYTES = 1000
+EMBED_HEAD_BYTES = 500
+SPEC = ModelSpec(LAYERS, LAYER_BYTES, EMBED_HEAD_BYTES)
+LIMITS = ModelLimits(HIDDEN, 4096)
+EOS = 0
+
+
+def embed(token_ids: tuple[int, ...]) -> np.ndarray:
+    rows = np.zeros((len(token_ids), HIDDEN), dtype=np.float32)
+    for i, t in enumerate(token_ids):
+        rows[i] = np.sin(np.arange(HIDDEN, dtype=np.float32) * (t + 1))
+    return rows
+
+
+def layer(index: int, x: np.ndarray, past: np.ndarray) -> np.ndarray:
+    """Position p's output depends on inputs 0..p of this layer (causal attention, in toy)."""
+    out = np.empty_like(x)
+    history = list(past)
+    for p in range(x.shape[0]):
+        history.append(x[p])
+        context = np.mean(history, axis=0)
+        out[p] = np.tanh(x[p] + 0.5 * context * (index + 1) + 0.1 * index)
+    return out
+
+
+def sample(hidden: np.ndarray) -> int:
+    """Greedy, in toy: a token from the last position's state."""
+    return int(abs(float(hidden[-1].sum())) * 1000) % (VOCAB - 1) + 1  # never EOS
+
+
+class ToyShard:
+    """One node's layers and its KV caches, with the shard's step rules."""
+
+    def __init__(self) -> None:
+        self.span = (0, 0)
+        self.caches: dict[str, list[list[np.ndarray]]] = {}
+
+    def load(self, start: int, end: int) -> None:
+        self.span = (start, end)
+        self.caches = {}
+
+    def forward(self, session_id: str, x: np.ndarray, start_pos: int) -> np.ndarray:
+        start, end = self.span
+        cache = self.caches.get(session_id) if start_pos else None
+        if cache is None:
+            if start_pos != 0:
+                raise ValueError(f"session {session_id} has no KV cache here")
+            cache = self.caches[session_id] = [[] for _ in range(end - start)]
+        if cache and len(cache[0]) != start_pos:
+            raise ValueError(f"KV cache holds {len(cache[0])} positions, step starts at {start_pos}")
+        for i in range(end - start):
+            past = np.array(cache[i]).reshape(-1, HIDDEN)
+            cache[i].extend(x)
+            x = layer(start + i, x, past)
+        return x
+
+    def run(self, job: Compute) -> Computed:
+        x = embed(job.token_ids) if job.token_ids is not None else job.hidden
+        assert x is not None
+        if job.run_span:
+            x = self.forward(job.session_id, x, job.start_pos)
+        if job.finish == "sample":
+            return Computed(token_id=sample(x), span_ms=1.0)
+        if job.finish == "discard":
+            return Computed(span_ms=1.0)
+        return Computed(hidden=x, span_ms=1.0)
+
+
+def reference(prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    """The answer one node holding every layer gives, without any mesh."""
+    shard = ToyShard()
+    shard.load(0, LAYERS)
+    tokens: list[int] = []
+    feed, pos = prompt, 0
+    while len(tokens) < max_tokens:
+        x = shard.forward("ref", embed(feed), pos)
+        pos += len(feed)
+        tokens.append(sample(x))
+        feed = (tokens[-1],)
+    return tokens
+
+
+@dataclass
+class Answer:
+    tokens: list[int] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    done: bool = False
+    error: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class SimNode:
+    core: MeshCore
+    ms_per_layer: float
+    shard: ToyShard = field(default_factory=ToyShard)
+    queue: deque[Job] = field(default_factory=deque)
+    busy_until: float = 0.0
+    running: tuple[float, Job] | None = None
+    answers: dict[str, Answer] = field(default_factory=dict)
+    log: list[Logged] = field(default_factory=list)
+    jobs_run: list[Job] = field(default_factory=list)
+    sent: list[wire.Message] = field(default_factory=list)
+    slow_factor: float = 1.0
+    frozen: bool = False
+    """A hung node: its jobs never run."""
+
+
+class Net:
+    """Nodes, links between them, messages in flight, and a fake clock."""
+
+    def __init__(self, latency_s: float = 0.001) -> None:
+        self.now = 0.0
+        self.latency_s = latency_s
+        self.nodes: dict[str, SimNode] = {}
+        self.links: set[frozenset[str]] = set()
+        self.in_flight: deque[tuple[float, str, str, bytes]] = deque()
+        self.lose: Callable[[str, str, wire.Message], bool] = lambda sender, dest, msg: False
+        """Which messages the network loses (sender, destination, message)."""
+
+    def add(self, node_id: str, *, mem_budget_bytes: int = 10**6, ms_per_layer: float = 1.0,
+            settings: MeshSettings | None = None) -> SimNode:
+        hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "sim", "toy-model", 8000,
+                           mem_budget_bytes, ms_per_layer, True)
+        core = MeshCore(hello, SPEC, LIMITS, settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
+        node = SimNode(core, ms_per_layer)
+        self.nodes[node_id] = node
+        core.start(self.now)
+        self._collect(node_id)
+        return node
+
+    # -- topology --------------------------------------------------------------------------
+
+    def connect(self, a: str, b: str) -> None:
+        self.links.add(frozenset((a, b)))
+        self.nodes[a].core.link_up(b, self.nodes[b].core.hello, self.now)
+        self.nodes[b].core.link_up(a, self.nodes[a].core.hello, self.now)
+        self._collect(a)
+        self._collect(b)
+
+    def disconnect(self, a: str, b: str) -> None:
+        self.links.discard(frozenset((a, b)))
+        for x, y in ((a, b), (b, a)):
+            if x in self.nodes:
+                self.nodes[x].core.link_down(y, "heartbeat timeout", self.now)
+                self._collect(x)
+
+    def connect_all(self) -> None:
+        ids = sorted(self.nodes)
+        for i, a in enumerate(ids):
+            for b in ids[i + 1:]:
+                self.connect(a, b)
+
+    def kill(self, node_id: str) -> None:
+        """The node vanishes: every peer sees its link go down."""
+        for link in [link for link in self.links if node_id in link]:
+            (peer,) = link - {node_id}
+            self.disconnect(node_id, peer)
+        del self.nodes[node_id]
+
+    def partition(self, *groups: set[str]) -> None:
+        for link in list(self.links):
+            a, b = sorted(link)
+            if not any(a in g and b in g for g in groups):
+                self.disconnect(a, b)
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    def ask(self, node_id: str, prompt: tuple[int, ...], max_tokens: int) -> Answer:
+        session = Session("", prompt, max_tokens, frozenset({EOS}))
+        node = self.nodes[node_id]
+        answer = Answer()
+        # the core emits the first outputs inside open_session: register before collecting
+        sid = node.core.open_session(session, self.now)
+        node.answers[sid] = answer
+        self._collect(node_id)
+        return answer
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Deliver what is due and finish the jobs that are due; False when nothing was."""
+        progressed = False
+        while self.in_flight and self.in_flight[0][0] <= self.now:
+            _, sender, dest, data = self.in_flight.popleft()
+            if dest in self.nodes and frozenset((sender, dest)) in self.links:
+                self.nodes[dest].core.receive(sender, wire.decode(data), self.now)
+                self._collect(dest)
+            progressed = True
+        for node_id, node in list(self.nodes.items()):
+            if node_id not in self.nodes:
+                continue
+            if node.running is not None and node.running[0] <= self.now:
+                job = node.running[1]
+                node.running = None
+                self._finish(node_id, node, job)
+                progressed = True
+            if node.running is None and node.queue and not node.frozen:
+                job = node.queue.popleft()
+                node.running = (self.now + self._cost(node, job), job)
+                progressed = True
+        for node_id, node in list(self.nodes.items()):
+            timer = node.core.next_timer()
+            if timer is not None and timer <= self.now:
+                node.core.handle_timer(self.now)
+                self._collect(node_id)
+                progressed = True
+        return progressed
+
+    def next_time(self) -> float | None:
+        times = [t for t, *_ in list(self.in_flight)[:1]]
+        for node in self.nodes.values():
+            if node.running is not None:
+                times.append(node.running[0])
+            timer = node.core.next_timer()
+            if timer is not None:
+                times.append(timer)
+        return min(times, default=None)
+
+    def run_until(self, done, max_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+        """Step until `done()`; the fake clock jumps to the next thing due."""
+        deadline = self.now + max_s
+        while not done():
+            if self.step():
+                continue
+            nxt = self.next_time()
+            if nxt is None or nxt > deadline:
+                raise AssertionError(f"stuck at t={self.now:.3f}: nothing left to do and not done")
+            self.now = max(self.now, nxt)
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        self.run_until(lambda: self.now >= end and self.next_time_is_after(end), max_s=seconds + 1)
+
+    def next_time_is_after(self, t: float) -> bool:
+        nxt = self.next_time()
+        return nxt is None or nxt > t
+
+    def answer(self, node_id: str, prompt: tuple[int, ...], max_tokens: int, max_s: float = 60.0) -> Answer:
+        answer = self.ask(node_id, prompt, max_tokens)
+        self.run_until(lambda: answer.done, max_s)
+        return answer
+
+    def settle(self, max_s: float = 30.0) -> None:
+        """Until every node has the same active plan."""
+        self.run_until(self.one_active_plan, max_s)
+
+    def one_active_plan(self) -> bool:
+        keys = {n.core.book.active.key if n.core.book.active else None for n in self.nodes.values()}
+        return None not in keys and len(keys) == 1
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _cost(self, node: SimNode, job: Job) -> float:
+        if isinstance(job, Compute) and job.run_span:
+            start, end = node.shard.span
+            return (end - start) * node.ms_per_layer * node.slow_factor / 1000
+        return 0.0
+
+    def _finish(self, node_id: str, node: SimNode, job: Job) -> None:
+        node.jobs_run.append(job)
+        if isinstance(job, LoadSpan):
+            node.shard.load(job.start_layer, job.end_layer)
+            node.core.job_done(job.job_id, None, self.now)
+        elif isinstance(job, DropSessions):
+            for sid in job.session_ids:
+                node.shard.caches.pop(sid, None)
+            node.core.job_done(job.job_id, None, self.now)
+        else:
+            try:
+                result = node.shard.run(job)
+            except (ValueError, RuntimeError) as e:
+                node.core.job_failed(job.job_id, str(e), self.now)
+            else:
+                start, end = node.shard.span
+                ms = (end - start) * node.ms_per_layer * node.slow_factor if job.run_span else 0.0
+                node.core.job_done(job.job_id, dataclasses.replace(result, span_ms=ms), self.now)
+        self._collect(node_id)
+
+    def _collect(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        core = node.core
+        for send in core.sends():
+            node.sent.append(send.message)
+            if self.lose(node_id, send.dest, send.message):
+                continue
+            self.in_flight.append((self.now + self.latency_s, node_id, send.dest, wire.encode(send.message)))
+        node.queue.extend(core.jobs())
+        for event in core.events():
+            if isinstance(event, Logged):
+                node.log.append(event)
+            elif isinstance(event, SessionOutput):
+                answer = node.answers.setdefault(event.session_id, Answer())
+                if isinstance(event.item, Token):
+                    if event.item.id >= 0:
+                        answer.tokens.append(event.item.id)
+                    answer.finish_reason = event.item.finish_reason
+                elif isinstance(event.item, StateChange):
+                    answer.states.append(event.item.state)
+            elif isinstance(event, SessionEnded):
+                answer = node.answers.setdefault(event.session_id, Answer())
+                answer.done, answer.error = True, event.error

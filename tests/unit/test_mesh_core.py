@@ -1,0 +1,352 @@
+"""The mesh logic as pure tests: cores wired in memory, a fake clock, a toy model, no torch.
+
+Each scenario checks what a user sees: the answer is the one a single node gives, token for
+token; the mesh ends with one coordinator and one plan; an impossible request ends with a
+clear error, never a hang.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from meshllm import wire
+from meshllm.balance import BalanceSettings
+from meshllm.mesh import Compute, LoadSpan, MeshSettings
+from tests.unit.meshsim import HIDDEN, LAYER_BYTES, EMBED_HEAD_BYTES, LAYERS, Net, reference
+
+PROMPT = (5, 6, 7, 8, 9)
+OTHER_PROMPT = (11, 3, 42)
+
+
+def test_the_mesh_logic_needs_no_torch() -> None:
+    import subprocess  # other tests may have loaded torch here: check in a fresh interpreter
+
+    code = "import sys, meshllm.mesh; assert 'torch' not in sys.modules and 'asyncio' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def three_nodes(**kw: object) -> Net:
+    net = Net()
+    for n in "abc":
+        net.add(n, **kw)  # type: ignore[arg-type]
+    net.connect_all()
+    net.settle()
+    return net
+
+
+def test_three_nodes_elect_one_coordinator_and_every_entry_node_answers_exactly() -> None:
+    net = three_nodes()
+    assert len({n.core.coordinator_id for n in net.nodes.values()}) == 1
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and plan.stages[0].start_layer == 0 and plan.stages[-1].end_layer == LAYERS
+    want = reference(PROMPT, 24)
+    for n in "abc":
+        answer = net.answer(n, PROMPT, 24)
+        assert answer.error is None and answer.tokens == want and answer.finish_reason == "length"
+
+
+def test_a_lone_node_answers_each_token_with_one_job_and_sends_nothing() -> None:
+    net = Net()
+    node = net.add("solo")
+    net.settle()
+    node.jobs_run.clear()
+    answer = net.answer("solo", PROMPT, 16)
+    assert answer.tokens == reference(PROMPT, 16)
+    computes = [j for j in node.jobs_run if isinstance(j, Compute)]
+    assert len(computes) == 16  # the prompt, then one per generated token after the first
+    assert all(j.token_ids is not None and j.run_span and j.finish == "sample" for j in computes)
+    assert node.sent == []
+
+
+def test_the_entry_node_fuses_its_own_first_and_last_stages() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    for entry in (plan.node_ids[0], plan.node_ids[-1]):
+        node = net.nodes[entry]
+        node.jobs_run.clear()
+        assert net.answer(entry, PROMPT, 8).tokens == reference(PROMPT, 8)
+        mine = [j for j in node.jobs_run if isinstance(j, Compute) and j.session_id.startswith(f"{entry}/")]
+        assert len(mine) == 2 * 8  # per step: one job going out, one coming back; never a third
+        if entry == plan.node_ids[0]:
+            assert all(j.run_span for j in mine if j.token_ids is not None)  # embed + layers
+        else:
+            assert all(j.run_span and j.finish == "sample" for j in mine if j.token_ids is None)  # layers + head
+
+
+def test_two_answers_from_two_entry_nodes_at_once() -> None:
+    net = three_nodes()
+    first = net.ask("a", PROMPT, 20)
+    second = net.ask("c", OTHER_PROMPT, 20)
+    net.run_until(lambda: first.done and second.done)
+    assert first.tokens == reference(PROMPT, 20)
+    assert second.tokens == reference(OTHER_PROMPT, 20)
+
+
+def kill_when(net: Net, answer_node: str, victim_of, tokens: int, max_tokens: int = 40):  # type: ignore[no-untyped-def]
+    answer = net.ask(answer_node, PROMPT, max_tokens)
+    net.run_until(lambda: len(answer.tokens) >= tokens)
+    victim = victim_of(net)
+    net.kill(victim)
+    net.run_until(lambda: answer.done)
+    return answer, victim
+
+
+def test_a_stage_lost_mid_answer_is_replanned_and_the_answer_is_unchanged() -> None:
+    net = three_nodes()
+    coordinator = net.nodes["a"].core.coordinator_id
+
+    def a_stage(net: Net) -> str:
+        return next(n for n in ("b", "c") if n != coordinator)
+
+    answer, victim = kill_when(net, "a", a_stage, 10)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert answer.states == ["replanning", "running"]
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and victim not in plan.node_ids
+
+
+def test_the_coordinator_lost_mid_answer_a_new_one_replans_and_the_answer_is_unchanged() -> None:
+    net = three_nodes()
+    coordinator = net.nodes["a"].core.coordinator_id
+    entry = next(n for n in "abc" if n != coordinator)
+    answer, victim = kill_when(net, entry, lambda net: coordinator, 7)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    net.settle()
+    survivors = {n.core.coordinator_id for n in net.nodes.values()}
+    assert len(survivors) == 1 and victim not in survivors
+
+
+def test_a_partition_that_heals_leaves_one_coordinator_and_one_plan() -> None:
+    net = Net()
+    for n in "abcd":
+        net.add(n)
+    net.connect_all()
+    net.settle()
+    net.partition({"a", "b"}, {"c", "d"})
+    net.run_for(3.0)
+    # each side now answers on its own, exactly
+    assert net.answer("a", PROMPT, 12).tokens == reference(PROMPT, 12)
+    assert net.answer("d", PROMPT, 12).tokens == reference(PROMPT, 12)
+    net.connect_all()
+    net.settle()
+    assert len({n.core.coordinator_id for n in net.nodes.values()}) == 1
+    assert len({n.core.election.term for n in net.nodes.values()}) == 1
+    assert net.answer("b", OTHER_PROMPT, 12).tokens == reference(OTHER_PROMPT, 12)
+
+
+def test_a_clean_leave_hands_the_layers_over_before_the_node_goes() -> None:
+    net = three_nodes()
+    coordinator = net.nodes["a"].core.coordinator_id
+    leaver = next(n for n in "abc" if n != coordinator and n != "a")
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 12)
+    assert net.nodes[leaver].core.leave(net.now)
+    net.run_until(lambda: net.nodes[leaver].core.leave_settled)
+    net.nodes[leaver].core.stop_loading()
+    net.kill(leaver)  # only after the others hold its layers
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and leaver not in plan.node_ids
+    assert any("is leaving" in e.message for e in net.nodes[coordinator].log)
+
+
+def test_a_lone_node_with_nobody_to_hand_over_to_just_goes() -> None:
+    net = Net()
+    net.add("solo")
+    net.settle()
+    assert net.nodes["solo"].core.leave(net.now) is False
+
+
+def test_too_little_memory_fails_fast_with_the_shortfall_then_recovers_when_a_node_joins() -> None:
+    need = LAYERS * LAYER_BYTES + EMBED_HEAD_BYTES
+    net = Net()
+    net.add("a", mem_budget_bytes=need // 3)
+    net.add("b", mem_budget_bytes=need // 3)
+    net.connect_all()
+    net.run_until(lambda: all(n.core.placement_error for n in net.nodes.values()))
+    answer = net.answer("a", PROMPT, 8)
+    assert answer.error is not None and "bytes" in answer.error
+    net.add("c", mem_budget_bytes=need)
+    net.connect_all()
+    net.settle()
+    assert net.answer("b", PROMPT, 8).tokens == reference(PROMPT, 8)
+
+
+def test_a_late_joiner_learns_the_plan_can_ask_and_does_not_break_an_answer_in_progress() -> None:
+    net = three_nodes()
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 10)
+    net.add("d")
+    net.connect_all()
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    net.settle()
+    assert net.nodes["d"].core.book.active is not None
+    assert net.answer("d", OTHER_PROMPT, 10).tokens == reference(OTHER_PROMPT, 10)
+
+
+def test_a_stage_that_turns_slow_is_given_fewer_layers_mid_answer() -> None:
+    fast = BalanceSettings(min_reports=3, min_drift_s=0.3, min_interval_s=0.5, min_steps=3)
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, report_interval_s=0.1, balance=fast)
+    net = Net()
+    for n in "abc":
+        net.add(n, settings=settings)
+    net.connect_all()
+    net.settle()
+    before = net.nodes["a"].core.book.active
+    assert before is not None
+    slow = before.node_ids[1]
+    layers_before = before.span_of(slow)[1] - before.span_of(slow)[0]
+    net.nodes[slow].slow_factor = 8.0  # another program took the device
+    answer = net.answer("a", PROMPT, 200)
+    assert answer.tokens == reference(PROMPT, 200)  # re-planned mid-answer, and still exact
+    after = net.nodes["a"].core.book.active
+    assert after is not None and after.key != before.key
+    assert after.span_of(slow)[1] - after.span_of(slow)[0] < layers_before
+    assert any("rebalancing" in e.message for n in net.nodes.values() for e in n.log)
+
+
+def test_a_step_that_always_fails_ends_the_answer_with_an_error_not_a_hang() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    broken = next(n for n in plan.node_ids if n != "a")
+
+    def refuse(job: Compute):  # type: ignore[no-untyped-def]
+        raise ValueError("this stage is broken")
+
+    net.nodes[broken].shard.run = refuse  # type: ignore[method-assign]
+    answer = net.answer("a", PROMPT, 8)
+    assert answer.error is not None and "keep failing" in answer.error
+
+
+def test_a_step_with_no_result_times_out_and_is_retried() -> None:
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, step_timeout_s=2.0)
+    net = Net()
+    for n in "abc":
+        net.add(n, settings=settings)
+    net.connect_all()
+    net.settle()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    last = plan.node_ids[-1] if plan.node_ids[-1] != "a" else plan.node_ids[-2]
+    dropped: list[wire.Message] = []
+
+    def lose_the_first_step(sender: str, dest: str, msg: wire.Message) -> bool:
+        if sender == last and not dropped and isinstance(msg, (wire.Result, wire.Forward)):
+            dropped.append(msg)
+            return True
+        return False
+
+    net.lose = lose_the_first_step
+    answer = net.answer("a", PROMPT, 8)
+    assert dropped and answer.error is None and answer.tokens == reference(PROMPT, 8)
+
+
+def test_a_cancelled_answer_ends_with_a_cancelled_token_and_frees_every_stage() -> None:
+    net = three_nodes()
+    answer = net.ask("a", PROMPT, 100)
+    net.run_until(lambda: len(answer.tokens) >= 5)
+    sid = next(iter(net.nodes["a"].answers))
+    net.nodes["a"].core.cancel_session(sid, net.now)
+    net.run_until(lambda: answer.done)
+    assert answer.finish_reason == "cancelled" and answer.error is None
+    net.run_for(0.5)
+    assert all(sid not in n.shard.caches for n in net.nodes.values())
+
+
+def test_no_plan_in_time_is_a_clear_error() -> None:
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=1.0)
+    net = Net()
+    net.add("a", settings=settings)
+    net.add("b", settings=settings).frozen = True  # hangs: never loads its layers
+    net.connect_all()
+    answer = net.answer("a", PROMPT, 4, max_s=5.0)
+    assert answer.error is not None and "no active plan" in answer.error
+    assert answer.states == ["replanning"]
+
+
+# -- bad input from peers -------------------------------------------------------------------
+
+
+def forward(net: Net, sender: str, target: str, *, hidden: np.ndarray, session: str | None = None,
+            route: tuple[str, ...] | None = None) -> None:
+    plan = net.nodes[target].core.book.active
+    assert plan is not None
+    msg = wire.Forward(session or f"{sender}/99", 0, plan.key[0], plan.key[1], 0,
+                       wire.encode_tensor(hidden, "f32"), route or (sender,))
+    net.nodes[target].core.receive(sender, msg, net.now)
+
+
+def refusals(net: Net, node: str) -> list[wire.StepFailed]:
+    return [m for m in net.nodes[node].sent if isinstance(m, wire.StepFailed)]
+
+
+def test_bad_steps_from_a_peer_are_refused_and_the_mesh_carries_on() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage = plan.node_ids[1]
+    peer = next(n for n in "abc" if n != stage)
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN + 1), np.float32))  # wrong width
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), session="someone-else/1")
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), route=("intruder",))
+    net.nodes[stage].core.receive(peer, wire.Plan(0, 0, (wire.Stage(peer, 0, 2),), "f32"), net.now)  # short plan
+    refused = [s.message for s in net.nodes[stage].core.sends() if isinstance(s.message, wire.StepFailed)]
+    assert [m.code for m in refused] == ["bad_step", "bad_step"]  # nothing is sent to an unknown "intruder"
+    assert not [j for j in net.nodes[stage].core.jobs() if isinstance(j, Compute)]
+    for n in "abc":
+        assert net.answer(n, PROMPT, 10).tokens == reference(PROMPT, 10)
+
+
+def test_a_flood_of_steps_is_refused_as_busy_beyond_the_queue_bound() -> None:
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, max_queued_steps=4)
+    net = Net()
+    for n in "ab":
+        net.add(n, settings=settings)
+    net.connect_all()
+    net.settle()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage, peer = plan.node_ids[-1], plan.node_ids[0]
+    assert stage != peer  # two equal nodes split the layers
+    for i in range(10):
+        forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), session=f"{peer}/{100 + i}")
+    sent = net.nodes[stage].core.sends()
+    busy = [s.message for s in sent if isinstance(s.message, wire.StepFailed) and s.message.code == "busy"]
+    assert len(busy) == 6
+    assert len([j for j in net.nodes[stage].core.jobs() if isinstance(j, Compute)]) == 4
+
+
+def test_a_node_only_loads_plans_not_below_what_it_has_seen() -> None:
+    net = three_nodes()
+    node = net.nodes["b"]
+    key = node.core.book.active.key  # type: ignore[union-attr]
+    old = wire.Plan(key[0], key[1], (wire.Stage("a", 0, LAYERS),), "f32")
+    node.core.receive("a", old, net.now)
+    assert not [j for j in node.core.jobs() if isinstance(j, LoadSpan)]
+    assert node.core.book.active is not None and node.core.book.active.key == key
+
+
+def test_nodes_that_each_coordinated_alone_merge_into_one_active_plan() -> None:
+    """Nodes that start apart each win term 1 alone and publish their own plans; when they
+    link, the winner's next plan must outrank every plan of that term, or no plan activates."""
+    net = Net()
+    net.add("a")
+    net.add("b")
+    net.add("z", ms_per_layer=0.5)  # faster: it wins, and its plan differs from a and b's
+    net.run_for(1.0)  # each one alone: coordinator of term 1, plan 1.1
+    net.connect("a", "b")
+    net.run_for(1.0)  # a and b: one of them publishes plan 1.2
+    net.connect("a", "z")
+    net.connect("b", "z")  # z outranks both and publishes its second plan
+    net.run_for(1.0)
+    net.settle()
+    coordinators = {n.core.coordinator_id for n in net.nodes.values()}
+    assert coordinators == {"z"}
+    assert {n.core.book.active.coordinator_id for n in net.nodes.values()} == {"z"}  # type: ignore[union-attr]
+    assert net.answer("a", PROMPT, 8).tokens == reference(PROMPT, 8)
