@@ -197,6 +197,7 @@ class LinkManager:
             raise ValueError("need 0 < heartbeat_interval_s < lost_after_s")
         if send_high_water_bytes < 1:
             raise ValueError("send_high_water_bytes must be positive")
+        _install_aiortc_tuning()
         self._hello = hello
         self._ice_servers = [RTCIceServer(urls=url) for url in ice_servers]
         self._loopback = loopback
@@ -508,16 +509,35 @@ class LinkManager:
     # --- sending --------------------------------------------------------------------------
 
     async def send(self, peer_id: str, msg: Message, *, channel: str = "control") -> int:
-        """Send one message, framed into data-channel pieces; return its encoded size in bytes.
-        Waits while the channel has more than the high-water mark queued. Raises LinkError
-        when there is no link or it ends meanwhile."""
+        """Send one message to ``peer_id``; return its encoded size in bytes.
+
+        The message travels in data-channel pieces (:func:`meshllm.wire.split_frames`: one
+        piece for any message under 256 KiB). Waits while the channel has more than the
+        high-water mark queued (backpressure).
+
+        Raises:
+            LinkError: for every link-level failure, and only then: there is no link to the
+                peer (or it is not up yet), the link goes down before or while the message
+                is handed over, the channel is closed, or aiortc fails while sending
+                (``InvalidStateError``, ``ConnectionError``, ``OSError``, ...). The link is
+                closed (reported once as LinkDown) when the failure was aiortc's.
+                ``LinkError.peer_id`` is ``peer_id``.
+            ValueError: a programming error: ``channel`` is not one of :data:`CHANNEL_IDS`,
+                or ``msg`` is not a message that can be encoded.
+
+        A message that was handed over before the link went down may or may not arrive;
+        callers that need to know wait for an answer.
+        """
         if channel not in CHANNEL_IDS:
             raise ValueError(f"unknown channel {channel!r}; one of {sorted(CHANNEL_IDS)}")
+        try:
+            data = encode(msg)
+        except WireError as exc:
+            raise ValueError(f"cannot send {type(msg).__name__}: {exc}") from exc
         link = self._links.get(peer_id)
         if link is None or link.state != "up":
             raise LinkError(f"no link to {peer_id}", peer_id)
         ch = link.channels[channel]
-        data = encode(msg)
         async with ch.send_lock:
             for piece in split_frames(data, ch.take_message_id()):
                 while link.state == "up" and ch.dc.bufferedAmount > self._high_water_bytes:
@@ -526,10 +546,14 @@ class LinkManager:
                 if link.state != "up":
                     raise LinkError(f"link to {peer_id} lost: {link.down_reason}", peer_id)
                 try:
-                    ch.dc.send(piece)
+                    await _send_piece(ch.dc, piece)
                 except InvalidStateError:
                     self._finish(link, "channel closed")
                     raise LinkError(f"link to {peer_id} lost: channel closed", peer_id) from None
+                except Exception as exc:  # aiortc/aioice/OpenSSL: ConnectionError, OSError, ...
+                    self._finish(link, "send failed")
+                    raise LinkError(f"link to {peer_id} lost: send failed: {exc!r}",
+                                    peer_id) from exc
         return len(data)
 
     def _send_now(self, link: _Link, channel: str, msg: Message) -> None:
@@ -652,3 +676,167 @@ async def _read_json(request: web.Request) -> object:
         return json.loads(raw)
     except ValueError as exc:
         raise SignalingRefused(400, f"body is not JSON: {exc}") from exc
+
+
+# --- aiortc tuning for small messages ------------------------------------------------------
+#
+# A decode hop is one small message (~2.4 KB) each way. aiortc 1.16 spends most of a hop's
+# time per datagram (DTLS, SCTP, aioice and a loop turn each), and with its defaults a hop
+# takes 6 datagrams: 3 DATA packets (a packet carries at most 1,160 bytes of user data, sized
+# for the 1,280-byte minimum IPv6 MTU) and 3 SACKs (it acknowledges every packet at once).
+# Three patches, measured with scripts/bench_hop.py (docs/benchmarks.md, "One hop, broken
+# down"), make it 3 datagrams:
+#
+# 1. SCTP packets carry up to SCTP_USERDATA_BYTES (1,232) bytes of user data, so an f32 decode
+#    hop (2,304 bytes of tensor, ~2,400 as a Forward) is 2 DATA packets. A datagram is then at
+#    most 1,260 + 37 (DTLS) bytes: 1,325 bytes with IPv4 and UDP headers, 1,345 with IPv6,
+#    within any Ethernet, Wi-Fi or WireGuard MTU (the paths a LAN mesh uses); a path below
+#    that (some IPv6 tunnels) would drop them. A peer with stock aiortc takes them as they are
+#    (its DTLS reads records of up to 1,500 bytes, its SCTP any chunk size).
+# 2. Delayed SACK (RFC 4960 section 6.2): acknowledge every second packet that carries DATA at
+#    once, a lone one after SACK_DELAY_S, and at once whenever a TSN is missing or duplicated.
+#    aiortc's retransmission timer is at least 1 s, far above the delay.
+# 3. LinkManager.send hands a piece to SCTP in its own task (``_send_piece``) instead of
+#    aiortc creating a task per send that does it on a later loop turn; other sends (the
+#    heartbeats of ``_send_now``) share one such task per loop turn. This also makes a failing
+#    transport (ConnectionError) raise in ``send`` (as LinkError), not in an orphan task.
+#
+# Two more were measured and left out (each under 1.5% of a hop, not worth patching pyOpenSSL
+# and aioice internals): skipping the failing ``bio_read`` after every decrypted datagram
+# (1.7 us each) and aioice's attempt to parse every DTLS datagram as STUN (0.8 us each).
+#
+# Nothing here touches encryption: every datagram is still DTLS. The patches are installed
+# once per process by the first LinkManager, and only on the aiortc version they were written
+# against (TUNED_AIORTC_VERSION); on another the stock code runs and a log line says so.
+
+TUNED_AIORTC_VERSION = "1.16.0"
+SCTP_USERDATA_BYTES = 1232
+"""Most user data in one SCTP DATA chunk (aiortc's default: 1,160)."""
+SACK_DELAY_S = 0.02
+"""Longest a received packet waits for its SACK (RFC 4960 allows 200 ms)."""
+_tuned: bool | None = None
+
+
+def aiortc_tuned() -> bool:
+    """Whether the patches above are installed in this process."""
+    return bool(_tuned)
+
+
+def _install_aiortc_tuning() -> bool:
+    """Install the patches once; return whether they are in force."""
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    import importlib.metadata
+
+    found = importlib.metadata.version("aiortc")
+    if found != TUNED_AIORTC_VERSION:
+        log.info("links: aiortc %s runs as it is (the small-message tuning is for %s)",
+                 found, TUNED_AIORTC_VERSION)
+        _tuned = False
+        return False
+    _patch_sctp()
+    _tuned = True
+    return True
+
+
+async def _send_piece(dc: RTCDataChannel, piece: bytes) -> None:
+    """``dc.send(piece)``; when tuned, also hands the piece to SCTP now (see 3. above)."""
+    if not _tuned:
+        dc.send(piece)
+        return
+    sctp: Any = dc.transport
+    sctp._meshllm_inline = True
+    try:
+        dc.send(piece)
+    finally:
+        sctp._meshllm_inline = False
+    await sctp._data_channel_flush()
+
+
+def _patch_sctp() -> None:
+    from aiortc import rtcsctptransport as sctp_module
+    from aiortc.rtcsctptransport import RTCSctpTransport
+
+    sctp_module.USERDATA_MAX_LENGTH = SCTP_USERDATA_BYTES
+    established = RTCSctpTransport.State.ESTABLISHED
+    original_send_sack = RTCSctpTransport._send_sack
+    original_data_channel_flush = RTCSctpTransport._data_channel_flush
+
+    cls: Any = RTCSctpTransport
+    cls._meshllm_unsacked = 0
+    cls._meshllm_sack_timer = None
+    cls._meshllm_inline = False
+    cls._meshllm_flush_pending = False
+
+    async def _send_sack(self: Any) -> None:
+        self._meshllm_unsacked = 0
+        if self._meshllm_sack_timer is not None:
+            self._meshllm_sack_timer.cancel()
+            self._meshllm_sack_timer = None
+        await original_send_sack(self)
+
+    async def _delayed_sack(self: Any) -> None:
+        try:
+            await self._send_sack()
+        except ConnectionError:  # DTLS closed meanwhile: nothing to acknowledge any more
+            pass
+
+    def _sack_timer_fired(self: Any) -> None:
+        self._meshllm_sack_timer = None
+        if self._sack_needed and self._association_state == established:
+            asyncio.ensure_future(_delayed_sack(self))
+
+    async def _handle_data(self: Any, data: bytes) -> None:
+        # aiortc 1.16's _handle_data, with a delayed SACK at the end.
+        try:
+            _, _, verification_tag, chunks = sctp_module.parse_packet(data)
+        except ValueError:
+            return
+        if any(isinstance(chunk, sctp_module.InitChunk) for chunk in chunks):
+            assert len(chunks) == 1
+            expected_tag = 0
+        else:
+            expected_tag = self._local_verification_tag
+        if verification_tag != expected_tag:
+            return
+        for chunk in chunks:
+            await self._receive_chunk(chunk)
+        if not self._sack_needed:
+            return
+        self._meshllm_unsacked += 1
+        if (self._meshllm_unsacked >= 2 or self._sack_misordered or self._sack_duplicates
+                or self._association_state != established):
+            await self._send_sack()
+        elif self._meshllm_sack_timer is None:
+            self._meshllm_sack_timer = self._loop.call_later(SACK_DELAY_S, _sack_timer_fired, self)
+
+    async def _flush_task(self: Any) -> None:
+        self._meshllm_flush_pending = False
+        await original_data_channel_flush(self)
+
+    def _data_channel_send(self: Any, channel: RTCDataChannel, data: bytes | str) -> None:
+        # aiortc 1.16's _data_channel_send; the flush runs in the caller (see _send_piece), or
+        # in one task for all the sends of a loop turn instead of one task per send.
+        if data == "":
+            pp_id, user_data = sctp_module.WEBRTC_STRING_EMPTY, b"\x00"
+        elif isinstance(data, str):
+            pp_id, user_data = sctp_module.WEBRTC_STRING, data.encode("utf8")
+        elif data == b"":
+            pp_id, user_data = sctp_module.WEBRTC_BINARY_EMPTY, b"\x00"
+        else:
+            pp_id, user_data = sctp_module.WEBRTC_BINARY, data
+        if self._remote_max_message_size and len(user_data) > self._remote_max_message_size:
+            raise ValueError(
+                f"Cannot send message of {len(user_data)} bytes, the remote party "
+                f"only supports messages up to {self._remote_max_message_size} bytes"
+            )
+        channel._addBufferedAmount(len(user_data))
+        self._data_channel_queue.append((channel, pp_id, user_data))
+        if not self._meshllm_inline and not self._meshllm_flush_pending:
+            self._meshllm_flush_pending = True
+            asyncio.ensure_future(_flush_task(self))
+
+    cls._send_sack = _send_sack
+    cls._handle_data = _handle_data
+    cls._data_channel_send = _data_channel_send

@@ -139,8 +139,9 @@ class BenchNode:
 # --- a busy torch thread --------------------------------------------------------------------
 
 
-def start_torch_thread() -> threading.Event:
-    """A daemon thread running small matmuls until the returned event is set."""
+def start_torch_thread() -> Callable[[], None]:
+    """A daemon thread running small matmuls until the returned function is called (which
+    waits for the thread to end: torch aborts the process when it exits under a busy thread)."""
     import torch
 
     torch.set_num_threads(1)
@@ -154,8 +155,14 @@ def start_torch_thread() -> threading.Event:
                 for _ in range(10):
                     a = torch.tanh(a @ b * 0.01)
 
-    threading.Thread(target=spin, name="bench-torch", daemon=True).start()
-    return stop
+    thread = threading.Thread(target=spin, name="bench-torch", daemon=True)
+    thread.start()
+
+    def stop_and_join() -> None:
+        stop.set()
+        thread.join(timeout=10)
+
+    return stop_and_join
 
 
 # --- the origin: sends a step around the ring and times it ----------------------------------
@@ -210,7 +217,7 @@ async def serve_child(index: int, torch_thread: bool) -> None:
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 print(f"error {exc!r}", flush=True)
     if stop is not None:
-        stop.set()
+        stop()
     await node.close()
 
 
@@ -290,7 +297,7 @@ async def measure(mode: str, hops: int, warmup: int, torch_thread: bool,
             profiler.dump_stats(profile_to)
     finally:
         if stop is not None:
-            stop.set()
+            stop()
         for child in children:
             child.close()
         for node in locals_:
@@ -417,16 +424,21 @@ def compare(args: argparse.Namespace) -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             results[label].append(row)
             print(f"round {r + 1} {label:4s}: median {row['median_ms']:.3f} ms/hop, "
-                  f"p90 {row['p90_ms']:.3f}", flush=True)
+                  f"p90 {row['p90_ms']:.3f}, mean {row['mean_ms']:.3f}", flush=True)
     med = {label: statistics.median(row["median_ms"] for row in rows) for label, rows in results.items()}
     p90 = {label: statistics.median(row["p90_ms"] for row in rows) for label, rows in results.items()}
+    mean = {label: statistics.median(row["mean_ms"] for row in rows) for label, rows in results.items()}
     ratios = [t["median_ms"] / b["median_ms"] for t, b in zip(results["this"], results["base"])]
     print(f"\n{args.mode}{' + torch thread' if args.torch_thread else ''}: per hop, median of "
           f"{args.rounds} rounds x {args.hops} hops")
-    print(f"  base ({base}): median {med['base']:.3f} ms, p90 {p90['base']:.3f} ms")
-    print(f"  this ({ROOT}): median {med['this']:.3f} ms, p90 {p90['this']:.3f} ms")
+    for label, tree in trees:
+        print(f"  {label} ({tree}): median {med[label]:.3f} ms, p90 {p90[label]:.3f} ms, "
+              f"mean {mean[label]:.3f} ms")
     print(f"  this / base, round by round: {', '.join(f'{r:.2f}' for r in ratios)} "
           f"(median {statistics.median(ratios):.2f})")
+    mean_ratios = [t["mean_ms"] / b["mean_ms"] for t, b in zip(results["this"], results["base"])]
+    print(f"  this / base of the means: {', '.join(f'{r:.2f}' for r in mean_ratios)} "
+          f"(median {statistics.median(mean_ratios):.2f})")
 
 
 def breakdown(args: argparse.Namespace) -> None:

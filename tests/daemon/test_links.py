@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from daemon.links import LinkDown, LinkError, LinkManager, LinkUp
+from daemon.links import LinkDown, LinkError, LinkManager, LinkUp, aiortc_tuned
 from daemon.loopback import loopback_ice, usable_candidates
 from daemon.signaling import (
     SIGNAL_PATH,
@@ -34,6 +35,7 @@ from daemon.signaling import (
 from meshllm.wire import (
     MAX_FRAME_BYTES,
     Error,
+    Forward,
     Heartbeat,
     Hello,
     Message,
@@ -615,3 +617,122 @@ async def test_no_key_logs_a_warning(make_node: MakeNode, caplog: pytest.LogCapt
     await make_node(1)
     assert any("no mesh key: anyone on this network can join this mesh" in r.getMessage()
                for r in caplog.records)
+
+
+# --- send's declared errors and the small-message path ---------------------------------------
+
+
+async def test_a_send_to_a_peer_whose_link_just_went_down_raises_link_error(
+    make_node: MakeNode,
+) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+
+    b.lm.drop(a.node_id, "going away")
+    await wait_until(lambda: len(a.downs) == 1)
+
+    for channel in ("control", "activation"):
+        with pytest.raises(LinkError) as caught:
+            await a.lm.send(b.node_id, Error(code="x", message="still there?"), channel=channel)
+        assert caught.value.peer_id == b.node_id
+    with pytest.raises(ValueError, match="unknown channel"):
+        await a.lm.send(b.node_id, Error(code="x", message="y"), channel="nope")
+
+
+@pytest.mark.parametrize("failure", [ConnectionError("DTLS gone"), OSError(101, "unreachable")])
+async def test_an_aiortc_failure_while_sending_raises_link_error_and_ends_the_link(
+    make_node: MakeNode, failure: Exception,
+) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+    dc = a.lm._links[b.node_id].channels["activation"].dc
+
+    def broken_send(data: bytes | str) -> None:
+        raise failure
+
+    dc.send = broken_send  # type: ignore[method-assign]
+
+    with pytest.raises(LinkError, match="send failed") as caught:
+        await a.lm.send(b.node_id, Error(code="x", message="y"), channel="activation")
+
+    assert caught.value.peer_id == b.node_id
+    assert a.downs == [LinkDown(b.node_id, "send failed")]
+    with pytest.raises(LinkError, match="no link"):
+        await a.lm.send(b.node_id, Error(code="x", message="y"))
+
+
+async def test_a_transport_that_fails_under_send_raises_link_error(make_node: MakeNode) -> None:
+    if not aiortc_tuned():
+        pytest.skip("stock aiortc hands pieces to SCTP in a task of its own")
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+    sctp: Any = a.lm._links[b.node_id].channels["activation"].dc.transport
+
+    async def broken_flush() -> None:
+        raise ConnectionError("Cannot send encrypted data, not connected")
+
+    sctp._data_channel_flush = broken_flush
+
+    with pytest.raises(LinkError, match="send failed"):
+        await a.lm.send(b.node_id, Error(code="x", message="y"), channel="activation")
+    assert a.downs == [LinkDown(b.node_id, "send failed")]
+
+
+def decode_step(seq: int, positions: int = 1) -> Forward:
+    hidden = np.random.default_rng(seq).standard_normal((positions, 576), dtype=np.float32)
+    return Forward(session_id=f"n-{1:016x}/{seq}", seq=seq, term=1, epoch=1, start_pos=seq,
+                   hidden=encode_tensor(hidden, "f32", compress=False),
+                   route=(f"n-{2:016x}", f"n-{1:016x}"))
+
+
+async def test_decode_steps_ping_pong_intact_in_two_sctp_packets_each(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+    steps = [decode_step(seq) for seq in range(50)]
+    if aiortc_tuned():
+        from aiortc import rtcsctptransport
+
+        size = len(encode(steps[0])) + 8  # one piece: the message and its frame header
+        assert math.ceil(size / rtcsctptransport.USERDATA_MAX_LENGTH) == 2
+
+    for step in steps:  # one at a time, each echoed back: every SACK path gets exercised
+        await a.lm.send(b.node_id, step, channel="activation")
+        await wait_until(lambda: len(b.received(Forward)) == step.seq + 1)
+        await b.lm.send(a.node_id, b.received(Forward)[-1], channel="activation")
+        await wait_until(lambda: len(a.received(Forward)) == step.seq + 1)
+
+    assert b.received(Forward) == steps
+    assert a.received(Forward) == steps
+    np.testing.assert_array_equal(decode_tensor(a.received(Forward)[7].hidden),
+                                  decode_tensor(steps[7].hidden))
+    assert a.downs == [] and b.downs == []
+
+
+async def test_a_burst_of_small_and_large_messages_arrives_in_order(make_node: MakeNode) -> None:
+    # Heartbeats far apart: only the delayed-SACK timer acknowledges a lone packet.
+    a = await make_node(1, heartbeat_interval_s=30.0, lost_after_s=60.0)
+    b = await make_node(2, heartbeat_interval_s=30.0, lost_after_s=60.0)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+    sctp: Any = a.lm._links[b.node_id].channels["activation"].dc.transport
+
+    await a.lm.send(b.node_id, Error(code="lone", message="one packet"))
+    await wait_until(lambda: len(b.received(Error)) == 1)
+    await wait_until(lambda: not sctp._sent_queue, timeout_s=2.0)  # acknowledged all the same
+
+    sent = [decode_step(seq, positions=1 + seq % 40) for seq in range(60)]
+    await asyncio.gather(*(a.lm.send(b.node_id, msg, channel="activation") for msg in sent))
+    for seq in range(5):
+        a.lm._send_now(a.lm._links[b.node_id], "control", Error(code="lone", message=str(seq)))
+
+    await wait_until(lambda: len(b.received(Forward)) == 60 and len(b.received(Error)) == 6)
+    assert b.received(Forward) == sent
+    await wait_until(lambda: not sctp._sent_queue, timeout_s=2.0)
