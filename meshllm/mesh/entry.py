@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 MAX_STEP_RETRIES = 4
 """Consecutive failed steps of one session under one plan before the answer fails."""
 
+STALE_RETRY_S = 0.5
+"""After a stage refused a step as "stale_plan" (it already moved to a newer plan that this
+node has not heard of yet), how long to wait for that plan before retrying on the old one."""
+
 
 @dataclass
 class _InFlight:
@@ -58,6 +62,8 @@ class _Answer:
     """While no plan is active: when the answer gives up waiting for one."""
     cancel: bool = False
     step: _InFlight | None = None
+    retry_at: float | None = None
+    """After a "stale_plan" refusal: no retry on the same plan before then."""
 
 
 class EntrySessions:
@@ -120,6 +126,8 @@ class EntrySessions:
     def step_failed(self, sender: str, msg: wire.StepFailed, now: float) -> None:
         answer = self._answers.get(msg.session_id)
         if answer is not None and answer.step is not None and answer.step.seq == msg.seq:
+            if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
+                answer.retry_at = now + STALE_RETRY_S
             self._lose(answer, f"{sender}: {msg.code}: {msg.message}", now)
 
     def result(self, sender: str, msg: wire.Result, now: float) -> None:
@@ -195,12 +203,13 @@ class EntrySessions:
             step = answer.step
             if step is not None and step.deadline is not None and step.deadline <= now:
                 self._lose(answer, f"no result after {self._core.settings.step_timeout_s:.0f} s", now)
-            elif answer.plan_deadline is not None and answer.plan_deadline <= now:
+            elif any(d is not None and d <= now for d in (answer.plan_deadline, answer.retry_at)):
                 self._advance(answer, now)
 
     def next_timer(self) -> float | None:
         deadlines = [d for a in self._answers.values()
-                     for d in (a.plan_deadline, a.step.deadline if a.step else None) if d is not None]
+                     for d in (a.plan_deadline, a.retry_at, a.step.deadline if a.step else None)
+                     if d is not None]
         return min(deadlines, default=None)
 
     def stop(self, reason: str) -> None:
@@ -236,6 +245,10 @@ class EntrySessions:
                 self._pause(answer)
                 return
             answer.plan_deadline = None
+            if answer.retry_at is not None:
+                if plan.key == answer.plan_key and now < answer.retry_at:
+                    return  # a stage refused this plan as stale: wait for the newer one
+                answer.retry_at = None
             if answer.plan_key is not None and plan.key != answer.plan_key:
                 session.restart()  # the caches live on the old plan's stages: replay
                 answer.failures = 0

@@ -9,6 +9,7 @@ wrong order changes the tokens. Every message is encoded and decoded on the way.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,9 +143,12 @@ class Net:
         self.latency_s = latency_s
         self.nodes: dict[str, SimNode] = {}
         self.links: set[frozenset[str]] = set()
-        self.in_flight: deque[tuple[float, str, str, bytes]] = deque()
+        self.in_flight: list[tuple[float, int, str, str, bytes]] = []
+        self._seq = 0
         self.lose: Callable[[str, str, wire.Message], bool] = lambda sender, dest, msg: False
         """Which messages the network loses (sender, destination, message)."""
+        self.extra_latency_s: Callable[[str, str, wire.Message], float] = lambda sender, dest, msg: 0.0
+        """A further delay for some messages (a link with a backlog)."""
 
     def add(self, node_id: str, *, mem_budget_bytes: int = 10**6, ms_per_layer: float = 1.0,
             settings: MeshSettings | None = None) -> SimNode:
@@ -210,7 +214,7 @@ class Net:
         """Deliver what is due and finish the jobs that are due; False when nothing was."""
         progressed = False
         while self.in_flight and self.in_flight[0][0] <= self.now:
-            _, sender, dest, data = self.in_flight.popleft()
+            _, _, sender, dest, data = heapq.heappop(self.in_flight)
             if dest in self.nodes and frozenset((sender, dest)) in self.links:
                 self.nodes[dest].core.receive(sender, wire.decode(data), self.now)
                 self._collect(dest)
@@ -236,7 +240,7 @@ class Net:
         return progressed
 
     def next_time(self) -> float | None:
-        times = [t for t, *_ in list(self.in_flight)[:1]]
+        times = [self.in_flight[0][0]] if self.in_flight else []
         for node in self.nodes.values():
             if node.running is not None:
                 times.append(node.running[0])
@@ -312,7 +316,9 @@ class Net:
             node.sent.append(send.message)
             if self.lose(node_id, send.dest, send.message):
                 continue
-            self.in_flight.append((self.now + self.latency_s, node_id, send.dest, wire.encode(send.message)))
+            due = self.now + self.latency_s + self.extra_latency_s(node_id, send.dest, send.message)
+            self._seq += 1
+            heapq.heappush(self.in_flight, (due, self._seq, node_id, send.dest, wire.encode(send.message)))
         node.queue.extend(core.jobs())
         for event in core.events():
             if isinstance(event, Logged):

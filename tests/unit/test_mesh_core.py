@@ -350,3 +350,16 @@ def test_nodes_that_each_coordinated_alone_merge_into_one_active_plan() -> None:
     assert coordinators == {"z"}
     assert {n.core.book.active.coordinator_id for n in net.nodes.values()} == {"z"}  # type: ignore[union-attr]
     assert net.answer("a", PROMPT, 8).tokens == reference(PROMPT, 8)
+
+
+def test_an_entry_node_that_hears_of_a_new_plan_late_waits_instead_of_giving_up() -> None:
+    """The stages already refuse the old plan ("stale_plan") while the entry node's copy of
+    the new plan is still on its way: that is the mesh moving, not a failing mesh."""
+    net = three_nodes()
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 10)
+    net.extra_latency_s = lambda sender, dest, msg: 1.0 if dest == "a" and isinstance(msg, wire.Plan) else 0.0
+    net.add("d", ms_per_layer=0.5)
+    net.connect_all()
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
