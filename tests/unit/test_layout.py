@@ -14,21 +14,61 @@ from tests.conftest import REPO
 FORBIDDEN = ("aiortc", "aioice", "zeroconf", "textual", "aiohttp", "daemon", "tui")
 
 
+CHECKED_MODULES = ("meshllm.wire", "meshllm.planner", "meshllm.election", "meshllm.session", "meshllm.plans",
+                   "meshllm.balance", "meshllm.mesh")
+"""The core library's pure parts. Each must exist: a renamed module fails the test rather than
+escaping it."""
+
+
 def test_import_meshllm_loads_no_networking_or_ui() -> None:
     code = (
         "import json, sys\n"
         "import meshllm, meshllm.errors\n"
-        "for m in ('meshllm.wire', 'meshllm.planner', 'meshllm.election'):\n"
-        "    try:\n"
-        "        __import__(m)\n"
-        "    except ModuleNotFoundError:\n"
-        "        pass\n"
+        f"for m in {CHECKED_MODULES!r}:\n"
+        "    __import__(m)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout))
-    bad = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN)
+    bad = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN + ("torch", "asyncio"))
     assert bad == []
+
+
+SANS_IO = ("meshllm/mesh", "meshllm/wire", "meshllm/election.py", "meshllm/planner.py", "meshllm/session.py",
+           "meshllm/plans.py", "meshllm/balance.py")
+"""State machines and pure functions: fed `now`, they never read the clock, sleep, spawn or
+touch a socket (design §4)."""
+
+NO_IO = ("time", "asyncio", "threading", "socket", "select", "selectors", "concurrent", "subprocess",
+         "torch", "transformers")
+
+
+def sans_io_files() -> list[Path]:
+    files: list[Path] = []
+    for entry in SANS_IO:
+        path = REPO / entry
+        assert path.exists(), f"{entry} is gone: update SANS_IO in this test"
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def test_the_sans_io_modules_read_no_clock_and_touch_no_threads_sockets_or_torch() -> None:
+    offenders = {}
+    for path in sans_io_files():
+        bad = sorted(m for m in imported_modules(path) if m.split(".")[0] in NO_IO + FORBIDDEN)
+        if bad:
+            offenders[str(path.relative_to(REPO))] = bad
+    assert offenders == {}
+
+
+def test_the_layering_check_sees_a_forbidden_import() -> None:
+    """The check itself: a file that reads the clock is caught."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        probe = Path(d) / "probe.py"
+        probe.write_text("from time import monotonic\nimport asyncio.tasks\n")
+        assert {m.split(".")[0] for m in imported_modules(probe)} >= {"time", "asyncio"}
 
 
 def test_no_module_under_meshllm_imports_networking_or_ui() -> None:
