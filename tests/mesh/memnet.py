@@ -18,6 +18,7 @@ from meshllm.model.source import resolve
 from daemon.links import LinkError
 from daemon.mesh import MeshDriver, MeshSettings
 from daemon.worker import GenerationWorker
+from tests.waiting import async_wait_until
 
 
 class MemoryLinks:
@@ -104,14 +105,12 @@ class MemoryNet:
 
     async def wait_active(self, timeout_s: float = 20.0, nodes: list[str] | None = None) -> None:
         """Until every node (or the given ones) has the same active plan."""
-        async def _all_active() -> None:
-            while True:
-                chosen = [self.meshes[n] for n in nodes] if nodes else list(self.meshes.values())
-                keys = {m.core.book.active.key if m.core.book.active else None for m in chosen}
-                if None not in keys and len(keys) == 1:
-                    return
-                await asyncio.sleep(0.02)
-        await asyncio.wait_for(_all_active(), timeout_s)
+        def keys() -> set[object]:
+            chosen = [self.meshes[n] for n in nodes] if nodes else list(self.meshes.values())
+            return {m.core.book.active.key if m.core.book.active else None for m in chosen}
+
+        await async_wait_until(lambda: None not in keys() and len(keys()) == 1, timeout_s,
+                               "one active plan on every node", interval_s=0.02)
 
 
 @contextlib.asynccontextmanager

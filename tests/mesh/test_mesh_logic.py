@@ -15,6 +15,7 @@ from daemon.mesh import MeshSettings, MeshUnavailable
 from meshllm.model.sampling import SamplingParams
 from meshllm.session import Token
 from tests.mesh.memnet import memory_net
+from tests.waiting import async_wait_until
 from tests.tinymodel import PROMPTS, reference_greedy
 
 GREEDY_32 = SamplingParams(max_tokens=32)
@@ -136,11 +137,11 @@ async def test_bad_tensors_from_a_peer_are_refused_and_the_mesh_carries_on(tiny_
         wrong_codec = wire.Forward(f"{sender}/bad9", 0, term, epoch, 0,
                                    wire.encode_tensor(np.zeros((1, 64), np.float32), "f16"), (sender,))
         await net.links[sender].send(stage, wrong_codec, channel="activation")
-        for _ in range(100):
-            if len([m for m in seen if isinstance(m, wire.StepFailed)]) >= 3:
-                break
-            await asyncio.sleep(0.02)
-        failed = [m for m in seen if isinstance(m, wire.StepFailed)]
+        def refusals() -> list[wire.StepFailed]:
+            return [m for m in seen if isinstance(m, wire.StepFailed)]
+
+        await async_wait_until(lambda: len(refusals()) >= 3, 10, "three refusals", interval_s=0.02)
+        failed = refusals()
         assert len(failed) == 3 and all(m.code == "bad_step" for m in failed)
         prompt = net.meshes["a"].runtime.engine.chat_prompt(PROMPTS[0])
         assert await answer(net.meshes["a"], prompt) == reference_greedy(tiny_llama, prompt, 32)
