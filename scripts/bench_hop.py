@@ -16,6 +16,10 @@ Modes (``--mode``):
 loop (``torch.set_num_threads(1)``), as a stage's worker thread does while the hop runs: the
 GIL it holds delays the event loop.
 
+``--worker-call`` makes each relay pass the hidden state through ``GenerationWorker.call``
+(daemon/worker.py) with no compute, as a stage does around its layers: what the thread
+hand-over adds to a hop.
+
 ``--breakdown`` prints what each component costs per hop: micro-benchmarks of the wire steps
 (cbor, tensor, framing) and a cProfile of the in-process ping-pong grouped by layer (aiortc
 SCTP, DTLS, aioice, asyncio, pyee, links, wire), scaled to the measured unprofiled time.
@@ -46,6 +50,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +89,13 @@ class BenchNode:
     through a queue to one consumer task, which decodes its tensor, encodes it again and passes
     it on to ``route[0]`` (as a Result when that is the last hop). ``on_result`` gets Results."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, worker_call: bool = False) -> None:
         self.index = index
+        self.worker: Any = None
+        if worker_call:
+            from daemon.worker import GenerationWorker
+
+            self.worker = GenerationWorker(1)
         self.queue: asyncio.Queue[tuple[str, wire.Message]] = asyncio.Queue()
         self.on_result: Callable[[wire.Result], None] = lambda msg: None
         self.lm = LinkManager(
@@ -108,10 +118,14 @@ class BenchNode:
         await site.start()
         self.address = f"127.0.0.1:{self.runner.addresses[0][1]}"
         self.task = asyncio.get_running_loop().create_task(self._relay())
+        if self.worker is not None:
+            self.worker.start()
 
     async def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        if self.worker is not None:
+            self.worker.stop()
         await self.lm.close()
         if self.runner is not None:
             await self.runner.cleanup()
@@ -127,6 +141,8 @@ class BenchNode:
             _, msg = await self.queue.get()
             assert isinstance(msg, wire.Forward)
             hidden = wire.decode_tensor(msg.hidden, expect_shape=(None, HIDDEN))
+            if self.worker is not None:
+                hidden = await self.worker.call(lambda hidden=hidden: hidden)
             payload = wire.encode_tensor(hidden, "f32", compress=False)
             if len(msg.route) == 1:
                 reply: wire.Message = wire.Result(msg.session_id, msg.seq, payload)
@@ -198,10 +214,10 @@ async def ping(origin: BenchNode, route: list[str], hops: int, warmup: int) -> l
 # --- child process (xproc / ring3) ----------------------------------------------------------
 
 
-async def serve_child(index: int, torch_thread: bool) -> None:
+async def serve_child(index: int, torch_thread: bool, worker_call: bool) -> None:
     """A relay node in its own process. stdout: its address; stdin: ``connect ADDR`` lines,
     ``quit`` (or EOF) to stop."""
-    node = BenchNode(index)
+    node = BenchNode(index, worker_call)
     await node.start()
     stop = start_torch_thread() if torch_thread else None
     print(node.address, flush=True)
@@ -222,10 +238,12 @@ async def serve_child(index: int, torch_thread: bool) -> None:
 
 
 class Child:
-    def __init__(self, index: int, torch_thread: bool) -> None:
+    def __init__(self, index: int, torch_thread: bool, worker_call: bool) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(index)]
         if torch_thread:
             cmd.append("--torch-thread")
+        if worker_call:
+            cmd.append("--worker-call")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=os.environ.copy())
         assert self.proc.stdout is not None
@@ -256,7 +274,7 @@ class Child:
 
 
 async def measure(mode: str, hops: int, warmup: int, torch_thread: bool,
-                  profile_to: str | None = None) -> dict[str, float]:
+                  profile_to: str | None = None, worker_call: bool = False) -> dict[str, float]:
     """Per-hop times (ms) of one run of ``mode``."""
     origin = BenchNode(0)
     await origin.start()
@@ -265,17 +283,17 @@ async def measure(mode: str, hops: int, warmup: int, torch_thread: bool,
     stop = start_torch_thread() if torch_thread else None
     try:
         if mode == "inproc":
-            other = BenchNode(1)
+            other = BenchNode(1, worker_call)
             await other.start()
             locals_.append(other)
             await origin.lm.connect(other.address)
             route = [node_id(1), node_id(0)]
         elif mode == "xproc":
-            children.append(Child(1, torch_thread))
+            children.append(Child(1, torch_thread, worker_call))
             await origin.lm.connect(children[0].address)
             route = [node_id(1), node_id(0)]
         elif mode == "ring3":
-            children += [Child(1, torch_thread), Child(2, torch_thread)]
+            children += [Child(1, torch_thread, worker_call), Child(2, torch_thread, worker_call)]
             await origin.lm.connect(children[0].address)
             await origin.lm.connect(children[1].address)
             reply = await asyncio.to_thread(children[0].command, f"connect {children[1].address}")
@@ -353,15 +371,18 @@ def wire_breakdown() -> dict[str, float]:
 _GROUPS = [
     ("aiortc SCTP (rtcsctptransport)", ("aiortc/rtcsctptransport",)),
     ("aiortc data channel + pyee emit", ("aiortc/rtcdatachannel", "pyee/")),
-    ("DTLS encrypt/decrypt (aiortc dtls + pyOpenSSL)", ("aiortc/rtcdtlstransport", "OpenSSL/", "cryptography/")),
-    ("aioice (UDP, STUN check)", ("aioice/",)),
-    ("asyncio event loop (selector, tasks, queues)", ("asyncio/", "selectors.py", "selector_events")),
+    ("DTLS: aiortc dtls, pyOpenSSL, OpenSSL calls", ("aiortc/rtcdtlstransport", "OpenSSL/", "cryptography/",
+                                                     "_openssl")),
+    ("socket syscalls (sendto, recvfrom, epoll)", ("_socket.socket", "select.epoll")),
+    ("aioice (UDP protocol, STUN check, queue)", ("aioice/",)),
+    ("asyncio event loop (run_once, tasks, queues)", ("asyncio/", "selectors.py", "selector_events",
+                                                      "_contextvars")),
     ("LinkManager (daemon/links.py)", ("daemon/links.py",)),
     ("wire: cbor + fields + framing (meshllm/wire, cbor2)", ("meshllm/wire/codec", "meshllm/wire/cborcheck",
                                                            "meshllm/wire/schema", "meshllm/wire/messages",
                                                            "meshllm/wire/framing", "cbor2")),
     ("wire: tensor codec (meshllm/wire/tensor, numpy)", ("meshllm/wire/tensor", "numpy")),
-    ("bench harness", ("bench_hop.py",)),
+    ("bench harness (ping, relay)", ("bench_hop.py",)),
     ("logging", ("logging/",)),
 ]
 
@@ -405,7 +426,8 @@ def top_functions(path: str, rounds: int, n: int = 25) -> list[str]:
 
 
 def run_one(args: argparse.Namespace) -> dict[str, float]:
-    return asyncio.run(measure(args.mode, args.hops, args.warmup, args.torch_thread))
+    return asyncio.run(measure(args.mode, args.hops, args.warmup, args.torch_thread,
+                               worker_call=args.worker_call))
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -419,6 +441,8 @@ def compare(args: argparse.Namespace) -> None:
                    "--hops", str(args.hops), "--warmup", str(args.warmup), "--json"]
             if args.torch_thread:
                 cmd.append("--torch-thread")
+            if args.worker_call:
+                cmd.append("--worker-call")
             env = dict(os.environ, BENCH_HOP_TREE=tree)
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -449,7 +473,7 @@ def breakdown(args: argparse.Namespace) -> None:
     rounds = args.hops + args.warmup
     path = "/tmp/bench_hop.prof"
     profiled = asyncio.run(measure(args.mode, args.hops, args.warmup, args.torch_thread,
-                                   profile_to=path))
+                                   profile_to=path, worker_call=args.worker_call))
     hops = plain["hops_per_round"]
     print(f"\n{args.mode}: per hop median {plain['median_ms']:.3f} ms, p90 {plain['p90_ms']:.3f} ms, "
           f"mean {plain['mean_ms']:.3f} ms (unprofiled); {profiled['mean_ms']:.3f} ms under cProfile")
@@ -470,6 +494,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--torch-thread", action="store_true",
                         help="a busy torch thread in every process of the mesh")
+    parser.add_argument("--worker-call", action="store_true",
+                        help="relays hand the hidden state through daemon.worker's thread")
     parser.add_argument("--breakdown", action="store_true", help="per-component costs")
     parser.add_argument("--compare", metavar="DIR", help="alternate rounds against another checkout")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of --compare (default 4)")
@@ -477,7 +503,7 @@ def main() -> None:
     parser.add_argument("--serve", type=int, metavar="INDEX", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        asyncio.run(serve_child(args.serve, args.torch_thread))
+        asyncio.run(serve_child(args.serve, args.torch_thread, args.worker_call))
     elif args.compare:
         compare(args)
     elif args.breakdown:
@@ -487,7 +513,8 @@ def main() -> None:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"{args.mode}{' + torch thread' if args.torch_thread else ''}: per hop median "
+            print(f"{args.mode}{' + torch thread' if args.torch_thread else ''}"
+                  f"{' + worker call' if args.worker_call else ''}: per hop median "
                   f"{result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, mean "
                   f"{result['mean_ms']:.3f} ms ({args.hops} rounds of {result['hops_per_round']} hops)")
 
