@@ -639,6 +639,8 @@ async def test_a_send_to_a_peer_whose_link_just_went_down_raises_link_error(
         assert caught.value.peer_id == b.node_id
     with pytest.raises(ValueError, match="unknown channel"):
         await a.lm.send(b.node_id, Error(code="x", message="y"), channel="nope")
+    with pytest.raises(ValueError, match="not a message type"):
+        await a.lm.send(b.node_id, "not a message")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("failure", [ConnectionError("DTLS gone"), OSError(101, "unreachable")])
