@@ -22,10 +22,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES, ConfigError, NodeConfig
+from daemon.node.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES, ConfigError, NodeConfig
 
 if TYPE_CHECKING:
-    from daemon.node import RuntimeLoader
+    from daemon.node.node import RuntimeLoader
     from tui.client import DaemonClient
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         config = NodeConfig.from_sources(vars(args), os.environ)
     except ConfigError as error:
         return fail(str(error), EXIT_USAGE)
-    from daemon.node import Node, StartupError
+    from daemon.node.node import Node, StartupError
     from meshllm.errors import ModelSourceError
     from meshllm.model.source import resolve
 
@@ -270,7 +270,7 @@ def up_with_tui(config: NodeConfig, tui: TuiRunner, runtime_loader: RuntimeLoade
     The TUI's quit calls ``on_quit``, which stops the node; leaving the TUI any other way
     stops it too. Start-up failures are reported as one line, as in headless mode.
     """
-    from daemon.node import Node, StartupError, load_runtime
+    from daemon.node.node import Node, StartupError, load_runtime
 
     log_file = config.state_dir / "meshllm.log"
     node = Node(config, runtime_loader=runtime_loader or load_runtime, handle_signals=False,
@@ -345,7 +345,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.status_view import format_status
+    from tui.status_table import format_status
     from tui.client import DaemonError, DaemonUnavailable
 
     try:

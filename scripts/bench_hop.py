@@ -2,7 +2,7 @@
 
 A *hop* is one transfer of a decode step's hidden state (1 x 576 float32 = 2,304 bytes of
 tensor data, ~2.35 KB as a framed ``Forward``) from one node to the next over
-``daemon.links.LinkManager`` (aiortc, DTLS-encrypted SCTP data channels), in loopback mode.
+``daemon.net.links.LinkManager`` (aiortc, DTLS-encrypted SCTP data channels), in loopback mode.
 Each hop here includes what a stage does around the link: ``decode_tensor`` of what arrived
 and ``encode_tensor`` of what it passes on (f32, no zstd, as the mesh does for one position).
 
@@ -17,7 +17,7 @@ loop (``torch.set_num_threads(1)``), as a stage's worker thread does while the h
 GIL it holds delays the event loop.
 
 ``--worker-call`` makes each relay pass the hidden state through ``GenerationWorker.call``
-(daemon/worker.py) with no compute, as a stage does around its layers: what the thread
+(daemon/node/worker.py) with no compute, as a stage does around its layers: what the thread
 hand-over adds to a hop.
 
 ``--breakdown`` prints what each component costs per hop: micro-benchmarks of the wire steps
@@ -62,7 +62,7 @@ elif str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from daemon.links import LinkManager  # noqa: E402
+from daemon.net.links import LinkManager  # noqa: E402
 from meshllm import wire  # noqa: E402
 
 HIDDEN = 576
@@ -93,7 +93,7 @@ class BenchNode:
         self.index = index
         self.worker: Any = None
         if worker_call:
-            from daemon.worker import GenerationWorker
+            from daemon.node.worker import GenerationWorker
 
             self.worker = GenerationWorker(1)
         self.queue: asyncio.Queue[tuple[str, wire.Message]] = asyncio.Queue()
@@ -377,7 +377,7 @@ _GROUPS = [
     ("aioice (UDP protocol, STUN check, queue)", ("aioice/",)),
     ("asyncio event loop (run_once, tasks, queues)", ("asyncio/", "selectors.py", "selector_events",
                                                       "_contextvars")),
-    ("LinkManager (daemon/links.py)", ("daemon/links.py",)),
+    ("LinkManager (daemon/net/links.py)", ("daemon/net/links.py",)),
     ("wire: cbor + fields + framing (meshllm/wire, cbor2)", ("meshllm/wire/codec", "meshllm/wire/cborcheck",
                                                            "meshllm/wire/schema", "meshllm/wire/messages",
                                                            "meshllm/wire/framing", "cbor2")),
@@ -495,7 +495,7 @@ def main() -> None:
     parser.add_argument("--torch-thread", action="store_true",
                         help="a busy torch thread in every process of the mesh")
     parser.add_argument("--worker-call", action="store_true",
-                        help="relays hand the hidden state through daemon.worker's thread")
+                        help="relays hand the hidden state through daemon.node.worker's thread")
     parser.add_argument("--breakdown", action="store_true", help="per-component costs")
     parser.add_argument("--compare", metavar="DIR", help="alternate rounds against another checkout")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of --compare (default 4)")

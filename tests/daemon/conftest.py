@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from daemon.api import ApiServer, create_app
-from daemon.completions import Completions
-from daemon.events import EventHub
-from daemon.status import ModelSummary, SelfState, StatusBoard
-from daemon.worker import GenerationWorker
+from daemon.api.app import ApiServer, create_app
+from daemon.api.completions import Completions
+from daemon.api.events import EventHub
+from daemon.api.status import ModelSummary, SelfState, StatusBoard
+from daemon.node.worker import GenerationWorker
 from tests.daemon.fake_engine import FakeEngine
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.status_view import format_status
+from tui.status_table import format_status
 
 REPO = Path(__file__).resolve().parents[2]
 MESHLLM = str(REPO / ".venv" / "bin" / "meshllm")

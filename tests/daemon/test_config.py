@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, NodeConfig
+from daemon.node.config import ConfigError, NodeConfig
 
 
 def test_defaults() -> None:
@@ -71,7 +71,7 @@ def test_bad_values_are_named(flags: dict[str, object], env: dict[str, str], wor
 
 
 def test_the_weights_choices_are_the_models_own() -> None:
-    from daemon.config import WEIGHT_CHOICES
+    from daemon.node.config import WEIGHT_CHOICES
     from meshllm.model.quant import CHOICES
 
     assert WEIGHT_CHOICES == CHOICES  # written twice: the config must not import torch

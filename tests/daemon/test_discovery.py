@@ -16,7 +16,7 @@ import pytest
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from daemon.discovery import (
+from daemon.net.discovery import (
     SERVICE_TYPE,
     BadRecord,
     Discovery,
@@ -28,7 +28,7 @@ from daemon.discovery import (
     parse_txt,
     txt_for,
 )
-from daemon.loopback import accept_only_from_loopback
+from daemon.net.loopback import accept_only_from_loopback
 from meshllm.wire import Hello
 from tests.waiting import async_wait_until
 
@@ -119,7 +119,7 @@ async def test_an_update_is_seen_with_the_new_record(start_discovery) -> None:
 async def test_a_malformed_record_is_logged_and_ignored(
     start_discovery, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="daemon.discovery")
+    caplog.set_level(logging.WARNING, logger="daemon.net.discovery")
     a, events_a = await start_discovery(make_hello(1))
     zc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
     try:

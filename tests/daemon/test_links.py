@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from daemon.links import LinkDown, LinkError, LinkManager, LinkUp, aiortc_tuned
-from daemon.loopback import loopback_ice, usable_candidates
-from daemon.signaling import (
+from daemon.net.links import LinkDown, LinkError, LinkManager, LinkUp, aiortc_tuned
+from daemon.net.loopback import loopback_ice, usable_candidates
+from daemon.net.signaling import (
     SIGNAL_PATH,
     Authenticator,
     SignalOffer,
@@ -415,7 +415,7 @@ async def test_garbage_frames_drop_only_that_link(
     hostile = raw_peers(2)
     await hostile.link_to(a.address)
     await wait_until(lambda: len(a.ups) == 2)
-    caplog.set_level(logging.WARNING, logger="daemon.links")
+    caplog.set_level(logging.WARNING, logger="daemon.net.links")
 
     hostile.send_raw(b"\x00\x01")                                  # shorter than a header
     hostile.send_raw(b"\x00\x00\x00\x09\x00\x05\x00\x02" + b"x")   # index beyond count
@@ -444,7 +444,7 @@ async def test_garbage_frames_drop_only_that_link(
 async def test_wrong_mesh_key_is_refused_on_both_sides(
     make_node: MakeNode, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="daemon.links")
+    caplog.set_level(logging.WARNING, logger="daemon.net.links")
     a = await make_node(1, mesh_key=OTHER_KEY)
     b = await make_node(2, mesh_key=KEY)
 
@@ -613,7 +613,7 @@ async def test_both_sides_dialling_at_once_leaves_one_link(make_node: MakeNode) 
 
 
 async def test_no_key_logs_a_warning(make_node: MakeNode, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="daemon.links")
+    caplog.set_level(logging.WARNING, logger="daemon.net.links")
     await make_node(1)
     assert any("no mesh key: anyone on this network can join this mesh" in r.getMessage()
                for r in caplog.records)

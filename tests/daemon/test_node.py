@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from daemon.config import NodeConfig
-from daemon.node import Node, StartupError
+from daemon.node.config import NodeConfig
+from daemon.node.node import Node, StartupError
 from meshllm.errors import ModelSourceError
 from tests.tinymodel import chat_ids, reference_greedy
 from tui.client import DaemonClient, DaemonError, DaemonUnavailable, run_sync
@@ -161,8 +161,8 @@ def test_up_with_tui_reports_a_start_up_failure(tmp_path: Path, tiny_llama: Path
 
 def test_the_weights_option_reaches_the_model(tiny_llama: Path) -> None:
     """`--weights` / MESHLLM_WEIGHTS is what the node loads (auto keeps a float32 folder f32)."""
-    from daemon.config import NodeConfig
-    from daemon.node import load_runtime
+    from daemon.node.config import NodeConfig
+    from daemon.node.node import load_runtime
 
     for asked, loaded in (("int8", "int8"), ("auto", "f32")):
         config = NodeConfig.from_sources({"model": str(tiny_llama)}, {"MESHLLM_WEIGHTS": asked})

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.meshkey import MESH_KEY_ENV, MeshKeyError, load_mesh_key
-from daemon.signaling import (
+from daemon.net.meshkey import MESH_KEY_ENV, MeshKeyError, load_mesh_key
+from daemon.net.signaling import (
     FRESHNESS_S,
     Authenticator,
     ReplayGuard,
@@ -223,6 +223,6 @@ def test_a_key_file_others_can_read_is_warned_about(tmp_path: Path, caplog: pyte
     key_file = tmp_path / "mesh.key"
     key_file.write_text("0123456789abcdef0123")
     key_file.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="daemon.meshkey"):
+    with caplog.at_level(logging.WARNING, logger="daemon.net.meshkey"):
         load_mesh_key(key_file, {})
     assert any("readable by other users" in r.getMessage() for r in caplog.records)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.stop_strings import StopScanner
+from daemon.api.stop_strings import StopScanner
 
 
 def run(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, bool]:

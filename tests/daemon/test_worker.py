@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from daemon.worker import GenerationWorker, WorkerStopped
+from daemon.node.worker import GenerationWorker, WorkerStopped
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from meshllm.model.cache import prepare
 from meshllm.model.runtime import Runtime
 from meshllm.model.source import resolve
 
-from daemon.links import LinkError
-from daemon.mesh import MeshDriver, MeshSettings
-from daemon.worker import GenerationWorker
+from daemon.net.links import LinkError
+from daemon.node.driver import MeshDriver, MeshSettings
+from daemon.node.worker import GenerationWorker
 from tests.waiting import async_wait_until
 
 

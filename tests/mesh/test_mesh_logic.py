@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.mesh import MeshSettings, MeshUnavailable
+from daemon.node.driver import MeshSettings, MeshUnavailable
 from meshllm.model.sampling import SamplingParams
 from meshllm.session import Token
 from tests.mesh.memnet import memory_net

@@ -52,7 +52,7 @@ def test_layers_without_a_node_have_no_owner() -> None:
 
 
 def test_the_single_node_daemon_snapshot_reads() -> None:
-    """The shape daemon/status.py publishes today, before the model is loaded and after."""
+    """The shape daemon/api/status.py publishes today, before the model is loaded and after."""
     loading = {"self_id": "n-1", "model": None, "codec": "f32", "term": 0, "coordinator_id": "n-1",
                "plan": None, "nodes": [{"id": "n-1", "name": "box", "is_self": True, "role": "coordinator",
                                         "state": "loading", "mem_budget_bytes": 10**9, "ms_per_layer": None,

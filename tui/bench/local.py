@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tui.bench.report import BenchError, key_value_table, mb, ratio_text
 
 if TYPE_CHECKING:
-    from daemon.completions import ChatEngine
+    from daemon.api.completions import ChatEngine
 
 _FILLER = (
     "A mesh of ordinary devices shares one language model: each holds a span of layers, "

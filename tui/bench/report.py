@@ -63,7 +63,7 @@ class StatsDelta:
 
 
 def stats_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> StatsDelta:
-    """The difference of two ``stats`` objects of one node (daemon.mesh.StageStats.as_json)."""
+    """The difference of two ``stats`` objects of one node (daemon.node.driver.StageStats.as_json)."""
 
     def total(stats: Mapping[str, Any], average: str, count: str) -> float:
         return float(stats.get(average) or 0.0) * int(stats.get(count) or 0)

@@ -32,12 +32,12 @@ from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.planner import ModelSpec
 from meshllm.session import StateChange, Token
 
-from daemon.links import LinkError
-from daemon.tasks import TaskSet
-from daemon.worker import GenerationWorker, WorkerStopped
+from daemon.net.links import LinkError
+from daemon.node.tasks import TaskSet
+from daemon.node.worker import GenerationWorker, WorkerStopped
 
 if TYPE_CHECKING:
-    from daemon.links import LinkManager
+    from daemon.net.links import LinkManager
 
 __all__ = ["Links", "MeshDriver", "MeshSettings", "MeshUnavailable", "incompatibility"]
 
@@ -298,7 +298,7 @@ class MeshDriver:
 
     def on_discovery(self, event: object, links: "LinkManager") -> None:
         """A discovery event: link to compatible peers (the lower node id dials)."""
-        from daemon.discovery import BadRecord, PeerGone, PeerSeen, hello_from_txt
+        from daemon.net.discovery import BadRecord, PeerGone, PeerSeen, hello_from_txt
 
         if isinstance(event, PeerGone):
             self.incompatible.pop(event.name, None)

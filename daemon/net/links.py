@@ -1,7 +1,7 @@
 """Links: one RTCPeerConnection per peer, two data channels, heartbeats and backpressure.
 
 A :class:`LinkManager` owns every link of a node. It sets links up through HTTP signaling
-(:mod:`daemon.signaling`: the initiator POSTs its SDP offer to the peer's
+(:mod:`daemon.net.signaling`: the initiator POSTs its SDP offer to the peer's
 ``/v1/mesh/signal``, the answer comes back in the response), then carries whole messages
 (:mod:`meshllm.wire`) over two reliable, ordered data channels per peer: ``control`` and
 ``activation``. It reports what happens through three callbacks: a message arrived, a link
@@ -39,11 +39,11 @@ from aiortc import (
 )
 from aiortc.exceptions import InvalidStateError
 
-from daemon.config import ConfigError, parse_host_port
-from daemon.loopback import is_loopback_host, loopback_ice, usable_candidates
-from daemon.meshkey import NO_KEY_WARNING
-from daemon.tasks import TaskSet
-from daemon.signaling import (
+from daemon.node.config import ConfigError, parse_host_port
+from daemon.net.loopback import is_loopback_host, loopback_ice, usable_candidates
+from daemon.net.meshkey import NO_KEY_WARNING
+from daemon.node.tasks import TaskSet
+from daemon.net.signaling import (
     MAX_BODY_BYTES,
     SIGNAL_PATH,
     Authenticator,

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from meshllm.errors import PromptTooLong
 
-from daemon.chat_request import ChatRequest, RequestError
-from daemon.worker import GenerationWorker, TokenStream
+from daemon.api.chat_request import ChatRequest, RequestError
+from daemon.node.worker import GenerationWorker, TokenStream
 
 if TYPE_CHECKING:
     from meshllm.model.engine import ModelInfo, Token
 
     from meshllm.session import StateChange
 
-    from daemon.mesh import MeshDriver
+    from daemon.node.driver import MeshDriver
     from meshllm.model.sampling import SamplingParams
 
 

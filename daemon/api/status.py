@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any, Literal
 
-from daemon.events import EventHub, StatusEvent
+from daemon.api.events import EventHub, StatusEvent
 
 NodeState = Literal["starting", "loading", "ready", "lost"]
 

@@ -18,12 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.chat_request import RequestError, parse_chat_request
-from daemon.completions import Completions, NotReady, PreparedChat
-from daemon.events import EventHub
-from daemon.status import StatusBoard
-from daemon.stop_strings import StopScanner
-from daemon.worker import TokenStream, WorkerStopped
+from daemon.api.chat_request import RequestError, parse_chat_request
+from daemon.api.completions import Completions, NotReady, PreparedChat
+from daemon.api.events import EventHub
+from daemon.api.status import StatusBoard
+from daemon.api.stop_strings import StopScanner
+from daemon.node.worker import TokenStream, WorkerStopped
 
 from meshllm.errors import MeshllmError
 from meshllm.session import StateChange, Token

@@ -22,18 +22,18 @@ from aiohttp import web
 from meshllm.model.runtime import Runtime
 from meshllm.wire import PROTOCOL_VERSION, Hello
 
-from daemon.api import LOOPBACK_HOSTS, ApiServer, create_app
-from daemon.completions import Completions
-from daemon.discovery import Discovery
-from daemon.links import LinkManager
-from daemon.mesh import MeshDriver, MeshSettings, incompatibility
-from daemon.meshkey import MeshKeyError, load_mesh_key
-from daemon.signaling import SIGNAL_PATH
-from daemon.config import NodeConfig, client_url
-from daemon.events import EventHub
-from daemon.identity import load_or_create_node_id
-from daemon.status import ModelSummary, SelfState, StatusBoard
-from daemon.worker import GenerationWorker
+from daemon.api.app import LOOPBACK_HOSTS, ApiServer, create_app
+from daemon.api.completions import Completions
+from daemon.net.discovery import Discovery
+from daemon.net.links import LinkManager
+from daemon.node.driver import MeshDriver, MeshSettings, incompatibility
+from daemon.net.meshkey import MeshKeyError, load_mesh_key
+from daemon.net.signaling import SIGNAL_PATH
+from daemon.node.config import NodeConfig, client_url
+from daemon.api.events import EventHub
+from daemon.node.identity import load_or_create_node_id
+from daemon.api.status import ModelSummary, SelfState, StatusBoard
+from daemon.node.worker import GenerationWorker
 
 log = logging.getLogger(__name__)
 

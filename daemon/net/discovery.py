@@ -28,12 +28,12 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from daemon.loopback import LOOPBACK_HOST, accept_only_from_loopback
+from daemon.net.loopback import LOOPBACK_HOST, accept_only_from_loopback
 from meshllm.errors import WireError
 from meshllm.wire import Hello
 from meshllm.wire.messages import MAX_ID_CHARS, MAX_NAME_CHARS
 
-from daemon.tasks import TaskSet
+from daemon.node.tasks import TaskSet
 
 
 log = logging.getLogger(__name__)

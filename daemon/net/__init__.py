@@ -1,0 +1,1 @@
+"""The network: WebRTC links, signaling, mDNS discovery, loopback mode and the mesh key."""
