@@ -27,13 +27,18 @@ def test_the_mesh_logic_needs_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def three_nodes(**kw: object) -> Net:
+def settled(names: str = "abc", **settings: float) -> Net:
+    """Nodes linked to each other, with one active plan; `settings` override MeshSettings."""
     net = Net()
-    for n in "abc":
-        net.add(n, **kw)  # type: ignore[arg-type]
+    for n in names:
+        net.add(n, settings=MeshSettings(**{"election_timeout_s": 0.2, "plan_wait_s": 10.0, **settings}))
     net.connect_all()
     net.settle()
     return net
+
+
+def three_nodes() -> Net:
+    return settled("abc")
 
 
 def test_three_nodes_elect_one_coordinator_and_every_entry_node_answers_exactly() -> None:
@@ -225,12 +230,7 @@ def test_a_step_that_always_fails_ends_the_answer_with_an_error_not_a_hang() -> 
 
 
 def test_a_step_with_no_result_times_out_and_is_retried() -> None:
-    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, step_timeout_s=2.0)
-    net = Net()
-    for n in "abc":
-        net.add(n, settings=settings)
-    net.connect_all()
-    net.settle()
+    net = settled("abc", step_timeout_s=2.0)
     plan = net.nodes["a"].core.book.active
     assert plan is not None
     last = plan.node_ids[-1] if plan.node_ids[-1] != "a" else plan.node_ids[-2]
@@ -304,12 +304,7 @@ def test_bad_steps_from_a_peer_are_refused_and_the_mesh_carries_on() -> None:
 
 
 def test_a_flood_of_steps_is_refused_as_busy_beyond_the_queue_bound() -> None:
-    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, max_queued_steps=4)
-    net = Net()
-    for n in "ab":
-        net.add(n, settings=settings)
-    net.connect_all()
-    net.settle()
+    net = settled("ab", max_queued_steps=4)
     plan = net.nodes["a"].core.book.active
     assert plan is not None
     stage, peer = plan.node_ids[-1], plan.node_ids[0]
