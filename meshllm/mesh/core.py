@@ -112,6 +112,8 @@ class MeshCore:
         """The layers this node holds (once loaded)."""
         self.entry = EntrySessions(self)
         self._epoch = 0
+        self._seen_plan_key: tuple[int, int] = (0, 0)
+        """The highest (term, epoch) of any plan seen, adopted or not."""
         self._published: wire.Plan | None = None
         self._leaving_self = False
         self._replan_due: float | None = None
@@ -179,15 +181,15 @@ class MeshCore:
     def link_up(self, peer_id: str, hello: wire.Hello, now: float) -> None:
         self._now = now
         self.members[peer_id] = hello
+        self.election.peer_up(peer_id, election_score(hello), now)
+        self._log("join", f"{hello.name or peer_id} joined")
+        self._flush_election(now)  # a coordinator announces itself first: plans come from it
         if self.is_coordinator and self._published is not None and self._published.term == self.election.term:
             # a newcomer that the next plan leaves out must still learn the plan in force
             self.send(peer_id, self._published)
             active = self.book.active
             if active is not None and active.key == (self._published.term, self._published.epoch):
                 self.send(peer_id, wire.PlanActive(*active.key))
-        self.election.peer_up(peer_id, election_score(hello), now)
-        self._log("join", f"{hello.name or peer_id} joined")
-        self._flush_election(now)
         self._schedule_replan(now)
         self._changed()
 
@@ -251,10 +253,16 @@ class MeshCore:
         elif isinstance(msg, (wire.Election, wire.Answer, wire.Coordinator)):
             self._on_election(sender, msg, now)
         elif isinstance(msg, wire.Plan):
+            # even a plan refused here tells a future coordinator which epochs this term used
+            self._seen_plan_key = max(self._seen_plan_key, (msg.term, msg.epoch))
+            self._check_from_coordinator(sender, msg.term, "a plan")
             self._on_plan(sender, msg, now)
         elif isinstance(msg, wire.StageReady):
+            if msg.node_id != sender:
+                raise ValueError("a node may only report itself ready")
             self._on_stage_ready(msg)
         elif isinstance(msg, wire.PlanActive):
+            self._check_from_coordinator(sender, msg.term, "a plan activation")
             self._on_plan_active(msg, now)
         elif isinstance(msg, wire.DropSession):
             if msg.session_id.startswith(f"{sender}/") and msg.session_id in self._stage_sessions:
@@ -262,11 +270,17 @@ class MeshCore:
         elif isinstance(msg, wire.NodeReport):
             self._on_report(sender, msg, now)
         elif isinstance(msg, wire.PlanRefused):
+            self._check_from_coordinator(sender, msg.term, "a refusal to plan")
             self.placement_error = msg.reason
             self.entry.plan_changed(now)
             self._changed()
         else:
             log.debug("ignoring %s from %s", type(msg).__name__, sender)
+
+    def _check_from_coordinator(self, sender: str, term: int, what: str) -> None:
+        """Plans and their outcomes come only from the coordinator of the term they name."""
+        if sender != self.election.coordinator_id or term != self.election.term:
+            raise ValueError(f"{what} for term {term} from {sender}, which is not its coordinator")
 
     # -- inputs: timers and jobs -----------------------------------------------------------------
 
@@ -395,6 +409,10 @@ class MeshCore:
     # -- election ----------------------------------------------------------------------------------
 
     def _on_election(self, sender: str, msg: wire.Message, now: float) -> None:
+        # a node campaigns, answers and claims only for itself
+        claimed = msg.candidate_id if isinstance(msg, wire.Election) else msg.node_id  # type: ignore[attr-defined]
+        if claimed != sender:
+            raise ValueError(f"{type(msg).__name__} for {claimed} from {sender}")
         if isinstance(msg, wire.Election):
             self.election.receive(sender, el.ElectionMsg(msg.term, msg.candidate_id, msg.score), now)
         elif isinstance(msg, wire.Answer):
@@ -462,7 +480,7 @@ class MeshCore:
     def _publish(self, planned: PlannerPlan) -> None:
         # Nodes that started apart may each have coordinated this term alone: the new plan
         # must outrank every plan of the term seen here, or the others would ignore it.
-        term, seen_epoch = self.book.highest_key
+        term, seen_epoch = max(self.book.highest_key, self._seen_plan_key)
         self._epoch = max(self._epoch, seen_epoch if term == self.election.term else 0) + 1
         msg = wire.Plan(self.election.term, self._epoch, tuple(planned.stages), self.settings.codec)
         self._published = msg

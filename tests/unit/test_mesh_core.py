@@ -11,9 +11,13 @@ import sys
 
 import numpy as np
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from meshllm import wire
 from meshllm.balance import BalanceSettings
 from meshllm.mesh import Compute, LoadSpan, MeshSettings
+from tests.fixtures.wire_strategies import messages
 from tests.unit.meshsim import HIDDEN, LAYER_BYTES, EMBED_HEAD_BYTES, LAYERS, Net, reference
 
 PROMPT = (5, 6, 7, 8, 9)
@@ -358,3 +362,18 @@ def test_an_entry_node_that_hears_of_a_new_plan_late_waits_instead_of_giving_up(
     net.connect_all()
     net.run_until(lambda: answer.done)
     assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=6), st.sampled_from("abc"))
+def test_no_message_from_a_peer_breaks_a_node(batch: list[wire.Message], sender_of: str) -> None:
+    """Anything a peer may send (every message type, any valid field values) is handled or
+    refused without an exception, and the mesh still answers exactly afterwards."""
+    net = three_nodes()
+    target = next(n for n in "abc" if n != sender_of)
+    for msg in batch:
+        net.nodes[target].core.receive(sender_of, msg, net.now)  # must not raise
+    net._collect(target)
+    net.run_for(2.0)
+    net.settle()
+    assert net.answer("a", PROMPT, 6).tokens == reference(PROMPT, 6)
