@@ -45,16 +45,25 @@ class PlanBook:
     """What one node knows about plans."""
 
     highest_key: PlanKey = (0, 0)
+    highest_coordinator: str = ""
+    """Who made the plan of `highest_key`."""
     pending: PlanView | None = None
     active: PlanView | None = None
     ready: set[str] = field(default_factory=set)
     """Coordinator side: stages of the pending plan that reported ready."""
 
     def offer(self, plan: PlanView, highest_term: int) -> bool:
-        """A plan arrived. True when this node should adopt it (load its span, report ready)."""
-        if plan.key[0] < highest_term or plan.key <= self.highest_key:
+        """A plan arrived. True when this node should adopt it (load its span, report ready).
+
+        A plan of the same key from another coordinator replaces the one held: nodes that
+        started apart each coordinated the first term alone and numbered their plans alike,
+        and the mesh they form follows one coordinator from then on."""
+        if plan.key[0] < highest_term or plan.key < self.highest_key:
+            return False
+        if plan.key == self.highest_key and plan.coordinator_id == self.highest_coordinator:
             return False
         self.highest_key = plan.key
+        self.highest_coordinator = plan.coordinator_id
         self.pending = plan
         self.active = None
         self.ready = set()

@@ -377,3 +377,22 @@ def test_no_message_from_a_peer_breaks_a_node(batch: list[wire.Message], sender_
     net.run_for(2.0)
     net.settle()
     assert net.answer("a", PROMPT, 6).tokens == reference(PROMPT, 6)
+
+
+def test_a_node_that_coordinated_alone_takes_the_plan_of_the_mesh_it_joins() -> None:
+    """Alone, a node plans term 1 for itself (plan 1.1); the mesh it then joins has its own
+    plan 1.1. Same key, other plan: the newcomer must take its new coordinator's."""
+    net = Net()
+    net.add("a")
+    net.add("b")
+    net.connect("a", "b")
+    net.settle()
+    net.add("0", ms_per_layer=4.0)  # slower: it ranks last, and the mesh needs none of its layers
+    net.run_for(1.0)  # alone: its own plan 1.1
+    net.connect("0", "a")
+    net.connect("0", "b")
+    net.run_for(1.0)
+    net.settle()
+    plans = {n.core.book.active.stages for n in net.nodes.values()}  # type: ignore[union-attr]
+    assert len(plans) == 1
+    assert net.answer("0", PROMPT, 6).tokens == reference(PROMPT, 6)
