@@ -389,7 +389,9 @@ class MeshCore:
             self._changed()
         elif isinstance(msg, wire.NodeReport):
             self._note_report(self.node_id, msg, self._now)
-        # election messages, drops and steps are never sent to this node itself
+        elif isinstance(msg, wire.StepFailed):  # a step of this node's own answer, refused here
+            self.entry.step_failed(self.node_id, msg, self._now)
+        # election messages, drops and forwarded steps are never sent to this node itself
 
     def _drop_local(self, session_ids: tuple[str, ...]) -> None:
         self._stage_sessions.difference_update(session_ids)

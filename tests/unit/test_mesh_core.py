@@ -396,3 +396,25 @@ def test_a_node_that_coordinated_alone_takes_the_plan_of_the_mesh_it_joins() -> 
     plans = {n.core.book.active.stages for n in net.nodes.values()}  # type: ignore[union-attr]
     assert len(plans) == 1
     assert net.answer("0", PROMPT, 6).tokens == reference(PROMPT, 6)
+
+
+def test_an_entry_node_that_is_a_middle_stage_hears_its_own_refusal_at_once() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    middle = plan.node_ids[1]
+    node = net.nodes[middle]
+    original = node.shard.run
+    failed: list[Compute] = []
+
+    def fail_once(job: Compute):  # type: ignore[no-untyped-def]
+        if job.token_ids is None and job.finish == "send" and not failed:
+            failed.append(job)
+            raise ValueError("a cache out of step")
+        return original(job)
+
+    node.shard.run = fail_once  # type: ignore[method-assign]
+    start = net.now
+    answer = net.answer(middle, PROMPT, 8)
+    assert failed and answer.error is None and answer.tokens == reference(PROMPT, 8)
+    assert net.now - start < 5.0  # not after the 120 s step timeout
