@@ -263,7 +263,7 @@ class MeshCore:
             self._on_stage_ready(msg)
         elif isinstance(msg, wire.PlanActive):
             self._check_from_coordinator(sender, msg.term, "a plan activation")
-            self._on_plan_active(msg, now)
+            self._activate(msg, now)
         elif isinstance(msg, wire.DropSession):
             if msg.session_id.startswith(f"{sender}/") and msg.session_id in self._stage_sessions:
                 self._drop_local((msg.session_id,))
@@ -564,9 +564,6 @@ class MeshCore:
         if self.node_id in view.node_ids:
             self.send(view.coordinator_id, wire.StageReady(view.key[0], view.key[1], self.node_id))
         self._changed()
-
-    def _on_plan_active(self, msg: wire.PlanActive, now: float) -> None:
-        self._activate(msg, now)
 
     def _activate(self, msg: wire.PlanActive, now: float) -> None:
         plan = self.book.activate((msg.term, msg.epoch))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from meshllm.mesh.jobs import Compute, Computed
@@ -84,22 +83,6 @@ class Runtime:
         if job.finish == "discard":
             return Computed(span_ms=span_ms)
         return Computed(hidden=x[0].cpu().numpy().copy(), span_ms=span_ms)
-
-    # -- entry side ----------------------------------------------------------------------
-
-    def embed(self, token_ids: list[int]) -> np.ndarray:
-        return self.shard.embed(token_ids)[0].cpu().numpy().copy()
-
-    def head_sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
-        logits = self.shard.head(torch.from_numpy(hidden).unsqueeze(0))
-        return sampler.sample(logits)
-
-    # -- stage side ----------------------------------------------------------------------
-
-    def forward(self, session_id: str, hidden: np.ndarray, start_pos: int) -> np.ndarray:
-        """Run this node's span on (positions, hidden) at start_pos; ValueError if it does not fit."""
-        out = self.shard.forward(session_id, torch.from_numpy(hidden).unsqueeze(0), start_pos)
-        return out[0].cpu().numpy().copy()
 
     def drop(self, session_id: str) -> None:
         self.shard.drop(session_id)
