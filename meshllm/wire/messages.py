@@ -277,6 +277,50 @@ class PlanRefused(WireStruct):
     reason: Reason
 
 
+# --- recovery (append only) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rebuild(WireStruct):
+    """One part of a session's rebuild on a new plan (docs/operations.md), one hop.
+
+    Sent down the chain like a `Forward`. The receiver makes its KV caches hold positions
+    ``[start_pos, start_pos + positions)`` of the session's ``position``, recomputing the
+    layers it lacks in the original chunking (a first step of ``prefill`` positions, then one
+    at a time), and passes its own output on. ``hidden`` holds the sender's output at those
+    positions, or nothing when it has none."""
+
+    session_id: SessionId
+    seq: Count
+    term: Term
+    epoch: Count
+    position: Position
+    """Positions every stage holds once the rebuild is done."""
+    prefill: Position
+    """Positions of the session's first step."""
+    start_pos: Position
+    positions: Position
+    hidden: Annotated[tuple[TensorPayload, ...], TupleOf(Struct(TensorPayload), 1)]
+    """``(positions, hidden)`` of the sender's output, or empty."""
+    route: Route
+    """As in `Forward`: the stages still to run after the receiver, then the entry node."""
+
+    def _check_invariants(self) -> None:
+        if not 1 <= self.positions or self.start_pos + self.positions > self.position:
+            raise WireError(f"Rebuild: part [{self.start_pos}, {self.start_pos + self.positions}) "
+                            f"is outside [0, {self.position})")
+        if not 1 <= self.prefill <= self.position:
+            raise WireError(f"Rebuild.prefill: {self.prefill} is outside [1, {self.position}]")
+
+
+@dataclass(frozen=True)
+class Rebuilt(WireStruct):
+    """The last stage to the entry node: the rebuild ``seq`` of the session is complete."""
+
+    session_id: SessionId
+    seq: Count
+
+
 Message = (
     Hello
     | Heartbeat
@@ -295,6 +339,8 @@ Message = (
     | PlanActive
     | StepFailed
     | PlanRefused
+    | Rebuild
+    | Rebuilt
 )
 """Any top-level message."""
 
@@ -316,6 +362,8 @@ MESSAGE_TAGS: dict[type[WireStruct], int] = {
     PlanActive: 15,
     StepFailed: 16,
     PlanRefused: 17,
+    Rebuild: 18,
+    Rebuilt: 19,
 }
 """Type tag of each message class: the first item of its CBOR array. Never reuse a tag."""
 

@@ -26,7 +26,7 @@ def test_golden_frame_decodes_to_expected_message_and_reencodes_identically(name
     assert encode(decoded) == frame
     expected = GOLDEN[name]
     hidden = getattr(expected, "hidden", None)
-    if hidden is not None and hidden.zstd:
+    if hidden is not None and not isinstance(hidden, tuple) and hidden.zstd:
         # zstd output may differ between zstd library versions; compare what it carries.
         np.testing.assert_array_equal(decode_tensor(decoded.hidden), decode_tensor(hidden))
         assert replace(decoded, hidden=hidden) == expected
@@ -42,6 +42,6 @@ def test_golden_frames_on_disk_are_exactly_the_golden_set() -> None:
 def test_golden_hello_layout_is_version_byte_then_cbor_array() -> None:
     frame = (FIXTURES / "wire_hello.bin").read_bytes()
     hello = GOLDEN["wire_hello.bin"]
-    assert frame[0] == 1  # PROTOCOL_VERSION
+    assert frame[0] == 2  # PROTOCOL_VERSION
     assert frame[1] == 0x80 + 1 + len(fields(hello))  # CBOR array header: tag + 9 fields
     assert frame[2] == MESSAGE_TAGS[type(hello)]

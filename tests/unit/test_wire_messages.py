@@ -124,12 +124,12 @@ HELLO_FIELDS = ["n-1", "laptop", 1, "default", "abc", 8470, 2**33, 1.5, True]
     "frame, words",
     [
         (b"", "empty"),
-        (bytes([2]) + cbor2.dumps([1, *HELLO_FIELDS]), "protocol version 2 is not supported"),
+        (bytes([PROTOCOL_VERSION + 1]) + cbor2.dumps([1, *HELLO_FIELDS]), f"protocol version {PROTOCOL_VERSION + 1} is not supported"),
         (bytes([0]) + cbor2.dumps([1, *HELLO_FIELDS]), "protocol version 0"),
         (_frame(99, "x"), "unknown message type tag 99"),
         (_frame("hello", "x"), "unknown message type tag 'hello'"),
         (_frame(), "non-empty CBOR array"),
-        (bytes([1]) + cbor2.dumps(5), "non-empty CBOR array"),
+        (bytes([PROTOCOL_VERSION]) + cbor2.dumps(5), "non-empty CBOR array"),
         (_frame(1, *HELLO_FIELDS[:-1]), "Hello: expected 9 fields, got 8"),
         (_frame(1, *HELLO_FIELDS, 0), "Hello: expected 9 fields, got 10"),
         (_frame(1, *HELLO_FIELDS[:5], "8470", *HELLO_FIELDS[6:]), "Hello.api_port: expected an integer"),
@@ -139,14 +139,14 @@ HELLO_FIELDS = ["n-1", "laptop", 1, "default", "abc", 8470, 2**33, 1.5, True]
         (_frame(8, 1, 0, [["a", 5, 2]], "f32"), "start 5 > end 2"),
         (_frame(8, 1, 0, "stages", "f32"), "Plan.stages: expected an array"),
         (_frame(1, *HELLO_FIELDS) + b"\x00", "1 trailing bytes"),
-        (bytes([1]) + cbor2.dumps({"type": 1}), "maps are not allowed"),
-        (bytes([1, 0x81, 0xF9, 0x3C, 0x00]), "simple value or float encoding 0xf9"),
-        (bytes([1, 0x81, 0x18, 0x01]), "shortest form"),
-        (bytes([1, 0x9F, 0x01, 0xFF]), "indefinite"),
-        (bytes([1, 0x82, 0x0C, 0xD8, 0x23, 0x61, 0x61]), "tags are not allowed"),
-        (bytes([1, 0x82, 0x0C, 0x62, 0xFF, 0xFE]), "CBOR"),  # invalid UTF-8
-        (bytes([1, 0x82, 0x0C, 0x61]), "string declares 1 bytes but only 0"),
-        (bytes([1]) + b"\x81" * 20 + b"\x01", "nested deeper than 8"),
+        (bytes([PROTOCOL_VERSION]) + cbor2.dumps({"type": 1}), "maps are not allowed"),
+        (bytes([PROTOCOL_VERSION, 0x81, 0xF9, 0x3C, 0x00]), "simple value or float encoding 0xf9"),
+        (bytes([PROTOCOL_VERSION, 0x81, 0x18, 0x01]), "shortest form"),
+        (bytes([PROTOCOL_VERSION, 0x9F, 0x01, 0xFF]), "indefinite"),
+        (bytes([PROTOCOL_VERSION, 0x82, 0x0C, 0xD8, 0x23, 0x61, 0x61]), "tags are not allowed"),
+        (bytes([PROTOCOL_VERSION, 0x82, 0x0C, 0x62, 0xFF, 0xFE]), "CBOR"),  # invalid UTF-8
+        (bytes([PROTOCOL_VERSION, 0x82, 0x0C, 0x61]), "string declares 1 bytes but only 0"),
+        (bytes([PROTOCOL_VERSION]) + b"\x81" * 20 + b"\x01", "nested deeper than 8"),
     ],
 )
 def test_bad_frames_raise_wire_error_naming_the_problem(frame: bytes, words: str) -> None:
