@@ -201,6 +201,14 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     _weights_arg(parser)
     parser.add_argument("--debug-delay-ms", dest="debug_delay_ms", type=float, default=None,
                         metavar="MS", help=argparse.SUPPRESS)
+    parser.add_argument("--target-ms-per-token", dest="target_ms_per_token", type=float, default=None,
+                        metavar="MS", help="latency target: the coordinator picks the smallest plan "
+                                           "predicted to decode within MS per token (default: none)")
+    parser.add_argument("--target-ttft-ms", dest="target_ttft_ms", type=float, default=None,
+                        metavar="MS", help="latency target for the first token of an answer (default: none)")
+    parser.add_argument("--debug-link-delay-ms", dest="debug_link_delay_ms", type=float, default=None,
+                        metavar="MS", help="testing aid: delay every message this node sends to its "
+                                           "peers by MS (like a node on slow Wi-Fi; default 0)")
 
 
 def _weights_arg(parser: argparse.ArgumentParser) -> None:

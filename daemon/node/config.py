@@ -87,6 +87,14 @@ class NodeConfig:
     """Where this node's layers run: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine with a GPU."""
     debug_delay_ms: float = 0.0
     """Testing aid: sleep this long before every step this node computes (a slow device)."""
+    debug_link_delay_ms: float = 0.0
+    """Testing aid: delay every message this node sends over its links by this long (a node on
+    slow Wi-Fi); peers see it in the round trip they measure. 0..10000, below the heartbeat
+    timeout."""
+    target_ms_per_token: float | None = None
+    """Latency target: the coordinator picks the smallest plan predicted to decode within this."""
+    target_ttft_ms: float | None = None
+    """Latency target for the first token of an answer (a typical prompt)."""
 
     @property
     def signal_port(self) -> int:
@@ -155,6 +163,15 @@ class NodeConfig:
             raise ConfigError("heartbeat timeout must be 0.1..600 s")
         if not 0 <= self.debug_delay_ms <= 60_000:
             raise ConfigError("debug delay must be 0..60000 ms")
+        if not 0 <= self.debug_link_delay_ms <= 10_000:
+            raise ConfigError("debug link delay must be 0..10000 ms")
+        if self.debug_link_delay_ms >= self.heartbeat_timeout_s * 1000:
+            raise ConfigError("debug link delay must be below the heartbeat timeout "
+                              f"({self.heartbeat_timeout_s * 1000:.0f} ms), or peers are lost")
+        for label, target in (("target ms per token", self.target_ms_per_token),
+                              ("target ttft", self.target_ttft_ms)):
+            if target is not None and not 0 < target <= 3_600_000:
+                raise ConfigError(f"{label} must be above 0 and at most 3600000 ms, not {target}")
 
     def is_loopback_only(self) -> bool:
         """True when the API listens on a loopback address only."""
@@ -188,7 +205,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 
 _INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget"})
-_FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms"})
+_FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms", "debug_link_delay_ms",
+                           "target_ms_per_token", "target_ttft_ms"})
 _BOOL_FIELDS = frozenset({"loopback", "no_tui"})
 _PATH_FIELDS = frozenset({"state_dir", "cache_dir", "mesh_key_file"})
 _LIST_FIELDS = frozenset({"join", "ice_servers"})
