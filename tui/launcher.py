@@ -69,6 +69,32 @@ class LocalNode:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The process id of the node's current (or last) process; None before it started."""
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the last process once it exited (negative: killed by that signal)."""
+        return self.process.poll() if self.process is not None else None
+
+    def exit_description(self) -> str:
+        """How the last process ended: "exit code 0", "killed by SIGKILL", or "running"."""
+        return describe_returncode(self.returncode)
+
+
+def describe_returncode(code: int | None) -> str:
+    """A Popen return code in words: "exit code N", "killed by SIGNAME", "running" for None."""
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
 
 class LocalMesh:
     """Start, watch and stop N loopback daemons."""
@@ -86,7 +112,11 @@ class LocalMesh:
         work_dir: Path | None = None,
         meshllm: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
+        cwd: Path | str | None = None,
     ) -> None:
+        """``cwd``: the folder the daemons run in (default: this checkout), so that
+        ``python -m daemon.cli`` there runs another checkout's daemons (a benchmark of an
+        older commit from a ``git worktree``)."""
         if nodes < 1:
             raise ValueError("need at least one node")
         self._own_dir = work_dir is None
@@ -95,6 +125,7 @@ class LocalMesh:
         self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
         self._cmd = list(meshllm or [sys.executable, "-m", "daemon.cli"])
         self.env = {**os.environ, **(env or {})}
+        self.cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent.parent
         self.nodes: list[LocalNode] = []
         for i in range(nodes):
             port = base_port + 2 * i if base_port else free_port_pair()
@@ -122,7 +153,7 @@ class LocalMesh:
         logf = node.log_path.open("a")
         node.process = subprocess.Popen(
             self._cmd + node.args, stdout=subprocess.PIPE, stderr=logf, text=True,
-            env=self.env, cwd=Path(__file__).resolve().parent.parent,
+            env=self.env, cwd=self.cwd,
         )
         threading.Thread(target=self._watch_stdout, args=(node,), daemon=True).start()
         return node
@@ -145,6 +176,37 @@ class LocalMesh:
         proc = self.nodes[index].process
         if proc is not None:
             proc.wait(10)
+
+    def restart_node(self, index: int, timeout_s: float = 15.0) -> LocalNode:
+        """Start node ``index`` again (same ports, state dir and options); stops it first
+        (SIGTERM, then SIGKILL after ``timeout_s``) if it still runs."""
+        self.stop_node(index, timeout_s)
+        return self.start_node(index)
+
+    def stop_node(self, index: int, timeout_s: float = 15.0) -> str:
+        """SIGTERM node ``index`` (a clean leave), SIGKILL after ``timeout_s``; how it ended."""
+        node = self.nodes[index]
+        if node.process is None:
+            return "not started"
+        if node.alive:
+            node.process.send_signal(signal.SIGTERM)
+            try:
+                node.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("node%d did not stop in time; killing it", index + 1)
+                node.process.kill()
+                node.process.wait(5)
+        return node.exit_description()
+
+    def wait_exit(self, index: int, timeout_s: float) -> str:
+        """Until node ``index``'s process exits (TimeoutError after ``timeout_s``); how it ended."""
+        node = self.nodes[index]
+        if node.process is not None:
+            try:
+                node.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"node{index + 1} still runs after {timeout_s:g} s") from None
+        return node.exit_description()
 
     def stop(self, timeout_s: float = 15.0) -> None:
         for node in self.nodes:
@@ -196,6 +258,11 @@ class LocalMesh:
             if time.monotonic() > deadline:
                 raise TimeoutError("the nodes do not agree on one active plan")
             time.sleep(0.2)
+
+    def agreed_plan(self, nodes: Sequence[int] | None = None) -> dict[str, Any] | None:
+        """The one active plan the given nodes (default: all) agree on, each seeing exactly
+        them; None when they do not (yet), or one of them does not answer."""
+        return self._agreed_plan(list(nodes) if nodes is not None else [n.index for n in self.nodes])
 
     def _agreed_plan(self, indexes: Sequence[int]) -> dict[str, Any] | None:
         plans, ids = [], set()
