@@ -110,6 +110,12 @@ class Session:
     def replaying(self) -> bool:
         return bool(self._replay)
 
+    def history(self) -> tuple[tuple[int, ...], int]:
+        """The token ids of every step run so far, in order, and the first step's length:
+        what a rebuild of the stages' caches repeats, in the same chunking."""
+        tokens = tuple(t for step in self._done_steps for t in step)
+        return tokens, len(self._done_steps[0]) if self._done_steps else 0
+
 
 def run_local(session: Session, run_chain: Callable[[str, list[int], int], object],
               sample: Callable[[object], int], should_stop: Callable[[], bool] | None = None) -> Iterator[Token]:

@@ -27,7 +27,7 @@ from meshllm.balance import BalanceSettings, Balancer
 from meshllm.errors import PlacementError, WireError
 from meshllm.mesh.entry import EntrySessions
 from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, StatusChanged
-from meshllm.mesh.jobs import Compute, Computed, DropSessions, Job, LoadSpan
+from meshllm.mesh.jobs import Compute, Computed, DropSessions, Job, LoadSpan, RebuildPart
 from meshllm.mesh.stats import StageStats
 from meshllm.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, plan_layers
 from meshllm.plans import PlanBook, PlanView
@@ -53,6 +53,8 @@ class MeshSettings:
     """How often a stage reports its measured decode speed to the coordinator."""
     max_queued_steps: int = 64
     """Forwarded steps waiting for this node's compute; more are refused ("busy")."""
+    max_queued_rebuild_parts: int = 1024
+    """Rebuild parts waiting for this node's compute; more are refused ("busy")."""
     balance: BalanceSettings = field(default_factory=BalanceSettings)
 
 
@@ -76,9 +78,9 @@ def election_score(hello: wire.Hello) -> float:
 
 @dataclass(frozen=True)
 class _StageStep:
-    """A forwarded step computing here, and where its output goes."""
+    """A forwarded step (or rebuild part) computing here, and where its output goes."""
 
-    msg: wire.Forward
+    msg: wire.Forward | wire.Rebuild
     plan: PlanView
 
 
@@ -122,6 +124,9 @@ class MeshCore:
         self._job_ids = 0
         self._loads: dict[int, PlanView] = {}
         self._stage_steps: dict[int, _StageStep] = {}
+        self._stage_rebuilds: dict[int, _StageStep] = {}
+        self._rebuild_ms: dict[tuple[str, int], float] = {}
+        """Compute time of the rebuilds running here, by (session, seq)."""
         self._stage_sessions: set[str] = set()
         """Sessions of other entry nodes whose caches this node may hold."""
         self._sends: list[Send] = []
@@ -248,6 +253,10 @@ class MeshCore:
             self._on_forward(sender, msg, now)
         elif isinstance(msg, wire.Result):
             self.entry.result(sender, msg, now)
+        elif isinstance(msg, wire.Rebuild):
+            self._on_rebuild(sender, msg, now)
+        elif isinstance(msg, wire.Rebuilt):
+            self.entry.rebuilt(sender, msg, now)
         elif isinstance(msg, wire.StepFailed):
             self.entry.step_failed(sender, msg, now)
         elif isinstance(msg, (wire.Election, wire.Answer, wire.Coordinator)):
@@ -305,6 +314,9 @@ class MeshCore:
         elif job_id in self._stage_steps:
             assert result is not None
             self._stage_step_done(self._stage_steps.pop(job_id), result)
+        elif job_id in self._stage_rebuilds:
+            assert result is not None
+            self._stage_rebuild_done(self._stage_rebuilds.pop(job_id), result)
         elif result is not None:
             self.entry.job_done(job_id, result, now)
 
@@ -317,6 +329,10 @@ class MeshCore:
             step = self._stage_steps.pop(job_id)
             log.info("step %s/%d failed here: %s", step.msg.session_id, step.msg.seq, reason)
             self._refuse(step.msg, "bad_step", reason)
+        elif job_id in self._stage_rebuilds:
+            step = self._stage_rebuilds.pop(job_id)
+            self._rebuild_ms.pop((step.msg.session_id, step.msg.seq), None)
+            self._refuse(step.msg, "no_log", reason)  # the entry node replays the session instead
         else:
             self.entry.job_failed(job_id, reason, now)
 
@@ -558,7 +574,8 @@ class MeshCore:
 
     def _loaded(self, view: PlanView) -> None:
         self.span = view.span_of(self.node_id)
-        self._stage_sessions.clear()  # loading a span drops every KV cache
+        if self.span == (0, 0):
+            self._stage_sessions.clear()  # a node out of the plan holds no caches
         if self.book.pending is not view:
             return  # a newer plan came while loading
         if self.node_id in view.node_ids:
@@ -578,23 +595,43 @@ class MeshCore:
 
     # -- stage side --------------------------------------------------------------------------------
 
-    def _on_forward(self, sender: str, msg: wire.Forward, now: float) -> None:
-        entry = msg.route[-1] if msg.route else sender
+    def _admit(self, msg: wire.Forward | wire.Rebuild, payload: wire.TensorPayload | None,
+               positions: int) -> tuple[PlanView, str, np.ndarray | None] | None:
+        """The checks every step from a peer passes: (plan, entry node, hidden), or None
+        when it was refused (the entry node is told why)."""
+        entry = msg.route[-1] if msg.route else None
         plan = self.book.active
         if plan is None or plan.key != (msg.term, msg.epoch):
-            return self._refuse(msg, "stale_plan", f"plan {msg.term}.{msg.epoch} is not active here", entry)
+            self._refuse(msg, "stale_plan", f"plan {msg.term}.{msg.epoch} is not active here", entry)
+            return None
         if self.node_id not in plan.node_ids:
-            return self._refuse(msg, "stale_plan", "this node holds no layers in the active plan", entry)
-        if not msg.route or any(n not in plan.node_ids and n != entry for n in msg.route):
-            return self._refuse(msg, "bad_step", "route names nodes outside the plan", entry)
+            self._refuse(msg, "stale_plan", "this node holds no layers in the active plan", entry)
+            return None
+        if entry is None or any(n not in plan.node_ids and n != entry for n in msg.route):
+            self._refuse(msg, "bad_step", "route names nodes outside the plan", entry)
+            return None
         if not msg.session_id.startswith(f"{entry}/"):
-            return self._refuse(msg, "bad_step", "session id does not belong to its entry node", entry)
-        try:
-            hidden = self.decode_hidden(msg.hidden, plan.codec)
-        except WireError as e:
-            return self._refuse(msg, "bad_step", str(e), entry)
-        if msg.start_pos + hidden.shape[0] > self.limits.max_positions:
-            return self._refuse(msg, "bad_step", "step runs past the model's context window", entry)
+            self._refuse(msg, "bad_step", "session id does not belong to its entry node", entry)
+            return None
+        hidden = None
+        if payload is not None:
+            try:
+                hidden = self.decode_hidden(payload, plan.codec, positions)
+            except WireError as e:
+                self._refuse(msg, "bad_step", str(e), entry)
+                return None
+        if msg.start_pos + positions > self.limits.max_positions:
+            self._refuse(msg, "bad_step", "step runs past the model's context window", entry)
+            return None
+        return plan, entry, hidden
+
+    def _on_forward(self, sender: str, msg: wire.Forward, now: float) -> None:
+        rows = msg.hidden.shape[0] if msg.hidden.shape else 0
+        admitted = self._admit(msg, msg.hidden, rows)
+        if admitted is None:
+            return None
+        plan, entry, hidden = admitted
+        assert hidden is not None
         if self.entry.forward_is_final(msg.session_id, msg.route):
             self.entry.final_forward(msg, hidden, now)  # this node's own answer: layers + head
             return None
@@ -605,6 +642,60 @@ class MeshCore:
         self._stage_steps[job.job_id] = _StageStep(msg, plan)
         self._jobs.append(job)
         return None
+
+    def _on_rebuild(self, sender: str, msg: wire.Rebuild, now: float) -> None:
+        """A part of a session's rebuild: run it here (meshllm.mesh.rebuild), pass it on."""
+        admitted = self._admit(msg, msg.hidden[0] if msg.hidden else None, msg.positions)
+        if admitted is None:
+            return None
+        plan, entry, hidden = admitted
+        if msg.position > self.limits.max_positions:
+            return self._refuse(msg, "bad_step", "rebuild runs past the model's context window", entry)
+        if self.entry.forward_is_final(msg.session_id, msg.route):
+            self.entry.final_rebuild_part(msg, hidden, now)  # this node's own answer, last stage
+            return None
+        if len(self._stage_rebuilds) >= self.settings.max_queued_rebuild_parts:
+            return self._refuse(msg, "busy", f"over {self.settings.max_queued_rebuild_parts} rebuild parts "
+                                             "queued here", entry)
+        self._stage_sessions.add(msg.session_id)
+        job = RebuildPart(self.next_job_id(), msg.session_id, msg.seq, msg.position, msg.prefill,
+                          msg.start_pos, msg.positions, hidden=hidden)
+        self._stage_rebuilds[job.job_id] = _StageStep(msg, plan)
+        self._jobs.append(job)
+        return None
+
+    def rebuild_part_done(self, msg: wire.Rebuild, result: Computed) -> bool:
+        """A rebuild part ran here (a stage's, or the entry side's own as the last stage):
+        count it; False (and the entry node told) when this node cannot rebuild."""
+        key = (msg.session_id, msg.seq)
+        if result.rebuild_error is not None:
+            self._rebuild_ms.pop(key, None)
+            self._refuse(msg, "no_log", result.rebuild_error)
+            return False
+        ms = self._rebuild_ms.pop(key, 0.0) + result.span_ms
+        report = result.rebuild
+        if msg.start_pos + msg.positions < msg.position:
+            self._rebuild_ms[key] = ms
+        elif report is not None:
+            kept = report.kept[1] - report.kept[0] if report.kept else 0
+            self.stats.rebuilt(kept, report.rebuilt_layers, ms)
+            self._log("info", f"rebuilt session {msg.session_id} here: {report.describe()}, in {ms:.0f} ms")
+        return True
+
+    def _stage_rebuild_done(self, step: _StageStep, result: Computed) -> None:
+        msg = step.msg
+        assert isinstance(msg, wire.Rebuild)
+        if not self.rebuild_part_done(msg, result):
+            return
+        last = msg.start_pos + msg.positions == msg.position
+        if len(msg.route) == 1:  # the next hop is the entry node: it only needs to hear the end
+            if last:
+                self.send(msg.route[0], wire.Rebuilt(msg.session_id, msg.seq))
+            return
+        hidden = () if result.hidden is None else (self.encode_hidden(result.hidden, step.plan.codec),)
+        self.send(msg.route[0], wire.Rebuild(msg.session_id, msg.seq, msg.term, msg.epoch, msg.position,
+                                             msg.prefill, msg.start_pos, msg.positions, hidden, msg.route[1:]),
+                  channel="activation", positions=msg.positions)
 
     def _stage_step_done(self, step: _StageStep, result: Computed) -> None:
         assert result.hidden is not None
@@ -617,7 +708,7 @@ class MeshCore:
             reply = wire.Forward(msg.session_id, msg.seq, msg.term, msg.epoch, msg.start_pos, payload, msg.route[1:])
         self.send(msg.route[0], reply, channel="activation", positions=result.hidden.shape[0])
 
-    def _refuse(self, msg: wire.Forward, code: str, reason: str, entry: str | None = None) -> None:
+    def _refuse(self, msg: wire.Forward | wire.Rebuild, code: str, reason: str, entry: str | None = None) -> None:
         entry = entry or (msg.route[-1] if msg.route else None)
         log.info("step %s/%d refused: %s", msg.session_id, msg.seq, reason)
         if entry is not None:

@@ -5,8 +5,11 @@ Each answer runs one step at a time. A step starts with this node's own job (emb
 layers when it holds the first stage), crosses the other stages as `Forward` messages, and
 ends with the head and sampler here (fused with this node's layers when it holds the last
 stage). A step that is lost (a stage left, a new plan came, a stage refused it, no result in
-time) is replayed from the start of the session on the plan in force: `Session.restart()`
-repeats the same steps in the same chunking, so the answer does not change (design §8).
+time) is followed by a rebuild on the plan in force: the stages keep their caches across
+re-plans and recompute only the layers they lack, from logs, in the original chunking
+(meshllm.mesh.rebuild). When a stage cannot (its inputs are gone too), the session is
+replayed from the start instead: `Session.restart()` repeats the same steps in the same
+chunking. Either way the answer does not change (design §8, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 from meshllm import wire
 from meshllm.errors import WireError
 from meshllm.mesh.events import SessionEnded, SessionOutput
-from meshllm.mesh.jobs import Compute, Computed
+from meshllm.mesh.jobs import Compute, Computed, RebuildPart
+from meshllm.mesh.rebuild import parts as rebuild_parts
 from meshllm.plans import PlanKey, PlanView
 from meshllm.session import Session, StateChange, Step
 
@@ -35,12 +39,27 @@ node has not heard of yet), how long to wait for that plan before retrying on th
 
 
 @dataclass
+class _RebuildRun:
+    """A rebuild of the stages' caches for a session's `position` positions."""
+
+    position: int
+    prefill: int
+    history: tuple[int, ...]
+    jobs: dict[int, tuple[str, wire.Rebuild]]
+    """This node's own jobs for parts of the rebuild, each with its role ("first": the first
+    stage's layers, "embed": the embedding for a first stage elsewhere, "last": the last
+    stage's layers) and the part it runs."""
+
+
+@dataclass
 class _InFlight:
     """The step of a session that is running: in a job here, or out on the chain."""
 
     seq: int
     step: Step
     plan: PlanView
+    rebuild: _RebuildRun | None = None
+    """Set when the step is a rebuild of the caches (then `step` is the next real step)."""
     job_id: int | None = None
     """Set while this node's own job for the step runs."""
     deadline: float | None = None
@@ -64,6 +83,10 @@ class _Answer:
     step: _InFlight | None = None
     retry_at: float | None = None
     """After a "stale_plan" refusal: no retry on the same plan before then."""
+    needs_rebuild: bool = False
+    """The stages' caches may not match the session any more (a new plan, a lost step)."""
+    full_replay: bool = False
+    """A stage could not rebuild: replay every step instead."""
 
 
 class EntrySessions:
@@ -128,13 +151,16 @@ class EntrySessions:
         if answer is not None and answer.step is not None and answer.step.seq == msg.seq:
             if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
                 answer.retry_at = now + STALE_RETRY_S
+            if msg.code == "no_log" and answer.step.rebuild is not None:
+                answer.full_replay = True  # a stage cannot rebuild: replay the whole session
             self._lose(answer, f"{sender}: {msg.code}: {msg.message}", now)
 
     def result(self, sender: str, msg: wire.Result, now: float) -> None:
         """The last stage's output for a step. Raises ValueError for a result that cannot be
         ours (the caller logs and drops it)."""
         answer = self._answers.get(msg.session_id)
-        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.deadline is None:
+        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.deadline is None \
+                or answer.step.rebuild is not None:
             return  # late: the step was already lost or the answer is over
         step = answer.step
         if sender != step.plan.node_ids[-1]:
@@ -159,7 +185,8 @@ class EntrySessions:
         """Run this node's layers (the last stage) and the head for an answer of its own; the
         job id, or None when the step is not the one in flight any more."""
         answer = self._answers.get(msg.session_id)
-        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.deadline is None:
+        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.deadline is None \
+                or answer.step.rebuild is not None:
             return None
         answer.step.deadline = None
         return self._run_job(answer, hidden=hidden, run_span=True,
@@ -171,6 +198,11 @@ class EntrySessions:
         if session_id is None:
             return False
         answer = self._answers.get(session_id)
+        if answer is not None and answer.step is not None and answer.step.rebuild is not None:
+            role_part = answer.step.rebuild.jobs.pop(job_id, None)
+            if role_part is not None:
+                self._rebuild_part_done(answer, *role_part, result, now)
+            return True
         if answer is None or answer.step is None or answer.step.job_id != job_id:
             return True
         step = answer.step
@@ -193,7 +225,12 @@ class EntrySessions:
         if session_id is None:
             return False
         answer = self._answers.get(session_id)
-        if answer is not None and answer.step is not None and answer.step.job_id == job_id:
+        if answer is None or answer.step is None:
+            return True
+        if answer.step.rebuild is not None and answer.step.rebuild.jobs.pop(job_id, None) is not None:
+            answer.full_replay = True  # this node could not rebuild its part: replay instead
+            self._lose(answer, reason, now)
+        elif answer.step.job_id == job_id:
             answer.step.job_id = None
             self._lose(answer, reason, now)
         return True
@@ -250,17 +287,92 @@ class EntrySessions:
                     return  # a stage refused this plan as stale: wait for the newer one
                 answer.retry_at = None
             if answer.plan_key is not None and plan.key != answer.plan_key:
-                session.restart()  # the caches live on the old plan's stages: replay
-                answer.failures = 0
-                answer.plan_key = plan.key
-                continue
+                answer.failures = 0  # the caches live on the old plan's stages: rebuild them
+                answer.needs_rebuild = True
             answer.plan_key = plan.key
+            if answer.needs_rebuild:
+                answer.needs_rebuild = False
+                if answer.full_replay:
+                    answer.full_replay = False
+                    core.stats.full_replays += 1
+                    core.log_step_lost(session.session_id, answer.seq, "rebuild impossible: replaying every step")
+                    session.restart()
+                    continue
+                if session.position > 0:
+                    self._start_rebuild(answer, step, plan, now)
+                    return
             answer.step = _InFlight(answer.seq, step, plan)
             answer.seq += 1
             first_is_here = plan.node_ids[0] == core.node_id
             alone = first_is_here and len(plan.stages) == 1
             finish = ("discard" if step.replay else "sample") if alone else "send"
             self._run_job(answer, token_ids=step.token_ids, run_span=first_is_here, finish=finish)
+
+    # -- rebuilds ------------------------------------------------------------------------------
+
+    def _start_rebuild(self, answer: _Answer, step: Step, plan: PlanView, now: float) -> None:
+        """Have every stage of `plan` hold the session's caches again: one rebuild, streamed
+        down the chain in parts (meshllm.mesh.rebuild), instead of a replay step by step."""
+        core = self._core
+        session = answer.session
+        history, prefill = session.history()
+        run = _RebuildRun(len(history), prefill, history, {})
+        answer.step = _InFlight(answer.seq, step, plan, rebuild=run)
+        answer.seq += 1
+        answer.step.deadline = now + core.settings.step_timeout_s
+        ids = plan.node_ids
+        first_is_here = ids[0] == core.node_id
+        route = ids[1:] if first_is_here else ids
+        for start, end in rebuild_parts(run.position, prefill):
+            part = wire.Rebuild(session.session_id, answer.step.seq, plan.key[0], plan.key[1], run.position,
+                                prefill, start, end - start, (), route[1:] + (core.node_id,))
+            job = RebuildPart(core.next_job_id(), session.session_id, answer.step.seq, run.position, prefill,
+                              start, end - start, token_ids=history[start:end], run_span=first_is_here)
+            run.jobs[job.job_id] = ("first" if first_is_here else "embed", part)
+            self._by_job[job.job_id] = session.session_id
+            core.add_job(job)
+
+    def final_rebuild_part(self, msg: wire.Rebuild, hidden: np.ndarray | None, now: float) -> None:
+        """A part of a rebuild of an answer of this node's own, which holds its last stage."""
+        answer = self._answers.get(msg.session_id)
+        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.rebuild is None:
+            return
+        core = self._core
+        job = RebuildPart(core.next_job_id(), msg.session_id, msg.seq, msg.position, msg.prefill,
+                          msg.start_pos, msg.positions, hidden=hidden)
+        answer.step.rebuild.jobs[job.job_id] = ("last", msg)
+        self._by_job[job.job_id] = msg.session_id
+        core.add_job(job)
+
+    def rebuilt(self, sender: str, msg: wire.Rebuilt, now: float) -> None:
+        answer = self._answers.get(msg.session_id)
+        if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.rebuild is None:
+            return
+        if sender != answer.step.plan.node_ids[-1]:
+            raise ValueError(f"rebuild of {msg.session_id} reported done by {sender}, not by the last stage")
+        self._rebuild_done(answer, now)
+
+    def _rebuild_part_done(self, answer: _Answer, role: str, part: wire.Rebuild, result: Computed,
+                           now: float) -> None:
+        """One of this node's own jobs of a rebuild (see `_RebuildRun.jobs`)."""
+        core = self._core
+        step = answer.step
+        assert step is not None and step.rebuild is not None
+        if role != "embed" and not core.rebuild_part_done(part, result):
+            return  # refused here: the entry side heard it as a "no_log" failure
+        ids = step.plan.node_ids
+        if role == "last" or len(ids) == 1:
+            if part.start_pos + part.positions == part.position:
+                self._rebuild_done(answer, now)
+            return
+        hidden = () if result.hidden is None else (core.encode_hidden(result.hidden, step.plan.codec),)
+        core.send(ids[1 if role == "first" else 0], wire.Rebuild(
+            part.session_id, part.seq, part.term, part.epoch, part.position, part.prefill, part.start_pos,
+            part.positions, hidden, part.route), channel="activation", positions=part.positions)
+
+    def _rebuild_done(self, answer: _Answer, now: float) -> None:
+        answer.step = None
+        self._advance(answer, now)
 
     def _run_job(self, answer: _Answer, *, token_ids: tuple[int, ...] | None = None,
                  hidden: np.ndarray | None = None, run_span: bool, finish: str) -> int:
@@ -322,7 +434,7 @@ class EntrySessions:
             self._end(answer.session.session_id, f"steps keep failing: {reason}")
             return
         self._pause(answer)
-        answer.session.restart()  # failures count up only while the plan stays the same
+        answer.needs_rebuild = True  # failures count up only while the plan stays the same
         self._advance(answer, now)
 
     def _pause(self, answer: _Answer) -> None:

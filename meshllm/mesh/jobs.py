@@ -11,6 +11,8 @@ from typing import Literal
 
 import numpy as np
 
+from meshllm.mesh.rebuild import RebuildReport
+
 Finish = Literal["send", "sample", "discard"]
 
 
@@ -39,6 +41,29 @@ class Compute:
     finish: Finish = "send"
 
 
+@dataclass(frozen=True, eq=False)
+class RebuildPart:
+    """One part of a session's rebuild on a new plan (meshllm.mesh.rebuild): make this
+    node's caches hold positions `[start_pos, start_pos + positions)` of the session's
+    `position`, recomputing what it lacks in the original chunking (a first step of
+    `prefill` positions, then one at a time), and return its output there.
+
+    It starts from `token_ids` (the entry node embeds them; with `run_span` False it only
+    embeds, for a first stage elsewhere) or from `hidden`, the upstream's output, which is
+    None when the upstream has none to give."""
+
+    job_id: int
+    session_id: str
+    seq: int
+    position: int
+    prefill: int
+    start_pos: int
+    positions: int
+    token_ids: tuple[int, ...] | None = None
+    hidden: np.ndarray | None = None
+    run_span: bool = True
+
+
 @dataclass(frozen=True)
 class LoadSpan:
     """Hold layers `[start_layer, end_layer)` from now on (a plan was adopted)."""
@@ -56,7 +81,7 @@ class DropSessions:
     session_ids: tuple[str, ...]
 
 
-Job = Compute | LoadSpan | DropSessions
+Job = Compute | RebuildPart | LoadSpan | DropSessions
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,3 +94,7 @@ class Computed:
     """The sampled token when the finish was "sample"."""
     span_ms: float = 0.0
     """Time spent in this node's layers (plus any testing delay): what balancing measures."""
+    rebuild: RebuildReport | None = None
+    """For a `RebuildPart`: what this node kept and recomputed for the session."""
+    rebuild_error: str | None = None
+    """For a `RebuildPart`: why this node cannot rebuild the session (its inputs are gone)."""

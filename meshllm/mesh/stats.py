@@ -19,6 +19,15 @@ class StageStats:
     prefill_bytes_sent: int = 0
     recent_decode_ms: list[float] = field(default_factory=list)
     """The last few decode compute times (ms), newest last."""
+    rebuilds: int = 0
+    """Sessions this node rebuilt on a new plan (docs/operations.md), as a stage."""
+    rebuilt_layers: int = 0
+    """Layers recomputed in those rebuilds, summed over sessions."""
+    kept_layers: int = 0
+    """Layers whose caches those rebuilds kept, summed over sessions."""
+    rebuild_compute_ms: float = 0.0
+    full_replays: int = 0
+    """Answers entered here that fell back to replaying every step (a rebuild was impossible)."""
 
     def computed(self, positions: int, ms: float) -> None:
         if positions == 1:
@@ -29,6 +38,12 @@ class StageStats:
             self.prefill_steps += 1
             self.prefill_positions += positions
             self.prefill_compute_ms += ms
+
+    def rebuilt(self, kept_layers: int, rebuilt_layers: int, ms: float) -> None:
+        self.rebuilds += 1
+        self.kept_layers += kept_layers
+        self.rebuilt_layers += rebuilt_layers
+        self.rebuild_compute_ms += ms
 
     def sent(self, positions: int, nbytes: int) -> None:
         if positions == 1:
@@ -47,4 +62,9 @@ class StageStats:
             "decode_hops_sent": self.decode_hops_sent,
             "decode_bytes_per_hop": round(self.decode_bytes_sent / self.decode_hops_sent, 1) if self.decode_hops_sent else 0.0,
             "prefill_bytes_sent": self.prefill_bytes_sent,
+            "rebuilds": self.rebuilds,
+            "rebuilt_layers": self.rebuilt_layers,
+            "kept_layers": self.kept_layers,
+            "rebuild_compute_ms": round(self.rebuild_compute_ms, 3),
+            "full_replays": self.full_replays,
         }

@@ -21,6 +21,8 @@ from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, SessionEnded, SessionOutput,
 )
 from meshllm.mesh.core import ModelLimits
+from meshllm.mesh.jobs import RebuildPart
+from meshllm.mesh.rebuild import OutputLogs, Rebuilder
 from meshllm.planner import ModelSpec
 from meshllm.session import Session, StateChange, Token
 
@@ -58,33 +60,63 @@ def sample(hidden: np.ndarray) -> int:
 
 
 class ToyShard:
-    """One node's layers and its KV caches, with the shard's step rules."""
+    """One node's layers and its KV caches, with the shard's step rules; it keeps the
+    caches of the layers it still holds across re-plans, and an output log (as the runtime)."""
 
     def __init__(self) -> None:
         self.span = (0, 0)
         self.caches: dict[str, list[list[np.ndarray]]] = {}
+        self.logs = OutputLogs()
+        self.rebuilder = Rebuilder(self, self.logs, LAYERS)
 
     def load(self, start: int, end: int) -> None:
+        old_start, old_end = self.span
+        for sid, layers in list(self.caches.items()):
+            self.caches[sid] = [layers[i - old_start] if old_start <= i < old_end else [] for i in range(start, end)]
         self.span = (start, end)
-        self.caches = {}
+        if start == end:
+            self.caches = {}
+            self.logs = OutputLogs()
+            self.rebuilder = Rebuilder(self, self.logs, LAYERS)
+
+    def drop(self, session_id: str) -> None:
+        self.caches.pop(session_id, None)
+        self.logs.forget(session_id)
+        self.rebuilder.forget(session_id)
+
+    # LayerStore
+    def layer_lengths(self, session_id: str) -> list[int]:
+        cache = self.caches.get(session_id)
+        return [len(c) for c in cache] if cache else [0] * (self.span[1] - self.span[0])
+
+    def keep_layers(self, session_id: str, lo: int, hi: int, positions: int) -> None:
+        cache = self.caches.setdefault(session_id, [[] for _ in range(self.span[1] - self.span[0])])
+        for i in range(len(cache)):
+            cache[i] = cache[i][:positions] if lo <= i < hi else []
+
+    def run_layers(self, session_id: str, x: np.ndarray, start_pos: int, lo: int, hi: int) -> np.ndarray:
+        cache = self.caches[session_id]
+        for i in range(lo, hi):
+            if len(cache[i]) != start_pos:
+                raise ValueError(f"KV cache holds {len(cache[i])} positions, step starts at {start_pos}")
+            past = np.array(cache[i]).reshape(-1, HIDDEN)
+            cache[i].extend(x)
+            x = layer(self.span[0] + i, x, past)
+        return x
 
     def forward(self, session_id: str, x: np.ndarray, start_pos: int) -> np.ndarray:
         start, end = self.span
-        cache = self.caches.get(session_id) if start_pos else None
-        if cache is None:
+        if start_pos == 0 or session_id not in self.caches:
             if start_pos != 0:
                 raise ValueError(f"session {session_id} has no KV cache here")
-            cache = self.caches[session_id] = [[] for _ in range(end - start)]
-        if cache and len(cache[0]) != start_pos:
-            raise ValueError(f"KV cache holds {len(cache[0])} positions, step starts at {start_pos}")
-        for i in range(end - start):
-            past = np.array(cache[i]).reshape(-1, HIDDEN)
-            cache[i].extend(x)
-            x = layer(start + i, x, past)
-        return x
+            self.caches[session_id] = [[] for _ in range(end - start)]
+        return self.run_layers(session_id, x, start_pos, 0, end - start)
 
-    def run(self, job: Compute) -> Computed:
+    def run(self, job: Compute | RebuildPart) -> Computed:
         x = embed(job.token_ids) if job.token_ids is not None else job.hidden
+        if isinstance(job, RebuildPart):
+            out, report, error = self.rebuilder.run(job, x)
+            return Computed(hidden=out, rebuild=report, rebuild_error=error)
         assert x is not None
         if job.run_span:
             x = self.forward(job.session_id, x, job.start_pos)
@@ -92,6 +124,8 @@ class ToyShard:
             return Computed(token_id=sample(x), span_ms=1.0)
         if job.finish == "discard":
             return Computed(span_ms=1.0)
+        if job.run_span and self.span[1] < LAYERS:
+            self.logs.record(job.session_id, self.span[1], job.start_pos, x)
         return Computed(hidden=x, span_ms=1.0)
 
 
@@ -284,6 +318,9 @@ class Net:
     # -- internals ---------------------------------------------------------------------------------
 
     def _cost(self, node: SimNode, job: Job) -> float:
+        if isinstance(job, RebuildPart) and job.run_span:
+            start, end = node.shard.span
+            return (end - start) * node.ms_per_layer * node.slow_factor * job.positions / 4000
         if isinstance(job, Compute) and job.run_span:
             start, end = node.shard.span
             return (end - start) * node.ms_per_layer * node.slow_factor / 1000
@@ -296,7 +333,7 @@ class Net:
             node.core.job_done(job.job_id, None, self.now)
         elif isinstance(job, DropSessions):
             for sid in job.session_ids:
-                node.shard.caches.pop(sid, None)
+                node.shard.drop(sid)
             node.core.job_done(job.job_id, None, self.now)
         else:
             try:

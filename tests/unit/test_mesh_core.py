@@ -418,3 +418,112 @@ def test_an_entry_node_that_is_a_middle_stage_hears_its_own_refusal_at_once() ->
     answer = net.answer(middle, PROMPT, 8)
     assert failed and answer.error is None and answer.tokens == reference(PROMPT, 8)
     assert net.now - start < 5.0  # not after the 120 s step timeout
+
+
+# -- recovery: kept caches and rebuilds from logs (docs/operations.md) ---------------------------
+
+
+def rebuild_logs(net: Net) -> list[str]:
+    return [e.message for n in net.nodes.values() for e in n.log if e.message.startswith("rebuilt session")]
+
+
+def gained_layers(old: object, new: object) -> int:
+    """Layers that the stages of plan `new` did not hold under plan `old` (the planner may
+    move a few more than the lost ones, to balance)."""
+    total = 0
+    for nid in new.node_ids:  # type: ignore[attr-defined]
+        a, b = new.span_of(nid)  # type: ignore[attr-defined]
+        c, d = old.span_of(nid)  # type: ignore[attr-defined]
+        total += (b - a) - max(0, min(b, d) - max(a, c))
+    return total
+
+
+def test_a_lost_stage_is_rebuilt_from_the_logs_only_for_the_layers_that_moved() -> None:
+    """Whatever stage is lost (not the entry node), the stages recompute only the layers
+    they gained, from the logs, with no full replay."""
+    for victim_pick in (0, 1):
+        net = three_nodes()
+        plan = net.nodes["a"].core.book.active
+        assert plan is not None
+        victims = [n for n in plan.node_ids if n != "a"]
+        victim = victims[victim_pick % len(victims)]
+        answer, _ = kill_when(net, "a", lambda net: victim, 15)
+        assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+        new_plan = net.nodes["a"].core.book.active
+        assert new_plan is not None
+        stats = [n.core.stats for n in net.nodes.values()]
+        lost = plan.span_of(victim)
+        assert sum(s.rebuilt_layers for s in stats) == gained_layers(plan, new_plan) >= lost[1] - lost[0]
+        assert sum(s.kept_layers for s in stats) == LAYERS - gained_layers(plan, new_plan)
+        assert sum(s.full_replays for s in stats) == 0, rebuild_logs(net)
+
+
+def test_an_unchanged_stage_keeps_its_caches_across_a_replan() -> None:
+    net = settled("abcd")
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    victim = next(n for n in plan.node_ids if n not in ("a", net.nodes["a"].core.coordinator_id))
+    answer, _ = kill_when(net, "a", lambda net: victim, 12)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    new_plan = net.nodes["a"].core.book.active
+    assert new_plan is not None
+    unchanged = [n for n in new_plan.node_ids if new_plan.span_of(n) == plan.span_of(n)]
+    for nid in unchanged:  # a stage whose span did not move recomputed nothing
+        stats = net.nodes[nid].core.stats
+        assert stats.rebuilds >= 1 and stats.rebuilt_layers == 0, nid
+
+
+def test_two_neighbouring_stages_lost_at_once_are_rebuilt_in_a_chain_exactly() -> None:
+    """The lost run of layers starts where a live stage's log is: the new owners rebuild it
+    one after the other, streaming parts."""
+    net = settled("abcd")
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    coordinator = net.nodes["a"].core.coordinator_id
+    ids = plan.node_ids
+    pairs = [(ids[i], ids[i + 1]) for i in range(len(ids) - 1) if not {ids[i], ids[i + 1]} & {"a", coordinator}]
+    assert pairs, ids
+    x, y = pairs[0]
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 14)
+    net.kill(x)
+    net.kill(y)
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert sum(n.core.stats.full_replays for n in net.nodes.values()) == 0
+
+
+def test_a_stage_lost_when_the_log_it_needs_is_gone_falls_back_to_a_full_replay() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    coordinator = net.nodes["a"].core.coordinator_id
+    # a stage below the first: the first stage's input is the embedding, which needs no log
+    victim = next(n for n in plan.node_ids if plan.span_of(n)[0] > 0 and n not in (coordinator, "a"))
+    for node in net.nodes.values():  # logs over the memory cap are dropped
+        node.shard.logs.cap_bytes = 0
+    answer, _ = kill_when(net, "a", lambda net: victim, 14)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert net.nodes["a"].core.stats.full_replays == 1
+    assert answer.states == ["replanning", "running"]
+
+
+def test_a_lost_step_is_followed_by_a_rebuild_that_keeps_every_cache() -> None:
+    net = settled("abc", step_timeout_s=2.0)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    last = plan.node_ids[-1] if plan.node_ids[-1] != "a" else plan.node_ids[-2]
+    dropped: list[wire.Message] = []
+
+    def lose_one_late_step(sender: str, dest: str, msg: wire.Message) -> bool:
+        if sender == last and not dropped and isinstance(msg, (wire.Result, wire.Forward)) and msg.seq > 6:
+            dropped.append(msg)
+            return True
+        return False
+
+    net.lose = lose_one_late_step
+    answer = net.answer("a", PROMPT, 12)
+    assert dropped and answer.error is None and answer.tokens == reference(PROMPT, 12)
+    stats = [n.core.stats for n in net.nodes.values()]
+    assert sum(s.rebuilds for s in stats) == len(plan.node_ids)
+    assert sum(s.rebuilt_layers for s in stats) == 0 and sum(s.full_replays for s in stats) == 0
