@@ -198,6 +198,9 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         metavar="S", help="silence that marks a peer lost (default 1.0 s)")
     parser.add_argument("--device", default=None, metavar="DEV",
                         help="where this node's layers run: cpu (default), cuda or cuda:N")
+    parser.add_argument("--fallback-model", dest="fallback_model", default=None, metavar="PATH|builtin|none",
+                        help="answer requests the mesh cannot serve with this model, on this node "
+                             "(default builtin: the bundled SmolLM2; its memory comes out of --mem-budget)")
     _weights_arg(parser)
     parser.add_argument("--debug-delay-ms", dest="debug_delay_ms", type=float, default=None,
                         metavar="MS", help=argparse.SUPPRESS)
@@ -254,6 +257,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         resolve(config.model)  # a mistyped path fails at once, before the slow imports
     except ModelSourceError as error:
         return fail(str(error))
+    if config.fallback_model not in ("builtin", "none"):
+        try:
+            resolve(config.fallback_model)
+        except ModelSourceError as error:
+            return fail(f"fallback model: {error}")
     tui = None
     if not config.no_tui and sys.stdout.isatty():
         tui = find_tui_runner()

@@ -23,6 +23,7 @@ from daemon.api.completions import Completions, NotReady, PreparedChat
 from daemon.api.events import EventHub
 from daemon.api.status import StatusBoard
 from daemon.api.stop_strings import StopScanner
+from daemon.node.fallback import Serving
 from daemon.node.worker import TokenStream, WorkerStopped
 
 from meshllm.errors import MeshllmError
@@ -111,10 +112,13 @@ class ApiHandlers:
     async def _whole_chat(self, prepared: PreparedChat, tokens: TokenStream[Token]) -> web.Response:
         pieces: list[str] = []
         finished = Finished("cancelled", 0)
+        served = Serving("mesh", prepared.model_name)
         try:
             async for piece in _text_pieces(tokens, prepared.request.stop):
                 if isinstance(piece, Finished):
                     finished = piece
+                elif isinstance(piece, Serving):
+                    served = piece
                 elif isinstance(piece, str):
                     pieces.append(piece)
         except WorkerStopped:
@@ -133,7 +137,7 @@ class ApiHandlers:
                 "id": _completion_id(),
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": prepared.model_name,
+                "model": served.model,
                 "choices": [
                     {
                         "index": 0,
@@ -143,7 +147,7 @@ class ApiHandlers:
                     }
                 ],
                 "usage": _usage(len(prepared.prompt_ids), finished.completion_tokens),
-                "meshllm": {"token_ids": list(finished.token_ids)},
+                "meshllm": {"token_ids": list(finished.token_ids), "served_by": served.by},
             }
         )
 
@@ -151,31 +155,46 @@ class ApiHandlers:
                            tokens: TokenStream[Token]) -> web.StreamResponse:
         chat = prepared.request
         ident, created = _completion_id(), int(time.time())
+        served = Serving("mesh", prepared.model_name)
+        opened = False
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extension: Any) -> dict[str, Any]:
             body: dict[str, Any] = {
                 "id": ident,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": prepared.model_name,
+                "model": served.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
                              "logprobs": None}],
+                "meshllm": {**extension, "served_by": served.by},
             }
             if chat.include_usage:
                 body["usage"] = None
             return body
 
+        async def open_answer() -> None:
+            nonlocal opened
+            if not opened:
+                opened = True
+                await _send_event(response, chunk({"role": "assistant", "content": ""}))
+
         response = web.StreamResponse(headers=SSE_HEADERS)
         try:
             await response.prepare(request)
-            await _send_event(response, chunk({"role": "assistant", "content": ""}))
+            if not getattr(tokens, "announces", False):  # else the first item says who serves it
+                await open_answer()
             finished = Finished("cancelled", 0)
             try:
                 async for piece in _text_pieces(tokens, chat.stop):
+                    if isinstance(piece, Serving):
+                        served = piece
+                        await open_answer()
+                        continue
+                    await open_answer()
                     if isinstance(piece, Finished):
                         finished = piece
                     elif isinstance(piece, StateChange):
-                        await _send_event(response, {**chunk({}), "meshllm": {"state": piece.state}})
+                        await _send_event(response, chunk({}, state=piece.state))
                     else:
                         await _send_event(response, chunk({"content": piece}))
             except WorkerStopped:
@@ -193,8 +212,7 @@ class ApiHandlers:
             if finished.reason == "cancelled":
                 await _send_event(response, {"error": _error_body("the daemon is stopping")})
                 return response
-            await _send_event(response, {**chunk({}, finished.reason),
-                                         "meshllm": {"token_ids": list(finished.token_ids)}})
+            await _send_event(response, chunk({}, finished.reason, token_ids=list(finished.token_ids)))
             if chat.include_usage:
                 usage = _usage(len(prepared.prompt_ids), finished.completion_tokens)
                 await _send_event(response, {**chunk({}), "choices": [], "usage": usage})
@@ -244,13 +262,14 @@ class ApiHandlers:
 
 
 async def _text_pieces(tokens: TokenStream[Token], stops: tuple[str, ...]
-                       ) -> AsyncIterator[str | StateChange | Finished]:
-    """Visible text pieces of a generation, then one Finished. Honours stop strings."""
+                       ) -> AsyncIterator[str | StateChange | Serving | Finished]:
+    """Visible text pieces of a generation, then one Finished. Honours stop strings. Mesh
+    states and who serves the answer (`Serving`) pass through as they come."""
     scanner = StopScanner(stops)
     count = 0
     ids: list[int] = []
     async for token in tokens:
-        if not isinstance(token, Token):  # a mesh state change between tokens
+        if not isinstance(token, Token):  # a mesh state change between tokens, or who serves
             yield token
             continue
         if token.id >= 0:

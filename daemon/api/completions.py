@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from meshllm.errors import PromptTooLong
 
 from daemon.api.chat_request import ChatRequest, RequestError
+from daemon.node.fallback import Serving
 from daemon.node.worker import GenerationWorker, TokenStream
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from meshllm.session import StateChange
 
     from daemon.node.driver import MeshDriver
+    from daemon.node.fallback import Fallback
     from meshllm.model.sampling import SamplingParams
 
 
@@ -68,12 +70,16 @@ class Completions:
         self._worker = worker
         self._engine: ChatEngine | None = None
         self._mesh: MeshDriver | None = None
+        self._fallback: Fallback | None = None
         self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-prompt")
 
-    def attach(self, engine: ChatEngine, mesh: "MeshDriver | None" = None) -> None:
-        """Serve this engine from now on; with a mesh, answers run across the mesh."""
+    def attach(self, engine: ChatEngine, mesh: "MeshDriver | None" = None,
+               fallback: "Fallback | None" = None) -> None:
+        """Serve this engine from now on; with a mesh, answers run across the mesh, and with
+        a fallback, the ones the mesh cannot serve are answered by the fallback model here."""
         self._engine = engine
         self._mesh = mesh
+        self._fallback = fallback
 
     @property
     def engine(self) -> ChatEngine | None:
@@ -130,6 +136,12 @@ class Completions:
             raise NotReady("the model is not loaded")
         if self._mesh is not None:
             mesh = self._mesh
+            fallback = self._fallback
+            if fallback is not None and fallback.enabled:
+                return MeshStream(lambda should_stop: fallback.answer(
+                    lambda: mesh.generate(prepared.prompt_ids, prepared.params, should_stop),
+                    prepared.model_name, prepared.request.message_dicts(), prepared.params, should_stop,
+                ), announces=True)
             return MeshStream(lambda should_stop: mesh.generate(prepared.prompt_ids, prepared.params, should_stop))
         return self._worker.stream(
             lambda should_stop: engine.generate(prepared.prompt_ids, prepared.params, should_stop)
@@ -139,14 +151,18 @@ class Completions:
 class MeshStream:
     """An answer generated across the mesh, with the interface of `TokenStream`.
 
-    Items are `Token`s and, between tokens, `StateChange`s ("replanning", "running").
+    Items are `Token`s and, between tokens, `StateChange`s ("replanning", "running"); with
+    `announces`, a `Serving` comes first (mesh or fallback, decided before the first token).
     `close()` asks the generation to stop at its next step and, if it is parked at a
     yield, closes it there so its sessions are dropped on every stage.
     """
 
     _closing: set[asyncio.Task[None]] = set()
 
-    def __init__(self, start: Callable[[Callable[[], bool]], AsyncIterator[Token | StateChange]]) -> None:
+    def __init__(self, start: Callable[[Callable[[], bool]], AsyncIterator[Token | StateChange | Serving]],
+                 *, announces: bool = False) -> None:
+        self.announces = announces
+        """The first item says who serves the answer (a `Serving`)."""
         self._stop = False
         self._agen = start(lambda: self._stop)
         self._running = False
@@ -164,10 +180,10 @@ class MeshStream:
             MeshStream._closing.add(task)
             task.add_done_callback(MeshStream._closing.discard)
 
-    def __aiter__(self) -> AsyncIterator[Token | StateChange]:
+    def __aiter__(self) -> AsyncIterator[Token | StateChange | Serving]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[Token | StateChange]:
+    async def _iterate(self) -> AsyncIterator[Token | StateChange | Serving]:
         while True:
             self._running = True
             try:

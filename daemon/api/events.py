@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-LogKind = Literal["join", "leave", "election", "replan", "error", "info"]
+LogKind = Literal["join", "leave", "election", "replan", "error", "info", "fallback"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class LogEvent:
     ts: float
     """Wall-clock time it happened, in seconds since the epoch."""
     kind: LogKind
-    """join, leave, election, replan, error or info."""
+    """join, leave, election, replan, error, info or fallback (the switch to the local
+    fallback model and the return to the mesh)."""
     message: str
     """One line for people."""
 

@@ -49,11 +49,17 @@ class StatusBoard:
         self._state = initial
         self._hub = hub
         self._mesh_view: Callable[[], dict[str, Any]] | None = None
+        self._fallback_view: Callable[[], dict[str, Any]] | None = None
         self._last: dict[str, Any] | None = None
 
     def attach_mesh(self, mesh_view: Callable[[], dict[str, Any]]) -> None:
         """From now on the mesh supplies term, coordinator, plan, nodes and incompatible peers."""
         self._mesh_view = mesh_view
+        self.refresh()
+
+    def attach_fallback(self, fallback_view: Callable[[], dict[str, Any]]) -> None:
+        """From now on the local fallback model supplies the ``fallback`` object."""
+        self._fallback_view = fallback_view
         self.refresh()
 
     def refresh(self) -> None:
@@ -119,6 +125,7 @@ class StatusBoard:
             ],
             "incompatible": [],
             "sessions": s.sessions,
+            "fallback": self._fallback_view() if self._fallback_view is not None else None,
         }
         if self._mesh_view is not None:
             snap.update(self._mesh_view())

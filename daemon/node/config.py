@@ -85,6 +85,10 @@ class NodeConfig:
     (exact, transformers' own layers), ``f16``, ``int8`` or ``int4``."""
     device: str = "cpu"
     """Where this node's layers run: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine with a GPU."""
+    fallback_model: str = "builtin"
+    """Answers the mesh cannot serve come from this model on this node: ``builtin`` (the
+    bundled SmolLM2; for the bundled model itself, only if this node can hold all of it),
+    ``none``, or a PATH (Hugging Face folder or .gguf). Its bytes come out of --mem-budget."""
     debug_delay_ms: float = 0.0
     """Testing aid: sleep this long before every step this node computes (a slow device)."""
     debug_link_delay_ms: float = 0.0
@@ -161,6 +165,10 @@ class NodeConfig:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, not {self.weights!r}")
         if not 0.1 <= self.heartbeat_timeout_s <= 600:
             raise ConfigError("heartbeat timeout must be 0.1..600 s")
+        if self.fallback_model not in ("builtin", "none") and (
+                not self.fallback_model.strip() or not Path(self.fallback_model).expanduser().exists()):
+            raise ConfigError(f"fallback model must be builtin, none or an existing PATH; "
+                              f"{self.fallback_model!r} does not exist")
         if not 0 <= self.debug_delay_ms <= 60_000:
             raise ConfigError("debug delay must be 0..60000 ms")
         if not 0 <= self.debug_link_delay_ms <= 10_000:

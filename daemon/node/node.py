@@ -31,6 +31,7 @@ from daemon.net.meshkey import MeshKeyError, load_mesh_key
 from daemon.net.signaling import SIGNAL_PATH
 from daemon.node.config import NodeConfig, client_url
 from daemon.api.events import EventHub
+from daemon.node.fallback import Fallback, FallbackError, choose_fallback, driver_health, engine_loader
 from daemon.node.identity import load_or_create_node_id
 from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.node.worker import GenerationWorker
@@ -188,12 +189,22 @@ class Node:
         hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, "
                         f"{ms_per_layer:.2f} ms per layer per token")
         try:
-            mesh = await self._start_mesh(runtime, worker, board, hub, tasks, key, budget, ms_per_layer)
+            fallback = self._make_fallback(runtime, worker, board, hub, budget)
+        except (FallbackError, ModelSourceError) as error:
+            self._fail(str(error))
+            return
+        try:
+            # the fallback's bytes come out of the budget this node offers the mesh
+            mesh = await self._start_mesh(runtime, worker, board, hub, tasks, key,
+                                          budget - fallback.choice.reserved_bytes, ms_per_layer,
+                                          on_change=fallback.mesh_changed)
         except OSError as error:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             self._fail(f"cannot listen for peers on {config.signal_host}:{config.signal_port}: {reason}")
             return
-        completions.attach(runtime.engine, mesh)
+        fallback.watch(driver_health(mesh))
+        self._cleanup.insert(0, fallback.close)  # answers not started yet go nowhere once stopping
+        completions.attach(runtime.engine, mesh, fallback)
         while mesh.core.book.active is None:  # ready to answer once a plan is active
             await mesh.wait_changed()
         board.update(state="ready")
@@ -201,10 +212,34 @@ class Node:
         self._announce(ready_line(self.api_url, info.name, info.num_layers, info.weights))
         self.ready.set()
 
+    def _make_fallback(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
+                       hub: EventHub, budget: int) -> Fallback:
+        """The local fallback model (--fallback-model), loaded on first need. Raises
+        FallbackError (or ModelSourceError) when the one asked for cannot be used."""
+        from meshllm.model.source import resolve
+
+        config = self.config
+        shape = runtime.engine.shape
+        choice = choose_fallback(config.fallback_model, resolve(config.model).path,
+                                 shape.num_layers * shape.layer_bytes + shape.embed_head_bytes, budget)
+        fallback = Fallback(choice, worker,
+                            load=engine_loader(choice, device=config.device, cache_dir=config.cache_dir,
+                                               served=runtime),
+                            log_event=hub.log, on_change=board.refresh)
+        board.attach_fallback(fallback.status_view)
+        if choice.enabled:
+            hub.log("info", f"fallback model {choice.name}: answers the mesh cannot serve, on this node "
+                            f"(loads on first need; {choice.reserved_bytes / 1e6:.1f} MB of the memory budget)")
+        else:
+            hub.log("info", f"no fallback model ({choice.off_reason})")
+        return fallback
+
     async def _start_mesh(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
                           hub: EventHub, tasks: asyncio.TaskGroup, key: bytes | None,
-                          budget: int, ms_per_layer: float) -> MeshDriver:
-        """Links, signaling server, discovery and the mesh logic, all owned by `tasks`."""
+                          budget: int, ms_per_layer: float,
+                          on_change: Callable[[], None] | None = None) -> MeshDriver:
+        """Links, signaling server, discovery and the mesh logic, all owned by `tasks`.
+        `on_change` is called after the status board on every change of the mesh."""
         config = self.config
         info = runtime.engine.info
         signal_app = web.Application(client_max_size=64 * 1024)
@@ -236,7 +271,8 @@ class Node:
         settings = MeshSettings(objective=config.objective,
                                 codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000)
         mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
-                    on_change=board.refresh, log_event=hub.log)
+                    on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),
+                    log_event=hub.log)
         mesh_ref.append(mesh)
         board.attach_mesh(mesh.status_view)
         await links.start()
