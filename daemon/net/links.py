@@ -15,6 +15,30 @@ its other links carry on.
 Two links to the same peer never live together: when a second one appears (both sides
 dialled at once, or a peer restarted), the one initiated by the lower node id wins; between
 two initiated by the same node, the newer wins. Both ends apply the same rule.
+
+Measurements (:meth:`LinkManager.link_stats`, the model is :mod:`meshllm.linkstats`):
+
+- round trip: every heartbeat is echoed at once; the sample of a heartbeat sent while the
+  link was busy (a probe in flight, or more than ``LOADED_BYTES`` queued or in flight) is
+  queueing, not latency, and is left out of the planner's figure (``rtt_ms()`` keeps it);
+- rates: a probe when a link comes up, on a third data channel (``probe``, negotiated id 2,
+  raw bytes that never reach the mesh logic): messages of TINY, SMALL and LARGE bytes, each
+  echoed by 5 bytes as soon as it has arrived whole, a few times each; the least round trip
+  of each size counts, and the differences between sizes give the rates (latency and the
+  echo cancel out). A peer without the probe channel drops the probes (aiortc ignores data
+  for a stream it has no channel for), so the rates stay unmeasured. The small probes run
+  again every ``probe_interval_s``; :meth:`LinkManager.probe` runs the whole probe on demand;
+- passively, from real traffic: a ``send`` that waits for the link to drain (backpressure)
+  saw the bytes that left the channel's buffer while it waited, at the rate SCTP's
+  acknowledgements allow: one bulk-rate sample. aiortc tells a sender nothing else about
+  when its bytes arrived (a message's SCTP acknowledgement can be delayed by up to 20 ms),
+  so a message that never waits (anything under the high-water mark) yields no sample.
+
+``debug_link_delay_ms`` (testing aid, ``--debug-link-delay-ms``): every piece this node sends
+(messages, heartbeats and their echoes, probes and their echoes, Byes) waits that long in one
+queue per link before it is handed to aiortc, so per-peer order holds, sends do not wait for
+one another (the queue counts toward backpressure), and peers see the delay in the round trip
+they measure, as from a node on slow Wi-Fi.
 """
 
 from __future__ import annotations
@@ -22,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -56,6 +81,13 @@ from daemon.net.signaling import (
     offer_to_json,
 )
 from meshllm.errors import MeshllmError, WireError
+from meshllm.linkstats import (
+    LARGE_PROBE_BYTES,
+    SMALL_BYTES,
+    TINY_PROBE_BYTES,
+    LinkMeter,
+    LinkStats,
+)
 from meshllm.wire import (
     Bye,
     Heartbeat,
@@ -85,8 +117,22 @@ MAX_LINKS = 256
 """Most links (up or being set up) at once; more offers get 429."""
 MAX_CONNECTING_LINKS = 16
 """Most links being set up at once (each holds sockets until it opens or times out)."""
-RTT_SMOOTHING = 0.25
-"""Weight of a new sample in the smoothed round trip."""
+PROBE_CHANNEL_ID = 2
+"""The probe channel: raw bytes between link managers, never messages (see the module doc)."""
+PROBE_REPEATS = 3
+"""Round trips per probe size; the least counts."""
+PROBE_TIMEOUT_S = 2.0
+"""A probe that gets no echo within this is given up (a peer without the probe channel)."""
+DEFAULT_PROBE_INTERVAL_S = 30.0
+"""The small probes run again this often on every link (about 12 KB each time)."""
+LOADED_BYTES = 16 * 1024
+"""A heartbeat sent while more than this is queued or in flight measures queueing."""
+MIN_BULK_SAMPLE_BYTES = 64 * 1024
+"""A backpressure wait that drained less than this yields no rate sample."""
+MAX_DEBUG_LINK_DELAY_MS = 10_000.0
+_PROBE_HEADER = struct.Struct(">cI")
+_PROBE_REQUEST = b"P"
+_PROBE_ECHO = b"A"
 _MESSAGE_ID_MASK = 0xFFFFFFFF
 
 
@@ -131,6 +177,10 @@ class _Channel:
         self.drained = asyncio.Event()
         """Set when the queued bytes fall to the low-water mark (or the link ends)."""
         self._next_message_id = 0
+        self.delayed_bytes = 0
+        """Bytes waiting in the link's delay queue for this channel (debug link delay)."""
+        self.pushed_bytes = 0
+        """Bytes the delay queue has handed to ``dc`` so far."""
         dc.bufferedAmountLowThreshold = low_water_bytes
 
     def take_message_id(self) -> int:
@@ -142,10 +192,12 @@ class _Channel:
 class _Link:
     """One peer connection: ``connecting`` -> ``up`` -> ``closed`` (or straight to closed)."""
 
-    def __init__(self, pc: RTCPeerConnection, channels: dict[str, _Channel],
+    def __init__(self, pc: RTCPeerConnection, channels: dict[str, _Channel], probe: _Channel,
                  initiator_id: str, now_s: float) -> None:
         self.pc = pc
         self.channels = channels
+        self.probe = probe
+        """The probe channel (raw bytes; not in ``channels``, which carry messages)."""
         self.initiator_id = initiator_id
         self.peer_id: str | None = None
         self.hello: Hello | None = None
@@ -156,7 +208,19 @@ class _Link:
         self.created_s = now_s
         self.last_rx_s = now_s
         self.bad_frames_s: deque[float] = deque()
-        self.rtt_ms: float | None = None
+        self.meter = LinkMeter()
+        self.loaded_heartbeats: deque[float] = deque(maxlen=64)
+        """``sent_at_s`` of recent heartbeats sent while the link was busy."""
+        self.probe_waiters: dict[int, asyncio.Future[float]] = {}
+        self.next_probe_seq = 0
+        self.probing = 0
+        """Probes in flight (a heartbeat sent meanwhile measures queueing)."""
+        self.probe_task: asyncio.Task[None] | None = None
+        self.probe_lock = asyncio.Lock()
+        self.next_probe_s = now_s
+        self.delayed: deque[tuple[float, _Channel, bytes]] = deque()
+        """Pieces waiting out the debug link delay: (due, channel, piece), in sending order."""
+        self.pump_task: asyncio.Task[None] | None = None
 
 
 def _wins(new: _Link, old: _Link) -> bool:
@@ -190,13 +254,23 @@ class LinkManager:
         send_high_water_bytes: int = DEFAULT_SEND_HIGH_WATER_BYTES,
         bad_frame_limit: int = DEFAULT_BAD_FRAME_LIMIT,
         bad_frame_window_s: float = DEFAULT_BAD_FRAME_WINDOW_S,
+        debug_link_delay_ms: float = 0.0,
+        probe_on_link_up: bool = True,
+        probe_interval_s: float | None = DEFAULT_PROBE_INTERVAL_S,
     ) -> None:
+        """``debug_link_delay_ms``: delay every piece this node sends (testing aid; see the
+        module doc). ``probe_on_link_up``: measure each new link's rates with a probe.
+        ``probe_interval_s``: run the small probes again this often (None: never)."""
         if loopback and ice_servers:
             raise ValueError("loopback mode uses no ICE servers (it never leaves 127.0.0.1)")
         if heartbeat_interval_s <= 0 or lost_after_s <= heartbeat_interval_s:
             raise ValueError("need 0 < heartbeat_interval_s < lost_after_s")
         if send_high_water_bytes < 1:
             raise ValueError("send_high_water_bytes must be positive")
+        if not 0 <= debug_link_delay_ms <= MAX_DEBUG_LINK_DELAY_MS:
+            raise ValueError(f"debug_link_delay_ms must be 0..{MAX_DEBUG_LINK_DELAY_MS:.0f}")
+        if probe_interval_s is not None and not probe_interval_s > 0:
+            raise ValueError("probe_interval_s must be positive (or None)")
         _install_aiortc_tuning()
         self._hello = hello
         self._ice_servers = [RTCIceServer(urls=url) for url in ice_servers]
@@ -213,6 +287,9 @@ class LinkManager:
         self._low_water_bytes = send_high_water_bytes // 4
         self._bad_frame_limit = bad_frame_limit
         self._bad_frame_window_s = bad_frame_window_s
+        self._delay_s = debug_link_delay_ms / 1000.0
+        self._probe_on_link_up = probe_on_link_up
+        self._probe_interval_s = probe_interval_s
         self._term = 0
         self._links: dict[str, _Link] = {}
         """Links whose peer is known (at most one per peer), connecting or up."""
@@ -249,7 +326,7 @@ class LinkManager:
         up = [link for link in self._every_link if link.state == "up"]
         for link in up:
             self._send_now(link, "control", Bye(node_id=self._hello.node_id, reason=reason))
-        await self._wait_flushed(up, BYE_FLUSH_TIMEOUT_S)
+        await self._wait_flushed(up, BYE_FLUSH_TIMEOUT_S + self._delay_s)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         for link in list(self._every_link):
@@ -281,9 +358,29 @@ class LinkManager:
                 if link.state == "up" and link.hello is not None}
 
     def rtt_ms(self, peer_id: str) -> float | None:
-        """Smoothed round trip to the peer measured by heartbeats; None before the first."""
+        """Smoothed round trip to the peer measured by heartbeats; None before the first.
+
+        Every heartbeat counts, queueing behind bulk traffic included; ``link_stats`` has the
+        figure for planning."""
         link = self._links.get(peer_id)
-        return link.rtt_ms if link is not None and link.state == "up" else None
+        return link.meter.rtt_ms if link is not None and link.state == "up" else None
+
+    def link_stats(self, peer_id: str) -> LinkStats | None:
+        """What this node measured on its link to ``peer_id`` (its sends and their echoes):
+        idle round trip, small and large rates (see :mod:`meshllm.linkstats`); None without
+        a link that is up."""
+        link = self._links.get(peer_id)
+        return link.meter.stats() if link is not None and link.state == "up" else None
+
+    async def probe(self, peer_id: str, *, large: bool = True) -> LinkStats | None:
+        """Measure the link's rates now (about 0.8 MB with ``large``, 12 KB without) and
+        return the new figures; None without a link that is up. Never raises for the link:
+        a probe that goes unanswered leaves the figures as they were."""
+        link = self._links.get(peer_id)
+        if link is None or link.state != "up":
+            return None
+        await self._probe(link, large=large)
+        return self.link_stats(peer_id)
 
     def buffered_bytes(self, peer_id: str, channel: str = "control") -> int:
         """Bytes queued on a channel to the peer and not yet handed to SCTP (0 without a link)."""
@@ -450,9 +547,12 @@ class LinkManager:
             )
             for name, channel_id in CHANNEL_IDS.items()
         }
-        link = _Link(pc, channels, initiator_id, time.monotonic())
+        probe = _Channel("probe", pc.createDataChannel("probe", negotiated=True, id=PROBE_CHANNEL_ID,
+                                                       ordered=True), self._low_water_bytes)
+        link = _Link(pc, channels, probe, initiator_id, time.monotonic())
         for channel in channels.values():
             self._watch_channel(link, channel)
+        probe.dc.add_listener("message", lambda data: self._on_probe_piece(link, data))
         pc.add_listener("connectionstatechange", lambda: self._on_connection_state(link))
         self._every_link.add(link)
         return link
@@ -482,6 +582,10 @@ class LinkManager:
         link.settled.set()
         log.info("link up: %s (%s)", link.peer_id, link.hello.name)
         self._notify(self._on_link_up, LinkUp(peer_id=link.peer_id, hello=link.hello))
+        if self._probe_interval_s is not None:
+            link.next_probe_s = link.last_rx_s + self._probe_interval_s
+        if self._probe_on_link_up and link.state == "up":
+            self._start_probe(link, large=True)
 
     def _finish(self, link: _Link, reason: str) -> None:
         """Close a link (idempotent); report LinkDown if it was up."""
@@ -498,6 +602,13 @@ class LinkManager:
         link.settled.set()
         for channel in link.channels.values():
             channel.drained.set()
+        for task in (link.probe_task, link.pump_task):
+            if task is not None:
+                task.cancel()
+        link.delayed.clear()
+        for waiter in link.probe_waiters.values():
+            waiter.cancel()
+        link.probe_waiters.clear()
         self._tasks.spawn(link.pc.close(), f"close link to {link.peer_id}")
         if was_up:
             assert link.peer_id is not None
@@ -540,11 +651,13 @@ class LinkManager:
         ch = link.channels[channel]
         async with ch.send_lock:
             for piece in split_frames(data, ch.take_message_id()):
-                while link.state == "up" and ch.dc.bufferedAmount > self._high_water_bytes:
-                    ch.drained.clear()
-                    await ch.drained.wait()
+                if link.state == "up" and self._queued(ch) > self._high_water_bytes:
+                    await self._wait_drained(link, ch)
                 if link.state != "up":
                     raise LinkError(f"link to {peer_id} lost: {link.down_reason}", peer_id)
+                if self._delay_s:
+                    self._delay(link, ch, piece)
+                    continue
                 try:
                     await _send_piece(ch.dc, piece)
                 except InvalidStateError:
@@ -556,19 +669,156 @@ class LinkManager:
                                     peer_id) from exc
         return len(data)
 
+    @staticmethod
+    def _queued(ch: _Channel) -> int:
+        return ch.dc.bufferedAmount + ch.delayed_bytes
+
+    async def _wait_drained(self, link: _Link, ch: _Channel) -> None:
+        """Wait until the channel's queue is below the high-water mark again. Without a debug
+        delay, the bytes that left the buffer meanwhile went at the rate SCTP's
+        acknowledgements allowed: a bulk-rate sample."""
+        start_s = time.monotonic()
+        buffered, pushed = ch.dc.bufferedAmount, ch.pushed_bytes
+        while link.state == "up" and self._queued(ch) > self._high_water_bytes:
+            ch.drained.clear()
+            await ch.drained.wait()
+        left = buffered + (ch.pushed_bytes - pushed) - ch.dc.bufferedAmount
+        if link.state == "up" and not self._delay_s and left >= MIN_BULK_SAMPLE_BYTES:
+            link.meter.add_bulk(left, (time.monotonic() - start_s) * 1000.0)
+
     def _send_now(self, link: _Link, channel: str, msg: Message) -> None:
         """Queue a small message at once, ignoring backpressure (heartbeats, acks, byes)."""
         ch = link.channels[channel]
         try:
             for piece in split_frames(encode(msg), ch.take_message_id()):
-                ch.dc.send(piece)
+                if self._delay_s:
+                    self._delay(link, ch, piece)
+                else:
+                    ch.dc.send(piece)
         except InvalidStateError:
             self._finish(link, "channel closed")
+
+    # --- the debug link delay -----------------------------------------------------------------
+
+    def _delay(self, link: _Link, ch: _Channel, piece: bytes) -> None:
+        """Queue ``piece`` to leave ``debug_link_delay_ms`` from now, after those before it."""
+        link.delayed.append((time.monotonic() + self._delay_s, ch, piece))
+        ch.delayed_bytes += len(piece)
+        if link.pump_task is None:
+            link.pump_task = self._tasks.spawn(self._pump(link), f"delayed sends to {link.peer_id}")
+
+    async def _pump(self, link: _Link) -> None:
+        """Hand the delayed pieces of one link to aiortc when due, in order."""
+        try:
+            while link.delayed and link.state != "closed":
+                due, ch, piece = link.delayed[0]
+                wait_s = due - time.monotonic()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                    continue
+                link.delayed.popleft()
+                ch.delayed_bytes -= len(piece)
+                ch.pushed_bytes += len(piece)
+                try:
+                    await _send_piece(ch.dc, piece)
+                except InvalidStateError:
+                    self._finish(link, "channel closed")
+                    return
+                except Exception as exc:  # aiortc/aioice/OpenSSL, as in send()
+                    log.warning("delayed send to %s failed: %r", link.peer_id, exc)
+                    self._finish(link, "send failed")
+                    return
+                ch.drained.set()  # a sender may be waiting on the delayed bytes
+        finally:
+            link.pump_task = None
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def _send_probe(self, link: _Link, data: bytes) -> None:
+        if self._delay_s:
+            self._delay(link, link.probe, data)
+            return
+        try:
+            link.probe.dc.send(data)
+        except InvalidStateError:
+            self._finish(link, "channel closed")
+
+    def _on_probe_piece(self, link: _Link, data: bytes | str) -> None:
+        if link.state == "closed":
+            return
+        self._maybe_up(link)
+        if link.state != "up" or not isinstance(data, bytes) or len(data) < _PROBE_HEADER.size:
+            return
+        now = time.monotonic()
+        link.last_rx_s = now
+        kind, seq = _PROBE_HEADER.unpack_from(data)
+        if kind == _PROBE_REQUEST:
+            self._send_probe(link, _PROBE_HEADER.pack(_PROBE_ECHO, seq))
+        elif kind == _PROBE_ECHO:
+            waiter = link.probe_waiters.pop(seq, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(now)
+
+    def _start_probe(self, link: _Link, *, large: bool) -> None:
+        if link.probe_task is None or link.probe_task.done():
+            link.probe_task = self._tasks.spawn(self._probe(link, large=large),
+                                                f"probe link to {link.peer_id}")
+
+    async def _probe(self, link: _Link, *, large: bool) -> None:
+        """Round trips of TINY and SMALL probes (PROBE_REPEATS each, interleaved), then of
+        LARGE ones; the least of each size goes to the link's meter."""
+        async with link.probe_lock:
+            tiny: list[float] = []
+            small: list[float] = []
+            for _ in range(PROBE_REPEATS):
+                for size, times in ((TINY_PROBE_BYTES, tiny), (SMALL_BYTES, small)):
+                    ms = await self._probe_once(link, size)
+                    if ms is None:
+                        return
+                    times.append(ms)
+            big: list[float] = []
+            for _ in range(PROBE_REPEATS if large else 0):
+                ms = await self._probe_once(link, LARGE_PROBE_BYTES)
+                if ms is None:
+                    break
+                big.append(ms)
+            link.meter.add_probe(min(tiny), min(small), min(big) if big else None)
+            log.debug("probed %s: %.2f / %.2f / %s ms -> %s", link.peer_id, min(tiny), min(small),
+                      f"{min(big):.2f}" if big else "-", link.meter.stats())
+
+    async def _probe_once(self, link: _Link, size: int) -> float | None:
+        """One probe of ``size`` bytes: ms until its echo arrived; None if none came."""
+        if link.state != "up":
+            return None
+        seq = link.next_probe_seq
+        link.next_probe_seq = (seq + 1) & _MESSAGE_ID_MASK
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        link.probe_waiters[seq] = waiter
+        link.probing += 1
+        start_s = time.monotonic()
+        try:
+            self._send_probe(link, _PROBE_HEADER.pack(_PROBE_REQUEST, seq)
+                             + bytes(size - _PROBE_HEADER.size))
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                arrived_s = await waiter
+        except TimeoutError:
+            log.debug("probe of %d bytes to %s: no echo", size, link.peer_id)
+            return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not waiter.cancelled() or (task is not None and task.cancelling()):
+                raise
+            return None  # the link went down (_finish cancels the waiters)
+        finally:
+            link.probing -= 1
+            link.probe_waiters.pop(seq, None)
+        return (arrived_s - start_s) * 1000.0
 
     async def _wait_flushed(self, links: list[_Link], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(
-            link.state == "up" and link.channels["control"].dc.bufferedAmount > 0 for link in links
+            link.state == "up" and (link.delayed or link.channels["control"].dc.bufferedAmount > 0)
+            for link in links
         ):
             await asyncio.sleep(0.005)
 
@@ -614,8 +864,7 @@ class LinkManager:
         elif isinstance(msg, HeartbeatAck):
             sample_ms = (now - msg.echo_sent_at_s) * 1000.0
             if 0.0 <= sample_ms <= self._lost_after_s * 1000.0:
-                link.rtt_ms = sample_ms if link.rtt_ms is None else (
-                    (1 - RTT_SMOOTHING) * link.rtt_ms + RTT_SMOOTHING * sample_ms)
+                link.meter.add_rtt(sample_ms, idle=msg.echo_sent_at_s not in link.loaded_heartbeats)
             return
         elif isinstance(msg, Bye):
             log.info("%s says bye: %s", peer, msg.reason)
@@ -651,10 +900,15 @@ class LinkManager:
             if now - link.last_rx_s > self._lost_after_s:
                 self._finish(link, "heartbeat timeout")
                 continue
+            if link.probing or _busy_bytes(link) > LOADED_BYTES:
+                link.loaded_heartbeats.append(now)
             self._send_now(link, "control", Heartbeat(node_id=self._hello.node_id,
                                                       term=self._term, sent_at_s=now))
             for ch in link.channels.values():
                 ch.reassembler.expire(now)
+            if self._probe_interval_s is not None and now >= link.next_probe_s:
+                link.next_probe_s = now + self._probe_interval_s
+                self._start_probe(link, large=False)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -663,6 +917,16 @@ class LinkManager:
             callback(*args)
         except Exception:
             log.exception("link callback %s failed", getattr(callback, "__qualname__", callback))
+
+
+def _busy_bytes(link: _Link) -> int:
+    """Bytes queued on the link or sent and not acknowledged yet (SCTP's own figures where
+    aiortc has them)."""
+    queued = sum(LinkManager._queued(ch) for ch in (*link.channels.values(), link.probe))
+    sctp: Any = link.probe.dc.transport
+    in_flight = getattr(sctp, "_flight_size", 0)
+    outbound = sum(len(chunk.user_data) for chunk in getattr(sctp, "_outbound_queue", ()))
+    return queued + in_flight + outbound
 
 
 async def _read_json(request: web.Request) -> object:

@@ -738,3 +738,147 @@ async def test_a_burst_of_small_and_large_messages_arrives_in_order(make_node: M
     await wait_until(lambda: len(b.received(Forward)) == 60 and len(b.received(Error)) == 6)
     assert b.received(Forward) == sent
     await wait_until(lambda: not sctp._sent_queue, timeout_s=2.0)
+
+
+# --- measurements and the debug link delay --------------------------------------------------
+
+
+async def test_a_delayed_node_shows_in_the_round_trip_both_ends_measure_and_keeps_order(
+    make_node: MakeNode,
+) -> None:
+    delay_ms = 40.0
+    quiet = dict(heartbeat_interval_s=0.05, probe_on_link_up=False, probe_interval_s=None)
+    a = await make_node(1, debug_link_delay_ms=delay_ms, **quiet)
+    b = await make_node(2, **quiet)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+
+    # b's heartbeats are echoed late by a, a's own heartbeats leave late: both see the delay.
+    def samples(node: Node, peer: Node) -> int:
+        stats = node.lm.link_stats(peer.node_id)
+        return stats.rtt_samples if stats is not None else 0
+
+    await wait_until(lambda: samples(b, a) >= 5 and samples(a, b) >= 5)
+    for node, peer in ((b, a), (a, b)):
+        stats = node.lm.link_stats(peer.node_id)
+        assert stats is not None and stats.rtt_ms is not None and stats.rtt_ms >= delay_ms
+        rtt = node.lm.rtt_ms(peer.node_id)
+        assert rtt is not None and rtt >= delay_ms
+
+    # A send returns at once (the delay is the link's, not the sender's), the message arrives
+    # no sooner than the delay, and every message keeps its place, large or small.
+    sent_at = time.monotonic()
+    first = Error(code="first", message="0")
+    await a.lm.send(b.node_id, first)
+    assert b.received(Error) == []  # still waiting out the delay
+    await wait_until(lambda: len(b.received(Error)) == 1)
+    assert time.monotonic() - sent_at >= delay_ms / 1000
+    control = [Error(code="ctl", message=str(i)) for i in range(20)]
+    activation = [decode_step(seq, positions=1 + 97 * (seq % 3)) for seq in range(12)]  # to 450 KB
+    await asyncio.gather(
+        *(a.lm.send(b.node_id, msg) for msg in control),
+        *(a.lm.send(b.node_id, msg, channel="activation") for msg in activation),
+    )
+    await wait_until(lambda: len(b.received(Error)) == 21 and len(b.received(Forward)) == 12)
+    assert b.received(Error) == [first, *control]
+    assert b.received(Forward) == activation
+    assert a.downs == [] and b.downs == []
+
+
+async def test_delayed_sends_respect_the_high_water_mark(make_node: MakeNode) -> None:
+    high_water_bytes = 64 * 1024
+    a = await make_node(1, debug_link_delay_ms=20.0, send_high_water_bytes=high_water_bytes,
+                        probe_on_link_up=False)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    big = big_result(1024 * 1024)
+    ch = a.lm._links[b.node_id].channels["activation"]
+
+    most_queued = 0
+    sending = asyncio.create_task(a.lm.send(b.node_id, big, channel="activation"))
+    while not sending.done():
+        most_queued = max(most_queued, ch.dc.bufferedAmount + ch.delayed_bytes)
+        await asyncio.sleep(0.001)
+    await sending
+
+    assert most_queued <= high_water_bytes + MAX_FRAME_BYTES
+    await wait_until(lambda: len(b.received(Result)) == 1)
+    assert b.received(Result) == [big]
+
+
+async def test_a_new_link_is_probed_at_both_ends(make_node: MakeNode) -> None:
+    a = await make_node(1)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+
+    def probed(node: Node, peer: Node) -> bool:
+        stats = node.lm.link_stats(peer.node_id)
+        return stats is not None and stats.samples >= 1
+
+    await wait_until(lambda: probed(a, b) and probed(b, a))
+    for node, peer in ((a, b), (b, a)):
+        stats = node.lm.link_stats(peer.node_id)
+        assert stats is not None and stats.small_mb_s and stats.large_mb_s
+        assert stats.small_mb_s > 0 and stats.large_mb_s > 0
+    # The probes never reach the mesh logic.
+    assert all(isinstance(msg, Heartbeat) for _, msg in a.messages)
+    assert all(isinstance(msg, Heartbeat) for _, msg in b.messages)
+    assert a.lm.link_stats("n-unknown") is None
+    assert await a.lm.probe("n-unknown") is None
+    again = await a.lm.probe(b.node_id, large=False)
+    assert again is not None and again.samples >= 2
+    assert a.downs == [] and b.downs == []
+
+
+async def test_a_delayed_link_is_probed_too(make_node: MakeNode) -> None:
+    a = await make_node(1, debug_link_delay_ms=30.0, probe_on_link_up=False)
+    b = await make_node(2, probe_on_link_up=False)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+
+    for node, peer in ((a, b), (b, a)):
+        stats = await node.lm.probe(peer.node_id)
+        assert stats is not None and stats.samples == 1
+        assert stats.small_mb_s is not None and stats.large_mb_s is not None
+
+
+async def test_a_peer_without_the_probe_channel_leaves_the_rates_unmeasured(
+    make_node: MakeNode, raw_peers: Callable[..., RawPeer], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import daemon.net.links as links
+
+    monkeypatch.setattr(links, "PROBE_TIMEOUT_S", 0.2)
+    a = await make_node(1, probe_on_link_up=False)
+    old = raw_peers(2)
+    await old.link_to(a.address)
+    await wait_until(lambda: len(a.ups) == 1)
+    peer = old.hello.node_id
+
+    stats = await a.lm.probe(peer)
+    assert stats is not None and (stats.small_mb_s, stats.large_mb_s, stats.samples) == (None, None, 0)
+    assert a.downs == []
+
+
+async def test_a_probe_whose_link_goes_down_returns_none(make_node: MakeNode) -> None:
+    a = await make_node(1, probe_on_link_up=False)
+    b = await make_node(2, probe_on_link_up=False)
+    await a.lm.connect(b.address)
+    probing = asyncio.create_task(a.lm.probe(b.node_id))
+    await wait_until(lambda: a.lm._links[b.node_id].probing > 0)
+    a.lm.drop(b.node_id, "gone")
+    assert await probing is None
+    assert a.downs == [LinkDown(b.node_id, "gone")]
+
+
+async def test_a_send_that_waits_for_the_link_to_drain_measures_its_rate(make_node: MakeNode) -> None:
+    a = await make_node(1, send_high_water_bytes=64 * 1024, probe_on_link_up=False)
+    b = await make_node(2)
+    await a.lm.connect(b.address)
+    before = a.lm.link_stats(b.node_id)
+    assert before is not None and before.samples == 0 and before.large_mb_s is None
+
+    await a.lm.send(b.node_id, big_result(1024 * 1024), channel="activation")
+
+    after = a.lm.link_stats(b.node_id)
+    assert after is not None and after.samples >= 1
+    assert after.large_mb_s is not None and after.large_mb_s > 0
