@@ -193,7 +193,10 @@ class MeshApp(App[None]):
         self.mesh_view.show_status(status)
         nodes = len(status.nodes)
         model = status.model_name or "no model yet"
-        self.chat_view.mesh_summary = f"{model} on {nodes} node{'s' if nodes != 1 else ''}"
+        summary = f"{model} on {nodes} node{'s' if nodes != 1 else ''}"
+        if status.fallback is not None and status.fallback.serving:
+            summary += f" · fallback {status.fallback.model} answers (the mesh cannot serve)"
+        self.chat_view.mesh_summary = summary
 
     def _add_log_line(self, line: LogLine) -> None:
         self.mesh_view.add_log(line)

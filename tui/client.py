@@ -146,6 +146,11 @@ class ChatDelta:
     """From the final usage chunk: how many tokens the answer had."""
     token_ids: tuple[int, ...] | None = None
     """meshllm extension, on the last chunk: the generated token ids (EOS included)."""
+    served_by: str | None = None
+    """meshllm extension, from the opening chunk: "mesh", or "fallback" when the daemon's local
+    fallback model answers because the mesh cannot serve right now."""
+    model: str | None = None
+    """With ``served_by``: the model that answers (the fallback's own name for a fallback)."""
 
 
 class MeshClient(Protocol):
@@ -370,7 +375,8 @@ def _decode_event(data: str) -> dict[str, Any] | None:
 
 
 def _chat_deltas(data: str) -> list[ChatDelta]:
-    """The deltas in one ``chat.completion.chunk`` (none for the opening role-only chunk)."""
+    """The deltas in one ``chat.completion.chunk`` (for the opening role-only chunk, only who
+    serves the answer, when the daemon says it)."""
     try:
         chunk = json.loads(data)
     except ValueError:
@@ -384,6 +390,11 @@ def _chat_deltas(data: str) -> list[ChatDelta]:
     deltas: list[ChatDelta] = []
     extension = chunk.get("meshllm")
     extension = extension if isinstance(extension, dict) else {}
+    if extension.get("served_by") in ("mesh", "fallback") and any(
+            isinstance(c, dict) and isinstance(c.get("delta"), dict) and "role" in c["delta"]
+            for c in chunk.get("choices") or []):
+        model = chunk.get("model")
+        deltas.append(ChatDelta(served_by=extension["served_by"], model=model if isinstance(model, str) else None))
     if extension.get("state") in ("replanning", "running"):
         deltas.append(ChatDelta(state=extension["state"]))
     for choice in chunk.get("choices") or []:

@@ -72,6 +72,10 @@ class ChatCall:
     def state(self, state: str) -> None:
         self.feed.put_nowait(ChatDelta(state=state))  # type: ignore[arg-type]
 
+    def serve(self, by: str, model: str) -> None:
+        """Say who answers, as the daemon's opening chunk does ("mesh" or "fallback")."""
+        self.feed.put_nowait(ChatDelta(served_by=by, model=model))
+
     def finish(self, reason: str = "stop") -> None:
         self.feed.put_nowait(ChatDelta(finish_reason=reason))
         self.feed.put_nowait(None)

@@ -19,8 +19,8 @@ from tui.mesh_status import MeshStatus, NodeInfo, StatusFormatError
 
 log = logging.getLogger(__name__)
 
-LogKind = Literal["join", "leave", "election", "replan", "error", "info"]
-LOG_KINDS: tuple[LogKind, ...] = ("join", "leave", "election", "replan", "error", "info")
+LogKind = Literal["join", "leave", "election", "replan", "error", "info", "fallback"]
+LOG_KINDS: tuple[LogKind, ...] = ("join", "leave", "election", "replan", "error", "info", "fallback")
 DERIVABLE_KINDS: frozenset[str] = frozenset({"join", "leave", "election", "replan"})
 SEEN_LOGS_KEPT = 500
 

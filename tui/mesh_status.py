@@ -64,6 +64,21 @@ class IncompatibleNode:
 
 
 @dataclass(frozen=True)
+class FallbackInfo:
+    """The local fallback model of the node the UI is attached to (docs/api.md)."""
+
+    model: str | None
+    state: str
+    """off, standby (loads on first need), loading, loaded or failed."""
+    serving: bool
+    """New requests are answered by it: the mesh cannot serve right now."""
+    weight_bytes: int
+    reserved_bytes: int
+    mesh_trouble: str | None
+    """Why the mesh cannot serve, if it cannot."""
+
+
+@dataclass(frozen=True)
 class MeshStatus:
     self_id: str
     model_name: str | None
@@ -79,6 +94,8 @@ class MeshStatus:
     """Chat requests in progress on this node."""
     weights: str | None = None
     """The mesh's weight format in memory (f32, f16, int8, int4)."""
+    fallback: FallbackInfo | None = None
+    """The local fallback model; None when the daemon has none to say."""
 
     def node(self, node_id: str) -> NodeInfo | None:
         return next((node for node in self.nodes if node.node_id == node_id), None)
@@ -133,6 +150,7 @@ class MeshStatus:
                 for item_map in (_mapping(item, "incompatible[]") for item in _list(body, "incompatible"))
             ),
             sessions=_optional(body, "sessions", int) or 0,
+            fallback=_fallback(body.get("fallback")),
         )
 
 
@@ -152,6 +170,20 @@ def _node(data: object, coordinator_id: str | None) -> NodeInfo:
         weight_bytes=_optional(body, "weight_bytes", int),
         rtt_ms=_optional(body, "rtt_ms", float),
         address=_optional(body, "address", str) or "",
+    )
+
+
+def _fallback(data: object) -> FallbackInfo | None:
+    if data is None:
+        return None
+    body = _mapping(data, "fallback")
+    return FallbackInfo(
+        model=_optional(body, "model", str),
+        state=_optional(body, "state", str) or "?",
+        serving=bool(body.get("serving", False)),
+        weight_bytes=_optional(body, "weight_bytes", int) or 0,
+        reserved_bytes=_optional(body, "reserved_bytes", int) or 0,
+        mesh_trouble=_optional(body, "mesh_trouble", str),
     )
 
 

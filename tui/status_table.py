@@ -26,6 +26,17 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def format_fallback(fallback: dict[str, Any]) -> str:
+    """The local fallback model in one line: off, standing by, or answering (and why)."""
+    if fallback.get("state") == "off" or not fallback.get("model"):
+        return f"none ({fallback.get('note') or 'off'})"
+    held = fallback.get("weight_bytes") or fallback.get("reserved_bytes")
+    text = f"{fallback['model']} ({fallback.get('state')}, {format_bytes(held)})"
+    if fallback.get("serving"):
+        text += f"; ANSWERING: {fallback.get('mesh_trouble') or 'the mesh cannot serve'}"
+    return text
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A header, one row per node, and the incompatible nodes seen, if any."""
     model = status.get("model")
@@ -37,6 +48,11 @@ def format_status(status: dict[str, Any]) -> str:
         f"model:    {model_text}",
         f"plan:     {plan_text}; codec {status.get('codec', '-')}",
         f"sessions: {status.get('sessions', 0)}",
+    ]
+    fallback = status.get("fallback")
+    if isinstance(fallback, dict):
+        lines.append(f"fallback: {format_fallback(fallback)}")
+    lines += [
         "",
     ]
     rows = [_COLUMNS]

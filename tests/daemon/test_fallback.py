@@ -360,3 +360,75 @@ async def test_a_mesh_stream_says_mesh_in_every_chunk(served: tuple[str, StandIn
                 if line.startswith(b"data: {"):
                     chunks.append(json.loads(line[6:]))
     assert all(c["model"] == "fake-model" and c["meshllm"]["served_by"] == "mesh" for c in chunks)
+
+
+# -- the TUI and `meshllm status` show it -------------------------------------------------------------
+# (here rather than under tests/tui/, which another engineer owns right now)
+
+
+FALLBACK_STATUS = {"model": "SmolLM2-135M-Instruct", "path": "/x.gguf", "state": "loaded", "serving": True,
+                   "reserved_bytes": 118_000_000, "weight_bytes": 112_000_000,
+                   "mesh_trouble": "the mesh cannot hold the model: 40 MB short", "note": None}
+
+
+def test_the_client_reads_who_serves_from_the_opening_chunk() -> None:
+    from tui.client import ChatDelta, _chat_deltas
+
+    opening = {"model": "fake-fallback", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+               "meshllm": {"served_by": "fallback"}}
+    assert _chat_deltas(json.dumps(opening)) == [ChatDelta(served_by="fallback", model="fake-fallback")]
+    piece = {"model": "fake-fallback", "choices": [{"index": 0, "delta": {"content": "hi"}}],
+             "meshllm": {"served_by": "fallback"}}
+    assert _chat_deltas(json.dumps(piece)) == [ChatDelta(text="hi")]
+
+
+def test_status_and_the_status_table_show_the_fallback() -> None:
+    from tui.demo import node, status
+    from tui.mesh_status import MeshStatus
+    from tui.status_table import format_status
+    from tui.views.mesh import format_facts
+
+    snapshot = {**status([node("n-laptop", "laptop", None, is_self=True, coordinator=True)], plan_state="active"),
+                "fallback": FALLBACK_STATUS}
+    parsed = MeshStatus.from_json(snapshot)
+    assert parsed.fallback is not None and parsed.fallback.serving and parsed.fallback.weight_bytes == 112_000_000
+    assert "SmolLM2-135M-Instruct answering" in format_facts(parsed).plain
+    assert "40 MB short" in format_facts(parsed).plain
+    table = format_status(snapshot)
+    assert "fallback: SmolLM2-135M-Instruct (loaded, 112.0 MB); ANSWERING" in table
+    standby = {**FALLBACK_STATUS, "state": "standby", "serving": False, "weight_bytes": 0, "mesh_trouble": None}
+    assert "fallback: SmolLM2-135M-Instruct (standby, 118.0 MB)" in format_status({**snapshot, "fallback": standby})
+    off = {**FALLBACK_STATUS, "state": "off", "model": None, "note": "--fallback-model none"}
+    assert "fallback: none (--fallback-model none)" in format_status({**snapshot, "fallback": off})
+    assert MeshStatus.from_json({**snapshot, "fallback": None}).fallback is None
+
+
+async def test_the_chat_marks_an_answer_from_the_fallback() -> None:
+    from tests.tui.pilot_tools import app_wait_until
+    from textual.widgets import Input
+    from tui.app import MeshApp
+    from tui.demo import FakeClient, node, status
+    from tui.settings import TuiSettings
+    from tui.widgets.chat_log import ChatLog
+
+    fake = FakeClient()
+    fake.push_status({**status([node("n-laptop", "laptop", None, is_self=True, coordinator=True)]),
+                      "fallback": FALLBACK_STATUS})
+    app = MeshApp(fake, settings=TuiSettings(chat_max_tokens=50, chat_temperature=0.0), initial_view="chat")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app_wait_until(pilot, lambda: "fallback SmolLM2-135M-Instruct answers"
+                             in str(app.query_one("#chat-status").render()), "the status line says it")
+        app.query_one("#prompt", Input).insert_text_at_cursor("hello")
+        await pilot.press("enter")
+        await app_wait_until(pilot, lambda: len(fake.chats) == 1, "the question sent")
+        call = fake.chats[0]
+        call.serve("fallback", "SmolLM2-135M-Instruct")
+        call.send("Hi!")
+        call.finish("stop")
+        log = app.query_one(ChatLog)
+        await app_wait_until(pilot, lambda: [(e.role, e.text) for e in log.entries][-1] == ("assistant", "Hi!")
+                             and "done" in str(app.query_one("#chat-status").render()), "the answer ended")
+        roles = [(e.role, e.text) for e in log.entries]
+        assert roles[1][0] == "note" and "fallback model SmolLM2-135M-Instruct" in roles[1][1]
+        assert log.entries[-1].has_class("fallback")
+        assert "fallback SmolLM2-135M-Instruct" in str(app.query_one("#chat-status").render())

@@ -35,6 +35,11 @@ HINT = "Enter sends · Esc stops an answer · Ctrl+N starts a new chat · F1 hel
 REPLANNING = "⟳ re-planning… the mesh is moving layers; the answer will carry on"
 
 
+def fallback_note(model: str | None) -> str:
+    return (f"⚠ answered by the fallback model {model or '?'} on this device: "
+            "the mesh cannot serve right now")
+
+
 def _rate_text(tokens: int, per_s: float | None) -> str:
     rate = f"{per_s:.1f} tok/s" if per_s is not None else "— tok/s"
     return f"{tokens} token{'s' if tokens != 1 else ''} · {rate}"
@@ -47,13 +52,15 @@ class ChatView(Vertical):
         """The answer so far. A newer one for the same answer replaces it in the queue."""
 
         def __init__(self, answer_id: int, text: str, tokens: int, tokens_per_s: float | None,
-                     replanning: bool) -> None:
+                     replanning: bool, fallback_model: str | None = None) -> None:
             super().__init__()
             self.answer_id = answer_id
             self.text = text
             self.tokens = tokens
             self.tokens_per_s = tokens_per_s
             self.replanning = replanning
+            self.fallback_model = fallback_model
+            """Set when the daemon's local fallback model answers (not the mesh)."""
 
         def can_replace(self, message: Message) -> bool:
             return isinstance(message, ChatView.AnswerProgress) and message.answer_id == self.answer_id
@@ -62,7 +69,7 @@ class ChatView(Vertical):
         """The answer is over: finished, stopped by the user, refused, or cut off."""
 
         def __init__(self, answer_id: int, text: str, tokens: int, tokens_per_s: float | None,
-                     outcome: Outcome, detail: str = "") -> None:
+                     outcome: Outcome, detail: str = "", fallback_model: str | None = None) -> None:
             super().__init__()
             self.answer_id = answer_id
             self.text = text
@@ -71,6 +78,8 @@ class ChatView(Vertical):
             self.outcome: Outcome = outcome
             self.detail = detail
             """The finish reason ("stop", "length") or what went wrong."""
+            self.fallback_model = fallback_model
+            """Set when the daemon's local fallback model answered (not the mesh)."""
 
     streaming: reactive[bool] = reactive(False)
     """An answer is on its way."""
@@ -88,6 +97,8 @@ class ChatView(Vertical):
         """The conversation so far, as sent to the daemon."""
         self._answer_id = 0
         self._answer_entry: ChatEntry | None = None
+        self._fallback_marked: ChatEntry | None = None
+        """The answer entry already marked as the fallback's."""
         self._worker: Worker[None] | None = None
 
     def compose(self) -> ComposeResult:
@@ -151,12 +162,15 @@ class ChatView(Vertical):
         replanning = False
         finish_reason = ""
         outcome: Outcome = "finished"
+        fallback: str | None = None
         try:
             async for delta in self._client.chat(
                 messages,
                 max_tokens=self._settings.chat_max_tokens,
                 temperature=self._settings.chat_temperature,
             ):
+                if delta.served_by == "fallback":
+                    fallback = delta.model or "?"
                 if delta.state is not None:
                     replanning = delta.state == "replanning"
                 if delta.text:
@@ -167,15 +181,18 @@ class ChatView(Vertical):
                     finish_reason = delta.finish_reason
                 if delta.completion_tokens is not None:
                     rate.settle(delta.completion_tokens, time.monotonic())
-                self.post_message(self.AnswerProgress(answer_id, text, rate.tokens, rate.per_s(), replanning))
+                self.post_message(self.AnswerProgress(answer_id, text, rate.tokens, rate.per_s(), replanning,
+                                                      fallback))
         except asyncio.CancelledError:
-            self.post_message(self.AnswerEnded(answer_id, text, rate.tokens, rate.per_s(), "stopped"))
+            self.post_message(self.AnswerEnded(answer_id, text, rate.tokens, rate.per_s(), "stopped",
+                                               fallback_model=fallback))
             raise
         except DaemonUnavailable as error:
             outcome, finish_reason = "unreachable", str(error)
         except DaemonError as error:
             outcome, finish_reason = "failed", str(error)
-        self.post_message(self.AnswerEnded(answer_id, text, rate.tokens, rate.per_s(), outcome, finish_reason))
+        self.post_message(self.AnswerEnded(answer_id, text, rate.tokens, rate.per_s(), outcome, finish_reason,
+                                           fallback_model=fallback))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """A bug while streaming: end the answer as failed rather than stream forever."""
@@ -189,7 +206,17 @@ class ChatView(Vertical):
             return
         self._answer_entry.set_text(message.text or "…")
         self.replanning = message.replanning
-        self.answer_stats = f"streaming · {_rate_text(message.tokens, message.tokens_per_s)}"
+        self._mark_fallback(self._answer_entry, message.fallback_model)
+        source = f" (fallback {message.fallback_model})" if message.fallback_model else ""
+        self.answer_stats = f"streaming{source} · {_rate_text(message.tokens, message.tokens_per_s)}"
+
+    def _mark_fallback(self, entry: ChatEntry | None, model: str | None) -> None:
+        """An answer from the daemon's fallback model: its own colour and a note above it."""
+        if entry is None or model is None or self._fallback_marked is entry:
+            return
+        self._fallback_marked = entry
+        entry.add_class("fallback")
+        self.query_one(ChatLog).add("note", fallback_note(model), before=entry)
 
     def on_chat_view_answer_ended(self, message: AnswerEnded) -> None:
         if message.answer_id != self._answer_id:
@@ -198,7 +225,11 @@ class ChatView(Vertical):
         self.streaming = False
         self.replanning = False
         stats = _rate_text(message.tokens, message.tokens_per_s)
+        if message.fallback_model:
+            stats += f" · fallback {message.fallback_model}"
         chat_log = self.query_one(ChatLog)
+        if message.outcome in ("finished", "stopped") and entry is not None and entry.is_attached:
+            self._mark_fallback(entry, message.fallback_model)
         if message.outcome in ("finished", "stopped"):
             if entry is not None:
                 entry.set_text(message.text)

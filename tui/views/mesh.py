@@ -29,6 +29,14 @@ def format_facts(status: MeshStatus) -> Text:
         ("  plan ", "dim"), (plan_state, PLAN_STYLES.get(plan_state, "bold red")),
         ("  sessions ", "dim"), str(status.sessions),
     )
+    fallback = status.fallback
+    if fallback is not None and fallback.model is not None:
+        facts.append("\nfallback ", style="dim")
+        if fallback.serving:
+            facts.append(f"{fallback.model} answering", style="bold yellow")
+            facts.append(f": {fallback.mesh_trouble or 'the mesh cannot serve'}", style="yellow")
+        else:
+            facts.append(f"{fallback.model} ({fallback.state})")
     for other in status.incompatible:
         facts.append(f"\nnot joined: {other.name} {other.address} ({other.reason})", style="dim")
     return facts

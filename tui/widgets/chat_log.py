@@ -34,9 +34,13 @@ class ChatLog(VerticalScroll, can_focus=False):
     def entries(self) -> list[ChatEntry]:
         return list(self.query_children(ChatEntry))
 
-    def add(self, role: EntryRole, text: str = "") -> ChatEntry:
+    def add(self, role: EntryRole, text: str = "", *, before: ChatEntry | None = None) -> ChatEntry:
+        """A new entry at the bottom, or just above `before`."""
         entry = ChatEntry(role, text)
-        self.mount(entry)
+        if before is not None:
+            self.mount(entry, before=before)
+        else:
+            self.mount(entry)
         return entry
 
     async def clear_entries(self) -> None:

@@ -10,9 +10,9 @@ from textual.widgets import RichLog
 from tui.mesh_events import LogLine
 
 KIND_LABELS = {"join": "join", "leave": "leave", "election": "elect", "replan": "replan",
-               "error": "error", "info": "info"}
+               "error": "error", "info": "info", "fallback": "fallbk"}
 KIND_STYLES = {"join": "green", "leave": "yellow", "election": "magenta", "replan": "cyan",
-               "error": "bold red", "info": "dim"}
+               "error": "bold red", "info": "dim", "fallback": "bold yellow"}
 
 
 def format_line(line: LogLine) -> Text:
