@@ -170,8 +170,12 @@ class FallbackPolicy:
         if active_key is not None and active_key != self._failing_key:
             return self._healthy()
         if active_key is None:
-            reason = (f"the mesh cannot hold the model: {placement_error}" if placement_error
-                      else "no active plan: the mesh is forming or re-planning")
+            if placement_error is None:
+                reason = "no active plan: the mesh is forming or re-planning"
+            elif placement_error.startswith("the mesh cannot"):  # the planner's own words
+                reason = placement_error
+            else:
+                reason = f"the mesh cannot hold the model: {placement_error}"
         else:
             reason = self.trouble or "steps keep failing"
         self._troubled(reason, now)

@@ -111,7 +111,10 @@ def test_no_active_plan_sends_requests_to_the_fallback_after_the_grace_period() 
     assert not policy.fallback_due(11.0, False, now=12.9)
     assert policy.fallback_due(11.0, False, now=13.0)  # counted from the trouble, not the request
     policy.observe(None, "2 MB short", now=11.0)  # the coordinator cannot place it: same trouble
-    assert policy.due_at(20.0, False, now=20.0) == 13.0 and "2 MB short" in str(policy.trouble)
+    assert policy.due_at(20.0, False, now=20.0) == 13.0
+    assert policy.trouble == "the mesh cannot hold the model: 2 MB short"
+    policy.observe(None, "the mesh cannot hold the model: 6 layers...", now=12.0)  # not said twice
+    assert policy.trouble == "the mesh cannot hold the model: 6 layers..."
 
 
 def test_switch_and_return_are_said_once_each() -> None:
