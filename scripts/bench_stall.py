@@ -293,22 +293,25 @@ def plot(runs: list[Run], undisturbed: Run | None, path: Path, title: str) -> st
         return "matplotlib is not installed in this Python: no plot"
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"kill": "tab:red", "leave": "tab:blue"}
-    for mode in sorted({r.mode for r in runs}):
-        pts = sorted((r.at, r.longest_gap_s) for r in runs if r.mode == mode and r.longest_gap_s is not None)
-        if pts:
-            left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors.get(mode),
-                      label=f"{mode}: longest gap")
-        kpts = sorted((r.at, r.kill_gap_s) for r in runs if r.mode == mode and r.kill_gap_s is not None)
-        if kpts:
-            left.plot([p[0] for p in kpts], [p[1] for p in kpts], "x:", color=colors.get(mode),
-                      label=f"{mode}: gap at the kill")
+    stopped = [r for r in runs if r.kill_s is not None]
+    for mode in sorted({r.mode for r in stopped}):
+        for attr, marker, what in (("longest_gap_s", "o", "longest gap"), ("kill_gap_s", "x", "gap at the kill")):
+            pts = [(r.at, getattr(r, attr)) for r in stopped if r.mode == mode and getattr(r, attr) is not None]
+            if not pts:
+                continue
+            ats = sorted({a for a, _ in pts})
+            medians = [statistics.median(v for a, v in pts if a == at) for at in ats]
+            left.plot(ats, medians, marker + ("-" if marker == "o" else ":"), color=colors.get(mode),
+                      label=f"{mode}: {what}" + (" (median of rounds)" if len(pts) > len(ats) else ""))
+            if len(pts) > len(ats):
+                left.scatter([a for a, _ in pts], [v for _, v in pts], s=12, alpha=0.4, color=colors.get(mode))
         if mode in TARGETS_S:
             left.axhline(TARGETS_S[mode], color=colors.get(mode), lw=0.8, ls="--",
                          label=f"target ({mode}): {TARGETS_S[mode]:g} s")
     if undisturbed is not None and undisturbed.median_gap_s is not None:
         left.axhline(undisturbed.median_gap_s, color="gray", lw=0.8, ls="-.",
                      label=f"undisturbed median gap {undisturbed.median_gap_s * 1000:.0f} ms")
-    left.set_xlabel("token at which the middle stage is stopped")
+    left.set_xlabel("streamed chunk (~token) after which the middle stage is stopped")
     left.set_ylabel("seconds")
     left.set_title("stall against kill token")
     left.set_ylim(bottom=0)

@@ -2,15 +2,18 @@
 """Chaos run: answers on a local mesh while nodes die and come back.
 
     python scripts/chaos.py [--nodes 4] [--answers 20] [--kills 20] [--model PATH]
-                            [--max-tokens 48] [--seed 1] [--extra "--heartbeat-timeout 1.0"] [--json]
+                            [--max-tokens 48] [--seed 1] [--extra "--heartbeat-timeout 1.0"]
+                            [--json [PATH]]
 
 Starts a local mesh (tui.launcher.LocalMesh), answers each prompt once with no fault (the
 reference: greedy, temperature 0), then streams M answers from node 1 (the entry node, never
 killed) while it kills -9 random other nodes at random tokens of the answer, restarts them
 after a random delay (so that at most --max-down are down at once), and now and then kills
 the coordinator. Prints a summary: answers completed, answers identical to their reference,
-the longest stall (gap between two streamed text chunks), "replanning" states seen, kills,
-and every error. Exits 1 if any answer failed or differed, 130 when interrupted.
+the stall of each answer (its longest wait for a text chunk) as p50 / p95 / max over the
+answers, "replanning" states seen, kills, and every error; --json prints it as JSON instead,
+--json PATH writes the JSON there as well as printing the text. Exits 1 if any answer failed
+or differed, 130 when interrupted.
 Node logs are kept (and their folder named) when something went wrong, or with --keep-logs.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -257,7 +261,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="an answer fails after this long without a byte (default 120 s)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the mesh (300)")
     p.add_argument("--keep-logs", action="store_true", help="keep node logs even when all went well")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--repo", type=Path, default=None,
+                   help="checkout whose daemons to run (default: this one), e.g. a git worktree of another commit")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="print the summary as JSON; with PATH, write the JSON there and print the text")
     args = p.parse_args(argv)
     if args.nodes < 2:
         p.error("--nodes must be at least 2 (node 1 is the entry and is never killed)")
@@ -349,6 +356,25 @@ def describe(mesh: LocalMesh) -> str:
     return "\n".join(lines)
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank percentile (``q`` in [0, 1]): the smallest value that at least a share
+    ``q`` of the values do not exceed. None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def stall_stats(gaps: list[float]) -> dict[str, Any]:
+    """p50 / p95 / max of the answers' stalls (each answer's longest gap), in seconds."""
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 3)
+
+    return {"answers": len(gaps), "p50_s": r(percentile(gaps, 0.50)), "p95_s": r(percentile(gaps, 0.95)),
+            "max_s": r(max(gaps) if gaps else None),
+            "method": "nearest rank over each answer's longest wait for a text chunk (the first from the request)"}
+
+
 def summarize(args: argparse.Namespace, answers: list[Answer], references: dict[str, Answer],
               tally: Tally, elapsed_s: float) -> dict[str, Any]:
     stalled = max(answers, key=lambda a: a.longest_gap_s)
@@ -364,7 +390,14 @@ def summarize(args: argparse.Namespace, answers: list[Answer], references: dict[
         "replanning_states": sum(a.replanning for a in answers),
         "longest_stall_s": round(stalled.longest_gap_s, 3),
         "longest_stall_answer": stalled.index + 1,
+        "stall": stall_stats([a.longest_gap_s for a in answers]),
+        "stall_completed": stall_stats([a.longest_gap_s for a in answers if a.completed]),
+        "reference_stall": stall_stats([r.longest_gap_s for r in references.values()]),
         "reference_stall_s": round(max(r.longest_gap_s for r in references.values()), 3),
+        "max_tokens": args.max_tokens,
+        "model": args.model or "built-in",
+        "seed": args.seed,
+        "coordinator_share": args.coordinator_share,
         "elapsed_s": round(elapsed_s, 1),
         "errors": tally.errors,
         "failures": [
@@ -384,8 +417,10 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"{s['identical']}/{s['answers']}")
     print(f"kills: {s['kills']} (aimed at {s['kills_target']}), "
           f"of the coordinator: {s['coordinator_kills']}, restarts: {s['restarts']}")
-    print(f"longest stall: {s['longest_stall_s']:.2f} s (answer {s['longest_stall_answer']}; "
-          f"without faults: {s['reference_stall_s']:.2f} s)")
+    st, ref = s["stall"], s["reference_stall"]
+    print(f"stall (longest wait for a chunk) over {st['answers']} answers: p50 {st['p50_s']:.2f} s, "
+          f"p95 {st['p95_s']:.2f} s, max {st['max_s']:.2f} s (answer {s['longest_stall_answer']}); "
+          f"without faults: p50 {ref['p50_s']:.2f} s, max {ref['max_s']:.2f} s")
     print(f"replanning states seen: {s['replanning_states']}")
     print(f"time: {s['elapsed_s']:.0f} s")
     for failure in s["failures"]:
@@ -397,7 +432,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def log(args: argparse.Namespace, message: str) -> None:
-    print(f"chaos: {message}", file=sys.stderr if args.json else sys.stdout, flush=True)
+    print(f"chaos: {message}", file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -408,13 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     work_dir = Path(tempfile.mkdtemp(prefix="meshllm-chaos-"))
-    mesh = LocalMesh(args.nodes, model=args.model, extra_args=args.extra_args, work_dir=work_dir)
+    mesh = LocalMesh(args.nodes, model=args.model, extra_args=args.extra_args, work_dir=work_dir, cwd=args.repo)
     ok = False
     try:
         summary = chaos_run(args, mesh)
         ok = not summary["failures"] and not summary["errors"]
         summary["logs"] = None if ok and not args.keep_logs else str(work_dir)
-        if args.json:
+        if args.json not in (None, "-"):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        if args.json == "-":
             print(json.dumps(summary, indent=2))
         else:
             print_summary(summary)
