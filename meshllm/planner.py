@@ -21,6 +21,33 @@ Cost model (see ``docs/election.md`` for the long form):
 
 Given the previous plan, a re-plan is sticky: it moves the fewest layers (see
 :func:`layers_moved`) among plans within ``tolerance`` of the best plan's objective.
+
+Predictions, entry nodes and latency targets (the *entry-aware* search, used when
+``entry_ids`` or a target is given; without them the search above runs unchanged):
+
+- A token's trip starts and ends at its entry node ``e``: ``e -> s1 -> ... -> sk -> e``, one
+  hop per change of node (an entry that holds the first or last stage sends nothing to
+  itself). ``hop_ms[(a, b)]`` is one decode hop (one position), ``prefill_hop_ms[(a, b)]`` one
+  hop of a typical prompt's hidden states (both come from measured links; see
+  :mod:`meshllm.linkstats`).
+- predicted ms per token = ``head_ms[e]`` (the entry's embed, final norm, lm_head and
+  sampling) + every stage's compute + the decode hops of the trip; predicted time to first
+  token = ``head_ms[e]`` + every stage's prefill compute + the prefill hops. With several entry
+  nodes (``entry_ids``) the worst one counts; without ``entry_ids`` the entry is modelled as
+  the first stage's node (so the trip is the ring).
+- Targets (``target_ms_per_token``, ``target_ttft_ms``): among plans within memory, those whose
+  predictions meet every target win; among them the fewest stages (devices not needed stay
+  idle), then the most headroom (the least relative slack over the targets). When none
+  meets them, the plan that misses by the least (relative) is returned, with the miss in
+  ``Plan.miss_ms_per_token`` / ``Plan.miss_ttft_ms``. Without targets the objective decides
+  (latency: the lowest prediction; throughput: the fastest slowest stage, then the lowest
+  prediction).
+- The entry-aware search is exact up to ``EXACT_PAIRWISE_MAX_NODES`` nodes (every subset,
+  every order; a subset's layers go to its fastest nodes, by decode or by prefill speed). Above
+  that, it tries the subsets met by removing nodes one at a time from all of them, each in a
+  few ring orders. Stickiness: among the plans it met (and the previous plan, and the sticky
+  plan of the search above), those as good as the best within ``tolerance`` (and meeting
+  the targets with as few stages when the best does) are ranked by layers moved.
 """
 
 from __future__ import annotations
@@ -29,8 +56,8 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshllm.errors import PlacementError
@@ -42,6 +69,14 @@ Objective = Literal["latency", "throughput"]
 
 DEFAULT_HOP_MS = 1.0
 """One hop's cost when no measurement is given: a LAN data-channel round trip is ~0.7 ms."""
+
+PREFILL_POSITIONS = 256
+"""The typical prompt behind the time-to-first-token figures. A node without a measured
+``prefill_ms_per_layer`` is assumed to take ``ms_per_layer`` for each of these positions
+(no gain from batching: pessimistic)."""
+
+EXACT_ORDER_MAX_STAGES = 6
+"""The entry-aware search tries every order of up to this many stages; a few ring orders above."""
 
 EXACT_PAIRWISE_MAX_NODES = 6
 """With per-link latencies, search every subset and ring order up to this many nodes."""
@@ -83,14 +118,29 @@ class NodeCapacity:
     """Bytes this node may use for weights."""
     ms_per_layer: float
     """Measured milliseconds per decoder layer per token."""
+    head_ms: float = 0.0
+    """This node's own work per token as an entry node: embedding, final norm, lm_head and
+    sampling (the part of a token no stage does)."""
+    prefill_ms_per_layer: float | None = None
+    """Milliseconds per decoder layer for a typical prompt (PREFILL_POSITIONS positions at
+    once); None: ``ms_per_layer * PREFILL_POSITIONS``."""
 
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ValueError("node_id must not be empty")
         if self.mem_budget_bytes < 0:
             raise ValueError(f"{self.node_id}: mem_budget_bytes must be >= 0")
-        if not (self.ms_per_layer >= 0 and math.isfinite(self.ms_per_layer)):
-            raise ValueError(f"{self.node_id}: ms_per_layer must be finite and >= 0")
+        for name in ("ms_per_layer", "head_ms", "prefill_ms_per_layer"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{self.node_id}: {name} must be finite and >= 0")
+
+    @property
+    def prefill_ms(self) -> float:
+        """Milliseconds per layer for a typical prompt (measured, or the pessimistic guess)."""
+        if self.prefill_ms_per_layer is not None:
+            return self.prefill_ms_per_layer
+        return self.ms_per_layer * PREFILL_POSITIONS
 
 
 @dataclass(frozen=True)
@@ -102,6 +152,24 @@ class Plan:
     """One token's trip through the ring: every stage's compute plus the hops."""
     est_slowest_stage_ms: float = 0.0
     """The slowest stage's compute per token: the pipeline's limit on throughput."""
+    predicted_ms_per_token: float | None = None
+    """One token at the worst entry node: its head work, every stage's compute, the decode
+    hops of its trip (see the module doc). None for plans not made by :func:`plan_layers`."""
+    predicted_ttft_ms: float | None = None
+    """The first token of a typical prompt at the worst entry node: head work, every stage's
+    prefill compute, the prefill hops."""
+    target_ms_per_token: float | None = None
+    """The target it was planned for (None: none)."""
+    target_ttft_ms: float | None = None
+    miss_ms_per_token: float = 0.0
+    """How far ``predicted_ms_per_token`` is above its target (0 when it meets it or there is none)."""
+    miss_ttft_ms: float = 0.0
+    """How far ``predicted_ttft_ms`` is above its target (0 when it meets it or there is none)."""
+
+    @property
+    def meets_targets(self) -> bool:
+        """True when no target is missed (and when there is none)."""
+        return self.miss_ms_per_token <= 0 and self.miss_ttft_ms <= 0
 
     @property
     def num_layers(self) -> int:
@@ -191,25 +259,368 @@ def plan_layers(
     default_hop_ms: float = DEFAULT_HOP_MS,
     previous: Plan | None = None,
     tolerance: float = 0.05,
+    prefill_hop_ms: Mapping[tuple[str, str], float] | None = None,
+    default_prefill_hop_ms: float | None = None,
+    entry_ids: Iterable[str] | None = None,
+    target_ms_per_token: float | None = None,
+    target_ttft_ms: float | None = None,
 ) -> Plan:
     """Place ``spec``'s layers on ``nodes``; raise :class:`PlacementError` if they cannot hold it.
 
     With ``previous``, return the plan that moves the fewest layers (see :func:`layers_moved`)
     among those whose objective is within ``tolerance`` (a fraction) of the best plan's.
+
+    ``hop_ms``: one decode hop (one position's hidden state) per ordered pair of nodes;
+    ``prefill_hop_ms``: one hop of a typical prompt's (PREFILL_POSITIONS); unlisted pairs cost
+    ``default_hop_ms`` / ``default_prefill_hop_ms`` (None: the decode figures). ``entry_ids``:
+    the nodes where users type (ids not among ``nodes`` are ignored); None models the entry as
+    the first stage. ``target_ms_per_token`` / ``target_ttft_ms``: latency targets (module
+    doc). The returned plan carries its predictions and how far it misses the targets.
     """
     if objective not in ("latency", "throughput"):
         raise ValueError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     if tolerance < 0:
         raise ValueError("tolerance must be >= 0")
-    problem = _Problem.build(spec, nodes, HopCosts(hop_ms, default_hop_ms))
+    targets = _Targets(target_ms_per_token, target_ttft_ms)
+    hops = HopCosts(hop_ms, default_hop_ms)
+    prefill_hops = HopCosts(
+        prefill_hop_ms if prefill_hop_ms is not None else hop_ms,
+        default_prefill_hop_ms if default_prefill_hop_ms is not None else default_hop_ms,
+    )
+    problem = _Problem.build(spec, nodes, hops)
+    entries = None
+    if entry_ids is not None:
+        entries = tuple(sorted(set(entry_ids) & set(problem.ids))) or None
+    judge = _Judge(problem, entries, prefill_hops, targets)
+    if entries is not None or targets.given:
+        return judge.search(objective, previous, tolerance)
     if objective == "latency":
         best = problem.best_latency(problem.caps)
     else:
         best = problem.best_throughput()
-    if previous is None or previous.num_layers != spec.num_layers:
-        return best
-    sticky = problem.sticky(previous, best, objective, tolerance)
-    return sticky if sticky is not None else best
+    if previous is not None and previous.num_layers == spec.num_layers:
+        sticky = problem.sticky(previous, best, objective, tolerance)
+        best = sticky if sticky is not None else best
+    return judge.annotate(best)
+
+
+def predict_plan(
+    stages: Sequence[Stage],
+    nodes: Sequence[NodeCapacity],
+    *,
+    hop_ms: Mapping[tuple[str, str], float] | None = None,
+    default_hop_ms: float = DEFAULT_HOP_MS,
+    prefill_hop_ms: Mapping[tuple[str, str], float] | None = None,
+    default_prefill_hop_ms: float | None = None,
+    entry_ids: Iterable[str] | None = None,
+) -> tuple[float, float]:
+    """``(ms per token, time to first token in ms)`` that :func:`plan_layers` predicts for a
+    chain of ``stages`` (e.g. the plan in force, with fresh measurements). Every stage's node
+    and every entry must be in ``nodes``."""
+    by_id = {node.node_id: node for node in nodes}
+    entries = tuple(entry_ids) if entry_ids is not None else (stages[0].node_id,)
+    hops = HopCosts(hop_ms, default_hop_ms)
+    prefill_hops = HopCosts(
+        prefill_hop_ms if prefill_hop_ms is not None else hop_ms,
+        default_prefill_hop_ms if default_prefill_hop_ms is not None else default_hop_ms,
+    )
+    order = [stage.node_id for stage in stages]
+    decode = sum(stage.num_layers * by_id[stage.node_id].ms_per_layer for stage in stages)
+    prefill = sum(stage.num_layers * by_id[stage.node_id].prefill_ms for stage in stages)
+    return (
+        decode + max(by_id[e].head_ms + _trip_ms(order, e, hops) for e in entries),
+        prefill + max(by_id[e].head_ms + _trip_ms(order, e, prefill_hops) for e in entries),
+    )
+
+
+def _trip_ms(order: Sequence[str], entry: str, hops: Callable[[str, str], float]) -> float:
+    """The hops of a token from ``entry`` through ``order`` and back (none to itself)."""
+    total = 0.0
+    at = entry
+    for node_id in order:
+        if node_id != at:
+            total += hops(at, node_id)
+        at = node_id
+    return total + (hops(at, entry) if at != entry else 0.0)
+
+
+@dataclass(frozen=True)
+class _Targets:
+    ms_per_token: float | None
+    ttft_ms: float | None
+
+    def __post_init__(self) -> None:
+        for name, value in (("target_ms_per_token", self.ms_per_token),
+                            ("target_ttft_ms", self.ttft_ms)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+    @property
+    def given(self) -> bool:
+        return self.ms_per_token is not None or self.ttft_ms is not None
+
+    def miss(self, decode_ms: float, ttft_ms: float) -> float:
+        """The worst relative miss over the targets: > 0 misses, <= 0 meets (minus headroom)."""
+        worst = -math.inf
+        if self.ms_per_token is not None:
+            worst = max(worst, (decode_ms - self.ms_per_token) / self.ms_per_token)
+        if self.ttft_ms is not None:
+            worst = max(worst, (ttft_ms - self.ttft_ms) / self.ttft_ms)
+        return worst
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One plan the entry-aware search met: a chain order and the layers of each node."""
+
+    order: tuple[str, ...]
+    counts: tuple[int, ...]
+    decode_ms: float
+    ttft_ms: float
+    slowest_ms: float
+
+    @property
+    def size(self) -> int:
+        return len(self.order)
+
+    def stages(self) -> tuple[Stage, ...]:
+        out = []
+        start = 0
+        for node_id, count in zip(self.order, self.counts, strict=True):
+            out.append(Stage(node_id, start, start + count))
+            start += count
+        return tuple(out)
+
+
+class _Judge:
+    """Predictions for chains, and the entry-aware search (see the module doc)."""
+
+    def __init__(self, problem: _Problem, entries: tuple[str, ...] | None,
+                 prefill_hops: HopCosts, targets: _Targets) -> None:
+        self.problem = problem
+        self.entries = entries
+        self.targets = targets
+        ids = problem.ids
+        self.decode_hop = {(a, b): problem.hops(a, b) for a in ids for b in ids if a != b}
+        self.prefill_hop = {(a, b): prefill_hops(a, b) for a in ids for b in ids if a != b}
+        self.prefill_hops = prefill_hops
+        self.head = {node_id: problem.nodes[node_id].head_ms for node_id in ids}
+        self.prefill_ms = {node_id: problem.nodes[node_id].prefill_ms for node_id in ids}
+
+    # ---- predictions ---------------------------------------------------------------------
+
+    def trips(self, order: Sequence[str]) -> tuple[float, float]:
+        """Worst entry's head work + hops of its trip: (decode, prefill)."""
+        entries = self.entries if self.entries is not None else (order[0],)
+        decode = max(self.head[e] + _trip_ms(order, e, self._decode) for e in entries)
+        prefill = max(self.head[e] + _trip_ms(order, e, self._prefill) for e in entries)
+        return decode, prefill
+
+    def _decode(self, a: str, b: str) -> float:
+        return self.decode_hop[(a, b)]
+
+    def _prefill(self, a: str, b: str) -> float:
+        return self.prefill_hop[(a, b)]
+
+    def option(self, order: Sequence[str], counts: Sequence[int],
+               trips: tuple[float, float] | None = None) -> _Option:
+        decode_trip, prefill_trip = trips if trips is not None else self.trips(order)
+        ms, pms = self.problem.ms, self.prefill_ms
+        compute = [count * ms[n] for n, count in zip(order, counts, strict=True)]
+        prefill = sum(count * pms[n] for n, count in zip(order, counts, strict=True))
+        return _Option(tuple(order), tuple(counts), sum(compute) + decode_trip,
+                       prefill + prefill_trip, max(compute))
+
+    def annotate(self, plan: Plan) -> Plan:
+        """``plan`` with its predictions and target misses filled in."""
+        order = [stage.node_id for stage in plan.stages]
+        option = self.option(order, [stage.num_layers for stage in plan.stages])
+        return self._with_predictions(plan, option)
+
+    def _with_predictions(self, plan: Plan, option: _Option) -> Plan:
+        targets = self.targets
+        return replace(
+            plan,
+            predicted_ms_per_token=option.decode_ms,
+            predicted_ttft_ms=option.ttft_ms,
+            target_ms_per_token=targets.ms_per_token,
+            target_ttft_ms=targets.ttft_ms,
+            miss_ms_per_token=max(0.0, option.decode_ms - targets.ms_per_token)
+            if targets.ms_per_token is not None else 0.0,
+            miss_ttft_ms=max(0.0, option.ttft_ms - targets.ttft_ms)
+            if targets.ttft_ms is not None else 0.0,
+        )
+
+    def to_plan(self, option: _Option) -> Plan:
+        stages = option.stages()
+        latency, slowest = chain_cost_ms(stages, self.problem.ms, self.problem.hops)
+        return self._with_predictions(Plan(stages, latency, slowest), option)
+
+    # ---- the search ----------------------------------------------------------------------
+
+    def search(self, objective: Objective, previous: Plan | None, tolerance: float) -> Plan:
+        problem = self.problem
+        num_layers = problem.spec.num_layers
+        sticky = previous is not None and previous.num_layers == num_layers
+        caps = problem.caps
+        slowest_limit = math.inf
+        key = self._key(objective)
+        if objective == "throughput" and not self.targets.given:
+            slowest = _min_max_stage_ms(problem.ids, problem.ms, problem.caps, num_layers)
+            slowest_limit = slowest * (1 + _REL_EPS) + 1e-12
+            best = min(self._options(problem._caps_under(slowest), key, keep_all=False), key=key)
+            if not sticky:
+                return self.to_plan(best)
+            # a sticky re-plan may take any plan whose slowest stage is within tolerance
+            caps = problem._caps_under(slowest * (1 + tolerance))
+            options = [best, *self._options(caps, key, keep_all=True)]
+        else:
+            options = self._options(caps, key, keep_all=sticky)
+            best = min(options, key=key)
+            if not sticky:
+                return self.to_plan(best)
+        assert previous is not None
+        extra = [previous]
+        ring_best = (problem.best_latency(problem.caps) if objective == "latency"
+                     else problem.best_throughput())
+        extra.append(ring_best)
+        ring_sticky = problem.sticky(previous, ring_best, objective, tolerance)
+        if ring_sticky is not None:
+            extra.append(ring_sticky)
+        for plan in extra:
+            option = self._option_of(plan, caps)
+            if option is not None:
+                options.append(option)
+        good = [o for o in options if self._close_to(o, best, objective, tolerance, slowest_limit)]
+        choice = min(good, key=lambda o: (layers_moved(previous, Plan(o.stages(), 0.0)), key(o)))
+        return self.to_plan(choice)
+
+    def _key(self, objective: Objective) -> Callable[[_Option], tuple[float, ...]]:
+        targets = self.targets
+        if targets.given:
+            def key(o: _Option) -> tuple[float, ...]:
+                miss = targets.miss(o.decode_ms, o.ttft_ms)
+                tail = (o.slowest_ms,) if objective == "throughput" else ()
+                if miss <= _REL_EPS:
+                    return (0.0, o.size, miss, *tail, o.decode_ms, o.ttft_ms)
+                return (1.0, miss, o.size, *tail, o.decode_ms, o.ttft_ms)
+            return key
+        return lambda o: (o.decode_ms, o.size, o.ttft_ms)
+
+    def _close_to(self, o: _Option, best: _Option, objective: Objective, tolerance: float,
+                  slowest_limit: float) -> bool:
+        """Whether ``o`` is as good as ``best`` within ``tolerance`` (sticky re-plans)."""
+        targets = self.targets
+        if targets.given:
+            best_miss = targets.miss(best.decode_ms, best.ttft_ms)
+            miss = targets.miss(o.decode_ms, o.ttft_ms)
+            if best_miss <= _REL_EPS:
+                return miss <= _REL_EPS and o.size <= best.size
+            return miss <= best_miss + tolerance + _REL_EPS
+        if objective == "throughput":
+            return o.slowest_ms <= (slowest_limit - 1e-12) * (1 + tolerance) + 1e-12
+        return o.decode_ms <= best.decode_ms * (1 + tolerance) * (1 + _REL_EPS) + 1e-12
+
+    def _option_of(self, plan: Plan, caps: Mapping[str, int]) -> _Option | None:
+        """``plan`` as an option, if its nodes are all here and within ``caps``."""
+        if not plan.stages or plan.num_layers != self.problem.spec.num_layers:
+            return None
+        order = [stage.node_id for stage in plan.stages]
+        counts = [stage.num_layers for stage in plan.stages]
+        if len(set(order)) != len(order) or any(
+            node_id not in caps or count < 1 or count > caps[node_id]
+            for node_id, count in zip(order, counts, strict=True)
+        ):
+            return None
+        return self.option(order, counts)
+
+    def _options(self, caps: Mapping[str, int], key: Callable[[_Option], tuple[float, ...]],
+                 *, keep_all: bool) -> list[_Option]:
+        """Options over the subsets worth trying; for each, its orders (all of them, or the
+        few that no other order beats on both trips) and the layers to its fastest nodes."""
+        problem = self.problem
+        num_layers = problem.spec.num_layers
+        usable = [node_id for node_id in problem.ids if caps[node_id] > 0]
+        if len(usable) <= EXACT_PAIRWISE_MAX_NODES:
+            subsets: Iterable[Sequence[str]] = (
+                subset for size in range(1, min(len(usable), num_layers) + 1)
+                for subset in itertools.combinations(usable, size)
+            )
+        else:
+            subsets = self._heuristic_subsets(usable, caps, key)
+        options: list[_Option] = []
+        for subset in subsets:
+            options.extend(self._subset_options(subset, caps, keep_all=keep_all))
+        assert options, "capacity was checked before the search"
+        return options
+
+    def _subset_options(self, subset: Sequence[str], caps: Mapping[str, int], *,
+                        keep_all: bool, quick: bool = False) -> list[_Option]:
+        num_layers = self.problem.spec.num_layers
+        by_decode = _greedy_counts(subset, self.problem.ms, caps, num_layers)
+        if by_decode is None:
+            return []
+        by_prefill = _greedy_counts(subset, self.prefill_ms, caps, num_layers)
+        layouts = [by_decode] if by_prefill in (None, by_decode) else [by_decode, by_prefill]
+        trips = [(self.trips(order), order) for order in self._orders(subset, quick=quick)]
+        if not keep_all:
+            trips = _pareto(trips)
+        return [
+            self.option(order, [counts[n] for n in order], trip)
+            for counts in layouts for trip, order in trips
+        ]
+
+    def _orders(self, subset: Sequence[str], *, quick: bool = False) -> list[tuple[str, ...]]:
+        """Every order of a few stages; else (or ``quick``) the best rings by decode and by
+        prefill hops, each cut at every stage, both ways round."""
+        if len(subset) <= EXACT_ORDER_MAX_STAGES and not quick:
+            return list(itertools.permutations(subset))
+        orders: set[tuple[str, ...]] = set()
+        for hops in (self.problem.hops, self.prefill_hops):
+            _, ring = _best_ring(subset, hops)
+            for turned in (ring, ring[::-1]):
+                for cut in range(len(turned)):
+                    orders.add(turned[cut:] + turned[:cut])
+        return sorted(orders)
+
+    def _heuristic_subsets(self, usable: list[str], caps: Mapping[str, int],
+                           key: Callable[[_Option], tuple[float, ...]]) -> list[tuple[str, ...]]:
+        """All usable nodes, then one node fewer at a time (the removal whose best option
+        ranks first), plus the subset of the flat-hop optimum and every single node that
+        holds the whole model."""
+        num_layers = self.problem.spec.num_layers
+        flat = self.problem._flat_hop_counts(caps)
+        subsets: list[tuple[str, ...]] = [tuple(n for n in usable if flat.get(n, 0) > 0)]
+        subsets.extend((n,) for n in usable if caps[n] >= num_layers)
+        # at most one node per layer: the roomiest (then fastest) when there are more
+        roomiest = sorted(usable, key=lambda n: (-caps[n], self.problem.ms[n], n))[:num_layers]
+        current = tuple(n for n in usable if n in roomiest)
+        subsets.append(current)
+        while len(current) > 1:
+            ranked = []
+            for drop in current:
+                rest = tuple(n for n in current if n != drop)
+                found = self._subset_options(rest, caps, keep_all=False, quick=True)
+                if found:
+                    ranked.append((key(min(found, key=key)), rest))
+            if not ranked:
+                break
+            current = min(ranked)[1]
+            subsets.append(current)
+        return list(dict.fromkeys(subset for subset in subsets if subset))
+
+
+def _pareto(
+    trips: list[tuple[tuple[float, float], tuple[str, ...]]],
+) -> list[tuple[tuple[float, float], tuple[str, ...]]]:
+    """The orders that no other beats on both trips (decode, prefill), first found kept on ties."""
+    kept: list[tuple[tuple[float, float], tuple[str, ...]]] = []
+    best_prefill = math.inf
+    for trip, order in sorted(trips, key=lambda item: item[0]):
+        if trip[1] < best_prefill * (1 - _REL_EPS) or not kept:
+            kept.append((trip, order))
+            best_prefill = trip[1]
+    return kept
 
 
 @dataclass(frozen=True)
@@ -227,6 +638,7 @@ class _Problem:
     ) -> None:
         self.spec = spec
         self.ids = [node.node_id for node in nodes]
+        self.nodes = {node.node_id: node for node in nodes}
         self.ms = {node.node_id: node.ms_per_layer for node in nodes}
         self.caps = caps
         self.hops = hops
