@@ -173,14 +173,15 @@ class LinkMeter:
         self._rtt_samples += 1
 
     def add_probe(self, tiny_ms: float, small_ms: float, large_ms: float | None = None) -> None:
-        """Round trips of the TINY, SMALL and LARGE probes (each echoed by a few bytes)."""
+        """Round trips of the TINY, SMALL and LARGE probes (each echoed by a few bytes; the
+        least of a few tries each). A probe replaces the rates it measures: it is already a
+        careful measurement, and one taken while the node was busy (starting, say) must not
+        linger."""
         if not all(math.isfinite(ms) and ms >= 0 for ms in (tiny_ms, small_ms)):
             return
-        self._small_mb_s = _smooth(self._small_mb_s,
-                                   rate_mb_s(SMALL_BYTES - TINY_PROBE_BYTES, small_ms - tiny_ms))
+        self._small_mb_s = rate_mb_s(SMALL_BYTES - TINY_PROBE_BYTES, small_ms - tiny_ms)
         if large_ms is not None and math.isfinite(large_ms) and large_ms >= 0:
-            self._large_mb_s = _smooth(self._large_mb_s,
-                                       rate_mb_s(LARGE_PROBE_BYTES - SMALL_BYTES, large_ms - small_ms))
+            self._large_mb_s = rate_mb_s(LARGE_PROBE_BYTES - SMALL_BYTES, large_ms - small_ms)
         self._samples += 1
 
     def add_bulk(self, nbytes: int, ms: float) -> None:

@@ -26,8 +26,11 @@ Measurements (:meth:`LinkManager.link_stats`, the model is :mod:`meshllm.linksta
   echoed by 5 bytes as soon as it has arrived whole, a few times each; the least round trip
   of each size counts, and the differences between sizes give the rates (latency and the
   echo cancel out). A peer without the probe channel drops the probes (aiortc ignores data
-  for a stream it has no channel for), so the rates stay unmeasured. The small probes run
-  again every ``probe_interval_s``; :meth:`LinkManager.probe` runs the whole probe on demand;
+  for a stream it has no channel for), so the rates stay unmeasured. The whole probe runs
+  again PROBE_SETTLE_S after the link came up (the first often meets a node still busy
+  starting), then the small probes every ``probe_interval_s`` and the large ones every
+  LARGE_PROBE_EVERY rounds; each probe replaces the rates it measures.
+  :meth:`LinkManager.probe` runs the whole probe on demand;
 - passively, from real traffic: a ``send`` that waits for the link to drain (backpressure)
   saw the bytes that left the channel's buffer while it waited, at the rate SCTP's
   acknowledgements allow: one bulk-rate sample. aiortc tells a sender nothing else about
@@ -125,6 +128,11 @@ PROBE_TIMEOUT_S = 2.0
 """A probe that gets no echo within this is given up (a peer without the probe channel)."""
 DEFAULT_PROBE_INTERVAL_S = 30.0
 """The small probes run again this often on every link (about 12 KB each time)."""
+PROBE_SETTLE_S = 5.0
+"""The whole probe runs once more this long after a link comes up: the first one often meets
+a node still busy starting (loading its model, its layers), which slows everything."""
+LARGE_PROBE_EVERY = 4
+"""The periodic probes include the large ones every this many rounds (the first included)."""
 LOADED_BYTES = 16 * 1024
 """A heartbeat sent while more than this is queued or in flight measures queueing."""
 MIN_BULK_SAMPLE_BYTES = 64 * 1024
@@ -218,6 +226,7 @@ class _Link:
         self.probe_task: asyncio.Task[None] | None = None
         self.probe_lock = asyncio.Lock()
         self.next_probe_s = now_s
+        self.probe_rounds = 0
         self.delayed: deque[tuple[float, _Channel, bytes]] = deque()
         """Pieces waiting out the debug link delay: (due, channel, piece), in sending order."""
         self.pump_task: asyncio.Task[None] | None = None
@@ -583,7 +592,7 @@ class LinkManager:
         log.info("link up: %s (%s)", link.peer_id, link.hello.name)
         self._notify(self._on_link_up, LinkUp(peer_id=link.peer_id, hello=link.hello))
         if self._probe_interval_s is not None:
-            link.next_probe_s = link.last_rx_s + self._probe_interval_s
+            link.next_probe_s = link.last_rx_s + min(PROBE_SETTLE_S, self._probe_interval_s)
         if self._probe_on_link_up and link.state == "up":
             self._start_probe(link, large=True)
 
@@ -908,7 +917,8 @@ class LinkManager:
                 ch.reassembler.expire(now)
             if self._probe_interval_s is not None and now >= link.next_probe_s:
                 link.next_probe_s = now + self._probe_interval_s
-                self._start_probe(link, large=False)
+                self._start_probe(link, large=link.probe_rounds % LARGE_PROBE_EVERY == 0)
+                link.probe_rounds += 1
 
     # --- plumbing -------------------------------------------------------------------------
 

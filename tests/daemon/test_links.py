@@ -882,3 +882,19 @@ async def test_a_send_that_waits_for_the_link_to_drain_measures_its_rate(make_no
     after = a.lm.link_stats(b.node_id)
     assert after is not None and after.samples >= 1
     assert after.large_mb_s is not None and after.large_mb_s > 0
+
+
+async def test_links_are_probed_again_periodically(make_node: MakeNode) -> None:
+    a = await make_node(1, heartbeat_interval_s=0.05, probe_on_link_up=False, probe_interval_s=0.2)
+    b = await make_node(2, probe_on_link_up=False, probe_interval_s=None)
+    await a.lm.connect(b.address)
+
+    def samples() -> int:
+        stats = a.lm.link_stats(b.node_id)
+        return stats.samples if stats is not None else 0
+
+    await wait_until(lambda: samples() >= 2)
+    stats = a.lm.link_stats(b.node_id)
+    assert stats is not None and stats.small_mb_s is not None
+    assert stats.large_mb_s is not None  # the first round includes the large probes
+    assert b.lm.link_stats(a.node_id) is not None and b.lm.link_stats(a.node_id).samples == 0

@@ -99,6 +99,21 @@ def test_round_trips_under_load_do_not_count_as_latency() -> None:
     assert meter.stats().rtt_samples == 3
 
 
+def test_a_probe_replaces_the_rates_and_bulk_samples_smooth_the_large_one() -> None:
+    meter = LinkMeter()
+    meter.add_probe(1.0, 11.0, 1000.0)  # a busy start
+    small_ms = 1.0 + (SMALL_BYTES - TINY_PROBE_BYTES) / 8000
+    meter.add_probe(1.0, small_ms, small_ms + (LARGE_PROBE_BYTES - SMALL_BYTES) / 20_000)
+    assert meter.stats().small_mb_s == pytest.approx(8.0)
+    assert meter.stats().large_mb_s == pytest.approx(20.0)
+    meter.add_probe(1.0, 1.0 + (SMALL_BYTES - TINY_PROBE_BYTES) / 4000)  # small probes only
+    assert meter.stats().small_mb_s == pytest.approx(4.0)
+    assert meter.stats().large_mb_s == pytest.approx(20.0)
+    meter.add_bulk(1_000_000, 100.0)  # 10 MB/s
+    assert meter.stats().large_mb_s == pytest.approx(17.5)
+    assert meter.stats().samples == 4
+
+
 def test_bulk_samples_smooth_the_large_rate() -> None:
     meter = LinkMeter()
     meter.add_bulk(1_000_000, 100.0)  # 10 MB/s
