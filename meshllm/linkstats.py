@@ -12,9 +12,9 @@ The hop model, for a message of ``n`` bytes from one node to the next::
               + max(0, n - SMALL_BYTES) / large rate         bulk bytes beyond them
               + overhead_ms                                  (the caller's per-hop constant)
 
-- ``rtt_ms``: the heartbeats' round trip (a ~70-byte message each way), smoothed, from
-  heartbeats sent while nothing else was queued on the link (queueing behind bulk traffic
-  is not latency). A node whose sends are delayed by D (slow Wi-Fi, or
+- ``rtt_ms``: the heartbeats' round trip (a ~70-byte message each way), the median of the
+  last RTT_WINDOW heartbeats sent while nothing else was queued on the link (queueing behind
+  bulk traffic is not latency, and a median ignores sporadic spikes of a busy process). A node whose sends are delayed by D (slow Wi-Fi, or
   ``--debug-link-delay-ms D``) shows D in the round trip measured at both ends, so each hop
   touching it costs D/2 more either way, and a ring through it pays D in all, as it would.
 - The rates come from the differences of probe round trips at three sizes (TINY, SMALL and
@@ -29,6 +29,8 @@ The hop model, for a message of ``n`` bytes from one node to the next::
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,6 +50,9 @@ MAX_MB_S = 100_000.0
 """Rates are capped here: a probe difference at or below zero (noise) is this fast."""
 SMOOTHING = 0.25
 """Weight of a new sample in every smoothed figure."""
+RTT_WINDOW = 16
+"""The planner's round trip is the median of this many recent idle heartbeats (about 3 s):
+a busy process (the GIL, a start-up) adds sporadic spikes that an average would carry."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class LinkStats:
     """One link's figures as seen from one end (its sends and their echoes)."""
 
     rtt_ms: float | None
-    """Smoothed heartbeat round trip on an idle link; None before the first."""
+    """Heartbeat round trip on an idle link (median of the recent ones); None before the first."""
     small_mb_s: float | None
     """Rate of a message's first SMALL_BYTES (activation sized); None before a probe."""
     large_mb_s: float | None
@@ -152,7 +157,7 @@ class LinkMeter:
 
     def __init__(self) -> None:
         self._rtt_all_ms: float | None = None
-        self._rtt_idle_ms: float | None = None
+        self._rtt_idle: deque[float] = deque(maxlen=RTT_WINDOW)
         self._rtt_samples = 0
         self._small_mb_s: float | None = None
         self._large_mb_s: float | None = None
@@ -169,7 +174,7 @@ class LinkMeter:
             return
         self._rtt_all_ms = _smooth(self._rtt_all_ms, sample_ms)
         if idle:
-            self._rtt_idle_ms = _smooth(self._rtt_idle_ms, sample_ms)
+            self._rtt_idle.append(sample_ms)
         self._rtt_samples += 1
 
     def add_probe(self, tiny_ms: float, small_ms: float, large_ms: float | None = None) -> None:
@@ -192,7 +197,7 @@ class LinkMeter:
         self._samples += 1
 
     def stats(self) -> LinkStats:
-        rtt = self._rtt_idle_ms if self._rtt_idle_ms is not None else self._rtt_all_ms
+        rtt = statistics.median(self._rtt_idle) if self._rtt_idle else self._rtt_all_ms
         return LinkStats(rtt_ms=rtt, small_mb_s=self._small_mb_s, large_mb_s=self._large_mb_s,
                          samples=self._samples, rtt_samples=self._rtt_samples)
 

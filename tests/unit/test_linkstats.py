@@ -142,3 +142,13 @@ def test_a_hop_never_gets_cheaper_with_more_bytes(
     stats = LinkStats(rtt_ms=rtt, small_mb_s=small, large_mb_s=large)
     low, high = sorted((a, b))
     assert rtt / 2 <= hop_ms(stats, low) <= hop_ms(stats, high) * (1 + 1e-12)
+
+
+def test_the_planners_round_trip_ignores_sporadic_spikes_and_follows_a_lasting_change() -> None:
+    meter = LinkMeter()
+    for sample in (1.0, 1.2, 0.9, 45.0, 1.1, 1.0, 60.0, 1.0):  # a busy process, now and then
+        meter.add_rtt(sample)
+    assert meter.stats().rtt_ms == pytest.approx(1.05)
+    for _ in range(12):  # the peer moved to slow Wi-Fi: 30 ms more, for good
+        meter.add_rtt(31.0)
+    assert meter.stats().rtt_ms == 31.0
