@@ -15,10 +15,14 @@
    node's /v1/status): "kill" is kill -9, "leave" is SIGTERM (a clean leave that hands its
    layers over). It records the arrival of every streamed chunk, then restarts the victim and
    waits for the mesh to be whole (every node in one active plan) before the next run.
+   Before each run, warm-up answers run until one leaves the plan unchanged (the balancer
+   re-plans on the speeds it measures during answers; such a re-plan mid-run would be a
+   second disturbance). Each run records whether the victim was also the coordinator.
 
 For each run it reports whether the answer is identical to the reference (token ids and
 text), the longest gap between two streamed chunks, the median gap, and the gap at the kill
-(from the last chunk before the kill to the first one after it). --json writes everything
+(from the last chunk before the kill to the first one after it), and the longest gap after
+the kill. --json writes everything
 (with every chunk's arrival time); --plot draws the stall against the kill token per mode
 (needs matplotlib). --repo runs the daemons of another checkout (e.g. a `git worktree` of an
 older commit) with this script's launcher, to measure a "before".
@@ -64,6 +68,9 @@ class Run:
     round: int = 0
     entry: str | None = None
     victim: str | None = None
+    victim_coordinator: bool | None = None
+    warmups: int = 0
+    """Warm-up answers before this run (until one left the plan unchanged)."""
     plan_before: str | None = None
     plan_after: str | None = None
     victim_exit: str | None = None
@@ -105,6 +112,14 @@ class Run:
         return after[0] - before[-1]
 
     @property
+    def after_kill_gap_s(self) -> float | None:
+        """The longest gap that ends after the kill (a clean leave may pause a few chunks later)."""
+        if self.kill_s is None:
+            return None
+        gaps = [b - a for a, b in zip(self.times_s, self.times_s[1:]) if b > self.kill_s]
+        return max(gaps) if gaps else None
+
+    @property
     def completed(self) -> bool:
         return self.error is None and self.finish_reason is not None
 
@@ -117,18 +132,18 @@ class Run:
         out["kill_s"] = r(self.kill_s)
         out.update(chunks=len(self.times_s), tokens=len(self.token_ids or ()),
                    longest_gap_s=r(self.longest_gap_s), median_gap_s=r(self.median_gap_s),
-                   kill_gap_s=r(self.kill_gap_s), total_s=r(self.times_s[-1] if self.times_s else None))
+                   kill_gap_s=r(self.kill_gap_s), after_kill_gap_s=r(self.after_kill_gap_s), total_s=r(self.times_s[-1] if self.times_s else None))
         return out
 
 
-def stream(url: str, run: Run, args: argparse.Namespace, on_chunk: Any = None) -> Run:
+def stream(url: str, run: Run, args: argparse.Namespace, on_chunk: Any = None, max_tokens: int | None = None) -> Run:
     """Stream the greedy answer into ``run``; ``on_chunk(n)`` after the n-th text chunk, on
     this thread (so that a kill lands right after chunk n)."""
     client = DaemonClient(url, connect_timeout_s=10, chat_idle_timeout_s=args.answer_timeout)
     started = time.monotonic()
     try:
         for delta in iterate_sync(client.chat([{"role": "user", "content": args.prompt}],
-                                              max_tokens=args.tokens, temperature=0)):
+                                              max_tokens=max_tokens or args.tokens, temperature=0)):
             now = time.monotonic() - started
             if delta.state == "replanning":
                 run.replanning += 1
@@ -179,46 +194,71 @@ class Bench:
         self.mesh.start()
         self.mesh.wait_ready(self.args.ready_timeout)
         self.ids = [self.mesh.status(i)["self_id"] for i in range(len(self.mesh.nodes))]
-        self.wait_whole()
 
-    def wait_whole(self) -> dict[str, Any]:
-        """Until every node is up, ready, and in one active plan of --nodes stages that has
-        held for --settle seconds. Returns the plan."""
-        start = time.monotonic()
-        deadline = start + self.args.ready_timeout
-        self.mesh.wait_ready(self.args.ready_timeout)
-        stable_since, last = None, None
+    def agreed_plan(self, need: int, deadline: float) -> dict[str, Any]:
+        """Until every node is up and ready and they agree on one active plan of at least
+        ``need`` stages that held for --settle seconds."""
+        self.mesh.wait_ready(max(1.0, deadline - time.monotonic()))
+        stable_since, last = time.monotonic(), None
         while True:
             plan = self.mesh.agreed_plan()
-            # every node holds a stage; after half the timeout, a plan that leaves one out will do
-            need = self.args.nodes if time.monotonic() < start + self.args.ready_timeout / 2 else 2
             key = None if plan is None else (plan["term"], plan.get("epoch"), len(plan["stages"]))
-            if key is not None and key == last and key[2] >= need:
-                if time.monotonic() - stable_since >= self.args.settle:  # type: ignore[operator]
-                    return plan  # type: ignore[return-value]
-            else:
+            if key is None or key != last:
                 stable_since, last = time.monotonic(), key
+            elif key[2] >= need and time.monotonic() - stable_since >= self.args.settle:
+                return plan  # type: ignore[return-value]
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the mesh is not whole after {self.args.ready_timeout:g} s: last plan "
-                                   f"{self.plan_text(plan)}")
+                raise TimeoutError(f"no plan of {need}+ stages held by every node for {self.args.settle:g} s: "
+                                   f"last agreed plan {self.plan_text(plan)}")
             time.sleep(0.2)
 
-    def entry_and_victim(self) -> tuple[int, int, dict[str, Any]]:
-        plan = self.wait_whole()
+    def wait_whole(self) -> tuple[dict[str, Any], int]:
+        """Until every node is up and in one active plan of --nodes stages that the coordinator
+        no longer changes: the balancer re-plans on the speeds it measures while answers run,
+        so warm-up answers (--warmup-tokens) run until one leaves the plan as it found it (at
+        most --warmups; then a plan of 2+ stages will do). Returns the plan and the warm-ups."""
+        deadline = time.monotonic() + self.args.ready_timeout
+        plan = self.agreed_plan(2, deadline)
+        for warmups in range(self.args.warmups + 1):
+            whole = len(plan["stages"]) >= self.args.nodes
+            if warmups == self.args.warmups:
+                break
+            entry = self.ids.index(plan["stages"][0]["node_id"])
+            warm = stream(self.mesh.nodes[entry].url, Run("warm-up"), self.args, max_tokens=self.args.warmup_tokens)
+            after = self.agreed_plan(2, deadline)
+            same = (after["term"], after.get("epoch")) == (plan["term"], plan.get("epoch"))
+            log(f"  warm-up {warmups + 1}: {len(warm.token_ids or ())} tokens" + (f", error {warm.error}" if warm.error else "")
+                + ("; the plan held" if same else f"; the plan changed to {self.plan_text(after)}"))
+            plan = after
+            if same and whole and warm.error is None:
+                return plan, warmups + 1
+        if len(plan["stages"]) < self.args.nodes:
+            log(f"warning: the plan leaves a node out after {self.args.warmups} warm-ups: {self.plan_text(plan)}")
+        return plan, self.args.warmups
+
+    def entry_and_victim(self) -> tuple[int, int, dict[str, Any], int]:
+        plan, warmups = self.wait_whole()
         stages = plan["stages"]
         if len(stages) < 2:
             raise RuntimeError(f"no middle stage in plan {self.plan_text(plan)}")
         entry = self.ids.index(stages[0]["node_id"])
         victim = self.ids.index(stages[len(stages) // 2]["node_id"])
-        # the plan as the entry node holds it (the same one: wait_whole checked they agree)
-        return entry, victim, self.mesh.status(entry)["plan"]
+        return entry, victim, plan, warmups
 
     def disturbed(self, mode: str, at: int, round_: int) -> Run:
-        entry, victim, plan = self.entry_and_victim()
+        entry, victim, plan, warmups = self.entry_and_victim()
         run = Run(mode, at, round_, entry=f"node{entry + 1}", victim=f"node{victim + 1}",
-                  plan_before=self.plan_text(plan))
-        log(f"round {round_ + 1}, {mode} at {at}: entry node{entry + 1}, victim node{victim + 1}, "
-            f"plan {run.plan_before}")
+                  plan_before=self.plan_text(plan), warmups=warmups)
+        try:
+            status = self.mesh.status(entry)
+            run.victim_coordinator = status.get("coordinator_id") == self.ids[victim]
+            if status.get("plan") != plan:
+                run.plan_before = self.plan_text(status.get("plan"))
+                run.note = "the plan changed between the warm-up and the run"
+        except (DaemonUnavailable, DaemonError, OSError) as e:
+            raise RuntimeError(f"node{entry + 1} does not answer /v1/status: {e}") from None
+        log(f"round {round_ + 1}, {mode} at {at}: entry node{entry + 1}, victim node{victim + 1}"
+            f"{' (the coordinator)' if run.victim_coordinator else ''}, plan {run.plan_before}")
 
         def on_chunk(n: int, now: float) -> None:
             if n == at and run.kill_s is None:
@@ -269,14 +309,15 @@ def fmt(x: float | None, unit: str = " s") -> str:
 
 def table(runs: list[Run]) -> str:
     head = (f"{'mode':<12}{'at':>5}{'round':>6}  {'identical':<10}{'longest gap':>12}{'median gap':>12}"
-            f"{'gap at kill':>12}{'tokens':>8}{'total':>9}  victim / error")
+            f"{'gap at kill':>12}{'after kill':>11}{'tokens':>8}{'total':>9}  victim / error")
     lines = [head, "-" * len(head)]
     for r in runs:
         ident = "-" if r.identical is None else ("yes" if r.identical else "NO")
-        tail = r.error or r.note or (f"{r.victim} ({r.victim_exit})" if r.victim else "")
+        tail = r.error or r.note or (f"{r.victim}{' coord.' if r.victim_coordinator else ''} ({r.victim_exit})"
+                                     if r.victim else "")
         total = r.times_s[-1] if r.times_s else None
         lines.append(f"{r.mode:<12}{'' if r.at is None else r.at:>5}{r.round + 1:>6}  {ident:<10}"
-                     f"{fmt(r.longest_gap_s):>12}{fmt(r.median_gap_s):>12}{fmt(r.kill_gap_s):>12}"
+                     f"{fmt(r.longest_gap_s):>12}{fmt(r.median_gap_s):>12}{fmt(r.kill_gap_s):>12}{fmt(r.after_kill_gap_s):>11}"
                      f"{len(r.token_ids or ()):>8}{fmt(total):>9}  {tail}")
     return "\n".join(lines)
 
@@ -378,6 +419,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to wait for the mesh to (re)form (default 300)")
     p.add_argument("--settle", type=float, default=3.0,
                    help="the plan must hold this long before a run starts (default 3 s)")
+    p.add_argument("--warmups", type=int, default=3,
+                   help="before each run, warm-up answers until one leaves the plan unchanged, at most N (default 3)")
+    p.add_argument("--warmup-tokens", type=int, default=100, help="tokens of a warm-up answer (default 100)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the single-node reference; compare with the undisturbed mesh")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results here")
@@ -434,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"median gap {fmt(ref.median_gap_s)}")
         bench = Bench(args, work_dir)
         bench.start()
-        entry, _, plan = bench.entry_and_victim()
+        entry, _, plan, _ = bench.entry_and_victim()
         log(f"mesh whole: plan {bench.plan_text(plan)}; the undisturbed mesh answer...")
         undisturbed = stream(bench.mesh.nodes[entry].url, Run("undisturbed", entry=f"node{entry + 1}",
                                                                plan_before=bench.plan_text(plan)), args)
