@@ -186,7 +186,7 @@ class FallbackPolicy:
         if self._active_key is not None:
             self._failing_key = self._active_key
             self._failed_at = now
-        self._troubled(reason, now)
+        self._troubled(self.trouble or reason, now)  # what the mesh's state says, when it says it
 
     def mesh_served(self) -> str | None:
         """An answer is on its way on the mesh. A line for the event log when that is a return."""

@@ -115,6 +115,8 @@ def test_no_active_plan_sends_requests_to_the_fallback_after_the_grace_period() 
     assert policy.trouble == "the mesh cannot hold the model: 2 MB short"
     policy.observe(None, "the mesh cannot hold the model: 6 layers...", now=12.0)  # not said twice
     assert policy.trouble == "the mesh cannot hold the model: 6 layers..."
+    policy.mesh_failed("an answer's own words for it", now=12.5)  # the mesh's state says it better
+    assert policy.trouble == "the mesh cannot hold the model: 6 layers..."
 
 
 def test_switch_and_return_are_said_once_each() -> None:
