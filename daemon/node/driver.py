@@ -27,6 +27,7 @@ from meshllm.mesh import (
     SessionOutput, StatusChanged, incompatibility,
 )
 from meshllm.mesh.core import ModelLimits
+from meshllm.mesh.jobs import ImportCache, RebuildPart
 from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.planner import ModelSpec
@@ -113,7 +114,8 @@ class MeshDriver:
         self._log_event = log_event
         shape = runtime.engine.shape
         self.core = MeshCore(hello, ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes),
-                             ModelLimits(runtime.hidden_size, runtime.engine.info.max_positions), settings)
+                             ModelLimits(runtime.hidden_size, runtime.engine.info.max_positions,
+                                         *runtime.kv_shape), settings)
         self.incompatible: dict[str, dict[str, str]] = {}
         """Discovered peers that cannot join, by instance name: address and reason."""
         self._tasks = TaskSet("mesh")
@@ -187,8 +189,12 @@ class MeshDriver:
             sampler = self._samplers.get(job.session_id)
             delay_s = self.settings.debug_delay_s if job.run_span else 0.0
             run: Callable[[], Computed | None] = lambda: runtime.compute(job, sampler, delay_s)
+        elif isinstance(job, RebuildPart):
+            run = lambda: runtime.rebuild_part(job)
         elif isinstance(job, LoadSpan):
             run = lambda: runtime.load_span(job.start_layer, job.end_layer)
+        elif isinstance(job, ImportCache):
+            run = lambda: runtime.import_cache(job)
         else:
             run = lambda: _drop(runtime, job)
         try:

@@ -27,7 +27,7 @@ from meshllm.balance import BalanceSettings, Balancer
 from meshllm.errors import PlacementError, WireError
 from meshllm.mesh.entry import EntrySessions
 from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, StatusChanged
-from meshllm.mesh.jobs import Compute, Computed, DropSessions, Job, LoadSpan, RebuildPart
+from meshllm.mesh.jobs import Compute, Computed, DropSessions, ImportCache, Job, LoadSpan, Loaded, RebuildPart
 from meshllm.mesh.stats import StageStats
 from meshllm.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, plan_layers
 from meshllm.plans import PlanBook, PlanView
@@ -55,6 +55,9 @@ class MeshSettings:
     """Forwarded steps waiting for this node's compute; more are refused ("busy")."""
     max_queued_rebuild_parts: int = 1024
     """Rebuild parts waiting for this node's compute; more are refused ("busy")."""
+    handover_wait_s: float = 5.0
+    """How long a node that takes over layers from a live node waits for their caches
+    before it reports ready without them (they are then rebuilt, or replayed)."""
     balance: BalanceSettings = field(default_factory=BalanceSettings)
 
 
@@ -86,10 +89,13 @@ class _StageStep:
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What a forwarded hidden state must fit."""
+    """What a forwarded hidden state (and a handed-over cache) must fit."""
 
     hidden_size: int
     max_positions: int
+    kv_heads: int = 0
+    """Keys and values are (kv_heads, positions, head_dim); 0: not checked."""
+    head_dim: int = 0
 
 
 class MeshCore:
@@ -123,6 +129,14 @@ class MeshCore:
         self._reported = (0, 0.0)
         self._job_ids = 0
         self._loads: dict[int, PlanView] = {}
+        self._loaded_view: PlanView | None = None
+        """The plan whose span this node loaded last."""
+        self._ready_due: PlanView | None = None
+        """A plan loaded here whose StageReady waits for the caches handed over to this node."""
+        self._awaiting: tuple[tuple[int, int], set[str]] = ((0, 0), set())
+        """(plan key, nodes that hand layers over to this node under it)."""
+        self._handovers_done: dict[tuple[int, int], set[str]] = {}
+        self._handover_deadline: float | None = None
         self._stage_steps: dict[int, _StageStep] = {}
         self._stage_rebuilds: dict[int, _StageStep] = {}
         self._rebuild_ms: dict[tuple[str, int], float] = {}
@@ -150,7 +164,7 @@ class MeshCore:
         return out
 
     def next_timer(self) -> float | None:
-        deadlines = [self.election.next_timer(), self._replan_due, self.entry.next_timer()]
+        deadlines = [self.election.next_timer(), self._replan_due, self.entry.next_timer(), self._handover_deadline]
         if self.book.active is not None and self.span[1] > self.span[0]:
             deadlines.append(self._next_report)
         return min((d for d in deadlines if d is not None), default=None)
@@ -278,6 +292,16 @@ class MeshCore:
                 self._drop_local((msg.session_id,))
         elif isinstance(msg, wire.NodeReport):
             self._on_report(sender, msg, now)
+        elif isinstance(msg, wire.CacheHandover):
+            self._on_cache_handover(sender, msg)
+        elif isinstance(msg, wire.HandoverDone):
+            if msg.node_id != sender:
+                raise ValueError("a node may only report its own hand-over done")
+            if (msg.term, msg.epoch) >= self.book.highest_key:
+                for key in [k for k in self._handovers_done if k < self.book.highest_key]:
+                    del self._handovers_done[key]
+                self._handovers_done.setdefault((msg.term, msg.epoch), set()).add(sender)
+                self._maybe_ready()
         elif isinstance(msg, wire.PlanRefused):
             self._check_from_coordinator(sender, msg.term, "a refusal to plan")
             self.placement_error = msg.reason
@@ -304,20 +328,29 @@ class MeshCore:
             self._replan(now)
         if self._next_report <= now:
             self._report_speed(now)
+        if self._handover_deadline is not None and self._handover_deadline <= now:
+            self._handover_deadline = None
+            waiting = self._awaiting[1] - self._handovers_done.get(self._awaiting[0], set())
+            if self._ready_due is not None and waiting:
+                self._log("info", f"no cache hand-over from {', '.join(sorted(map(self.name_of, waiting)))} "
+                                  f"in {self.settings.handover_wait_s:.0f} s: ready without it")
+            self._awaiting = (self._awaiting[0], set())
+            self._maybe_ready()
         self.entry.handle_timer(now)
 
-    def job_done(self, job_id: int, result: Computed | None, now: float) -> None:
-        """A job issued by `jobs()` finished; `result` for a `Compute` job."""
+    def job_done(self, job_id: int, result: Computed | Loaded | None, now: float) -> None:
+        """A job issued by `jobs()` finished; `result` for a `Compute` or `RebuildPart` job
+        (a `Computed`) and for a `LoadSpan` job (a `Loaded`)."""
         self._now = now
         if job_id in self._loads:
-            self._loaded(self._loads.pop(job_id))
+            self._loaded(self._loads.pop(job_id), result if isinstance(result, Loaded) else Loaded())
         elif job_id in self._stage_steps:
-            assert result is not None
+            assert isinstance(result, Computed)
             self._stage_step_done(self._stage_steps.pop(job_id), result)
         elif job_id in self._stage_rebuilds:
-            assert result is not None
+            assert isinstance(result, Computed)
             self._stage_rebuild_done(self._stage_rebuilds.pop(job_id), result)
-        elif result is not None:
+        elif isinstance(result, Computed):
             self.entry.job_done(job_id, result, now)
 
     def job_failed(self, job_id: int, reason: str, now: float) -> None:
@@ -570,17 +603,76 @@ class MeshCore:
             job = LoadSpan(self.next_job_id(), *view.span_of(self.node_id))
             self._loads[job.job_id] = view
             self._jobs.append(job)
+            self._expect_handovers(view, now)
         self._changed()
 
-    def _loaded(self, view: PlanView) -> None:
-        self.span = view.span_of(self.node_id)
+    def _expect_handovers(self, view: PlanView, now: float) -> None:
+        """The live nodes whose layers this node takes under `view` hand their caches over:
+        its StageReady waits for them (at most `handover_wait_s`)."""
+        old = self._loaded_view
+        givers: set[str] = set()
+        if old is not None:
+            start, end = view.span_of(self.node_id)
+            held = old.span_of(self.node_id)
+            for stage in old.stages:
+                overlap = (max(start, stage.start_layer), min(end, stage.end_layer))
+                gains = overlap[0] < overlap[1] and not (held[0] <= overlap[0] and overlap[1] <= held[1])
+                if gains and stage.node_id != self.node_id and stage.node_id in self.members:
+                    givers.add(stage.node_id)
+        self._awaiting = (view.key, givers)
+        self._handover_deadline = now + self.settings.handover_wait_s if givers else None
+
+    def _loaded(self, view: PlanView, loaded: Loaded) -> None:
+        old_span, self.span = self.span, view.span_of(self.node_id)
+        self._loaded_view = view
         if self.span == (0, 0):
             self._stage_sessions.clear()  # a node out of the plan holds no caches
+        self._hand_over(view, old_span, loaded)
         if self.book.pending is not view:
             return  # a newer plan came while loading
+        self._ready_due = view
+        self._maybe_ready()
+        self._changed()
+
+    def _hand_over(self, view: PlanView, old_span: tuple[int, int], loaded: Loaded) -> None:
+        """Send the caches of the layers this node gave up to their new owners, then tell each
+        owner it has them all (a clean leave, a join, a rebalance: nothing to recompute)."""
+        owners = {layer: s.node_id for s in view.stages for layer in range(s.start_layer, s.end_layer)}
+        for session_id, layer, keys, values in loaded.handover:
+            dest = owners.get(layer)
+            if dest is not None and dest != self.node_id:
+                self.send(dest, wire.CacheHandover(session_id, view.key[0], view.key[1], layer,
+                                                   wire.encode_tensor(keys, "f32", compress=False),
+                                                   wire.encode_tensor(values, "f32", compress=False)),
+                          channel="activation")
+        givees = {owners[layer] for layer in range(*old_span) if owners.get(layer, self.node_id) != self.node_id}
+        for dest in sorted(givees):
+            self.send(dest, wire.HandoverDone(view.key[0], view.key[1], self.node_id), channel="activation")
+
+    def _maybe_ready(self) -> None:
+        view = self._ready_due
+        if view is None or self.book.pending is not view:
+            return
+        key, givers = self._awaiting
+        if key == view.key and givers - self._handovers_done.get(key, set()) & set(self.members):
+            return  # caches are still on their way here
+        self._ready_due = None
+        self._handover_deadline = None
         if self.node_id in view.node_ids:
             self.send(view.coordinator_id, wire.StageReady(view.key[0], view.key[1], self.node_id))
-        self._changed()
+
+    def _on_cache_handover(self, sender: str, msg: wire.CacheHandover) -> None:
+        if (msg.term, msg.epoch) < self.book.highest_key or msg.layer >= self.spec.num_layers:
+            raise ValueError(f"cache hand-over for plan {msg.term}.{msg.epoch}, layer {msg.layer}: not wanted here")
+        shape = msg.keys.shape
+        if shape[1] > self.limits.max_positions or (self.limits.kv_heads and (shape[0], shape[2]) != (
+                self.limits.kv_heads, self.limits.head_dim)):
+            raise ValueError(f"cache hand-over of shape {shape} does not fit this model")
+        keys = wire.decode_tensor(msg.keys, expect_codec="f32")
+        values = wire.decode_tensor(msg.values, expect_codec="f32")
+        self._jobs.append(ImportCache(self.next_job_id(), msg.session_id, msg.layer, keys, values))
+        if not msg.session_id.startswith(f"{self.node_id}/"):
+            self._stage_sessions.add(msg.session_id)
 
     def _activate(self, msg: wire.PlanActive, now: float) -> None:
         plan = self.book.activate((msg.term, msg.epoch))

@@ -73,6 +73,26 @@ class LoadSpan:
     end_layer: int
 
 
+@dataclass(frozen=True, eq=False)
+class ImportCache:
+    """Take over the keys and values `(kv_heads, positions, head_dim)` of one layer of a
+    session, handed over by the node that held the layer before."""
+
+    job_id: int
+    session_id: str
+    layer: int
+    keys: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """What a `LoadSpan` job returns: the caches of the layers this node gave up, as
+    (session, layer, keys, values), for their new owners."""
+
+    handover: tuple[tuple[str, int, np.ndarray, np.ndarray], ...] = ()
+
+
 @dataclass(frozen=True)
 class DropSessions:
     """Free these sessions' KV caches on this node."""
@@ -81,7 +101,7 @@ class DropSessions:
     session_ids: tuple[str, ...]
 
 
-Job = Compute | RebuildPart | LoadSpan | DropSessions
+Job = Compute | RebuildPart | LoadSpan | ImportCache | DropSessions
 
 
 @dataclass(frozen=True, eq=False)

@@ -55,25 +55,45 @@ class LeanLayer:
 
 
 class _KV:
-    """One session's keys and values for every layer of a span, grown in place."""
+    """One session's keys and values for every layer of a span, grown in place, layer by
+    layer (a rebuild fills some layers while others already hold every position)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
-        self.length = 0
+        self.lens = [0] * layers
         self._shape = (kv_heads, head_dim)
         self._device = device
-        self.k: list[torch.Tensor] = [torch.empty(kv_heads, 0, head_dim, device=device) for _ in range(layers)]
-        self.v: list[torch.Tensor] = [torch.empty(kv_heads, 0, head_dim, device=device) for _ in range(layers)]
+        self.k: list[torch.Tensor] = [self._empty() for _ in range(layers)]
+        self.v: list[torch.Tensor] = [self._empty() for _ in range(layers)]
 
-    def reserve(self, total: int) -> None:
-        cap = self.k[0].shape[1] if self.k else 0
+    def _empty(self) -> torch.Tensor:
+        return torch.empty(self._shape[0], 0, self._shape[1], device=self._device)
+
+    def reserve(self, i: int, total: int) -> None:
+        cap = self.k[i].shape[1]
         if total <= cap:
             return
         new_cap = max(total, 2 * cap, 64)
+        n = self.lens[i]
         for store in (self.k, self.v):
-            for i, old in enumerate(store):
-                grown = torch.empty(self._shape[0], new_cap, self._shape[1], device=self._device)
-                grown[:, : self.length] = old[:, : self.length]
-                store[i] = grown
+            grown = torch.empty(self._shape[0], new_cap, self._shape[1], device=self._device)
+            grown[:, :n] = store[i][:, :n]
+            store[i] = grown
+
+    def keep(self, lo: int, hi: int, positions: int) -> "_KV":
+        for i in range(len(self.lens)):
+            if lo <= i < hi:
+                self.lens[i] = min(self.lens[i], positions)
+            else:
+                self.lens[i] = 0
+                self.k[i], self.v[i] = self._empty(), self._empty()
+        return self
+
+    def adopt(self, old: "_KV", offset: int) -> "_KV":
+        for i in range(len(self.lens)):
+            j = i - offset
+            if 0 <= j < len(old.lens):
+                self.k[i], self.v[i], self.lens[i] = old.k[j], old.v[j], old.lens[j]
+        return self
 
 
 class LeanShard(SpanSessions[_KV]):
@@ -204,8 +224,23 @@ class LeanShard(SpanSessions[_KV]):
     def _new_cache(self) -> _KV:
         return _KV(self.num_span_layers, self.n_kv, self.head_dim, self.device)
 
-    def _cached_positions(self, cache: _KV) -> int:
-        return cache.length
+    def _layer_lengths(self, cache: _KV) -> list[int]:
+        return list(cache.lens)
+
+    def _keep(self, cache: _KV, lo: int, hi: int, positions: int) -> _KV:
+        return cache.keep(lo, hi, positions)
+
+    def _adopt(self, cache: _KV, offset: int, old_layers: int) -> _KV:
+        return self._new_cache().adopt(cache, offset)
+
+    def _layer_kv(self, cache: _KV, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        n = cache.lens[i]
+        return cache.k[i][:, :n], cache.v[i][:, :n]
+
+    def _set_layer_kv(self, cache: _KV, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache.k[i] = k.to(device=self.device, dtype=torch.float32).contiguous()
+        cache.v[i] = v.to(device=self.device, dtype=torch.float32).contiguous()
+        cache.lens[i] = k.shape[1]
 
     # -- forward -------------------------------------------------------------------------
 
@@ -228,15 +263,18 @@ class LeanShard(SpanSessions[_KV]):
             self._check_hidden(hidden)
             return hidden
         kv = self._step_cache(session_id, hidden, start_pos)
+        return self._forward_layers(kv, hidden, start_pos, 0, self.num_span_layers)
+
+    def _forward_layers(self, kv: _KV, hidden: torch.Tensor, start_pos: int, lo: int, hi: int) -> torch.Tensor:
         x = hidden[0].to(device=self.device, dtype=torch.float32)  # (positions, hidden)
         positions = x.shape[0]
         end = start_pos + positions
-        kv.reserve(end)
         cos, sin = self._rope(start_pos, end)
         mask, causal = self._mask(start_pos, positions)
-        for i, layer in enumerate(self.layers):
-            x = self._layer(layer, x, kv, i, start_pos, cos, sin, mask, causal)
-        kv.length = end
+        for i in range(lo, hi):
+            kv.reserve(i, end)
+            x = self._layer(self.layers[i], x, kv, i, start_pos, cos, sin, mask, causal)
+            kv.lens[i] = end
         return x.unsqueeze(0)
 
     def _layer(self, layer: LeanLayer, x: torch.Tensor, kv: _KV, i: int, start: int,

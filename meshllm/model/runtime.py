@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
-from meshllm.mesh.jobs import Compute, Computed
+from meshllm.mesh.jobs import Compute, Computed, ImportCache, Loaded, RebuildPart
+from meshllm.mesh.rebuild import DEFAULT_LOG_CAP_BYTES, OutputLogs, Rebuilder
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
@@ -19,6 +21,9 @@ from meshllm.model.lean import LeanShard
 from meshllm.model.shard import Shard, open_shard
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_IMPORTS = 4096
+"""Handed-over layer caches held for a plan not loaded yet (one per session and layer)."""
 
 
 class Runtime:
@@ -28,16 +33,30 @@ class Runtime:
     by the worker).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES) -> None:
         self.engine = engine
         self.prepared: PreparedModel = engine.prepared
         self.shard: Shard | LeanShard = engine.shards[0]
         self.hidden_size = engine.info.hidden_size
+        self.num_layers = engine.info.num_layers
+        self.logs = OutputLogs(log_cap_bytes)
+        """What this node's span sent downstream, per session (meshllm.mesh.rebuild)."""
+        self.rebuilder = Rebuilder(self.shard, self.logs, self.num_layers)
+        self._imports: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+        """Layer caches handed over before this node loaded the plan that gives it the layer."""
 
     @classmethod
     def load(cls, prepared: PreparedModel, device: str = "cpu", weights: str = "f32") -> "Runtime":
         """Start holding no layers: only what an entry node needs (embedding, norm, head)."""
         return cls(Engine(prepared, spans=[], device=device, weights=weights))
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(kv_heads, head_dim) of the model's keys and values."""
+        config = self.shard.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        return kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
 
     @property
     def device(self) -> str:
@@ -47,16 +66,37 @@ class Runtime:
     def span(self) -> tuple[int, int]:
         return (self.shard.start_layer, self.shard.end_layer)
 
-    def load_span(self, start_layer: int, end_layer: int) -> None:
-        """Hold layers [start_layer, end_layer) from now on; every KV cache is dropped."""
+    def load_span(self, start_layer: int, end_layer: int) -> Loaded:
+        """Hold layers [start_layer, end_layer) from now on. The KV caches of the layers this
+        node held already are kept (a rebuild recomputes the rest), and so are the output logs;
+        the caches of the layers it gives up are returned, for their new owners."""
         if (start_layer, end_layer) == self.span:
-            for sid in self.shard.session_ids:
-                self.shard.drop(sid)
-            return
+            return Loaded()
         t0 = time.perf_counter()
-        self.shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights,
-                                device=self.device)
-        log.info("loaded layers [%d, %d) in %.0f ms", start_layer, end_layer, (time.perf_counter() - t0) * 1000)
+        old = self.shard
+        given = [kv for lo, hi in ((old.start_layer, min(old.end_layer, start_layer)),
+                                   (max(old.start_layer, end_layer), old.end_layer)) if lo < hi
+                 for kv in old.export_layers(lo, hi)]
+        shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights, device=self.device)
+        if start_layer == end_layer:
+            self.logs = OutputLogs(self.logs.cap_bytes)  # out of the plan: nothing to keep
+        else:
+            shard.adopt_sessions(old)  # type: ignore[arg-type]
+        self.shard = shard
+        self.rebuilder = Rebuilder(shard, self.logs, self.num_layers)
+        installed = sum(shard.install_layer(*kv) for kv in self._imports)
+        self._imports = []
+        log.info("loaded layers [%d, %d) in %.0f ms (kept the caches of %d sessions, took over %d layer caches, "
+                 "handing over %d)", start_layer, end_layer, (time.perf_counter() - t0) * 1000,
+                 len(shard.session_ids), installed, len(given))
+        return Loaded(tuple(given))
+
+    def import_cache(self, job: ImportCache) -> None:
+        """Keys and values of a layer handed over by its previous owner: taken over now when
+        this node holds the layer, else when it loads the plan that gives it the layer."""
+        if not self.shard.install_layer(job.session_id, job.layer, job.keys, job.values):
+            if len(self._imports) < MAX_PENDING_IMPORTS:
+                self._imports.append((job.session_id, job.layer, job.keys, job.values))
 
     def compute(self, job: Compute, sampler: Sampler | None = None, delay_s: float = 0.0) -> Computed:
         """One mesh job: embed or take the hidden state, run the span, then hand the hidden
@@ -82,10 +122,24 @@ class Runtime:
             return Computed(token_id=sampler.sample(self.shard.head(x)), span_ms=span_ms)
         if job.finish == "discard":
             return Computed(span_ms=span_ms)
-        return Computed(hidden=x[0].cpu().numpy().copy(), span_ms=span_ms)
+        out = x[0].float().cpu().numpy().copy()
+        if job.run_span and self.shard.end_layer < self.num_layers:
+            self.logs.record(job.session_id, self.shard.end_layer, job.start_pos, out)
+        return Computed(hidden=out, span_ms=span_ms)
+
+    def rebuild_part(self, job: RebuildPart) -> Computed:
+        """One part of a session's rebuild on a new plan (meshllm.mesh.rebuild)."""
+        t0 = time.perf_counter()
+        x = job.hidden
+        if job.token_ids is not None:
+            x = self.shard.embed(list(job.token_ids))[0].float().cpu().numpy()
+        out, report, error = self.rebuilder.run(job, x)
+        return Computed(hidden=out, span_ms=(time.perf_counter() - t0) * 1000, rebuild=report, rebuild_error=error)
 
     def drop(self, session_id: str) -> None:
         self.shard.drop(session_id)
+        self.logs.forget(session_id)
+        self.rebuilder.forget(session_id)
 
     def measure_ms_per_layer(self, layers: int = 2, steps: int = 8) -> float:
         """ms per decoder layer per token, measured on a throwaway shard of a few layers."""

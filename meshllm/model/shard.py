@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from meshllm.errors import ModelSourceError
 from meshllm.model.cache import PreparedModel
@@ -71,6 +73,16 @@ def span_config(config: PretrainedConfig, start_layer: int, end_layer: int) -> P
     return local
 
 
+def _layer_types(config: PretrainedConfig) -> list[str]:
+    """Each layer's attention kind, as transformers' model classes pick their masks: Qwen2
+    names them in `layer_types`; Mistral slides on every layer when it has a window."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return list(kinds)
+    sliding = config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if sliding else "full_attention"] * int(config.num_hidden_layers)
+
+
 def _tensor_index(prepared: PreparedModel) -> dict[str, str]:
     index: dict[str, str] = {}
     for path in prepared.weight_files:
@@ -103,6 +115,7 @@ class Shard(SpanSessions[DynamicCache]):
         self.weights = "f32"
         self.device = torch.device(device)
         self._local_config = span_config(config, start_layer, end_layer)
+        self._layer_types = _layer_types(self._local_config)
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self._local_config, dtype=dtype)
@@ -172,8 +185,43 @@ class Shard(SpanSessions[DynamicCache]):
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self._local_config)
 
-    def _cached_positions(self, cache: DynamicCache) -> int:
-        return int(cache.get_seq_length())
+    def _layer_lengths(self, cache: DynamicCache) -> list[int]:
+        return [int(layer.get_seq_length()) for layer in cache.layers]
+
+    def _keep(self, cache: DynamicCache, lo: int, hi: int, positions: int) -> DynamicCache:
+        fresh = self._new_cache()
+        for i, layer in enumerate(cache.layers):
+            if not lo <= i < hi:
+                continue
+            have = int(layer.get_seq_length())
+            if have == positions:
+                fresh.layers[i] = layer
+            elif have > positions and type(layer) is DynamicLayer:  # a sliding layer cannot always be cut
+                layer.crop(positions - have)
+                fresh.layers[i] = layer
+        return fresh
+
+    def _layer_kv(self, cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        layer = cache.layers[i]
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            return None  # a sliding layer keeps only its window: rebuilt, not handed over
+        return layer.keys[0], layer.values[0]
+
+    def _set_layer_kv(self, cache: DynamicCache, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if type(cache.layers[i]) is not DynamicLayer:
+            return
+        layer = DynamicLayer()
+        layer.update(k.to(device=self.device, dtype=self.dtype).unsqueeze(0),
+                     v.to(device=self.device, dtype=self.dtype).unsqueeze(0))
+        cache.layers[i] = layer
+
+    def _adopt(self, cache: DynamicCache, offset: int, old_layers: int) -> DynamicCache:
+        fresh = self._new_cache()
+        for i in range(len(fresh.layers)):
+            j = i - offset
+            if 0 <= j < old_layers:
+                fresh.layers[i] = cache.layers[j]
+        return fresh
 
     # -- forward -------------------------------------------------------------------------
 
@@ -192,15 +240,26 @@ class Shard(SpanSessions[DynamicCache]):
             self._check_hidden(hidden)
             return hidden
         cache = self._step_cache(session_id, hidden, start_pos)
-        positions = hidden.shape[1]
+        return self._forward_layers(cache, hidden, start_pos, 0, self.num_span_layers)
+
+    def _forward_layers(self, cache: DynamicCache, hidden: torch.Tensor, start_pos: int, lo: int,
+                        hi: int) -> torch.Tensor:
+        """transformers' own decoder loop (its model's forward) over local layers [lo, hi), so a
+        rebuild of some layers repeats the arithmetic of the step that first ran them."""
+        x = hidden.to(device=self.device, dtype=self.dtype)
+        positions = x.shape[1]
         position_ids = torch.arange(start_pos, start_pos + positions, device=self.device).unsqueeze(0)
-        out = self._inner(
-            inputs_embeds=hidden.to(device=self.device, dtype=self.dtype),
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state
+        masks: dict[str, object] = {}
+        embeddings = self._inner.rotary_emb(x, position_ids=position_ids)
+        for i in range(lo, hi):
+            kind = self._layer_types[i]
+            if kind not in masks:
+                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                masks[kind] = make(config=self._local_config, inputs_embeds=x, attention_mask=None, cache=cache,
+                                   position_ids=position_ids, layer_idx=lo)
+            x = self._inner.layers[i](x, attention_mask=masks[kind], position_embeddings=embeddings,
+                                      position_ids=position_ids, cache=cache, use_cache=True)
+        return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (1, positions, hidden) -> logits of the last position (vocab,), on the CPU."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
+import numpy as np
 import torch
 
 CacheT = TypeVar("CacheT")
@@ -25,8 +26,35 @@ class SpanSessions(Generic[CacheT]):
     def _new_cache(self) -> CacheT:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _cached_positions(self, cache: CacheT) -> int:  # pragma: no cover - abstract
+    def _layer_lengths(self, cache: CacheT) -> list[int]:  # pragma: no cover - abstract
+        """Positions cached for each layer of the span (they differ only during a rebuild)."""
         raise NotImplementedError
+
+    def _keep(self, cache: CacheT, lo: int, hi: int, positions: int) -> CacheT:  # pragma: no cover
+        """The cache with layers [lo, hi) cut to `positions` and the others emptied."""
+        raise NotImplementedError
+
+    def _adopt(self, cache: CacheT, offset: int, old_layers: int) -> CacheT:  # pragma: no cover
+        """A cache for this span built from `cache` of another span of `old_layers` layers
+        that starts `offset` layers above this one: the layers both hold keep their data."""
+        raise NotImplementedError
+
+    def _forward_layers(self, cache: CacheT, hidden: torch.Tensor, start_pos: int, lo: int,
+                        hi: int) -> torch.Tensor:  # pragma: no cover - abstract
+        """Run span-local layers [lo, hi) on (1, positions, hidden) at start_pos."""
+        raise NotImplementedError
+
+    def _layer_kv(self, cache: CacheT, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:  # pragma: no cover
+        """Keys and values `(kv_heads, positions, head_dim)` of span-local layer i, or None."""
+        raise NotImplementedError
+
+    def _set_layer_kv(self, cache: CacheT, i: int, k: torch.Tensor, v: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _cached_positions(self, cache: CacheT) -> int:
+        """Positions every layer holds; -1 when the layers disagree."""
+        lengths = set(self._layer_lengths(cache))
+        return lengths.pop() if len(lengths) == 1 else (0 if not lengths else -1)
 
     @property
     def hidden_size(self) -> int:  # pragma: no cover - abstract
@@ -43,6 +71,71 @@ class SpanSessions(Generic[CacheT]):
     def drop(self, session_id: str) -> None:
         """Free a session's KV caches. Unknown ids are ignored."""
         self._caches.pop(session_id, None)
+
+    # -- the rebuild's view (meshllm.mesh.rebuild.LayerStore) --------------------------------
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (self.start_layer, self.end_layer)
+
+    def layer_lengths(self, session_id: str) -> list[int]:
+        cache = self._caches.get(session_id)
+        return [0] * self.num_span_layers if cache is None else self._layer_lengths(cache)
+
+    def keep_layers(self, session_id: str, lo: int, hi: int, positions: int) -> None:
+        cache = self._caches.get(session_id)
+        if cache is None:
+            if len(self._caches) >= self.max_sessions:
+                raise RuntimeError(f"too many sessions on this shard (limit {self.max_sessions})")
+            cache = self._new_cache()
+        self._caches[session_id] = self._keep(cache, lo, hi, positions)
+
+    def run_layers(self, session_id: str, x: np.ndarray, start_pos: int, lo: int, hi: int) -> np.ndarray:
+        cache = self._caches[session_id]
+        lengths = self._layer_lengths(cache)
+        if any(lengths[i] != start_pos for i in range(lo, hi)):
+            raise ValueError(f"session {session_id}: layers [{lo}, {hi}) hold {lengths[lo:hi]} positions, "
+                             f"the step starts at {start_pos}")
+        hidden = torch.from_numpy(x).unsqueeze(0)
+        out = self._forward_layers(cache, hidden, start_pos, lo, hi)
+        return out[0].float().cpu().numpy()
+
+    def export_layers(self, lo: int, hi: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+        """(session, layer, keys, values) of global layers [lo, hi) for every session: what a
+        node hands over with the layers it gives up."""
+        out = []
+        for session_id, cache in self._caches.items():
+            for layer in range(max(lo, self.start_layer), min(hi, self.end_layer)):
+                kv = self._layer_kv(cache, layer - self.start_layer)
+                if kv is not None and kv[0].shape[1] > 0:
+                    out.append((session_id, layer, kv[0].float().cpu().numpy().copy(),
+                                kv[1].float().cpu().numpy().copy()))
+        return out
+
+    def install_layer(self, session_id: str, layer: int, k: np.ndarray, v: np.ndarray) -> bool:
+        """Take over a layer's keys and values handed over by another node; False when this
+        span does not hold the layer or already has as many positions for it."""
+        if not self.start_layer <= layer < self.end_layer:
+            return False
+        i = layer - self.start_layer
+        cache = self._caches.get(session_id)
+        if cache is None:
+            if len(self._caches) >= self.max_sessions:
+                return False
+            cache = self._caches[session_id] = self._new_cache()
+        if self._layer_lengths(cache)[i] >= k.shape[1]:
+            return False
+        self._set_layer_kv(cache, i, torch.from_numpy(k), torch.from_numpy(v))
+        return True
+
+    def adopt_sessions(self, old: "SpanSessions[CacheT]") -> None:
+        """Take over the caches `old` (another span of the same model) holds for the layers
+        both spans share: a re-plan keeps what a node already computed."""
+        lo, hi = max(self.start_layer, old.start_layer), min(self.end_layer, old.end_layer)
+        if lo >= hi:
+            return
+        for session_id, cache in old._caches.items():
+            self._caches[session_id] = self._adopt(cache, old.start_layer - self.start_layer, old.num_span_layers)
 
     @property
     def session_ids(self) -> tuple[str, ...]:

@@ -321,6 +321,34 @@ class Rebuilt(WireStruct):
     seq: Count
 
 
+@dataclass(frozen=True)
+class CacheHandover(WireStruct):
+    """The keys and values of one layer of one session, from the node that gives the layer up
+    under plan ``(term, epoch)`` to the node that takes it (docs/operations.md)."""
+
+    session_id: SessionId
+    term: Term
+    epoch: Count
+    layer: Layer
+    keys: Hidden
+    """``(kv_heads, positions, head_dim)``, codec f32."""
+    values: Hidden
+
+    def _check_invariants(self) -> None:
+        if len(self.keys.shape) != 3 or self.keys.shape != self.values.shape:
+            raise WireError(f"CacheHandover: keys {self.keys.shape} and values {self.values.shape} "
+                            "must be one (kv_heads, positions, head_dim) shape")
+
+
+@dataclass(frozen=True)
+class HandoverDone(WireStruct):
+    """Every `CacheHandover` of ``node_id`` for plan ``(term, epoch)`` to the receiver is sent."""
+
+    term: Term
+    epoch: Count
+    node_id: NodeId
+
+
 Message = (
     Hello
     | Heartbeat
@@ -341,6 +369,8 @@ Message = (
     | PlanRefused
     | Rebuild
     | Rebuilt
+    | CacheHandover
+    | HandoverDone
 )
 """Any top-level message."""
 
@@ -364,6 +394,8 @@ MESSAGE_TAGS: dict[type[WireStruct], int] = {
     PlanRefused: 17,
     Rebuild: 18,
     Rebuilt: 19,
+    CacheHandover: 20,
+    HandoverDone: 21,
 }
 """Type tag of each message class: the first item of its CBOR array. Never reuse a tag."""
 

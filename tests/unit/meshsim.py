@@ -21,7 +21,7 @@ from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, SessionEnded, SessionOutput,
 )
 from meshllm.mesh.core import ModelLimits
-from meshllm.mesh.jobs import RebuildPart
+from meshllm.mesh.jobs import ImportCache, Loaded, RebuildPart
 from meshllm.mesh.rebuild import OutputLogs, Rebuilder
 from meshllm.planner import ModelSpec
 from meshllm.session import Session, StateChange, Token
@@ -68,16 +68,34 @@ class ToyShard:
         self.caches: dict[str, list[list[np.ndarray]]] = {}
         self.logs = OutputLogs()
         self.rebuilder = Rebuilder(self, self.logs, LAYERS)
+        self.pending_imports: list[ImportCache] = []
 
-    def load(self, start: int, end: int) -> None:
+    def load(self, start: int, end: int) -> Loaded:
         old_start, old_end = self.span
+        given = tuple((sid, i, np.array(layers[i - old_start]).reshape(1, -1, HIDDEN),
+                       np.array(layers[i - old_start]).reshape(1, -1, HIDDEN))
+                      for sid, layers in self.caches.items() for i in range(old_start, old_end)
+                      if not start <= i < end and layers[i - old_start])
         for sid, layers in list(self.caches.items()):
             self.caches[sid] = [layers[i - old_start] if old_start <= i < old_end else [] for i in range(start, end)]
         self.span = (start, end)
         if start == end:
             self.caches = {}
-            self.logs = OutputLogs()
+            self.logs = OutputLogs(self.logs.cap_bytes)
             self.rebuilder = Rebuilder(self, self.logs, LAYERS)
+        for job in self.pending_imports:
+            self.import_cache(job, keep=False)
+        self.pending_imports = []
+        return Loaded(given)
+
+    def import_cache(self, job: ImportCache, keep: bool = True) -> None:
+        start, end = self.span
+        if start <= job.layer < end:
+            cache = self.caches.setdefault(job.session_id, [[] for _ in range(end - start)])
+            if len(cache[job.layer - start]) < job.keys.shape[1]:
+                cache[job.layer - start] = list(job.keys[0])
+        elif keep:
+            self.pending_imports.append(job)
 
     def drop(self, session_id: str) -> None:
         self.caches.pop(session_id, None)
@@ -329,7 +347,9 @@ class Net:
     def _finish(self, node_id: str, node: SimNode, job: Job) -> None:
         node.jobs_run.append(job)
         if isinstance(job, LoadSpan):
-            node.shard.load(job.start_layer, job.end_layer)
+            node.core.job_done(job.job_id, node.shard.load(job.start_layer, job.end_layer), self.now)  # type: ignore[arg-type]
+        elif isinstance(job, ImportCache):
+            node.shard.import_cache(job)
             node.core.job_done(job.job_id, None, self.now)
         elif isinstance(job, DropSessions):
             for sid in job.session_ids:
