@@ -26,6 +26,12 @@ MAX_REASON_CHARS = 1024
 MAX_STAGES = 256
 MAX_LAYERS = 65536
 MAX_POSITIONS = 2**24
+MAX_LINKS = 64
+"""Peers one LinkReport may describe (a larger mesh reports its first 64 by id)."""
+MAX_REPORT_MS = 1e6
+"""Bound on every time a LinkReport carries (about 17 minutes)."""
+MAX_RATE_MB_S = 100_000.0
+"""Bound on a link rate (meshllm.linkstats caps its figures here)."""
 
 NodeId = Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
 SessionId = Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
@@ -41,6 +47,8 @@ Score = Annotated[float, Float()]
 Reason = Annotated[str, Text(max_len=MAX_REASON_CHARS)]
 CodecName = Annotated[str, Text(max_len=8, choices=CODECS)]
 Hidden = Annotated[TensorPayload, Struct(TensorPayload)]
+ReportMs = Annotated[float, Float(min_value=0.0, max_value=MAX_REPORT_MS)]
+Rate = Annotated[float, Float(min_value=0.0, max_value=MAX_RATE_MB_S)]
 Route = Annotated[tuple[str, ...], TupleOf(Text(min_len=1, max_len=MAX_ID_CHARS), MAX_STAGES)]
 
 
@@ -349,6 +357,54 @@ class HandoverDone(WireStruct):
     node_id: NodeId
 
 
+# --- measurements (append only) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkFigures(WireStruct):
+    """What the sender measured on its link to ``peer_id`` (its sends and their echoes;
+    meshllm.linkstats): the idle round trip and two rates. A rate of 0 is not measured yet."""
+
+    peer_id: NodeId
+    rtt_ms: ReportMs
+    small_mb_s: Rate
+    """Rate of a message's first 4,096 bytes (activation sized), MB/s."""
+    large_mb_s: Rate
+    """Rate of bulk bytes beyond them (prefill sized), MB/s."""
+
+
+@dataclass(frozen=True)
+class LinkReport(WireStruct):
+    """A node's measurements, sent to every member about once a second: its links, its own
+    work per token as an entry node, and what its answers measured (docs/placement.md).
+    A figure of 0 is not measured (or, for a target, none)."""
+
+    node_id: NodeId
+    term: Term
+    epoch: Count
+    """The plan ``(term, epoch)`` under which ``ms_per_token`` and ``ms_per_layer`` were measured."""
+    head_ms: ReportMs
+    """Embedding, final norm, lm_head and sampling of one token on this node."""
+    prefill_ms_per_layer: ReportMs
+    """One decoder layer over a typical prompt (meshllm.planner.PREFILL_POSITIONS positions)."""
+    ms_per_layer: ReportMs
+    """This node's span under that plan: recent decode compute per layer."""
+    ms_per_token: ReportMs
+    """Answers entered here under that plan: the median time between two tokens."""
+    entry: Annotated[bool, Bool()]
+    """Answers were entered here lately: the planner counts this node as an entry node."""
+    target_ms_per_token: ReportMs
+    target_ttft_ms: ReportMs
+    links: Annotated[tuple[LinkFigures, ...], TupleOf(Struct(LinkFigures), MAX_LINKS)]
+
+    def _check_invariants(self) -> None:
+        peers = [link.peer_id for link in self.links]
+        if len(set(peers)) != len(peers):
+            raise WireError("LinkReport.links: a peer is listed twice")
+        if self.node_id in peers:
+            raise WireError("LinkReport.links: a node cannot report a link to itself")
+
+
 Message = (
     Hello
     | Heartbeat
@@ -371,6 +427,7 @@ Message = (
     | Rebuilt
     | CacheHandover
     | HandoverDone
+    | LinkReport
 )
 """Any top-level message."""
 
@@ -396,6 +453,7 @@ MESSAGE_TAGS: dict[type[WireStruct], int] = {
     Rebuilt: 19,
     CacheHandover: 20,
     HandoverDone: 21,
+    LinkReport: 22,
 }
 """Type tag of each message class: the first item of its CBOR array. Never reuse a tag."""
 

@@ -20,6 +20,8 @@ from meshllm.wire import (
     Forward,
     Heartbeat,
     Hello,
+    LinkFigures,
+    LinkReport,
     NodeReport,
     Plan,
     Stage,
@@ -108,6 +110,40 @@ def test_forward_route_is_bounded() -> None:
     Forward("s", 0, 0, 0, 0, payload, ("n",) * 256)
     with pytest.raises(WireError, match="Forward.route"):
         Forward("s", 0, 0, 0, 0, payload, ("n",) * 257)
+
+
+def _link_report(links: tuple[LinkFigures, ...] = (), **changes: object) -> LinkReport:
+    fields = dict(node_id="a", term=1, epoch=2, head_ms=3.0, prefill_ms_per_layer=0.0, ms_per_layer=0.5,
+                  ms_per_token=12.0, entry=True, target_ms_per_token=0.0, target_ttft_ms=0.0, links=links)
+    return LinkReport(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: _link_report((LinkFigures("b", 1.0, 2.0, 3.0),) * 2), "a peer is listed twice"),
+        (lambda: _link_report((LinkFigures("a", 1.0, 2.0, 3.0),)), "link to itself"),
+        (lambda: _link_report(tuple(LinkFigures(f"p{i}", 1.0, 1.0, 1.0) for i in range(65))),
+         r"LinkReport.links: 65 items; allowed 0..64"),
+        (lambda: LinkFigures("b", -1.0, 1.0, 1.0), "LinkFigures.rtt_ms: -1.0 is out of range"),
+        (lambda: LinkFigures("b", 1.0, 100_001.0, 1.0), "LinkFigures.small_mb_s"),
+        (lambda: LinkFigures("b", 1.0, 1.0, math.inf), "LinkFigures.large_mb_s: inf is not finite"),
+        (lambda: LinkFigures("", 1.0, 1.0, 1.0), "LinkFigures.peer_id"),
+        (lambda: _link_report(ms_per_token=2e6), "LinkReport.ms_per_token"),
+        (lambda: _link_report(head_ms=-0.5), "LinkReport.head_ms"),
+        (lambda: _link_report(entry=1), "LinkReport.entry: expected a bool"),
+    ],
+)
+def test_link_reports_are_bounded(build, words: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(WireError, match=words):
+        build()
+
+
+def test_a_link_report_of_64_peers_round_trips() -> None:
+    report = _link_report(tuple(LinkFigures(f"p{i}", 30.5, 12.0, 0.0) for i in range(64)))
+    assert decode(encode(report)) == report
+    with pytest.raises(WireError, match="LinkFigures: expected 4 fields"):
+        decode(_frame(22, "a", 1, 2, 3.0, 0.0, 0.5, 12.0, True, 0.0, 0.0, [["b", 1.0, 2.0]]))
 
 
 def test_encode_refuses_what_is_not_a_message() -> None:
