@@ -390,7 +390,10 @@ class LinkReport(WireStruct):
     ms_per_layer: ReportMs
     """This node's span under that plan: recent decode compute per layer."""
     ms_per_token: ReportMs
-    """Answers entered here under that plan: the median time between two tokens."""
+    """Answers entered here under that plan: the median time between two tokens (of the last 32)."""
+    tokens: Count
+    """Times between two tokens measured here under that plan so far (a receiver judges only
+    new ones)."""
     entry: Annotated[bool, Bool()]
     """Answers were entered here lately: the planner counts this node as an entry node."""
     target_ms_per_token: ReportMs

@@ -114,7 +114,7 @@ def test_forward_route_is_bounded() -> None:
 
 def _link_report(links: tuple[LinkFigures, ...] = (), **changes: object) -> LinkReport:
     fields = dict(node_id="a", term=1, epoch=2, head_ms=3.0, prefill_ms_per_layer=0.0, ms_per_layer=0.5,
-                  ms_per_token=12.0, entry=True, target_ms_per_token=0.0, target_ttft_ms=0.0, links=links)
+                  ms_per_token=12.0, tokens=40, entry=True, target_ms_per_token=0.0, target_ttft_ms=0.0, links=links)
     return LinkReport(**{**fields, **changes})  # type: ignore[arg-type]
 
 
@@ -143,7 +143,7 @@ def test_a_link_report_of_64_peers_round_trips() -> None:
     report = _link_report(tuple(LinkFigures(f"p{i}", 30.5, 12.0, 0.0) for i in range(64)))
     assert decode(encode(report)) == report
     with pytest.raises(WireError, match="LinkFigures: expected 4 fields"):
-        decode(_frame(22, "a", 1, 2, 3.0, 0.0, 0.5, 12.0, True, 0.0, 0.0, [["b", 1.0, 2.0]]))
+        decode(_frame(22, "a", 1, 2, 3.0, 0.0, 0.5, 12.0, 40, True, 0.0, 0.0, [["b", 1.0, 2.0]]))
 
 
 def test_encode_refuses_what_is_not_a_message() -> None:
