@@ -103,7 +103,8 @@ class LeanShard(SpanSessions[_KV]):
     """
 
     def __init__(self, config: PretrainedConfig, start_layer: int, end_layer: int, fmt: str, weights_file: str,
-                 *, max_sessions: int = 64, device: str | torch.device = "cpu") -> None:
+                 *, max_sessions: int = 64, device: str | torch.device = "cpu",
+                 reuse: "LeanShard | None" = None) -> None:
         super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
         self.weights = fmt
@@ -122,6 +123,9 @@ class LeanShard(SpanSessions[_KV]):
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
         self.nbytes = 0
+        self._reuse = reuse if reuse is not None and reuse.weights == fmt and reuse.device == self.device else None
+        """A shard of another span of this model: its layers, embedding and head are shared,
+        not read again (a re-plan reads only the layers a node gains)."""
         self._load(weights_file, fmt)
 
     # -- loading -------------------------------------------------------------------------
@@ -158,20 +162,25 @@ class LeanShard(SpanSessions[_KV]):
                     yield item
                     opened.pop()
 
+        held = self._reuse
         self.layers: list[LeanLayer] = []
-        for i in layer_by_layer(range(self.start_layer, self.end_layer)):
-            p = f"model.layers.{i}"
-            layer = LeanLayer(
-                attn_norm=get(f"{p}.input_layernorm.weight").float().to(self.device),
-                mlp_norm=get(f"{p}.post_attention_layernorm.weight").float().to(self.device),
-                qkv=linear([f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"]),
-                o=linear([f"{p}.self_attn.o_proj"]),
-                gate_up=linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
-                down=linear([f"{p}.mlp.down_proj"]),
-            )
-            self.layers.append(layer)
+        for i in range(self.start_layer, self.end_layer):
+            if held is not None and held.start_layer <= i < held.end_layer:
+                layer = held.layers[i - held.start_layer]  # a layer this node holds already
+                self.layers.append(layer)
+                self.nbytes += sum(x.nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+                self.nbytes += 2 * layer.attn_norm.numel() * 4
+                continue
+            for _ in layer_by_layer([i]):
+                self.layers.append(self._read_layer(i, get, linear))
+            layer = self.layers[-1]
             self.nbytes += sum(x.nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
             self.nbytes += 2 * layer.attn_norm.numel() * 4
+        self._reuse = None
+        if held is not None:
+            self.norm_weight, self.embedding, self.head_table = held.norm_weight, held.embedding, held.head_table
+            self.nbytes += self.embedding.nbytes + (0 if self.head_table is self.embedding else self.head_table.nbytes)
+            return
         for _ in layer_by_layer([None]):
             self.norm_weight = get("model.norm.weight").float().to(self.device)
             self.embedding = self._embedding(get, "model.embed_tokens")
@@ -181,6 +190,17 @@ class LeanShard(SpanSessions[_KV]):
             for _ in layer_by_layer([None]):
                 self.head_table = self._embedding(get, "lm_head")
         self.nbytes += self.embedding.nbytes + (0 if self.head_table is self.embedding else self.head_table.nbytes)
+
+    def _read_layer(self, i: int, get, linear) -> LeanLayer:  # type: ignore[no-untyped-def]
+        p = f"model.layers.{i}"
+        return LeanLayer(
+            attn_norm=get(f"{p}.input_layernorm.weight").float().to(self.device),
+            mlp_norm=get(f"{p}.post_attention_layernorm.weight").float().to(self.device),
+            qkv=linear([f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"]),
+            o=linear([f"{p}.self_attn.o_proj"]),
+            gate_up=linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
+            down=linear([f"{p}.mlp.down_proj"]),
+        )
 
     @staticmethod
     def _rows(get, stem: str, fmt: str) -> int:  # type: ignore[no-untyped-def]
@@ -340,5 +360,20 @@ def release_free_memory() -> None:
     130 MB after loading the default model's int4 weights). A no-op elsewhere."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3
+LARGE_ALLOCATION_BYTES = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MiB or more with its own mapping, given back at
+    once when freed. By default glibc raises that threshold after the first large blocks are
+    freed, so later loading temporaries land in its heap and stay there: a load's peak memory
+    then varied from 0.6x to 1.9x the weights from one run to the next. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
     except (OSError, AttributeError):
         pass

@@ -77,7 +77,8 @@ class Runtime:
         given = [kv for lo, hi in ((old.start_layer, min(old.end_layer, start_layer)),
                                    (max(old.start_layer, end_layer), old.end_layer)) if lo < hi
                  for kv in old.export_layers(lo, hi)]
-        shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights, device=self.device)
+        shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights, device=self.device,
+                           reuse=old)
         if start_layer == end_layer:
             self.logs = OutputLogs(self.logs.cap_bytes)  # out of the plan: nothing to keep
         else:

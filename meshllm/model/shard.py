@@ -296,15 +296,19 @@ def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
 
 
 def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, weights: str = "f32",
-               device: str | torch.device = "cpu", max_sessions: int = 64) -> "Shard | LeanShard":
+               device: str | torch.device = "cpu", max_sessions: int = 64,
+               reuse: "Shard | LeanShard | None" = None) -> "Shard | LeanShard":
     """A shard of layers [start_layer, end_layer) in weight format `weights` (not `auto`).
 
     f32 runs transformers' own layers (the exact reference); the other formats run the lean
-    decoder on quantized weights, read from the format's cache file (written on first use).
+    decoder on quantized weights, read from the format's cache file (written on first use);
+    with `reuse` (the shard of another span), the layers both hold and the embedding and head
+    are shared rather than read again.
     Memory freed while loading is handed back to the system before it returns.
     """
-    from meshllm.model.lean import LeanShard, release_free_memory
+    from meshllm.model.lean import LeanShard, map_large_allocations, release_free_memory
 
+    map_large_allocations()
     shard: Shard | LeanShard
     if weights == "f32":
         shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions)
@@ -312,6 +316,7 @@ def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, wei
         from meshllm.model.formats import format_file
 
         shard = LeanShard(load_config(prepared), start_layer, end_layer, weights,
-                          str(format_file(prepared, weights)), max_sessions=max_sessions, device=device)
+                          str(format_file(prepared, weights)), max_sessions=max_sessions, device=device,
+                          reuse=reuse if isinstance(reuse, LeanShard) else None)
     release_free_memory()
     return shard

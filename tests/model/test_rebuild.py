@@ -191,3 +191,13 @@ def test_layers_that_move_between_live_nodes_take_their_caches_along(tiny_llama:
     reports = chain.rebuild()
     assert [r.rebuilt_layers for r in reports] == [0, 0, 0]
     assert chain.generate(prompt, 36) == expected
+
+
+def test_a_replan_reads_only_the_layers_a_node_gains(tiny_llama: Path) -> None:
+    rt = runtime(tiny_llama, (0, 3), "int4")
+    held = rt.shard.layers
+    embedding = rt.shard.embedding
+    rt.load_span(1, 5)
+    assert rt.shard.layers[0] is held[1] and rt.shard.layers[1] is held[2]  # shared, not read again
+    assert rt.shard.embedding is embedding
+    assert all(layer is not old for layer in rt.shard.layers[2:] for old in held)
