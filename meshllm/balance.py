@@ -30,6 +30,16 @@ Otherwise the new figures are kept (later re-plans use them) and nothing moves.
 A node planned with a measured figure that then holds no layers sends no reports, so it cannot
 be seen recovering: after ``probe_after_s`` it is planned with its advertised speed again (if
 that gains enough), and measured anew.
+
+With a latency target (docs/placement.md), ``check`` judges plans by their predicted times
+against the targets (the worst ratio of prediction to target), and re-plans when that gains
+``min_gain`` or when the new plan meets the targets that the current one misses. The entry
+nodes' measured ms per token go to ``observe_trip``: a trip is *off* when it misses the target
+and is ``min_gain`` above its prediction (the plan was chosen on figures that are wrong). The
+same hysteresis as a drift applies: ``min_reports`` off trips in a row from one entry node, the
+first at least ``min_drift_s`` ago, and no such re-plan within ``min_interval_s``; then
+``target_missed`` names the entry node, and the caller re-plans from fresh measurements
+(``refresh`` gives every stage with enough reports its measured figure).
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from meshllm.planner import (
     Plan,
     chain_cost_ms,
     plan_layers,
+    predict_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -138,6 +149,8 @@ class Balancer:
         self._figures: dict[str, float] = {}
         self._figure_set_at_s: dict[str, float] = {}
         self._quiet_until_s = -math.inf
+        self._trips: dict[str, deque[tuple[float, bool]]] = {}
+        """Entry nodes' measured trips under the active plan: (when, off)."""
 
     @property
     def figures(self) -> Mapping[str, float]:
@@ -157,6 +170,7 @@ class Balancer:
         self._plan = plan
         self._layers = {stage.node_id: stage.num_layers for stage in plan.stages}
         self._samples.clear()
+        self._trips.clear()
         self._quiet_until_s = max(self._quiet_until_s, now + self.settings.min_interval_s)
 
     def forget(self, node_id: str) -> None:
@@ -164,6 +178,7 @@ class Balancer:
         self._samples.pop(node_id, None)
         self._figures.pop(node_id, None)
         self._figure_set_at_s.pop(node_id, None)
+        self._trips.pop(node_id, None)
 
     def observe(
         self, node_id: str, decode_ms_per_token: float, layers: int, *, steps: int, now: float
@@ -183,6 +198,41 @@ class Balancer:
         samples = self._samples.setdefault(node_id, deque(maxlen=MAX_SAMPLES))
         samples.append(_Sample(now, decode_ms_per_token / layers))
 
+    def observe_trip(self, node_id: str, measured_ms: float, predicted_ms: float, target_ms: float,
+                     now: float) -> None:
+        """An entry node's measured ms per token under the active plan (new measurements only),
+        with what the plan predicts for it and the target."""
+        if self._plan is None or not all(math.isfinite(v) and v >= 0 for v in (measured_ms, predicted_ms)):
+            return
+        off = measured_ms > target_ms and measured_ms >= predicted_ms * (1 + self.settings.min_gain)
+        self._trips.setdefault(node_id, deque(maxlen=MAX_SAMPLES)).append((now, off))
+
+    def target_missed(self, now: float) -> str | None:
+        """The entry node whose measured trips kept missing the target (see the module doc),
+        or None. Saying so starts a quiet interval and forgets the trips."""
+        if self._plan is None or now < self._quiet_until_s:
+            return None
+        for node_id, trips in sorted(self._trips.items()):
+            run = []  # the off trips in a row, newest first
+            for at, off in reversed(trips):
+                if not off:
+                    break
+                run.append(at)
+            if len(run) >= self.settings.min_reports and now - run[-1] >= self.settings.min_drift_s:
+                self._trips.clear()
+                self._quiet_until_s = now + self.settings.min_interval_s
+                return node_id
+        return None
+
+    def refresh(self, now: float) -> tuple[str, ...]:
+        """Plan every node with enough recent reports with its measured figure: the stage
+        speeds of a re-plan from fresh measurements. The nodes refreshed, sorted."""
+        fresh = {node_id: self._recent_ms(node_id) for node_id, samples in self._samples.items()
+                 if len(samples) >= self.settings.min_reports}
+        for node_id, figure in fresh.items():
+            self._set_figure(node_id, figure, now)
+        return tuple(sorted(fresh))
+
     def check(
         self,
         nodes: Sequence[NodeCapacity],
@@ -190,8 +240,10 @@ class Balancer:
         *,
         hop_ms: Mapping[tuple[str, str], float] | None = None,
         default_hop_ms: float = DEFAULT_HOP_MS,
+        **planning: object,
     ) -> Rebalance | None:
         """A re-plan worth doing now, or None. ``nodes``: every member, advertised speeds.
+        ``planning``: further arguments of ``plan_layers`` (prefill hops, entries, targets).
 
         New figures found here are kept even when no re-plan pays off.
         """
@@ -215,14 +267,26 @@ class Balancer:
         hops = HopCosts(hop_ms, default_hop_ms)
         try:
             new = plan_layers(self.spec, caps, objective=self.objective, hop_ms=hop_ms,
-                              default_hop_ms=default_hop_ms, previous=plan)
+                              default_hop_ms=default_hop_ms, previous=plan, **planning)  # type: ignore[arg-type]
         except PlacementError as e:
             log.debug("no rebalance: %s", e)
             return None
-        current_cost = self._cost(chain_cost_ms(plan.stages, figures, hops))
-        new_cost = self._cost((new.est_ms_per_token, new.est_slowest_stage_ms))
+        meets_now = False
+        targets = (planning.get("target_ms_per_token"), planning.get("target_ttft_ms"))
+        if any(t is not None for t in targets):
+            current = predict_plan(
+                plan.stages, caps, hop_ms=hop_ms, default_hop_ms=default_hop_ms,
+                prefill_hop_ms=planning.get("prefill_hop_ms"),  # type: ignore[arg-type]
+                default_prefill_hop_ms=planning.get("default_prefill_hop_ms"),  # type: ignore[arg-type]
+                entry_ids=planning.get("entry_ids"))  # type: ignore[arg-type]
+            current_cost = _target_ratio(current, targets)
+            new_cost = _target_ratio((new.predicted_ms_per_token or 0.0, new.predicted_ttft_ms or 0.0), targets)
+            meets_now = current_cost > 1 >= new_cost
+        else:
+            current_cost = self._cost(chain_cost_ms(plan.stages, figures, hops))
+            new_cost = self._cost((new.est_ms_per_token, new.est_slowest_stage_ms))
         rebalance = Rebalance(new, figures, tuple(sorted(changed)), current_cost, new_cost)
-        if new.stages == plan.stages or rebalance.gain < self.settings.min_gain:
+        if new.stages == plan.stages or (rebalance.gain < self.settings.min_gain and not meets_now):
             log.info("new speed figures %s; no re-plan (gain %.0f%%)",
                      _fmt(figures, changed), 100 * rebalance.gain)
             return None
@@ -288,6 +352,12 @@ class Balancer:
     def _cost(self, costs: tuple[float, float]) -> float:
         latency_ms, slowest_stage_ms = costs
         return slowest_stage_ms if self.objective == "throughput" else latency_ms
+
+
+def _target_ratio(predicted: tuple[float, float], targets: tuple[object, object]) -> float:
+    """The worst of predicted / target (ms per token, first token) over the targets given."""
+    return max(value / float(target) for value, target in zip(predicted, targets)  # type: ignore[arg-type]
+               if target is not None)
 
 
 def _fmt(figures: Mapping[str, float], nodes: Iterable[str]) -> str:

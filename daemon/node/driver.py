@@ -7,6 +7,8 @@
 - Compute: each job goes to the worker thread the moment the core issues it, so jobs run in
   the core's order, back to back; each outcome comes back to the core on the event loop.
 - Timers: one task sleeps until the core's next timer.
+- Measurements: every `report_interval_s`, what the links measured goes to the core
+  (`links_measured`), which shares it with the mesh (docs/placement.md).
 - Answers typed here: `generate` opens a session in the core and yields what it emits.
 """
 
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from meshllm import wire
 from meshllm.errors import MeshUnavailable
+from meshllm.linkstats import LinkStats
 from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, Send, SessionEnded,
     SessionOutput, StatusChanged, incompatibility,
@@ -58,6 +61,10 @@ class Links(Protocol):
     def peers(self) -> dict[str, wire.Hello]: ...
 
     def rtt_ms(self, peer_id: str) -> float | None: ...
+
+    def link_stats(self, peer_id: str) -> LinkStats | None:
+        """What this node measured on its link to the peer (None: no link, or not measured)."""
+        ...
 
 
 class _Outbox:
@@ -135,6 +142,7 @@ class MeshDriver:
         self._loop = asyncio.get_running_loop()
         self.core.start(time.monotonic())
         self._pump()
+        self._tasks.spawn(self._measure_links(), name="measure-links")
         try:
             while True:
                 nxt = self.core.next_timer()
@@ -152,6 +160,14 @@ class MeshDriver:
             self.core.stop("the daemon is stopping")
             self._pump()
             self._tasks.cancel()
+
+    async def _measure_links(self) -> None:
+        """Hand the core what the links measured, every report interval."""
+        while True:
+            await asyncio.sleep(self.settings.report_interval_s)
+            peers = self.links.peers()
+            self.core.links_measured({peer: self.links.link_stats(peer) for peer in peers}, time.monotonic())
+            self._pump()
 
     def _pump(self) -> None:
         """Carry out what the core asked for: sends, jobs, events."""

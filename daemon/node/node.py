@@ -33,6 +33,7 @@ from daemon.node.config import NodeConfig, client_url
 from daemon.api.events import EventHub
 from daemon.node.fallback import Fallback, FallbackError, choose_fallback, driver_health, engine_loader
 from daemon.node.identity import load_or_create_node_id
+from daemon.node.measure import EntryCosts, measure_entry_costs
 from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.node.worker import GenerationWorker
 
@@ -182,12 +183,18 @@ class Node:
             log.debug("model load failed", exc_info=True)
             self._fail(f"cannot load the model: {type(error).__name__}: {error}")
             return
+        try:
+            costs = await worker.call(lambda: measure_entry_costs(runtime))
+        except Exception as error:  # noqa: BLE001 - predictions only: the node serves without them
+            log.warning("cannot measure the entry costs: %s: %s", type(error).__name__, error)
+            costs = EntryCosts(head_ms=0.0, prefill_ms_per_layer=0.0)
         info = runtime.engine.info
         budget = config.mem_budget or physical_memory_bytes() // 2
         board.update(model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights),
                      ms_per_layer=round(ms_per_layer, 4), mem_budget_bytes=budget)
         hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, "
-                        f"{ms_per_layer:.2f} ms per layer per token")
+                        f"{ms_per_layer:.2f} ms per layer per token, {costs.head_ms:.2f} ms of embedding and "
+                        f"head per token, {costs.prefill_ms_per_layer:.1f} ms per layer for a 256-token prompt")
         try:
             fallback = self._make_fallback(runtime, worker, board, hub, budget)
         except (FallbackError, ModelSourceError) as error:
@@ -197,7 +204,7 @@ class Node:
             # the fallback's bytes come out of the budget this node offers the mesh
             mesh = await self._start_mesh(runtime, worker, board, hub, tasks, key,
                                           budget - fallback.choice.reserved_bytes, ms_per_layer,
-                                          on_change=fallback.mesh_changed)
+                                          on_change=fallback.mesh_changed, costs=costs)
         except OSError as error:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             self._fail(f"cannot listen for peers on {config.signal_host}:{config.signal_port}: {reason}")
@@ -237,7 +244,8 @@ class Node:
     async def _start_mesh(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
                           hub: EventHub, tasks: asyncio.TaskGroup, key: bytes | None,
                           budget: int, ms_per_layer: float,
-                          on_change: Callable[[], None] | None = None) -> MeshDriver:
+                          on_change: Callable[[], None] | None = None,
+                          costs: EntryCosts | None = None) -> MeshDriver:
         """Links, signaling server, discovery and the mesh logic, all owned by `tasks`.
         `on_change` is called after the status board on every change of the mesh."""
         config = self.config
@@ -266,10 +274,17 @@ class Node:
             on_link_up=lambda e: mesh_ref[0].on_link_up(e.peer_id, e.hello),
             on_link_down=lambda e: mesh_ref[0].on_link_down(e.peer_id, e.reason),
             is_compatible=lambda other: incompatibility(hello, other),
+            debug_link_delay_ms=config.debug_link_delay_ms,
         )
         holder["links"] = links
         settings = MeshSettings(objective=config.objective,
-                                codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000)
+                                codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000,
+                                target_ms_per_token=config.target_ms_per_token, target_ttft_ms=config.target_ttft_ms,
+                                head_ms=costs.head_ms if costs is not None else 0.0,
+                                prefill_ms_per_layer=costs.prefill_ms_per_layer if costs else None)
+        if config.debug_link_delay_ms:
+            hub.log("info", f"testing aid: every message to a peer waits {config.debug_link_delay_ms:g} ms "
+                            "(--debug-link-delay-ms)")
         mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
                     on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),
                     log_event=hub.log)

@@ -1,14 +1,16 @@
 """`MeshCore`: the mesh state machine of one node, sans-IO.
 
 Inputs, each with `now`: `start`, `link_up`, `link_down`, `receive`, `handle_timer`,
-`job_done` / `job_failed`, and for answers typed here `open_session` / `cancel_session` /
-`close_session`; `leave` before going. Outputs, drained by the driver: `sends()`, `jobs()`,
+`job_done` / `job_failed`, `links_measured` (the link figures, about once a second), and for
+answers typed here `open_session` / `cancel_session` / `close_session`; `leave` before going. Outputs, drained by the driver: `sends()`, `jobs()`,
 `events()`, and `next_timer()`.
 
 What it holds:
 - membership and the bully election (`meshllm.election`);
 - plans (`PlanBook`): adopt, load, report ready, activate;
-- on the coordinator: planning, re-planning on joins, leaves and losses, and balancing;
+- measurements: every member's LinkReport (its links, entry costs, measured token times);
+- on the coordinator: planning (by measured links and latency targets, docs/placement.md),
+  re-planning on joins, leaves and losses, on links that changed, and balancing;
 - on a stage: the checks of every forwarded step, and a bound on the steps queued for compute;
 - on the entry node: its answers' policy (`meshllm.mesh.entry`).
 """
@@ -16,7 +18,8 @@ What it holds:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,12 +29,14 @@ from meshllm import wire
 from meshllm.balance import BalanceSettings, Balancer
 from meshllm.errors import PlacementError, WireError
 from meshllm.mesh.entry import EntrySessions
-from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, StatusChanged
+from meshllm.linkstats import LinkStats
+from meshllm.mesh import measured as ms
+from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, SessionEnded, SessionOutput, StatusChanged
 from meshllm.mesh.jobs import Compute, Computed, DropSessions, ImportCache, Job, LoadSpan, Loaded, RebuildPart
 from meshllm.mesh.stats import StageStats
 from meshllm.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, plan_layers
 from meshllm.plans import PlanBook, PlanView
-from meshllm.session import Session
+from meshllm.session import Session, Token
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,21 @@ class MeshSettings:
     """How long a node that takes over layers from a live node waits for their caches
     before it reports ready without them (they are then rebuilt, or replayed)."""
     balance: BalanceSettings = field(default_factory=BalanceSettings)
+    target_ms_per_token: float | None = None
+    """Latency target (coordinator): the plan with the fewest stages predicted to decode
+    within this many ms per token (docs/placement.md)."""
+    target_ttft_ms: float | None = None
+    """Latency target for the first token of a typical prompt."""
+    head_ms: float = 0.0
+    """This node's own work per token as an entry node (embed, head, sample), measured."""
+    prefill_ms_per_layer: float | None = None
+    """One layer over a typical prompt on this node, measured (None: not measured)."""
+
+    def __post_init__(self) -> None:
+        for name in ("target_ms_per_token", "target_ttft_ms"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value <= wire.messages.MAX_REPORT_MS):
+                raise ValueError(f"{name} must be in (0, {wire.messages.MAX_REPORT_MS:g}], got {value}")
 
 
 def incompatibility(ours: wire.Hello, theirs: wire.Hello) -> str | None:
@@ -119,6 +139,15 @@ class MeshCore:
         self.span: tuple[int, int] = (0, 0)
         """The layers this node holds (once loaded)."""
         self.entry = EntrySessions(self)
+        self.measurements = ms.Measurements(self.node_id)
+        self.tokens = ms.TokenClock()
+        """Times between the tokens of the answers entered here."""
+        self._planned_hops: Mapping[tuple[str, str], float] | None = None
+        """The decode hop table the coordinator last planned with."""
+        self._links_replan_at = -math.inf
+        self._trips_seen: dict[str, int] = {}
+        self._target_miss_said: tuple[int, int] | None = None
+        """Coordinator: token gaps of each entry node's reports already judged (this plan)."""
         self._epoch = 0
         self._seen_plan_key: tuple[int, int] = (0, 0)
         """The highest (term, epoch) of any plan seen, adopted or not."""
@@ -220,6 +249,8 @@ class MeshCore:
         self.ready_nodes.discard(peer_id)
         self.leaving.discard(peer_id)
         self.balancer.forget(peer_id)
+        self.measurements.forget(peer_id)
+        self._trips_seen.pop(peer_id, None)
         self.election.peer_lost(peer_id, now)
         self._log("leave", f"{hello.name or peer_id} left ({reason})")
         plan_void = self.book.forget_node(peer_id)
@@ -251,6 +282,40 @@ class MeshCore:
 
     def stop(self, reason: str) -> None:
         self.entry.stop(reason)
+
+    # -- inputs: measurements ------------------------------------------------------------------
+
+    def links_measured(self, stats: Mapping[str, LinkStats | None], now: float) -> None:
+        """What this node's links measured (``LinkManager.link_stats`` of each peer), about
+        once a second: kept, and sent to every member with this node's other figures in a
+        LinkReport (docs/placement.md)."""
+        self._now = now
+        self.measurements.own_links = {peer: figures for peer, figures in stats.items()
+                                       if figures is not None and peer in self.members and peer != self.node_id}
+        report = self._own_report(now)
+        self.measurements.reports[self.node_id] = report
+        for peer in list(self.members):
+            if peer != self.node_id:
+                self.send(peer, report)
+        self._judge_measurements(self.node_id, report, now)
+        self._changed()
+
+    def _own_report(self, now: float) -> wire.LinkReport:
+        active = self.book.active
+        term, epoch = active.key if active is not None else (0, 0)
+        links = [figures for figures in (ms.figures_of(peer, stats)
+                                         for peer, stats in sorted(self.measurements.own_links.items()))
+                 if figures is not None][:wire.messages.MAX_LINKS]
+        cap = wire.messages.MAX_REPORT_MS
+
+        def ms_or_0(value: float | None) -> float:
+            return min(cap, value) if value is not None and value >= 0 and math.isfinite(value) else 0.0
+
+        span_ms = self.stats.span_ms_per_layer(self.span, self.settings.balance.min_steps)
+        return wire.LinkReport(
+            self.node_id, term, epoch, ms_or_0(self.settings.head_ms), ms_or_0(self.settings.prefill_ms_per_layer),
+            ms_or_0(span_ms), ms_or_0(self.tokens.ms_per_token), self.tokens.count, self.tokens.is_entry(now),
+            ms_or_0(self.settings.target_ms_per_token), ms_or_0(self.settings.target_ttft_ms), tuple(links))
 
     # -- inputs: messages ----------------------------------------------------------------------
 
@@ -292,6 +357,11 @@ class MeshCore:
                 self._drop_local((msg.session_id,))
         elif isinstance(msg, wire.NodeReport):
             self._on_report(sender, msg, now)
+        elif isinstance(msg, wire.LinkReport):
+            if msg.node_id != sender:
+                raise ValueError("a node may only report its own measurements")
+            self.measurements.reports[sender] = msg
+            self._judge_measurements(sender, msg, now)
         elif isinstance(msg, wire.CacheHandover):
             self._on_cache_handover(sender, msg)
         elif isinstance(msg, wire.HandoverDone):
@@ -374,6 +444,7 @@ class MeshCore:
     def open_session(self, session: Session, now: float) -> str:
         """Start answering `session` (this node is its entry node); its id."""
         self._now = now
+        self.tokens.opened(now)
         return self.entry.open(session, now)
 
     def cancel_session(self, session_id: str, now: float) -> None:
@@ -393,6 +464,14 @@ class MeshCore:
         self._jobs.append(job)
 
     def emit(self, event: Event) -> None:
+        if isinstance(event, SessionOutput):
+            item = event.item
+            if isinstance(item, Token) and item.id >= 0 and item.finish_reason != "cancelled":
+                self.tokens.token(event.session_id, self._now)
+            else:
+                self.tokens.pause(event.session_id)
+        elif isinstance(event, SessionEnded):
+            self.tokens.pause(event.session_id)
         self._events.append(event)
 
     def send(self, dest: str, msg: wire.Message, *, channel: Channel = "control", positions: int = 0) -> None:
@@ -501,8 +580,20 @@ class MeshCore:
             self._replan_due = due
 
     def _advertised(self) -> list[NodeCapacity]:
-        return [NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer)
+        """Every member that stays: its budget, its advertised speed and the entry costs it
+        reported."""
+        return [self.measurements.capacity(NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer))
                 for nid, h in sorted(self.members.items()) if nid not in self.leaving]
+
+    def _planning(self, targets: tuple[float | None, float | None] | None = None) -> ms.Planning:
+        """The planner's inputs from what the members measured: hop tables (none before the
+        first measurement), the entry nodes in use, and the targets (this node's own)."""
+        members = [nid for nid in sorted(self.members) if nid not in self.leaving]
+        target_ms, target_ttft = targets if targets is not None else (
+            self.settings.target_ms_per_token, self.settings.target_ttft_ms)
+        return ms.planning(self.measurements.link_stats(members), codec=self.settings.codec,
+                           hidden_size=self.limits.hidden_size, entry_ids=self.measurements.entries(members),
+                           target_ms_per_token=target_ms, target_ttft_ms=target_ttft)
 
     def _replan(self, now: float) -> None:
         if not self.is_coordinator or self._leaving_self:
@@ -511,11 +602,13 @@ class MeshCore:
         current = self.book.active or self.book.pending
         # sticky: keep what the nodes hold, even under a new coordinator
         previous = PlannerPlan(current.stages, 0.0) if current is not None else None
+        planning = self._planning()
         try:
             if not caps:
                 raise PlacementError("no node is left to hold the model", 0)
             planned = plan_layers(self.spec, caps, objective=self.settings.objective,  # type: ignore[arg-type]
-                                  previous=previous)
+                                  previous=previous, **planning.kwargs())  # type: ignore[arg-type]
+            self._planned_hops = planning.hop_ms
         except PlacementError as e:
             self.placement_error = str(e)
             self._log("error", f"cannot place the model: {e}")
@@ -536,7 +629,9 @@ class MeshCore:
         msg = wire.Plan(self.election.term, self._epoch, tuple(planned.stages), self.settings.codec)
         self._published = msg
         spans = ", ".join(f"{self.name_of(s.node_id)} [{s.start_layer}, {s.end_layer})" for s in msg.stages)
-        self._log("replan", f"plan {self.election.term}.{self._epoch}: {spans}")
+        summary = ms.plan_summary(planned) if self._planned_hops or (
+            self.settings.target_ms_per_token or self.settings.target_ttft_ms) else ""
+        self._log("replan", f"plan {self.election.term}.{self._epoch}: {spans}" + (f" ({summary})" if summary else ""))
         self._broadcast(msg)
 
     def _on_stage_ready(self, msg: wire.StageReady) -> None:
@@ -557,12 +652,59 @@ class MeshCore:
             layers = msg.span_end - msg.span_start
             self.balancer.observe(sender, msg.ms_per_layer * layers, layers,
                                   steps=self.settings.balance.min_steps, now=now)
-            rebalance = self.balancer.check(self._advertised(), now)
+            planning = self._planning()
+            rebalance = self.balancer.check(self._advertised(), now, **planning.kwargs())
             if rebalance is not None:
+                self._planned_hops = planning.hop_ms
                 names = ", ".join(self.name_of(n) for n in rebalance.changed)
                 self._log("replan", f"rebalancing: {names} runs off its planned speed "
                                     f"({100 * rebalance.gain:.0f}% better plan)")
                 self._publish(rebalance.plan)
+
+    def _judge_measurements(self, sender: str, report: wire.LinkReport, now: float) -> None:
+        """Coordinator: re-plan when links changed much since the last plan (at most once per
+        ``min_interval_s``), or when an entry node's measured ms per token keeps missing the
+        target although the plan predicted better (the balancer's hysteresis rules)."""
+        if not self.is_coordinator or self._leaving_self:
+            return
+        planning = self._planning()
+        moved = ms.hops_moved(self._planned_hops, planning.hop_ms)
+        if moved and now >= self._links_replan_at + self.settings.balance.min_interval_s:
+            self._links_replan_at = now
+            log.info("links measured or changed (%s): re-planning",
+                     ", ".join(f"{self.name_of(a)}->{self.name_of(b)}" for a, b in moved[:4]))
+            self._planned_hops = planning.hop_ms
+            self._schedule_replan(now)
+        active = self.book.active
+        target = self.settings.target_ms_per_token
+        if target is None or active is None or (report.term, report.epoch) != active.key \
+                or report.ms_per_token <= 0 or not report.entry:
+            return
+        if report.tokens - self._trips_seen.get(sender, 0) < self.settings.balance.min_steps:
+            return
+        self._trips_seen[sender] = report.tokens
+        caps = self._predicting_caps(active.key)
+        predicted = planning.predict(active.stages, caps, entry_ids=[sender])
+        if predicted is None:
+            return
+        self.balancer.observe_trip(sender, report.ms_per_token, predicted[0], target, now)
+        missed = self.balancer.target_missed(now)
+        if missed is None:
+            return
+        self.balancer.refresh(now)
+        message = (f"{self.name_of(missed)} measures {report.ms_per_token:.1f} ms per token against a target of "
+                   f"{target:g} ms (predicted {predicted[0]:.1f}): re-planning from fresh measurements")
+        if self._target_miss_said != active.key:  # once a plan in the event log
+            self._target_miss_said = active.key
+            self._log("replan", message)
+        log.info("%s", message)
+        self._replan(now)
+
+    def _predicting_caps(self, key: tuple[int, int]) -> list[NodeCapacity]:
+        """Members as predictions see them: advertised (or balancer) speeds, replaced by what
+        each stage measured under plan ``key``, with their entry costs."""
+        caps = self.balancer.capacities(self._advertised()) if self.is_coordinator else self._advertised()
+        return [self.measurements.measured_speed(cap, key) for cap in caps]
 
     def _report_speed(self, now: float) -> None:
         """Stage side: tell the coordinator how fast this node's span really runs, once a few
@@ -680,6 +822,8 @@ class MeshCore:
             return
         if self.is_coordinator:
             self.balancer.plan_active(PlannerPlan(plan.stages, 0.0), now)
+        self.tokens.new_plan()
+        self._trips_seen.clear()
         self._reported = (self.stats.decode_steps, self.stats.decode_compute_ms)
         self.ready_nodes = set(plan.node_ids)
         self.entry.plan_active(now)
@@ -810,21 +954,49 @@ class MeshCore:
 
     def status_view(self, rtt_ms: Callable[[str], float | None] = lambda _peer: None) -> dict[str, object]:
         """The mesh's part of GET /v1/status (docs/api.md)."""
+        latency = self._status_latency()
         return {
             "term": self.election.term,
             "coordinator_id": self.election.coordinator_id,
-            "plan": self._status_plan(),
-            "nodes": self._status_nodes(rtt_ms),
+            "plan": self._status_plan(latency),
+            "nodes": self._status_nodes(rtt_ms, latency),
             "codec": self.settings.codec,
             "placement_error": self.placement_error,
             "stats": self.stats.as_json(),
         }
 
-    def _status_nodes(self, rtt_ms: Callable[[str], float | None]) -> list[dict[str, object]]:
+    def _status_latency(self) -> _Latency:
+        """Predictions for the plan in force with the latest measurements, beside what the
+        entry nodes measured, and the coordinator's targets."""
+        plan = self.book.active
+        if self.is_coordinator:
+            targets: tuple[float | None, float | None] | None = (
+                self.settings.target_ms_per_token, self.settings.target_ttft_ms)
+        else:
+            targets = self.measurements.targets(self.election.coordinator_id)
+        planning = self._planning(targets or (None, None))
+        if plan is None:
+            return _Latency(planning, targets, {}, {}, None)
+        caps = self._predicting_caps(plan.key)
+        per_entry: dict[str, float] = {}
+        measured: dict[str, float] = {}
+        for nid in self.members:
+            predicted = planning.predict(plan.stages, caps, entry_ids=[nid])
+            if predicted is not None:
+                per_entry[nid] = predicted[0]
+            figure = self.tokens.ms_per_token if nid == self.node_id else self.measurements.ms_per_token(nid, plan.key)
+            if figure is not None:
+                measured[nid] = figure
+        return _Latency(planning, targets, per_entry, measured, planning.predict(plan.stages, caps))
+
+    def _status_nodes(self, rtt_ms: Callable[[str], float | None], latency: _Latency) -> list[dict[str, object]]:
         plan = self.book.active or self.book.pending
+        hop = latency.planning.hop_ms or {}
         rows = []
         for nid, h in sorted(self.members.items(), key=lambda kv: (kv[0] != self.node_id, kv[0])):
             span = plan.span_of(nid) if plan is not None else (0, 0)
+            own = self.measurements.own_links.get(nid) if nid != self.node_id else None
+            report = self.measurements.reports.get(nid)
             rows.append({
                 "id": nid,
                 "name": h.name,
@@ -838,14 +1010,28 @@ class MeshCore:
                 # every node holds the embedding and head, plus the layers of its span
                 "weight_bytes": (span[1] - span[0]) * self.spec.layer_bytes + self.spec.embed_head_bytes,
                 "rtt_ms": None if nid == self.node_id else rtt_ms(nid),
+                "link": None if own is None or own.rtt_ms is None else {
+                    "rtt_ms": _round(own.rtt_ms, 2),
+                    "small_mb_s": _round(own.small_mb_s, 1),
+                    "large_mb_s": _round(own.large_mb_s, 1),
+                    "decode_hop_ms": _round(hop.get((self.node_id, nid)), 2),
+                    "prefill_hop_ms": _round((latency.planning.prefill_hop_ms or {}).get((self.node_id, nid)), 1),
+                },
+                "head_ms": _round(report.head_ms, 2) if report is not None else None,
+                "prefill_ms_per_layer": _round(report.prefill_ms_per_layer or None, 2) if report is not None else None,
+                "predicted_ms_per_token": _round(latency.per_entry.get(nid), 2),
+                "measured_ms_per_token": _round(latency.measured.get(nid), 2),
                 "address": None,  # the status board fills in this node's own API address
             })
         return rows
 
-    def _status_plan(self) -> dict[str, object] | None:
+    def _status_plan(self, latency: _Latency) -> dict[str, object] | None:
         plan = self.book.active or self.book.pending
         if plan is None:
             return None
+        target_ms, target_ttft = latency.targets or (None, None)
+        predicted_ms, predicted_ttft = latency.predicted or (None, None)
+        measured_ms = max(latency.measured.values(), default=None)
         return {
             "term": plan.key[0],
             "epoch": plan.key[1],
@@ -853,4 +1039,32 @@ class MeshCore:
             "stages": [{"node_id": s.node_id, "start_layer": s.start_layer, "end_layer": s.end_layer}
                        for s in plan.stages],
             "codec": plan.codec,
+            "entry_ids": list(latency.planning.entry_ids) if latency.planning.entry_ids else None,
+            "predicted_ms_per_token": _round(predicted_ms, 2),
+            "predicted_ttft_ms": _round(predicted_ttft, 1),
+            "measured_ms_per_token": _round(measured_ms, 2),
+            "target_ms_per_token": target_ms,
+            "target_ttft_ms": target_ttft,
+            "miss_ms_per_token": _round(ms.miss_ms(predicted_ms, target_ms), 2),
+            "measured_miss_ms_per_token": _round(ms.miss_ms(measured_ms, target_ms), 2),
+            "miss_ttft_ms": _round(ms.miss_ms(predicted_ttft, target_ttft), 1),
         }
+
+
+@dataclass(frozen=True)
+class _Latency:
+    """What status shows of predictions and measurements (see `MeshCore._status_latency`)."""
+
+    planning: ms.Planning
+    targets: tuple[float | None, float | None] | None
+    """The coordinator's targets (None: not known here yet)."""
+    per_entry: dict[str, float]
+    """Predicted ms per token of the plan in force for each member as the entry node."""
+    measured: dict[str, float]
+    """Measured ms per token of the entry nodes (this plan)."""
+    predicted: tuple[float, float] | None
+    """(ms per token, ms to first token) at the worst entry node in use (or the ring)."""
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

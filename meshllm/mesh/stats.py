@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
+
+SPAN_WINDOW = 8
+"""A span's measured decode speed is the median of this many recent steps."""
 
 
 @dataclass
@@ -28,16 +32,32 @@ class StageStats:
     rebuild_compute_ms: float = 0.0
     full_replays: int = 0
     """Answers entered here that fell back to replaying every step (a rebuild was impossible)."""
+    measured_span: tuple[int, int] = (0, 0)
+    """The span whose decode steps ``span_decode_ms`` holds."""
+    span_decode_ms: list[float] = field(default_factory=list)
 
     def computed(self, positions: int, ms: float) -> None:
         if positions == 1:
             self.decode_steps += 1
             self.decode_compute_ms += ms
             self.recent_decode_ms = (self.recent_decode_ms + [ms])[-32:]
+            self.span_decode_ms = (self.span_decode_ms + [ms])[-SPAN_WINDOW:]
         else:
             self.prefill_steps += 1
             self.prefill_positions += positions
             self.prefill_compute_ms += ms
+
+    def span_ms_per_layer(self, span: tuple[int, int], min_steps: int = 3) -> float | None:
+        """Recent decode compute per layer of ``span`` (the span this node holds now), or None
+        before ``min_steps`` steps of it. A new span starts a new measurement."""
+        if span != self.measured_span:
+            self.measured_span = span
+            self.span_decode_ms = []
+            return None
+        layers = span[1] - span[0]
+        if layers < 1 or len(self.span_decode_ms) < min_steps:
+            return None
+        return statistics.median(self.span_decode_ms) / layers
 
     def rebuilt(self, kept_layers: int, rebuilt_layers: int, ms: float) -> None:
         self.rebuilds += 1

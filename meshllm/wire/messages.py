@@ -28,8 +28,8 @@ MAX_LAYERS = 65536
 MAX_POSITIONS = 2**24
 MAX_LINKS = 64
 """Peers one LinkReport may describe (a larger mesh reports its first 64 by id)."""
-MAX_REPORT_MS = 1e6
-"""Bound on every time a LinkReport carries (about 17 minutes)."""
+MAX_REPORT_MS = 3_600_000.0
+"""Bound on every time a LinkReport carries (an hour: the bound of a latency target)."""
 MAX_RATE_MB_S = 100_000.0
 """Bound on a link rate (meshllm.linkstats caps its figures here)."""
 

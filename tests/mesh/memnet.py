@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from meshllm import wire
+from meshllm.linkstats import LinkStats
 from meshllm.model.cache import prepare
 from meshllm.model.runtime import Runtime
 from meshllm.model.source import resolve
@@ -41,6 +42,9 @@ class MemoryLinks:
 
     def rtt_ms(self, peer_id: str) -> float | None:
         return 0.1 if peer_id in self.connected else None
+
+    def link_stats(self, peer_id: str) -> LinkStats | None:
+        return None  # in memory there is no link to measure
 
 
 class MemoryNet:

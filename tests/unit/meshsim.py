@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshllm import wire
+from meshllm.linkstats import LinkStats
 from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, SessionEnded, SessionOutput,
 )
@@ -247,6 +248,22 @@ class Net:
             a, b = sorted(link)
             if not any(a in g and b in g for g in groups):
                 self.disconnect(a, b)
+
+    def measure_links(self, stats: Callable[[str, str], LinkStats | None]) -> None:
+        """Every node's links measured once (as its driver does about once a second):
+        ``stats(node, peer)`` is what ``node`` measured on its link to ``peer``."""
+        for node_id, node in list(self.nodes.items()):
+            peers = [peer for link in self.links if node_id in link for peer in link if peer != node_id]
+            node.core.links_measured({peer: stats(node_id, peer) for peer in sorted(peers)}, self.now)
+            self._collect(node_id)
+
+    def run_measuring(self, seconds: float, stats: Callable[[str, str], LinkStats | None],
+                      every_s: float = 1.0) -> None:
+        """Run for ``seconds``, measuring the links every ``every_s``."""
+        end = self.now + seconds
+        while self.now < end:
+            self.measure_links(stats)
+            self.run_for(min(every_s, end - self.now))
 
     # -- answers ---------------------------------------------------------------------------------
 

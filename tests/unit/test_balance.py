@@ -171,3 +171,78 @@ def test_a_node_that_leaves_is_forgotten() -> None:
     mesh.balancer.forget("b")
     assert "b" not in mesh.balancer.figures
     assert mesh.balancer.check([n for n in NODES if n.node_id != "b"], mesh.now + 100) is None
+
+
+# -- latency targets (docs/placement.md) --------------------------------------------------------
+
+
+def trips(balancer: Balancer, measured: float, *, start: float, count: int, predicted: float = 20.0,
+          target: float = 25.0, node: str = "a") -> float:
+    """``count`` measured trips of entry ``node``, one a second from ``start``; the last time."""
+    now = start
+    for i in range(count):
+        now = start + i
+        balancer.observe_trip(node, measured, predicted, target, now)
+    return now
+
+
+def test_a_target_missed_for_long_enough_asks_for_a_replan_once_then_stays_quiet() -> None:
+    balancer = Coordinator(min_reports=5, min_drift_s=5.0, min_interval_s=10.0).balancer
+    # the quiet interval after the plan became active, then 5 trips over only 4 s: not yet
+    now = trips(balancer, 40.0, start=10.0, count=5)
+    assert balancer.target_missed(now) is None
+    now = trips(balancer, 40.0, start=now + 1, count=1)
+    assert balancer.target_missed(now) == "a"
+    # said once: the trips are forgotten and a quiet interval starts
+    now = trips(balancer, 40.0, start=now + 1, count=6)
+    assert balancer.target_missed(now) is None
+    now = trips(balancer, 40.0, start=now + 5, count=6)
+    assert balancer.target_missed(now) == "a"
+
+
+@pytest.mark.parametrize("measured, predicted", [
+    (24.0, 20.0),  # meets the target: nothing to do
+    (30.0, 28.0),  # misses it, as predicted: no plan known to do better
+])
+def test_trips_that_meet_the_target_or_miss_it_as_predicted_do_not_replan(measured: float, predicted: float) -> None:
+    balancer = Coordinator(min_reports=3, min_drift_s=2.0).balancer
+    now = trips(balancer, measured, start=20.0, count=10, predicted=predicted)
+    assert balancer.target_missed(now) is None
+
+
+def test_one_good_trip_breaks_a_run_of_misses() -> None:
+    balancer = Coordinator(min_reports=3, min_drift_s=2.0).balancer
+    now = trips(balancer, 40.0, start=20.0, count=4)
+    now = trips(balancer, 22.0, start=now + 1, count=1)
+    now = trips(balancer, 40.0, start=now + 1, count=2)
+    assert balancer.target_missed(now) is None
+    assert balancer.target_missed(trips(balancer, 40.0, start=now + 1, count=2)) == "a"
+
+
+def test_a_new_plan_forgets_the_trips_of_the_old_one() -> None:
+    mesh = Coordinator(min_reports=3, min_drift_s=2.0, min_interval_s=1.0)
+    now = trips(mesh.balancer, 40.0, start=20.0, count=5)
+    mesh.balancer.plan_active(mesh.plan, now)
+    assert mesh.balancer.target_missed(now + 2) is None
+
+
+def test_under_a_target_a_rebalance_is_judged_by_the_prediction_against_the_target() -> None:
+    # three nodes that each hold 20 of 30 layers: two suffice for the target; when b turns 3x
+    # slower the pair misses it, and the re-plan gives b's layers to c, which meets it again
+    nodes = [NodeCapacity(n, 5000 + 20 * 1000, 1.0) for n in "abc"]
+    target = 40.0
+    balancer = Balancer(SPEC, objective="throughput", settings=BalanceSettings(min_reports=3, min_drift_s=2.0))
+    plan = plan_layers(SPEC, nodes, objective="throughput", target_ms_per_token=target)
+    assert plan.meets_targets and set(plan.node_ids) == {"a", "b"}
+    balancer.plan_active(plan, 0.0)
+    now = 10.0
+    rebalance = None
+    for _ in range(6):
+        now += 1
+        for stage in plan.stages:
+            speed = 3.0 if stage.node_id == "b" else 1.0
+            balancer.observe(stage.node_id, speed * stage.num_layers, stage.num_layers, steps=20, now=now)
+        rebalance = balancer.check(nodes, now, target_ms_per_token=target) or rebalance
+    assert rebalance is not None and rebalance.plan.meets_targets
+    assert set(rebalance.plan.node_ids) == {"a", "c"} and rebalance.changed == ("b",)
+    assert rebalance.current_cost_ms > 1 >= rebalance.new_cost_ms  # worst prediction / target

@@ -35,7 +35,7 @@ def test_import_meshllm_loads_no_networking_or_ui() -> None:
 
 
 SANS_IO = ("meshllm/mesh", "meshllm/wire", "meshllm/election.py", "meshllm/planner.py", "meshllm/session.py",
-           "meshllm/plans.py", "meshllm/balance.py")
+           "meshllm/plans.py", "meshllm/balance.py", "meshllm/linkstats.py")
 """State machines and pure functions: fed `now`, they never read the clock, sleep, spawn or
 touch a socket (design §4)."""
 

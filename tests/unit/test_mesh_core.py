@@ -14,8 +14,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collections.abc import Callable
+
 from meshllm import wire
 from meshllm.balance import BalanceSettings
+from meshllm.linkstats import LinkStats
 from meshllm.mesh import Compute, LoadSpan, MeshSettings
 from tests.fixtures.wire_strategies import messages
 from tests.unit.meshsim import HIDDEN, LAYER_BYTES, EMBED_HEAD_BYTES, LAYERS, Net, reference
@@ -565,3 +568,94 @@ def test_a_handover_that_never_comes_is_waited_for_at_most_a_while() -> None:
     net.run_until(lambda: answer.done)
     assert answer.error is None and answer.tokens == reference(PROMPT, 30)
     assert any("no cache hand-over" in e.message for n in net.nodes.values() for e in n.log)
+
+
+# -- placement by measured links and a latency target (docs/placement.md) -----------------------
+
+SLOW_LINK_MS = 30.0
+
+
+def slow_links(slow: str) -> Callable[[str, str], LinkStats]:
+    """Loopback-like links, except that every link of ``slow`` has SLOW_LINK_MS more round trip
+    (what its peers and itself measure when it runs with --debug-link-delay-ms)."""
+    def stats(node: str, peer: str) -> LinkStats:
+        rtt = 1.0 + (SLOW_LINK_MS if slow in (node, peer) else 0.0)
+        return LinkStats(rtt_ms=rtt, small_mb_s=20.0, large_mb_s=40.0, samples=2, rtt_samples=16)
+    return stats
+
+
+def placed(target_ms_per_token: float | None) -> Net:
+    """Three nodes that can each hold 4 of the 6 layers (so at least two are needed); a's links
+    are slow, as the sim delivers them and as the links measure them. Before the first
+    measurement every pair looks alike, and the plan takes a."""
+    net = Net()
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, target_ms_per_token=target_ms_per_token)
+    for n in "abc":
+        net.add(n, mem_budget_bytes=EMBED_HEAD_BYTES + 4 * LAYER_BYTES, settings=settings)
+    net.extra_latency_s = lambda sender, dest, msg: SLOW_LINK_MS / 2000 if "a" in (sender, dest) else 0.0
+    net.connect_all()
+    net.settle()
+    plan = net.nodes["b"].core.book.active
+    assert plan is not None and "a" in plan.node_ids
+    net.run_measuring(3.0, slow_links("a"))
+    net.settle()
+    return net
+
+
+def test_a_latency_target_leaves_the_node_with_slow_links_out_and_without_it_is_back() -> None:
+    # one token: 6 layers x 1 ms of compute, ~2 ms a hop between b and c, ~17 ms a hop to or from a
+    net = placed(target_ms_per_token=15.0)
+    plan = net.nodes["b"].core.book.active
+    assert plan is not None and set(plan.node_ids) == {"b", "c"}
+    assert net.answer("b", PROMPT, 24).tokens == reference(PROMPT, 24)
+    status = net.nodes["b"].core.status_view()["plan"]
+    assert status["target_ms_per_token"] == 15.0 and status["miss_ms_per_token"] == 0.0  # type: ignore[index]
+    assert status["predicted_ms_per_token"] < 15.0  # type: ignore[index,operator]
+    # every node shows the same prediction and the coordinator's target
+    assert {n.core.status_view()["plan"]["predicted_ms_per_token"] for n in net.nodes.values()} \
+        == {status["predicted_ms_per_token"]}  # type: ignore[index]
+    assert any("meets the targets" in e.message for n in net.nodes.values() for e in n.log)
+
+    net = placed(target_ms_per_token=None)  # the throughput objective: every node takes a share
+    plan = net.nodes["b"].core.book.active
+    assert plan is not None and set(plan.node_ids) == {"a", "b", "c"}
+    assert net.answer("b", PROMPT, 24).tokens == reference(PROMPT, 24)
+    assert net.nodes["b"].core.status_view()["plan"]["miss_ms_per_token"] is None  # type: ignore[index]
+
+
+def test_status_shows_the_links_the_prediction_and_what_the_entry_node_measured() -> None:
+    net = placed(target_ms_per_token=15.0)
+    net.ask("b", PROMPT, 60)
+    net.run_measuring(2.0, slow_links("a"))
+    view = net.nodes["b"].core.status_view()
+    plan, nodes = view["plan"], {n["id"]: n for n in view["nodes"]}  # type: ignore[union-attr,index]
+    assert nodes["b"]["link"] is None and nodes["c"]["link"]["rtt_ms"] == 1.0  # type: ignore[index]
+    assert nodes["a"]["link"]["rtt_ms"] == 31.0 and nodes["a"]["link"]["small_mb_s"] == 20.0  # type: ignore[index]
+    assert nodes["a"]["link"]["decode_hop_ms"] > nodes["c"]["link"]["decode_hop_ms"] + 10  # type: ignore[index]
+    measured, predicted = plan["measured_ms_per_token"], plan["predicted_ms_per_token"]  # type: ignore[index]
+    assert measured is not None and nodes["b"]["measured_ms_per_token"] == measured
+    assert plan["entry_ids"] == ["b"]  # type: ignore[index]
+    # the sim's token: 6 ms of compute + two 1 ms hops; the model adds its per-hop overhead
+    assert abs(measured - 8.0) < 0.5 and predicted == nodes["b"]["predicted_ms_per_token"]
+    # the other nodes see what b measured through its reports
+    assert net.nodes["c"].core.status_view()["plan"]["measured_ms_per_token"] == measured  # type: ignore[index]
+
+
+def test_a_target_missed_for_long_re_plans_from_fresh_measurements() -> None:
+    fast = BalanceSettings(min_reports=3, min_drift_s=2.0, min_interval_s=3.0, min_steps=3)
+    net = Net()
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, target_ms_per_token=15.0, balance=fast)
+    for n in "abc":
+        net.add(n, mem_budget_bytes=EMBED_HEAD_BYTES + 4 * LAYER_BYTES, settings=settings)
+    net.connect_all()
+    net.settle()
+    net.run_measuring(2.0, slow_links("c"))
+    net.settle()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and set(plan.node_ids) == {"a", "b"}
+    # the link between the plan's two nodes turns slow, but its figures do not show it (yet)
+    net.extra_latency_s = lambda sender, dest, msg: 0.02 if {sender, dest} == {"a", "b"} else 0.0
+    net.ask("a", PROMPT, 400)
+    net.run_measuring(12.0, slow_links("c"))
+    said = [e.message for n in net.nodes.values() for e in n.log if "re-planning from fresh measurements" in e.message]
+    assert len(said) == 1 and said[0].startswith("a measures")  # said once a plan; re-planned each time

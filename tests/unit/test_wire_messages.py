@@ -129,7 +129,7 @@ def _link_report(links: tuple[LinkFigures, ...] = (), **changes: object) -> Link
         (lambda: LinkFigures("b", 1.0, 100_001.0, 1.0), "LinkFigures.small_mb_s"),
         (lambda: LinkFigures("b", 1.0, 1.0, math.inf), "LinkFigures.large_mb_s: inf is not finite"),
         (lambda: LinkFigures("", 1.0, 1.0, 1.0), "LinkFigures.peer_id"),
-        (lambda: _link_report(ms_per_token=2e6), "LinkReport.ms_per_token"),
+        (lambda: _link_report(ms_per_token=4e6), "LinkReport.ms_per_token"),
         (lambda: _link_report(head_ms=-0.5), "LinkReport.head_ms"),
         (lambda: _link_report(entry=1), "LinkReport.entry: expected a bool"),
     ],
