@@ -33,8 +33,9 @@ Predictions, entry nodes and latency targets (the *entry-aware* search, used whe
 - predicted ms per token = ``head_ms[e]`` (the entry's embed, final norm, lm_head and
   sampling) + every stage's compute + the decode hops of the trip; predicted time to first
   token = ``head_ms[e]`` + every stage's prefill compute + the prefill hops. With several entry
-  nodes (``entry_ids``) the worst one counts; without ``entry_ids`` the entry is modelled as
-  the first stage's node (so the trip is the ring).
+  nodes (``entry_ids``) the worst one counts, or with ``entry_mean`` their average (for entries
+  that are only possible: every member, before anyone typed); without ``entry_ids`` the entry
+  is modelled as the first stage's node (so the trip is the ring).
 - Targets (``target_ms_per_token``, ``target_ttft_ms``): among plans within memory, those whose
   predictions meet every target win; among them the fewest stages (devices not needed stay
   idle), then the most headroom (the least relative slack over the targets). When none
@@ -264,6 +265,7 @@ def plan_layers(
     entry_ids: Iterable[str] | None = None,
     target_ms_per_token: float | None = None,
     target_ttft_ms: float | None = None,
+    entry_mean: bool = False,
 ) -> Plan:
     """Place ``spec``'s layers on ``nodes``; raise :class:`PlacementError` if they cannot hold it.
 
@@ -274,8 +276,9 @@ def plan_layers(
     ``prefill_hop_ms``: one hop of a typical prompt's (PREFILL_POSITIONS); unlisted pairs cost
     ``default_hop_ms`` / ``default_prefill_hop_ms`` (None: the decode figures). ``entry_ids``:
     the nodes where users type (ids not among ``nodes`` are ignored); None models the entry as
-    the first stage. ``target_ms_per_token`` / ``target_ttft_ms``: latency targets (module
-    doc). The returned plan carries its predictions and how far it misses the targets.
+    the first stage; ``entry_mean``: predict the average over ``entry_ids``, not the worst.
+    ``target_ms_per_token`` / ``target_ttft_ms``: latency targets (module doc). The returned
+    plan carries its predictions and how far it misses the targets.
     """
     if objective not in ("latency", "throughput"):
         raise ValueError(f"objective must be 'latency' or 'throughput', got {objective!r}")
@@ -291,7 +294,7 @@ def plan_layers(
     entries = None
     if entry_ids is not None:
         entries = tuple(sorted(set(entry_ids) & set(problem.ids))) or None
-    judge = _Judge(problem, entries, prefill_hops, targets)
+    judge = _Judge(problem, entries, prefill_hops, targets, entry_mean=entry_mean)
     if entries is not None or targets.given:
         return judge.search(objective, previous, tolerance)
     if objective == "latency":
@@ -313,10 +316,12 @@ def predict_plan(
     prefill_hop_ms: Mapping[tuple[str, str], float] | None = None,
     default_prefill_hop_ms: float | None = None,
     entry_ids: Iterable[str] | None = None,
+    entry_mean: bool = False,
 ) -> tuple[float, float]:
     """``(ms per token, time to first token in ms)`` that :func:`plan_layers` predicts for a
     chain of ``stages`` (e.g. the plan in force, with fresh measurements). Every stage's node
-    and every entry must be in ``nodes``."""
+    and every entry must be in ``nodes``; ``entry_mean``: the average over the entries, not
+    the worst."""
     by_id = {node.node_id: node for node in nodes}
     entries = tuple(entry_ids) if entry_ids is not None else (stages[0].node_id,)
     hops = HopCosts(hop_ms, default_hop_ms)
@@ -327,10 +332,15 @@ def predict_plan(
     order = [stage.node_id for stage in stages]
     decode = sum(stage.num_layers * by_id[stage.node_id].ms_per_layer for stage in stages)
     prefill = sum(stage.num_layers * by_id[stage.node_id].prefill_ms for stage in stages)
+    pick = _mean if entry_mean else max
     return (
-        decode + max(by_id[e].head_ms + _trip_ms(order, e, hops) for e in entries),
-        prefill + max(by_id[e].head_ms + _trip_ms(order, e, prefill_hops) for e in entries),
+        decode + pick([by_id[e].head_ms + _trip_ms(order, e, hops) for e in entries]),
+        prefill + pick([by_id[e].head_ms + _trip_ms(order, e, prefill_hops) for e in entries]),
     )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _trip_ms(order: Sequence[str], entry: str, hops: Callable[[str, str], float]) -> float:
@@ -396,9 +406,10 @@ class _Judge:
     """Predictions for chains, and the entry-aware search (see the module doc)."""
 
     def __init__(self, problem: _Problem, entries: tuple[str, ...] | None,
-                 prefill_hops: HopCosts, targets: _Targets) -> None:
+                 prefill_hops: HopCosts, targets: _Targets, *, entry_mean: bool = False) -> None:
         self.problem = problem
         self.entries = entries
+        self.pick: Callable[[Sequence[float]], float] = _mean if entry_mean else max
         self.targets = targets
         ids = problem.ids
         self.decode_hop = {(a, b): problem.hops(a, b) for a in ids for b in ids if a != b}
@@ -410,10 +421,10 @@ class _Judge:
     # ---- predictions ---------------------------------------------------------------------
 
     def trips(self, order: Sequence[str]) -> tuple[float, float]:
-        """Worst entry's head work + hops of its trip: (decode, prefill)."""
+        """Worst (or mean) entry's head work + hops of its trip: (decode, prefill)."""
         entries = self.entries if self.entries is not None else (order[0],)
-        decode = max(self.head[e] + _trip_ms(order, e, self._decode) for e in entries)
-        prefill = max(self.head[e] + _trip_ms(order, e, self._prefill) for e in entries)
+        decode = self.pick([self.head[e] + _trip_ms(order, e, self._decode) for e in entries])
+        prefill = self.pick([self.head[e] + _trip_ms(order, e, self._prefill) for e in entries])
         return decode, prefill
 
     def _decode(self, a: str, b: str) -> float:

@@ -123,6 +123,7 @@ class StatusBoard:
                     "address": s.address,
                 }
             ],
+            "latency": None,
             "incompatible": [],
             "sessions": s.sessions,
             "fallback": self._fallback_view() if self._fallback_view is not None else None,

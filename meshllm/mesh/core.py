@@ -592,8 +592,16 @@ class MeshCore:
         target_ms, target_ttft = targets if targets is not None else (
             self.settings.target_ms_per_token, self.settings.target_ttft_ms)
         return ms.planning(self.measurements.link_stats(members), codec=self.settings.codec,
-                           hidden_size=self.limits.hidden_size, entry_ids=self.measurements.entries(members),
+                           hidden_size=self.limits.hidden_size, members=members,
+                           entry_ids=self._entries(members),
                            target_ms_per_token=target_ms, target_ttft_ms=target_ttft)
+
+    def _entries(self, members: list[str]) -> tuple[str, ...]:
+        """The members that entered answers lately (this node: as of now, not its last report)."""
+        others = [nid for nid in self.measurements.entries(members) if nid != self.node_id]
+        if self.node_id in members and self.tokens.is_entry(self._now):
+            others.append(self.node_id)
+        return tuple(sorted(others))
 
     def _replan(self, now: float) -> None:
         if not self.is_coordinator or self._leaving_self:
@@ -958,7 +966,8 @@ class MeshCore:
         return {
             "term": self.election.term,
             "coordinator_id": self.election.coordinator_id,
-            "plan": self._status_plan(latency),
+            "plan": self._status_plan(),
+            "latency": self._status_latency_view(latency),
             "nodes": self._status_nodes(rtt_ms, latency),
             "codec": self.settings.codec,
             "placement_error": self.placement_error,
@@ -1025,13 +1034,10 @@ class MeshCore:
             })
         return rows
 
-    def _status_plan(self, latency: _Latency) -> dict[str, object] | None:
+    def _status_plan(self) -> dict[str, object] | None:
         plan = self.book.active or self.book.pending
         if plan is None:
             return None
-        target_ms, target_ttft = latency.targets or (None, None)
-        predicted_ms, predicted_ttft = latency.predicted or (None, None)
-        measured_ms = max(latency.measured.values(), default=None)
         return {
             "term": plan.key[0],
             "epoch": plan.key[1],
@@ -1039,7 +1045,18 @@ class MeshCore:
             "stages": [{"node_id": s.node_id, "start_layer": s.start_layer, "end_layer": s.end_layer}
                        for s in plan.stages],
             "codec": plan.codec,
-            "entry_ids": list(latency.planning.entry_ids) if latency.planning.entry_ids else None,
+        }
+
+    def _status_latency_view(self, latency: _Latency) -> dict[str, object] | None:
+        """The active plan's predicted and measured times against the targets."""
+        if self.book.active is None:
+            return None
+        target_ms, target_ttft = latency.targets or (None, None)
+        predicted_ms, predicted_ttft = latency.predicted or (None, None)
+        measured_ms = max(latency.measured.values(), default=None)
+        return {
+            "entry_ids": list(latency.planning.entry_ids or ()),
+            "entry_mean": latency.planning.entry_mean,
             "predicted_ms_per_token": _round(predicted_ms, 2),
             "predicted_ttft_ms": _round(predicted_ttft, 1),
             "measured_ms_per_token": _round(measured_ms, 2),

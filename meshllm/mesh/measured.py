@@ -115,6 +115,8 @@ class Planning:
     prefill_hop_ms: Mapping[tuple[str, str], float] | None = None
     default_prefill_hop_ms: float | None = None
     entry_ids: tuple[str, ...] | None = None
+    entry_mean: bool = False
+    """``entry_ids`` are every member, possible entries (nobody typed yet): their average counts."""
     target_ms_per_token: float | None = None
     target_ttft_ms: float | None = None
 
@@ -134,8 +136,8 @@ class Planning:
             out.update(hop_ms=self.hop_ms, default_hop_ms=self.default_hop_ms,
                        prefill_hop_ms=self.prefill_hop_ms, default_prefill_hop_ms=self.default_prefill_hop_ms)
         if self.has_targets:
-            out.update(entry_ids=self.entry_ids, target_ms_per_token=self.target_ms_per_token,
-                       target_ttft_ms=self.target_ttft_ms)
+            out.update(entry_ids=self.entry_ids, entry_mean=self.entry_mean,
+                       target_ms_per_token=self.target_ms_per_token, target_ttft_ms=self.target_ttft_ms)
         return out
 
     def predict(self, stages: Sequence[wire.Stage], nodes: Sequence[NodeCapacity],
@@ -144,13 +146,17 @@ class Planning:
         of ``entry_ids``; default: this planning's entries, else the ring), or None when a
         stage's node or an entry is not among ``nodes``."""
         ids = {node.node_id for node in nodes}
+        mean = self.entry_mean and entry_ids is None
         entries = tuple(entry_ids) if entry_ids is not None else self.entry_ids
+        if mean and entries is not None:
+            entries = tuple(e for e in entries if e in ids)
         if not stages or any(s.node_id not in ids for s in stages) or (
                 entries is not None and (not entries or any(e not in ids for e in entries))):
             return None
         return predict_plan(stages, nodes, hop_ms=self.hop_ms, default_hop_ms=self.default_hop_ms,
                             prefill_hop_ms=self.prefill_hop_ms,
-                            default_prefill_hop_ms=self.default_prefill_hop_ms, entry_ids=entries)
+                            default_prefill_hop_ms=self.default_prefill_hop_ms, entry_ids=entries,
+                            entry_mean=mean)
 
 
 class Measurements:
@@ -217,14 +223,18 @@ class Measurements:
 
 
 def planning(stats: Mapping[tuple[str, str], LinkStats], *, codec: str, hidden_size: int,
-             entry_ids: Sequence[str] = (), target_ms_per_token: float | None = None,
+             members: Sequence[str], entry_ids: Sequence[str] = (), target_ms_per_token: float | None = None,
              target_ttft_ms: float | None = None) -> Planning:
     """The planner's hop tables from measured links (nothing measured: the planner's own
-    defaults), and the entries and targets. Without a target, entries are not passed: the
-    objective alone decides, as it always did."""
-    entries = tuple(entry_ids) or None
+    defaults), the entry nodes and the targets. The entries are the members that entered
+    answers lately, the worst of them counting; before anyone did, every member is a possible
+    entry and their average counts. (Without a target the planner is not given entries: the
+    objective alone decides, as it always did; see ``Planning.kwargs``.)"""
+    entries = tuple(entry_ids) or tuple(members) or None
+    mean = not entry_ids
     if not stats:
-        return Planning(entry_ids=entries, target_ms_per_token=target_ms_per_token, target_ttft_ms=target_ttft_ms)
+        return Planning(entry_ids=entries, entry_mean=mean, target_ms_per_token=target_ms_per_token,
+                        target_ttft_ms=target_ttft_ms)
     decode_bytes = hidden_bytes(codec, hidden_size, 1)
     prefill_bytes = hidden_bytes(codec, hidden_size, PREFILL_POSITIONS)
     return Planning(
@@ -232,7 +242,8 @@ def planning(stats: Mapping[tuple[str, str], LinkStats], *, codec: str, hidden_s
         default_hop_ms=hop_ms(None, decode_bytes, overhead_ms=HOP_OVERHEAD_MS),
         prefill_hop_ms=hop_table(stats, prefill_bytes, overhead_ms=HOP_OVERHEAD_MS),
         default_prefill_hop_ms=hop_ms(None, prefill_bytes, overhead_ms=HOP_OVERHEAD_MS),
-        entry_ids=entries, target_ms_per_token=target_ms_per_token, target_ttft_ms=target_ttft_ms,
+        entry_ids=entries, entry_mean=mean, target_ms_per_token=target_ms_per_token,
+        target_ttft_ms=target_ttft_ms,
     )
 
 

@@ -608,11 +608,12 @@ def test_a_latency_target_leaves_the_node_with_slow_links_out_and_without_it_is_
     plan = net.nodes["b"].core.book.active
     assert plan is not None and set(plan.node_ids) == {"b", "c"}
     assert net.answer("b", PROMPT, 24).tokens == reference(PROMPT, 24)
-    status = net.nodes["b"].core.status_view()["plan"]
+    net.run_measuring(1.0, slow_links("a"))  # b's report says it is an entry node now
+    status = net.nodes["b"].core.status_view()["latency"]
     assert status["target_ms_per_token"] == 15.0 and status["miss_ms_per_token"] == 0.0  # type: ignore[index]
-    assert status["predicted_ms_per_token"] < 15.0  # type: ignore[index,operator]
+    assert status["predicted_ms_per_token"] < 15.0 and status["entry_ids"] == ["b"]  # type: ignore[index,operator]
     # every node shows the same prediction and the coordinator's target
-    assert {n.core.status_view()["plan"]["predicted_ms_per_token"] for n in net.nodes.values()} \
+    assert {n.core.status_view()["latency"]["predicted_ms_per_token"] for n in net.nodes.values()} \
         == {status["predicted_ms_per_token"]}  # type: ignore[index]
     assert any("meets the targets" in e.message for n in net.nodes.values() for e in n.log)
 
@@ -620,7 +621,7 @@ def test_a_latency_target_leaves_the_node_with_slow_links_out_and_without_it_is_
     plan = net.nodes["b"].core.book.active
     assert plan is not None and set(plan.node_ids) == {"a", "b", "c"}
     assert net.answer("b", PROMPT, 24).tokens == reference(PROMPT, 24)
-    assert net.nodes["b"].core.status_view()["plan"]["miss_ms_per_token"] is None  # type: ignore[index]
+    assert net.nodes["b"].core.status_view()["latency"]["miss_ms_per_token"] is None  # type: ignore[index]
 
 
 def test_status_shows_the_links_the_prediction_and_what_the_entry_node_measured() -> None:
@@ -628,17 +629,17 @@ def test_status_shows_the_links_the_prediction_and_what_the_entry_node_measured(
     net.ask("b", PROMPT, 60)
     net.run_measuring(2.0, slow_links("a"))
     view = net.nodes["b"].core.status_view()
-    plan, nodes = view["plan"], {n["id"]: n for n in view["nodes"]}  # type: ignore[union-attr,index]
+    plan, nodes = view["latency"], {n["id"]: n for n in view["nodes"]}  # type: ignore[union-attr,index]
     assert nodes["b"]["link"] is None and nodes["c"]["link"]["rtt_ms"] == 1.0  # type: ignore[index]
     assert nodes["a"]["link"]["rtt_ms"] == 31.0 and nodes["a"]["link"]["small_mb_s"] == 20.0  # type: ignore[index]
     assert nodes["a"]["link"]["decode_hop_ms"] > nodes["c"]["link"]["decode_hop_ms"] + 10  # type: ignore[index]
     measured, predicted = plan["measured_ms_per_token"], plan["predicted_ms_per_token"]  # type: ignore[index]
     assert measured is not None and nodes["b"]["measured_ms_per_token"] == measured
-    assert plan["entry_ids"] == ["b"]  # type: ignore[index]
+    assert plan["entry_ids"] == ["b"] and plan["entry_mean"] is False  # type: ignore[index]
     # the sim's token: 6 ms of compute + two 1 ms hops; the model adds its per-hop overhead
     assert abs(measured - 8.0) < 0.5 and predicted == nodes["b"]["predicted_ms_per_token"]
     # the other nodes see what b measured through its reports
-    assert net.nodes["c"].core.status_view()["plan"]["measured_ms_per_token"] == measured  # type: ignore[index]
+    assert net.nodes["c"].core.status_view()["latency"]["measured_ms_per_token"] == measured  # type: ignore[index]
 
 
 def test_a_target_missed_for_long_re_plans_from_fresh_measurements() -> None:

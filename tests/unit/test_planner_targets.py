@@ -351,3 +351,22 @@ def test_sticky_throughput_re_plans_with_uneven_nodes(count: int) -> None:
                          previous=first, tolerance=0.05)
     assert sticky.est_slowest_stage_ms <= fresh.est_slowest_stage_ms * 1.05 + 1e-9
     assert layers_moved(first, sticky) <= layers_moved(first, fresh)
+
+
+def test_possible_entries_count_on_average_so_a_lone_stage_goes_where_the_many_are() -> None:
+    """Before anyone typed, every node is a possible entry. With the worst entry, a node whose
+    every link is slow makes every plan as bad as another; on average, the plan that serves the
+    others well wins, and predict_plan says the same."""
+    spec = ModelSpec(num_layers=12, layer_bytes=1000, embed_head_bytes=500)
+    nodes = [node(n, 12, 1.0, spec, head_ms=2.0) for n in "abc"]
+    hops: Hops = {(x, y): (17.0 if "c" in (x, y) else 2.0) for x in "abc" for y in "abc" if x != y}
+    plan = plan_layers(spec, nodes, hop_ms=hops, entry_ids="abc", entry_mean=True, target_ms_per_token=20.0)
+    assert len(plan.stages) == 1 and plan.node_ids != ("c",)
+    alone = plan.node_ids[0]
+    mean = (14.0 + 14.0 + 4.0 + 14.0 + 34.0) / 3  # head + compute from each entry, + its trip
+    assert plan.predicted_ms_per_token == pytest.approx(mean)
+    assert predict_plan(plan.stages, nodes, hop_ms=hops, entry_ids="abc", entry_mean=True)[0] == pytest.approx(mean)
+    assert predict_plan(plan.stages, nodes, hop_ms=hops, entry_ids=alone)[0] == pytest.approx(14.0)
+    # the worst entry is c whatever the plan: a lone c is as good as any
+    worst = plan_layers(spec, nodes, hop_ms=hops, entry_ids="abc", target_ms_per_token=20.0)
+    assert worst.predicted_ms_per_token == pytest.approx(14.0 + 34.0)
