@@ -151,6 +151,8 @@ class MeshCore:
         self._epoch = 0
         self._seen_plan_key: tuple[int, int] = (0, 0)
         """The highest (term, epoch) of any plan seen, adopted or not."""
+        self._seen_stages: tuple[wire.Stage, ...] | None = None
+        """The stages of that plan."""
         self._published: wire.Plan | None = None
         self._leaving_self = False
         self._replan_due: float | None = None
@@ -341,7 +343,11 @@ class MeshCore:
         elif isinstance(msg, (wire.Election, wire.Answer, wire.Coordinator)):
             self._on_election(sender, msg, now)
         elif isinstance(msg, wire.Plan):
-            # even a plan refused here tells a future coordinator which epochs this term used
+            # even a plan refused here tells a future coordinator which epochs this term used,
+            # and what the nodes hold (its first plan keeps that: nothing moves for nothing)
+            if (msg.term, msg.epoch) > self._seen_plan_key and msg.stages[0].start_layer == 0 \
+                    and msg.stages[-1].end_layer == self.spec.num_layers:
+                self._seen_stages = msg.stages
             self._seen_plan_key = max(self._seen_plan_key, (msg.term, msg.epoch))
             self._check_from_coordinator(sender, msg.term, "a plan")
             self._on_plan(sender, msg, now)
@@ -608,8 +614,10 @@ class MeshCore:
             return
         caps = self.balancer.capacities(self._advertised())
         current = self.book.active or self.book.pending
-        # sticky: keep what the nodes hold, even under a new coordinator
-        previous = PlannerPlan(current.stages, 0.0) if current is not None else None
+        # sticky: keep what the nodes hold, even under a new coordinator (one that just joined
+        # knows the plan in force only from the plans it saw and refused)
+        stages = current.stages if current is not None else self._seen_stages
+        previous = PlannerPlan(stages, 0.0) if stages is not None else None
         planning = self._planning()
         try:
             if not caps:

@@ -22,8 +22,9 @@ from meshllm.model.shard import Shard, open_shard
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_IMPORTS = 4096
-"""Handed-over layer caches held for a plan not loaded yet (one per session and layer)."""
+MAX_PENDING_IMPORT_BYTES = 256 * 1024 * 1024
+"""Handed-over layer caches held for a plan not loaded yet, at most (more are dropped: their
+layers are then rebuilt from the logs, or the session replayed)."""
 
 
 class Runtime:
@@ -96,7 +97,8 @@ class Runtime:
         """Keys and values of a layer handed over by its previous owner: taken over now when
         this node holds the layer, else when it loads the plan that gives it the layer."""
         if not self.shard.install_layer(job.session_id, job.layer, job.keys, job.values):
-            if len(self._imports) < MAX_PENDING_IMPORTS:
+            held = sum(k.nbytes + v.nbytes for _s, _l, k, v in self._imports)
+            if held + job.keys.nbytes + job.values.nbytes <= MAX_PENDING_IMPORT_BYTES:
                 self._imports.append((job.session_id, job.layer, job.keys, job.values))
 
     def compute(self, job: Compute, sampler: Sampler | None = None, delay_s: float = 0.0) -> Computed:
