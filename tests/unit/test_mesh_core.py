@@ -236,20 +236,27 @@ def test_a_step_that_always_fails_ends_the_answer_with_an_error_not_a_hang() -> 
     assert answer.error is not None and "keep failing" in answer.error
 
 
-def test_a_step_with_no_result_times_out_and_is_retried() -> None:
-    net = settled("abc", step_timeout_s=2.0)
+def lose_one_step(net: Net, after_seq: int = -1) -> list[wire.Message]:
+    """The network loses the first step output that the last stage other than node a sends
+    after step `after_seq`; the list holds it once lost."""
     plan = net.nodes["a"].core.book.active
     assert plan is not None
     last = plan.node_ids[-1] if plan.node_ids[-1] != "a" else plan.node_ids[-2]
     dropped: list[wire.Message] = []
 
-    def lose_the_first_step(sender: str, dest: str, msg: wire.Message) -> bool:
-        if sender == last and not dropped and isinstance(msg, (wire.Result, wire.Forward)):
+    def lose(sender: str, dest: str, msg: wire.Message) -> bool:
+        if sender == last and not dropped and isinstance(msg, (wire.Result, wire.Forward)) and msg.seq > after_seq:
             dropped.append(msg)
             return True
         return False
 
-    net.lose = lose_the_first_step
+    net.lose = lose
+    return dropped
+
+
+def test_a_step_with_no_result_times_out_and_is_retried() -> None:
+    net = settled("abc", step_timeout_s=2.0)
+    dropped = lose_one_step(net)
     answer = net.answer("a", PROMPT, 8)
     assert dropped and answer.error is None and answer.tokens == reference(PROMPT, 8)
 
@@ -505,16 +512,7 @@ def test_a_lost_step_is_followed_by_a_rebuild_that_keeps_every_cache() -> None:
     net = settled("abc", step_timeout_s=2.0)
     plan = net.nodes["a"].core.book.active
     assert plan is not None
-    last = plan.node_ids[-1] if plan.node_ids[-1] != "a" else plan.node_ids[-2]
-    dropped: list[wire.Message] = []
-
-    def lose_one_late_step(sender: str, dest: str, msg: wire.Message) -> bool:
-        if sender == last and not dropped and isinstance(msg, (wire.Result, wire.Forward)) and msg.seq > 6:
-            dropped.append(msg)
-            return True
-        return False
-
-    net.lose = lose_one_late_step
+    dropped = lose_one_step(net, after_seq=6)
     answer = net.answer("a", PROMPT, 12)
     assert dropped and answer.error is None and answer.tokens == reference(PROMPT, 12)
     stats = [n.core.stats for n in net.nodes.values()]
@@ -660,3 +658,4 @@ def test_a_target_missed_for_long_re_plans_from_fresh_measurements() -> None:
     net.run_measuring(12.0, slow_links("c"))
     said = [e.message for n in net.nodes.values() for e in n.log if "re-planning from fresh measurements" in e.message]
     assert len(said) == 1 and said[0].startswith("a measures")  # said once a plan; re-planned each time
+
