@@ -44,6 +44,9 @@ class Runtime:
         """What this node's span sent downstream, per session (meshllm.mesh.rebuild)."""
         self.rebuilder = Rebuilder(self.shard, self.logs, self.num_layers)
         self._imports: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+        self._given: tuple[tuple[str, int, np.ndarray, np.ndarray], ...] = ()
+        """The caches of the layers this node gave up at its last re-plan: if the next plan
+        gives them back (the node that took them is lost at once), they are taken up again."""
         """Layer caches handed over before this node loaded the plan that gives it the layer."""
 
     @classmethod
@@ -86,8 +89,9 @@ class Runtime:
             shard.adopt_sessions(old)  # type: ignore[arg-type]
         self.shard = shard
         self.rebuilder = Rebuilder(shard, self.logs, self.num_layers)
-        installed = sum(shard.install_layer(*kv) for kv in self._imports)
+        installed = sum(shard.install_layer(*kv) for kv in (*self._imports, *self._given))
         self._imports = []
+        self._given = tuple(given)
         log.info("loaded layers [%d, %d) in %.0f ms (kept the caches of %d sessions, took over %d layer caches, "
                  "handing over %d)", start_layer, end_layer, (time.perf_counter() - t0) * 1000,
                  len(shard.session_ids), installed, len(given))
@@ -141,6 +145,7 @@ class Runtime:
 
     def drop(self, session_id: str) -> None:
         self.shard.drop(session_id)
+        self._given = tuple(kv for kv in self._given if kv[0] != session_id)
         self.logs.forget(session_id)
         self.rebuilder.forget(session_id)
 

@@ -201,3 +201,18 @@ def test_a_replan_reads_only_the_layers_a_node_gains(tiny_llama: Path) -> None:
     assert rt.shard.layers[0] is held[1] and rt.shard.layers[1] is held[2]  # shared, not read again
     assert rt.shard.embedding is embedding
     assert all(layer is not old for layer in rt.shard.layers[2:] for old in held)
+
+
+def test_layers_given_up_and_given_back_at_once_keep_their_caches(tiny_llama: Path) -> None:
+    """A node joins and takes layers, then is lost before the answer ran on: the layers come
+    back to the node that gave them up, with the caches it had."""
+    prompt = tuple(chat_ids(tiny_llama, PROMPTS[0]))
+    a, b = runtime(tiny_llama, (0, 3), "int8"), runtime(tiny_llama, (3, 6), "int8")
+    chain = Chain([a, b])
+    chain.generate(prompt, 10)
+    position = chain.position
+    a.load_span(0, 2)  # layer 2 goes to a joiner...
+    a.load_span(0, 3)  # ...that is lost at once
+    assert a.shard.layer_lengths(SID) == [position] * 3
+    first, last = chain.rebuild()
+    assert first.rebuilt_layers == 0 and last.rebuilt_layers == 0
