@@ -134,6 +134,10 @@ class MeshDriver:
         self._sleeping_until = float("-inf")
         self._changed = asyncio.Event()
         self._connecting: set[str] = set()
+        self._job_ms: dict[int, float] = {}
+        """Wall time of the entry jobs (embed and/or head) run on the worker, by job id."""
+        self._embed_ms: dict[str, float] = {}
+        """A session's last embedding job (its head job completes the token's entry work)."""
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -205,6 +209,8 @@ class MeshDriver:
             sampler = self._samplers.get(job.session_id)
             delay_s = self.settings.debug_delay_s if job.run_span else 0.0
             run: Callable[[], Computed | None] = lambda: runtime.compute(job, sampler, delay_s)
+            if job.positions == 1 and (job.token_ids is not None or job.finish == "sample"):
+                run = self._timed(job.job_id, run)
         elif isinstance(job, RebuildPart):
             run = lambda: runtime.rebuild_part(job)
         elif isinstance(job, LoadSpan):
@@ -227,6 +233,28 @@ class MeshDriver:
 
         future.add_done_callback(finished)
 
+    def _timed(self, job_id: int, run: Callable[[], Computed | None]) -> Callable[[], Computed | None]:
+        def timed() -> Computed | None:
+            t0 = time.perf_counter()
+            try:
+                return run()
+            finally:
+                self._job_ms[job_id] = (time.perf_counter() - t0) * 1000
+        return timed
+
+    def _entry_work(self, job: Compute, result: object) -> None:
+        """One decode token's own work on this entry node (embedding, final norm, lm_head,
+        sampling), measured on the worker: the job's time less its layers'."""
+        elapsed = self._job_ms.pop(job.job_id, None)
+        if elapsed is None or not isinstance(result, Computed):
+            return
+        own = max(0.0, elapsed - result.span_ms)
+        if job.finish != "sample":  # embedded for a first stage elsewhere: the head comes later
+            self._embed_ms[job.session_id] = own
+            return
+        embed = self._embed_ms.pop(job.session_id, 0.0) if job.token_ids is None else 0.0
+        self.core.entry_work_measured(embed + own)
+
     def _job_finished(self, job: Job, future: Future[Computed | None]) -> None:
         now = time.monotonic()
         error = future.exception()
@@ -239,6 +267,8 @@ class MeshDriver:
                      exc_info=not isinstance(error, (ValueError, RuntimeError)))
             self.core.job_failed(job.job_id, f"{type(error).__name__}: {error}", now)
         else:
+            if isinstance(job, Compute) and job.job_id in self._job_ms:
+                self._entry_work(job, future.result())
             self.core.job_done(job.job_id, future.result(), now)
         self._pump()
 
@@ -293,6 +323,7 @@ class MeshDriver:
                 self._pump()
             self._answers.pop(session_id, None)
             self._samplers.pop(session_id, None)
+            self._embed_ms.pop(session_id, None)
 
     # -- leaving -----------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -147,6 +149,7 @@ class MeshCore:
         self._links_replan_at = -math.inf
         self._trips_seen: dict[str, int] = {}
         self._target_miss_said: tuple[int, int] | None = None
+        self._entry_work: deque[float] = deque(maxlen=ms.ENTRY_WORK_WINDOW)
         """Coordinator: token gaps of each entry node's reports already judged (this plan)."""
         self._epoch = 0
         self._seen_plan_key: tuple[int, int] = (0, 0)
@@ -167,6 +170,10 @@ class MeshCore:
         self._awaiting: tuple[tuple[int, int], set[str]] = ((0, 0), set())
         """(plan key, nodes that hand layers over to this node under it)."""
         self._handovers_done: dict[tuple[int, int], set[str]] = {}
+        self._links_down: dict[str, int] = {}
+        """How many times each peer's link went down: a peer that came back holds no caches."""
+        self._loaded_links: dict[str, int] = {}
+        """`_links_down` when this node loaded `_loaded_view`."""
         self._handover_deadline: float | None = None
         self._stage_steps: dict[int, _StageStep] = {}
         self._stage_rebuilds: dict[int, _StageStep] = {}
@@ -253,6 +260,9 @@ class MeshCore:
         self.balancer.forget(peer_id)
         self.measurements.forget(peer_id)
         self._trips_seen.pop(peer_id, None)
+        self._links_down[peer_id] = self._links_down.get(peer_id, 0) + 1
+        self._awaiting[1].discard(peer_id)  # its caches are gone with it
+        self._maybe_ready()
         self.election.peer_lost(peer_id, now)
         self._log("leave", f"{hello.name or peer_id} left ({reason})")
         plan_void = self.book.forget_node(peer_id)
@@ -302,6 +312,19 @@ class MeshCore:
         self._judge_measurements(self.node_id, report, now)
         self._changed()
 
+    def entry_work_measured(self, ms_per_token: float) -> None:
+        """One decode token's work on this node as its entry (embed, head, sample), as the
+        driver timed it on the worker: it replaces the start-up figure once there are a few."""
+        if ms_per_token >= 0 and math.isfinite(ms_per_token):
+            self._entry_work.append(ms_per_token)
+
+    @property
+    def head_ms(self) -> float:
+        """This node's entry work per token: measured on answers, else at start."""
+        if len(self._entry_work) >= ms.MIN_TOKEN_GAPS:
+            return statistics.median(self._entry_work)
+        return self.settings.head_ms
+
     def _own_report(self, now: float) -> wire.LinkReport:
         active = self.book.active
         term, epoch = active.key if active is not None else (0, 0)
@@ -315,7 +338,7 @@ class MeshCore:
 
         span_ms = self.stats.span_ms_per_layer(self.span, self.settings.balance.min_steps)
         return wire.LinkReport(
-            self.node_id, term, epoch, ms_or_0(self.settings.head_ms), ms_or_0(self.settings.prefill_ms_per_layer),
+            self.node_id, term, epoch, ms_or_0(self.head_ms), ms_or_0(self.settings.prefill_ms_per_layer),
             ms_or_0(span_ms), ms_or_0(self.tokens.ms_per_token), self.tokens.count, self.tokens.is_entry(now),
             ms_or_0(self.settings.target_ms_per_token), ms_or_0(self.settings.target_ttft_ms), tuple(links))
 
@@ -775,7 +798,8 @@ class MeshCore:
             for stage in old.stages:
                 overlap = (max(start, stage.start_layer), min(end, stage.end_layer))
                 gains = overlap[0] < overlap[1] and not (held[0] <= overlap[0] and overlap[1] <= held[1])
-                if gains and stage.node_id != self.node_id and stage.node_id in self.members:
+                same_incarnation = self._links_down.get(stage.node_id) == self._loaded_links.get(stage.node_id)
+                if gains and stage.node_id != self.node_id and stage.node_id in self.members and same_incarnation:
                     givers.add(stage.node_id)
         self._awaiting = (view.key, givers)
         self._handover_deadline = now + self.settings.handover_wait_s if givers else None
@@ -783,6 +807,7 @@ class MeshCore:
     def _loaded(self, view: PlanView, loaded: Loaded) -> None:
         old_span, self.span = self.span, view.span_of(self.node_id)
         self._loaded_view = view
+        self._loaded_links = dict(self._links_down)
         if self.span == (0, 0):
             self._stage_sessions.clear()  # a node out of the plan holds no caches
         self._hand_over(view, old_span, loaded)

@@ -38,8 +38,8 @@ HOP_CHANGE_FACTOR = 1.5
 HOP_CHANGE_MS = 2.0
 """A hop whose cost moved by this factor and this many ms since the last plan is news to the
 coordinator (it re-plans, at most once per ``BalanceSettings.min_interval_s``)."""
-MIN_SPAN_SAMPLES = 3
-"""A node's measured decode ms per layer needs this many steps of its current span."""
+ENTRY_WORK_WINDOW = 16
+"""A node's entry work per token (embed, head, sample) is the median of this many recent tokens."""
 
 
 def hidden_bytes(codec: str, hidden_size: int, positions: int) -> int:
