@@ -37,6 +37,47 @@ class NodeInfo:
     rtt_ms: float | None
     """Link round trip from this node; None for this node itself or when not measured yet."""
     address: str
+    link: LinkInfo | None = None
+    """What this node measured on its link to that one (None: itself, or not measured yet)."""
+    predicted_ms_per_token: float | None = None
+    """Predicted ms per token of the plan in force, with that node as the entry node."""
+    measured_ms_per_token: float | None = None
+    """What that node measured for its answers under the plan in force."""
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    rtt_ms: float
+    """Idle round trip (the planner's figure)."""
+    small_mb_s: float | None
+    """Rate of an activation-sized message, MB/s."""
+    large_mb_s: float | None
+    """Rate of bulk bytes (prefill sized), MB/s."""
+
+
+@dataclass(frozen=True)
+class LatencyInfo:
+    """The plan in force: predicted and measured times against the targets (docs/api.md)."""
+
+    predicted_ms_per_token: float | None
+    measured_ms_per_token: float | None
+    predicted_ttft_ms: float | None
+    target_ms_per_token: float | None
+    target_ttft_ms: float | None
+    miss_ms_per_token: float | None
+    measured_miss_ms_per_token: float | None
+    miss_ttft_ms: float | None
+    entry_mean: bool = False
+    """The prediction averages over every node (nobody asked yet)."""
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_ms_per_token is not None or self.target_ttft_ms is not None
+
+    @property
+    def missed(self) -> bool:
+        """A prediction or the measurement misses a target."""
+        return any(m for m in (self.miss_ms_per_token, self.measured_miss_ms_per_token, self.miss_ttft_ms))
 
 
 @dataclass(frozen=True)
@@ -96,6 +137,8 @@ class MeshStatus:
     """The mesh's weight format in memory (f32, f16, int8, int4)."""
     fallback: FallbackInfo | None = None
     """The local fallback model; None when the daemon has none to say."""
+    latency: LatencyInfo | None = None
+    """Predicted and measured ms per token of the plan in force; None without an active plan."""
 
     def node(self, node_id: str) -> NodeInfo | None:
         return next((node for node in self.nodes if node.node_id == node_id), None)
@@ -151,6 +194,7 @@ class MeshStatus:
             ),
             sessions=_optional(body, "sessions", int) or 0,
             fallback=_fallback(body.get("fallback")),
+            latency=_latency(body.get("latency")),
         )
 
 
@@ -170,6 +214,34 @@ def _node(data: object, coordinator_id: str | None) -> NodeInfo:
         weight_bytes=_optional(body, "weight_bytes", int),
         rtt_ms=_optional(body, "rtt_ms", float),
         address=_optional(body, "address", str) or "",
+        link=_link(body.get("link")),
+        predicted_ms_per_token=_optional(body, "predicted_ms_per_token", float),
+        measured_ms_per_token=_optional(body, "measured_ms_per_token", float),
+    )
+
+
+def _link(data: object) -> LinkInfo | None:
+    if data is None:
+        return None
+    body = _mapping(data, "nodes[].link")
+    return LinkInfo(rtt_ms=_required(body, "rtt_ms", float), small_mb_s=_optional(body, "small_mb_s", float),
+                    large_mb_s=_optional(body, "large_mb_s", float))
+
+
+def _latency(data: object) -> LatencyInfo | None:
+    if data is None:
+        return None
+    body = _mapping(data, "latency")
+    return LatencyInfo(
+        predicted_ms_per_token=_optional(body, "predicted_ms_per_token", float),
+        measured_ms_per_token=_optional(body, "measured_ms_per_token", float),
+        predicted_ttft_ms=_optional(body, "predicted_ttft_ms", float),
+        target_ms_per_token=_optional(body, "target_ms_per_token", float),
+        target_ttft_ms=_optional(body, "target_ttft_ms", float),
+        miss_ms_per_token=_optional(body, "miss_ms_per_token", float),
+        measured_miss_ms_per_token=_optional(body, "measured_miss_ms_per_token", float),
+        miss_ttft_ms=_optional(body, "miss_ttft_ms", float),
+        entry_mean=bool(body.get("entry_mean", False)),
     )
 
 

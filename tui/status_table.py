@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-_COLUMNS = ("NODE", "ROLE", "STATE", "MEMORY", "WEIGHTS", "MS/LAYER", "SPAN", "RTT", "ADDRESS")
+_COLUMNS = ("NODE", "ROLE", "STATE", "MEMORY", "WEIGHTS", "MS/LAYER", "SPAN", "RTT", "MB/S", "PREDICTED",
+            "MEASURED", "ADDRESS")
+"""RTT and MB/S: this node's link to that one (idle round trip; rate of an activation-sized
+message / of bulk bytes). PREDICTED and MEASURED: ms per token with that node as the entry."""
 
 
 def format_bytes(n: int | None) -> str:
@@ -24,6 +27,53 @@ def _span(span: list[int] | None) -> str:
 
 def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _rates(link: dict[str, Any] | None) -> str:
+    if not link:
+        return "-"
+    def one(value: float | None) -> str:
+        return "?" if value is None else f"{value:.0f}" if value < 10_000 else ">10k"
+    return f"{one(link.get('small_mb_s'))}/{one(link.get('large_mb_s'))}"
+
+
+def _rtt(node: dict[str, Any]) -> str:
+    link = node.get("link")
+    rtt = link.get("rtt_ms") if link else node.get("rtt_ms")
+    return "-" if rtt is None else f"{rtt:.1f} ms"
+
+
+def _target_text(value: float | None, target: float | None, miss: float | None) -> str:
+    if target is None or value is None:
+        return ""
+    return "meets it" if not miss else f"misses it by {miss:.1f} ms"
+
+
+def format_latency(latency: dict[str, Any] | None) -> str | None:
+    """Predicted and measured ms per token (and the first token) against the targets, in a
+    line or two; None when there is no active plan."""
+    if not latency:
+        return None
+    predicted, measured = latency.get("predicted_ms_per_token"), latency.get("measured_ms_per_token")
+    target, ttft_target = latency.get("target_ms_per_token"), latency.get("target_ttft_ms")
+    entries = latency.get("entry_ids") or []
+    where = ("on average over the nodes (nobody asked yet)" if latency.get("entry_mean")
+             else f"at the slowest of {len(entries)} entry node(s)" if len(entries) > 1 else "at the entry node")
+    text = f"{_number(predicted, 1)} ms/token predicted {where}, {_number(measured, 1)} measured"
+    if target is not None:
+        text += f"; target {target:g} ms: prediction {_target_text(predicted, target, latency.get('miss_ms_per_token'))}"
+        if measured is not None:
+            text += f", measurement {_target_text(measured, target, latency.get('measured_miss_ms_per_token'))}"
+    else:
+        text += "; no target"
+    lines = [text]
+    ttft = latency.get("predicted_ttft_ms")
+    if ttft is not None:
+        second = f"{ttft:.0f} ms to the first token of a 256-token prompt, predicted"
+        if ttft_target is not None:
+            second += f"; target {ttft_target:g} ms: {_target_text(ttft, ttft_target, latency.get('miss_ttft_ms'))}"
+        lines.append(second)
+    return "\n          ".join(lines)
 
 
 def format_fallback(fallback: dict[str, Any]) -> str:
@@ -49,6 +99,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"plan:     {plan_text}; codec {status.get('codec', '-')}",
         f"sessions: {status.get('sessions', 0)}",
     ]
+    latency = format_latency(status.get("latency"))
+    if latency is not None:
+        lines.append(f"latency:  {latency}")
     fallback = status.get("fallback")
     if isinstance(fallback, dict):
         lines.append(f"fallback: {format_fallback(fallback)}")
@@ -65,7 +118,10 @@ def format_status(status: dict[str, Any]) -> str:
             format_bytes(node.get("weight_bytes")),
             _number(node.get("ms_per_layer"), 2),
             _span(node.get("span")),
-            "-" if node.get("rtt_ms") is None else f"{node['rtt_ms']:.1f} ms",
+            _rtt(node),
+            _rates(node.get("link")),
+            _number(node.get("predicted_ms_per_token"), 1),
+            _number(node.get("measured_ms_per_token"), 1),
             node.get("address") or "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

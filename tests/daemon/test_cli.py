@@ -123,7 +123,33 @@ def test_status_table() -> None:
     assert "Tiny (6 layers, int4 weights, id abcdef012345)" in text
     assert "term 2, active, 1 stage(s)" in text
     header, row = [line for line in text.splitlines() if "coordinator" in line or "ROLE" in line]
-    assert header.split() == ["NODE", "ROLE", "STATE", "MEMORY", "WEIGHTS", "MS/LAYER", "SPAN", "RTT", "ADDRESS"]
+    assert header.split() == ["NODE", "ROLE", "STATE", "MEMORY", "WEIGHTS", "MS/LAYER", "SPAN", "RTT", "MB/S",
+                              "PREDICTED", "MEASURED", "ADDRESS"]
     assert row.split() == ["laptop", "*", "coordinator", "ready", "8.0", "GB", "2.5", "MB", "1.94", "[0,", "6)", "-",
-                           "127.0.0.1:8470"]
+                           "-", "-", "-", "127.0.0.1:8470"]
     assert "other at 127.0.0.1:9000: mesh name 'x' != 'default'" in text
+    assert "latency:" not in text  # no plan measured: no latency line
+
+
+def test_status_table_shows_links_predictions_measurements_and_the_target_missed() -> None:
+    node = {"role": "member", "state": "ready", "mem_budget_bytes": 10**8, "ms_per_layer": 0.7, "span": None,
+            "weight_bytes": 28_600_000, "rtt_ms": 33.0, "address": None}
+    status = {
+        "self_id": "n-1", "model": None, "codec": "f32", "term": 2, "coordinator_id": "n-1", "plan": None,
+        "nodes": [{**node, "id": "n-1", "name": "node1", "is_self": True, "role": "coordinator", "span": [0, 30], "rtt_ms": None,
+                   "link": None, "predicted_ms_per_token": 35.14, "measured_ms_per_token": 41.0},
+                  {**node, "id": "n-3", "name": "node3", "is_self": False,
+                   "link": {"rtt_ms": 31.62, "small_mb_s": 12.3, "large_mb_s": 100000.0, "decode_hop_ms": 17.5},
+                   "predicted_ms_per_token": 80.4, "measured_ms_per_token": None}],
+        "latency": {"entry_ids": ["n-1"], "entry_mean": False, "predicted_ms_per_token": 35.14,
+                    "predicted_ttft_ms": 846.8, "measured_ms_per_token": 41.0, "target_ms_per_token": 38.0,
+                    "target_ttft_ms": None, "miss_ms_per_token": 0.0, "measured_miss_ms_per_token": 3.0,
+                    "miss_ttft_ms": None},
+    }
+    text = format_status(status)
+    assert ("latency:  35.1 ms/token predicted at the entry node, 41.0 measured; target 38 ms: prediction meets it, "
+            "measurement misses it by 3.0 ms") in text
+    assert "847 ms to the first token of a 256-token prompt, predicted" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("node")}
+    assert rows["node1"][-5:] == ["-", "-", "35.1", "41.0", "-"]
+    assert rows["node3"][-6:] == ["31.6", "ms", "12/>10k", "80.4", "-", "-"]

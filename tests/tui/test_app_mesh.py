@@ -49,9 +49,10 @@ async def test_the_table_and_the_layer_map_show_the_plan() -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await app_wait_until(pilot, lambda: len(table_rows(app)) == 2, "two rows in the table")
         rows = table_rows(app)
-        assert rows["n-laptop"] == ["laptop", "●", "coord", "ready", "7.50 GiB", "63.0 MiB", "1.92", "[0, 12)", "—"]
+        assert rows["n-laptop"] == ["laptop", "●", "coord", "ready", "7.50 GiB", "63.0 MiB", "1.92", "[0, 12)", "—",
+                                    "—", "—"]
         assert rows["n-desktop"] == ["desktop", "", "member", "ready", "15.6 GiB", "81.0 MiB", "0.84", "[12, 30)",
-                                     "0.71 ms"]
+                                     "0.71 ms", "—", "—"]
 
         layer_map = app.query_one(LayerMap)
         assert layer_map.owners == ("n-laptop",) * 12 + ("n-desktop",) * 18

@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from tui.mesh_events import LogLine
-from tui.mesh_status import MeshStatus
+from tui.mesh_status import LatencyInfo, MeshStatus
 from tui.widgets.event_log import EventLog
 from tui.widgets.layer_map import LayerMap
 from tui.widgets.nodes_table import NodesTable
@@ -29,6 +29,9 @@ def format_facts(status: MeshStatus) -> Text:
         ("  plan ", "dim"), (plan_state, PLAN_STYLES.get(plan_state, "bold red")),
         ("  sessions ", "dim"), str(status.sessions),
     )
+    if status.latency is not None:
+        facts.append("\n")
+        facts.append_text(format_latency(status.latency))
     fallback = status.fallback
     if fallback is not None and fallback.model is not None:
         facts.append("\nfallback ", style="dim")
@@ -40,6 +43,34 @@ def format_facts(status: MeshStatus) -> Text:
     for other in status.incompatible:
         facts.append(f"\nnot joined: {other.name} {other.address} ({other.reason})", style="dim")
     return facts
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def format_latency(latency: LatencyInfo) -> Text:
+    """One line: ms per token predicted and measured, and the target met or missed (by how much)."""
+    text = Text.assemble(("ms/token ", "dim"), ("predicted ", "dim"), _ms(latency.predicted_ms_per_token))
+    if latency.entry_mean:
+        text.append(" (average entry)", style="dim")
+    text.append("  measured ", style="dim")
+    text.append(_ms(latency.measured_ms_per_token))
+    if latency.target_ms_per_token is not None:
+        text.append("  target ", style="dim")
+        text.append(f"{latency.target_ms_per_token:g}")
+        misses = [(what, miss) for what, miss in (("predicted", latency.miss_ms_per_token),
+                                                  ("measured", latency.measured_miss_ms_per_token)) if miss]
+        if misses:
+            text.append("  missed by " + ", ".join(f"{miss:.1f} ms ({what})" for what, miss in misses),
+                        style="bold red")
+        else:
+            text.append("  met", style="green")
+    if latency.target_ttft_ms is not None and latency.predicted_ttft_ms is not None:
+        text.append("  first token ", style="dim")
+        text.append(f"{latency.predicted_ttft_ms:.0f}/{latency.target_ttft_ms:g} ms",
+                    style="bold red" if latency.miss_ttft_ms else "")
+    return text
 
 
 class MeshView(Vertical):

@@ -1,4 +1,5 @@
-"""The mesh table: one row per node, with its role, state, memory, speed, span and link RTT."""
+"""The mesh table: one row per node, with its role, state, memory, speed, span, the link to it
+(round trip, rates) and the ms per token with it as the entry node (measured / predicted)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ COLUMNS = (
     ("speed", "ms/layer"),
     ("span", "Span"),
     ("rtt", "RTT"),
+    ("rates", "MB/s"),
+    ("token", "ms/token"),
 )
 STATE_STYLES = {"ready": "green", "loading": "yellow", "starting": "yellow", "lost": "bold red"}
 SELF_MARK = "●"
@@ -46,6 +49,29 @@ def format_ms(value_ms: float | None, *, unit: str = "") -> str:
     return f"{text}{unit}"
 
 
+def format_rates(node: NodeInfo) -> str:
+    """The link's rates: activation-sized / bulk, MB/s."""
+    link = node.link
+    if link is None:
+        return NOTHING
+
+    def one(value: float | None) -> str:
+        return "?" if value is None else ">10k" if value >= 10_000 else f"{value:.0f}"
+    return f"{one(link.small_mb_s)}/{one(link.large_mb_s)}"
+
+
+def format_token(node: NodeInfo) -> Text | str:
+    """Measured / predicted ms per token with this node as the entry (measured only once it
+    answered); red when the measurement is 20% or more off the prediction."""
+    measured, predicted = node.measured_ms_per_token, node.predicted_ms_per_token
+    if predicted is None:
+        return NOTHING
+    if measured is None:
+        return Text(f"— / {format_ms(predicted)}", style="dim")
+    off = abs(measured - predicted) >= 0.2 * predicted
+    return Text(f"{format_ms(measured)} / {format_ms(predicted)}", style="red" if off else "")
+
+
 def node_cells(node: NodeInfo, colour: str) -> tuple[Text | str, ...]:
     return (
         Text(node.name, style=f"bold {colour}"),
@@ -56,7 +82,9 @@ def node_cells(node: NodeInfo, colour: str) -> tuple[Text | str, ...]:
         format_bytes(node.weight_bytes),
         format_ms(node.ms_per_layer),
         format_span(node.span),
-        NOTHING if node.is_self else format_ms(node.rtt_ms, unit=" ms"),
+        NOTHING if node.is_self else format_ms(node.link.rtt_ms if node.link else node.rtt_ms, unit=" ms"),
+        format_rates(node),
+        format_token(node),
     )
 
 
