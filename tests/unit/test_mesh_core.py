@@ -659,3 +659,4 @@ def test_a_target_missed_for_long_re_plans_from_fresh_measurements() -> None:
     said = [e.message for n in net.nodes.values() for e in n.log if "re-planning from fresh measurements" in e.message]
     assert len(said) == 1 and said[0].startswith("a measures")  # said once a plan; re-planned each time
 
+
