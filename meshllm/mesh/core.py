@@ -509,6 +509,10 @@ class MeshCore:
             self._dispatch_local(msg)
         elif dest in self.members:
             self._sends.append(Send(dest, msg, channel, positions))
+        elif isinstance(msg, (wire.Forward, wire.Rebuild)) and msg.route:
+            # no link to the next stage (yet, or any more): the step is lost; say so at once
+            # rather than let its entry node wait out the step timeout
+            self._refuse(msg, "stale_plan", f"no link from {self.node_id} to {dest}")
 
     def decode_hidden(self, payload: wire.TensorPayload, codec: str, positions: int | None = None) -> np.ndarray:
         """A hidden-state tensor from a peer, checked against the model and the plan."""
