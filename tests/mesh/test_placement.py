@@ -1,0 +1,69 @@
+"""Placement by measured links and a latency target, in a real mesh (docs/placement.md).
+
+Three daemons of a tiny model whose budgets each hold 4 of its 6 layers (two nodes are
+needed, any two can do); the third runs with ``--debug-link-delay-ms 30``, as a device on slow
+Wi-Fi. Under a target that a trip through it cannot meet (every hop to or from it costs about
+15 ms more, a trip through it 30 ms), the coordinator plans around it once the links are
+measured; the answer is still exactly one node's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.mesh.conftest import chat, token_ids, unique_mesh_name
+from tests.tinymodel import PROMPTS, chat_ids, reference_greedy
+from tests.waiting import wait_until
+from tui.launcher import LocalMesh
+
+DELAY_MS = 30
+TARGET_MS = 26
+"""A trip between the two fast nodes of this tiny model predicts a few ms (about 2 ms a hop on
+loopback), even averaged with the slow node as a possible entry before anyone asked (about
+12 ms); any plan through the slow node predicts more than DELAY_MS."""
+TOKENS = 12
+
+
+def budget_for_four_layers(model: Path) -> list[str]:
+    from meshllm.model.cache import prepare
+    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.source import resolve
+
+    shape = model_shape(load_config(prepare(resolve(model))))
+    return ["--mem-budget", str(shape.embed_head_bytes + 4 * shape.layer_bytes), "--fallback-model", "none"]
+
+
+def test_under_a_latency_target_the_plan_routes_around_the_node_with_slow_links(tiny_llama: Path) -> None:
+    mesh = LocalMesh(3, model=str(tiny_llama), threads=1,
+                     extra_args=["--mesh-name", unique_mesh_name(), "--target-ms-per-token", str(TARGET_MS),
+                                 *budget_for_four_layers(tiny_llama)],
+                     per_node_args={2: ["--debug-link-delay-ms", str(DELAY_MS)]})
+    mesh.start()
+    try:
+        mesh.wait_ready(180)
+        ids = [mesh.status(i)["self_id"] for i in range(3)]
+
+        def around_the_slow_node() -> dict[str, Any] | None:
+            plan = mesh.agreed_plan()
+            return plan if plan is not None and {s["node_id"] for s in plan["stages"]} == set(ids[:2]) else None
+
+        wait_until(around_the_slow_node, 120, "an agreed plan on the two fast nodes only",
+                   context=lambda: f"plan {mesh.agreed_plan()}\n{mesh.logs(0)[-3000:]}")
+
+        # the slow node's links show its delay, as its peers measure them
+        status = mesh.status(0)
+        slow = next(node for node in status["nodes"] if node["id"] == ids[2])
+        assert slow["link"] is not None and slow["link"]["rtt_ms"] >= DELAY_MS
+        assert status["latency"]["target_ms_per_token"] == TARGET_MS
+
+        prompt = list(PROMPTS[0])
+        answer = chat(mesh.nodes[0].url, prompt, max_tokens=TOKENS)
+        assert token_ids(answer) == reference_greedy(tiny_llama, chat_ids(tiny_llama, prompt), TOKENS)
+
+        # what the answer measured shows beside the prediction, on the node asked
+        latency = wait_until(lambda: (lat := mesh.status(0)["latency"])["measured_ms_per_token"] and lat, 60,
+                             "the measured ms per token in status")
+        assert latency["entry_ids"] == [ids[0]] and latency["predicted_ms_per_token"] is not None
+    finally:
+        mesh.stop()
