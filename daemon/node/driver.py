@@ -125,6 +125,8 @@ class MeshDriver:
                                          *runtime.kv_shape), settings)
         self.incompatible: dict[str, dict[str, str]] = {}
         """Discovered peers that cannot join, by instance name: address and reason."""
+        self._advertised: dict[str, str] = {}
+        """Compatible peers that discovery sees, by node id: their signaling address."""
         self._tasks = TaskSet("mesh")
         self._outboxes: dict[str, _Outbox] = {}
         self._answers: dict[str, asyncio.Queue[SessionOutput | SessionEnded]] = {}
@@ -284,6 +286,19 @@ class MeshDriver:
             outbox.close()
         self.core.link_down(peer_id, reason, time.monotonic())
         self._pump()
+        if self.node_id < peer_id and peer_id in self._advertised:
+            # a link lost while discovery still sees the peer (a busy moment, a blip): discovery
+            # says nothing new, so the dialling side links again by itself
+            self._tasks.spawn(self._redial(peer_id), f"redial {peer_id}")
+
+    async def _redial(self, peer_id: str, every_s: float = 1.0, tries: int = 60) -> None:
+        for _ in range(tries):
+            await asyncio.sleep(every_s)
+            address = self._advertised.get(peer_id)
+            if address is None or peer_id in self.links.peers():
+                return
+            if await self._dial(address, self.links) == peer_id:
+                return
 
     def on_message(self, sender: str, msg: wire.Message) -> None:
         self.core.receive(sender, msg, time.monotonic())
@@ -355,6 +370,8 @@ class MeshDriver:
 
         if isinstance(event, PeerGone):
             self.incompatible.pop(event.name, None)
+            if event.node_id:
+                self._advertised.pop(event.node_id, None)
             if event.node_id and event.node_id in self.core.members:
                 links.drop(event.node_id, "mdns goodbye")
             self._on_change()
@@ -374,6 +391,7 @@ class MeshDriver:
             self._on_change()
             return
         self.incompatible.pop(event.name, None)
+        self._advertised[event.node_id] = event.address
         if self.node_id < event.node_id and event.node_id not in links.peers():
             self._tasks.spawn(self._dial(event.address, links))
 
