@@ -42,6 +42,9 @@ from meshllm.session import Session, Token
 
 log = logging.getLogger(__name__)
 
+PLAN_TOLERANCE = 0.05
+"""A re-plan keeps what the nodes hold when that is within this fraction of the best plan."""
+
 
 @dataclass(frozen=True)
 class MeshSettings:
@@ -146,6 +149,8 @@ class MeshCore:
         """Times between the tokens of the answers entered here."""
         self._planned_hops: Mapping[tuple[str, str], float] | None = None
         """The decode hop table the coordinator last planned with."""
+        self._planned_entries: tuple[str, ...] = ()
+        """...and the entry nodes in use then."""
         self._links_replan_at = -math.inf
         self._trips_seen: dict[str, int] = {}
         self._target_miss_said: tuple[int, int] | None = None
@@ -159,6 +164,8 @@ class MeshCore:
         self._published: wire.Plan | None = None
         self._leaving_self = False
         self._replan_due: float | None = None
+        self._replan_soft = False
+        """The re-plan due is for measurements only (see `_schedule_replan`)."""
         self._next_report = 0.0
         self._reported = (0, 0.0)
         self._job_ids = 0
@@ -605,9 +612,16 @@ class MeshCore:
 
     # -- coordinator -------------------------------------------------------------------------------
 
-    def _schedule_replan(self, now: float, at_once: bool = False) -> None:
+    def _schedule_replan(self, now: float, at_once: bool = False, *, measured: bool = False) -> None:
+        """A re-plan soon. ``measured``: only because measurements changed; such a re-plan
+        moves layers only for a gain of ``balance.min_gain`` (hysteresis), unless a re-plan for
+        another reason (membership) comes with it."""
         if not self.is_coordinator:
             return
+        if not measured:
+            self._replan_soft = False
+        elif self._replan_due is None:
+            self._replan_soft = True
         due = now + (0.0 if at_once else self.settings.replan_debounce_s)
         if self._replan_due is None or due < self._replan_due:
             self._replan_due = due
@@ -636,7 +650,11 @@ class MeshCore:
             others.append(self.node_id)
         return tuple(sorted(others))
 
-    def _replan(self, now: float) -> None:
+    def _replan(self, now: float, *, soft: bool | None = None) -> None:
+        """Plan (or re-plan, sticky to what the nodes hold); ``soft``: a re-plan for measurements
+        only, within ``balance.min_gain`` of the best rather than PLAN_TOLERANCE."""
+        soft = self._replan_soft if soft is None else soft
+        self._replan_soft = False
         if not self.is_coordinator or self._leaving_self:
             return
         caps = self.balancer.capacities(self._advertised())
@@ -650,8 +668,10 @@ class MeshCore:
             if not caps:
                 raise PlacementError("no node is left to hold the model", 0)
             planned = plan_layers(self.spec, caps, objective=self.settings.objective,  # type: ignore[arg-type]
-                                  previous=previous, **planning.kwargs())  # type: ignore[arg-type]
+                                  previous=previous, **planning.kwargs(),  # type: ignore[arg-type]
+                                  tolerance=self.settings.balance.min_gain if soft else PLAN_TOLERANCE)
             self._planned_hops = planning.hop_ms
+            self._planned_entries = planning.entries_in_use
         except PlacementError as e:
             self.placement_error = str(e)
             self._log("error", f"cannot place the model: {e}")
@@ -712,12 +732,16 @@ class MeshCore:
             return
         planning = self._planning()
         moved = ms.hops_moved(self._planned_hops, planning.hop_ms)
-        if moved and now >= self._links_replan_at + self.settings.balance.min_interval_s:
+        news = [f"{self.name_of(a)}->{self.name_of(b)}" for a, b in moved[:4]]
+        if planning.has_targets and planning.entries_in_use != self._planned_entries:
+            news.append("entry nodes " + (", ".join(map(self.name_of, planning.entries_in_use)) or "none"))
+        everyone = all(nid in self.measurements.reports for nid in self.members if nid not in self.leaving)
+        if news and everyone and now >= self._links_replan_at + self.settings.balance.min_interval_s:
             self._links_replan_at = now
-            log.info("links measured or changed (%s): re-planning",
-                     ", ".join(f"{self.name_of(a)}->{self.name_of(b)}" for a, b in moved[:4]))
+            log.info("measured: %s: re-planning", "; ".join(news))
             self._planned_hops = planning.hop_ms
-            self._schedule_replan(now)
+            self._planned_entries = planning.entries_in_use
+            self._schedule_replan(now, measured=True)
         active = self.book.active
         target = self.settings.target_ms_per_token
         if target is None or active is None or (report.term, report.epoch) != active.key \
@@ -741,7 +765,7 @@ class MeshCore:
             self._target_miss_said = active.key
             self._log("replan", message)
         log.info("%s", message)
-        self._replan(now)
+        self._replan(now, soft=True)
 
     def _predicting_caps(self, key: tuple[int, int]) -> list[NodeCapacity]:
         """Members as predictions see them: advertised (or balancer) speeds, replaced by what

@@ -121,6 +121,11 @@ class Planning:
     target_ttft_ms: float | None = None
 
     @property
+    def entries_in_use(self) -> tuple[str, ...]:
+        """The entry nodes that typed lately (none: every member counts on average)."""
+        return () if self.entry_mean or self.entry_ids is None else self.entry_ids
+
+    @property
     def measured(self) -> bool:
         return bool(self.hop_ms)
 

@@ -660,3 +660,26 @@ def test_a_target_missed_for_long_re_plans_from_fresh_measurements() -> None:
     assert len(said) == 1 and said[0].startswith("a measures")  # said once a plan; re-planned each time
 
 
+
+
+def test_the_entry_nodes_in_use_are_planned_for_once_known() -> None:
+    """Before anyone asked, every node is a possible entry: the fastest node holds the model,
+    although its links are slow (on average it still wins). Once answers are typed at b, the
+    plan is made for b: the model moves off the far node."""
+    net = Net()
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, target_ms_per_token=12.0)
+    for n, speed in (("a", 0.1), ("b", 3.0), ("c", 3.0)):
+        net.add(n, ms_per_layer=speed, settings=settings)
+    net.extra_latency_s = lambda sender, dest, msg: SLOW_LINK_MS / 2000 if "a" in (sender, dest) else 0.0
+    net.connect_all()
+    net.settle()
+    net.run_measuring(3.0, slow_links("a"))
+    net.settle()
+    plan = net.nodes["b"].core.book.active
+    assert plan is not None and plan.node_ids == ("a",)
+    answer = net.ask("b", PROMPT, 800)
+    net.run_measuring(15.0, slow_links("a"))
+    plan = net.nodes["b"].core.book.active
+    assert plan is not None and plan.node_ids == ("b",)
+    net.run_until(lambda: answer.done, max_s=120)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 800)
