@@ -201,6 +201,9 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-model", dest="fallback_model", default=None, metavar="PATH|builtin|none",
                         help="answer requests the mesh cannot serve with this model, on this node "
                              "(default builtin: the bundled SmolLM2; its memory comes out of --mem-budget)")
+    parser.add_argument("--rebuild-log-mb", dest="rebuild_log_mb", type=int, default=None, metavar="MIB",
+                        help="memory cap of the hidden-state logs that let a lost peer's layers be rebuilt "
+                             "locally (default 256; 0: none, every loss replays the answers in progress)")
     _weights_arg(parser)
     parser.add_argument("--debug-delay-ms", dest="debug_delay_ms", type=float, default=None,
                         metavar="MS", help=argparse.SUPPRESS)

@@ -89,6 +89,9 @@ class NodeConfig:
     """Answers the mesh cannot serve come from this model on this node: ``builtin`` (the
     bundled SmolLM2; for the bundled model itself, only if this node can hold all of it),
     ``none``, or a PATH (Hugging Face folder or .gguf). Its bytes come out of --mem-budget."""
+    rebuild_log_mb: int = 256
+    """Memory cap of this node's output logs, in MiB (what a rebuild after a lost peer reads;
+    docs/operations.md). 0 keeps none: every loss then replays the answers in progress."""
     debug_delay_ms: float = 0.0
     """Testing aid: sleep this long before every step this node computes (a slow device)."""
     debug_link_delay_ms: float = 0.0
@@ -171,6 +174,8 @@ class NodeConfig:
                               f"{self.fallback_model!r} does not exist")
         if not 0 <= self.debug_delay_ms <= 60_000:
             raise ConfigError("debug delay must be 0..60000 ms")
+        if not 0 <= self.rebuild_log_mb <= 1_048_576:
+            raise ConfigError("rebuild log cap must be 0..1048576 MiB")
         if not 0 <= self.debug_link_delay_ms <= 10_000:
             raise ConfigError("debug link delay must be 0..10000 ms")
         if self.debug_link_delay_ms >= self.heartbeat_timeout_s * 1000:
@@ -212,7 +217,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget"})
+_INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget", "rebuild_log_mb"})
 _FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms", "debug_link_delay_ms",
                            "target_ms_per_token", "target_ttft_ms"})
 _BOOL_FIELDS = frozenset({"loopback", "no_tui"})

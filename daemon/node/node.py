@@ -57,7 +57,7 @@ def load_runtime(config: NodeConfig) -> Runtime:
     from meshllm.model.source import resolve
 
     return Runtime.load(prepare(resolve(config.model), config.cache_dir), device=config.device,
-                        weights=config.weights)
+                        weights=config.weights, log_cap_bytes=config.rebuild_log_mb * 1024 * 1024)
 
 
 

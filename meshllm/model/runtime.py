@@ -50,9 +50,10 @@ class Runtime:
         """Layer caches handed over before this node loaded the plan that gives it the layer."""
 
     @classmethod
-    def load(cls, prepared: PreparedModel, device: str = "cpu", weights: str = "f32") -> "Runtime":
+    def load(cls, prepared: PreparedModel, device: str = "cpu", weights: str = "f32",
+             log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES) -> "Runtime":
         """Start holding no layers: only what an entry node needs (embedding, norm, head)."""
-        return cls(Engine(prepared, spans=[], device=device, weights=weights))
+        return cls(Engine(prepared, spans=[], device=device, weights=weights), log_cap_bytes)
 
     @property
     def kv_shape(self) -> tuple[int, int]:

@@ -40,6 +40,12 @@ def test_environment_fills_what_flags_leave_out() -> None:
     assert config.name  # the hostname
 
 
+def test_the_rebuild_log_cap_comes_from_the_flag_or_the_environment() -> None:
+    assert NodeConfig.from_sources({}, {}).rebuild_log_mb == 256
+    assert NodeConfig.from_sources({}, {"MESHLLM_REBUILD_LOG_MB": "0"}).rebuild_log_mb == 0
+    assert NodeConfig.from_sources({"rebuild_log_mb": 64}, {"MESHLLM_REBUILD_LOG_MB": "0"}).rebuild_log_mb == 64
+
+
 def test_flags_win() -> None:
     env = {"MESHLLM_API_PORT": "9000", "MESHLLM_JOIN": "a:1"}
     config = NodeConfig.from_sources({"api_port": 9100, "join": ["b:2"], "no_tui": True}, env)
@@ -63,6 +69,8 @@ def test_api_url_for_wildcard_hosts() -> None:
         ({"join": ["nohost"]}, {}, "HOST:PORT"),
         ({"name": "x" * 64}, {}, "name"),
         ({}, {"MESHLLM_WEIGHTS": "int3"}, "weights must be one of auto, f32, f16, int8, int4"),
+        ({"rebuild_log_mb": -1}, {}, "rebuild log cap"),
+        ({}, {"MESHLLM_REBUILD_LOG_MB": "lots"}, "MESHLLM_REBUILD_LOG_MB"),
     ],
 )
 def test_bad_values_are_named(flags: dict[str, object], env: dict[str, str], words: str) -> None:

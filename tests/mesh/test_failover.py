@@ -169,3 +169,31 @@ def test_a_node_joining_mid_answer_does_not_break_it(tiny_llama: Path, reference
         assert newcomer in {n["id"] for n in mesh.status(0)["nodes"]}
     finally:
         mesh.stop()
+
+
+def test_two_stages_lost_at_once_with_no_logs_fall_back_to_a_full_replay(tiny_llama: Path,
+                                                                         reference: list[int]) -> None:
+    """With `--rebuild-log-mb 0` no node keeps the hidden states a rebuild reads, so losing two
+    stages at once leaves lost layers that only a replay of the whole answer can rebuild: the
+    answer is still unchanged. (With the logs, the survivors rebuild them in a chain:
+    tests/unit/test_mesh_core.py.)"""
+    mesh = start_mesh(tiny_llama, 4, extra=["--rebuild-log-mb", "0", *half_the_layers(tiny_llama)])
+    try:
+        status = mesh.status(0)
+        stages = status["plan"]["stages"]
+        # the entry node holds the first stage or none: the victims hold the layers after it
+        entry = node_index_of(mesh, stages[0]["node_id"])
+        victims = [node_index_of(mesh, s["node_id"]) for s in stages[1:]][:2]
+        if len(victims) < 2:  # two stages only: lose the second and a node without layers
+            victims += [i for i in range(4) if i != entry and i not in victims][:2 - len(victims)]
+
+        def kill_two() -> None:
+            for i in victims:
+                mesh.kill_node(i)
+
+        out = answer_while(mesh, entry, 10, kill_two)
+        assert out.errors == []
+        assert out.token_ids == reference
+        assert mesh.status(entry)["stats"]["full_replays"] >= 1
+    finally:
+        mesh.stop()
