@@ -2,8 +2,8 @@
 
 Inputs, each with `now`: `start`, `link_up`, `link_down`, `receive`, `handle_timer`,
 `job_done` / `job_failed`, `links_measured` (the link figures, about once a second), and for
-answers typed here `open_session` / `cancel_session` / `close_session`; `leave` before going. Outputs, drained by the driver: `sends()`, `jobs()`,
-`events()`, and `next_timer()`.
+answers typed here `open_session` / `cancel_session` / `close_session`; `leave` before going.
+Outputs, drained by the driver: `sends()`, `jobs()`, `events()`, and `next_timer()`.
 
 What it holds:
 - membership and the bully election (`meshllm.election`);
@@ -153,9 +153,10 @@ class MeshCore:
         """...and the entry nodes in use then."""
         self._links_replan_at = -math.inf
         self._trips_seen: dict[str, int] = {}
+        """Coordinator: token gaps of each entry node's reports already judged (this plan)."""
         self._target_miss_said: tuple[int, int] | None = None
         self._entry_work: deque[float] = deque(maxlen=ms.ENTRY_WORK_WINDOW)
-        """Coordinator: token gaps of each entry node's reports already judged (this plan)."""
+        """This node's own work per token as an entry node, timed on its answers."""
         self._epoch = 0
         self._seen_plan_key: tuple[int, int] = (0, 0)
         """The highest (term, epoch) of any plan seen, adopted or not."""
