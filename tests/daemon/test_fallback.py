@@ -338,10 +338,8 @@ async def test_the_response_says_who_answered(served: tuple[str, StandInMesh, Fa
         assert status["fallback"]["serving"] is True and status["fallback"]["model"] == "fake-fallback"
 
 
-async def test_every_chunk_of_a_fallback_stream_says_it(served: tuple[str, StandInMesh, Fallback, StatusBoard]) -> None:
-    url, mesh, fallback, _ = served
-    mesh.active = None
-    fallback.mesh_changed()
+async def streamed_chunks(url: str) -> list[dict]:  # type: ignore[type-arg]
+    """Every JSON chunk of a streamed chat answer to HELLO."""
     chunks = []
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/v1/chat/completions",
@@ -349,6 +347,14 @@ async def test_every_chunk_of_a_fallback_stream_says_it(served: tuple[str, Stand
             async for line in response.content:
                 if line.startswith(b"data: {"):
                     chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+async def test_every_chunk_of_a_fallback_stream_says_it(served: tuple[str, StandInMesh, Fallback, StatusBoard]) -> None:
+    url, mesh, fallback, _ = served
+    mesh.active = None
+    fallback.mesh_changed()
+    chunks = await streamed_chunks(url)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(c["model"] == "fake-fallback" and c["meshllm"]["served_by"] == "fallback" for c in chunks)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reply_for(HELLO)
@@ -357,13 +363,7 @@ async def test_every_chunk_of_a_fallback_stream_says_it(served: tuple[str, Stand
 
 async def test_a_mesh_stream_says_mesh_in_every_chunk(served: tuple[str, StandInMesh, Fallback, StatusBoard]) -> None:
     url, _, _, _ = served
-    chunks = []
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v1/chat/completions",
-                                json={"messages": HELLO, "stream": True}) as response:
-            async for line in response.content:
-                if line.startswith(b"data: {"):
-                    chunks.append(json.loads(line[6:]))
+    chunks = await streamed_chunks(url)
     assert all(c["model"] == "fake-model" and c["meshllm"]["served_by"] == "mesh" for c in chunks)
 
 
