@@ -965,7 +965,7 @@ class MeshCore:
                                              "queued here", entry)
         self._stage_sessions.add(msg.session_id)
         job = RebuildPart(self.next_job_id(), msg.session_id, msg.seq, msg.position, msg.prefill,
-                          msg.start_pos, msg.positions, hidden=hidden)
+                          msg.start_pos, msg.positions, hidden=hidden, whole=msg.whole)
         self._stage_rebuilds[job.job_id] = _StageStep(msg, plan)
         self._jobs.append(job)
         return None
@@ -1000,7 +1000,8 @@ class MeshCore:
             return
         hidden = () if result.hidden is None else (self.encode_hidden(result.hidden, step.plan.codec),)
         self.send(msg.route[0], wire.Rebuild(msg.session_id, msg.seq, msg.term, msg.epoch, msg.position,
-                                             msg.prefill, msg.start_pos, msg.positions, hidden, msg.route[1:]),
+                                             msg.prefill, msg.start_pos, msg.positions, hidden, msg.route[1:],
+                                             msg.whole),
                   channel="activation", positions=msg.positions)
 
     def _stage_step_done(self, step: _StageStep, result: Computed) -> None:

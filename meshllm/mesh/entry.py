@@ -85,8 +85,10 @@ class _Answer:
     """After a "stale_plan" refusal: no retry on the same plan before then."""
     needs_rebuild: bool = False
     """The stages' caches may not match the session any more (a new plan, a lost step)."""
+    whole_rebuild: bool = False
+    """A stage could not rebuild for want of a log: the next rebuild is a whole one."""
     full_replay: bool = False
-    """A stage could not rebuild: replay every step instead."""
+    """Even a whole rebuild failed: replay every step instead."""
 
 
 class EntrySessions:
@@ -152,7 +154,9 @@ class EntrySessions:
             if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
                 answer.retry_at = now + STALE_RETRY_S
             if msg.code == "no_log" and answer.step.rebuild is not None:
-                answer.full_replay = True  # a stage cannot rebuild: replay the whole session
+                if answer.whole_rebuild:  # even a whole rebuild failed: replay the session
+                    answer.full_replay = True
+                answer.whole_rebuild = True
             self._lose(answer, f"{sender}: {msg.code}: {msg.message}", now)
 
     def result(self, sender: str, msg: wire.Result, now: float) -> None:
@@ -228,7 +232,7 @@ class EntrySessions:
         if answer is None or answer.step is None:
             return True
         if answer.step.rebuild is not None and answer.step.rebuild.jobs.pop(job_id, None) is not None:
-            answer.full_replay = True  # this node could not rebuild its part: replay instead
+            answer.full_replay = True  # this node could not run its part: replay instead
             self._lose(answer, reason, now)
         elif answer.step.job_id == job_id:
             answer.step.job_id = None
@@ -293,7 +297,7 @@ class EntrySessions:
             if answer.needs_rebuild:
                 answer.needs_rebuild = False
                 if answer.full_replay:
-                    answer.full_replay = False
+                    answer.full_replay = answer.whole_rebuild = False
                     core.stats.full_replays += 1
                     core.log_step_lost(session.session_id, answer.seq, "rebuild impossible: replaying every step")
                     session.restart()
@@ -316,6 +320,10 @@ class EntrySessions:
         core = self._core
         session = answer.session
         history, prefill = session.history()
+        if answer.whole_rebuild:
+            core.stats.whole_rebuilds += 1
+            core.log_step_lost(session.session_id, answer.seq, "a log is gone: every stage without it "
+                                                                "recomputes its whole span")
         run = _RebuildRun(len(history), prefill, history, {})
         answer.step = _InFlight(answer.seq, step, plan, rebuild=run)
         answer.seq += 1
@@ -325,9 +333,10 @@ class EntrySessions:
         route = ids[1:] if first_is_here else ids
         for start, end in rebuild_parts(run.position, prefill):
             part = wire.Rebuild(session.session_id, answer.step.seq, plan.key[0], plan.key[1], run.position,
-                                prefill, start, end - start, (), route[1:] + (core.node_id,))
+                                prefill, start, end - start, (), route[1:] + (core.node_id,), answer.whole_rebuild)
             job = RebuildPart(core.next_job_id(), session.session_id, answer.step.seq, run.position, prefill,
-                              start, end - start, token_ids=history[start:end], run_span=first_is_here)
+                              start, end - start, token_ids=history[start:end], run_span=first_is_here,
+                              whole=answer.whole_rebuild)
             run.jobs[job.job_id] = ("first" if first_is_here else "embed", part)
             self._by_job[job.job_id] = session.session_id
             core.add_job(job)
@@ -339,7 +348,7 @@ class EntrySessions:
             return
         core = self._core
         job = RebuildPart(core.next_job_id(), msg.session_id, msg.seq, msg.position, msg.prefill,
-                          msg.start_pos, msg.positions, hidden=hidden)
+                          msg.start_pos, msg.positions, hidden=hidden, whole=msg.whole)
         answer.step.rebuild.jobs[job.job_id] = ("last", msg)
         self._by_job[job.job_id] = msg.session_id
         core.add_job(job)
@@ -368,10 +377,11 @@ class EntrySessions:
         hidden = () if result.hidden is None else (core.encode_hidden(result.hidden, step.plan.codec),)
         core.send(ids[1 if role == "first" else 0], wire.Rebuild(
             part.session_id, part.seq, part.term, part.epoch, part.position, part.prefill, part.start_pos,
-            part.positions, hidden, part.route), channel="activation", positions=part.positions)
+            part.positions, hidden, part.route, part.whole), channel="activation", positions=part.positions)
 
     def _rebuild_done(self, answer: _Answer, now: float) -> None:
         answer.step = None
+        answer.whole_rebuild = False
         self._advance(answer, now)
 
     def _run_job(self, answer: _Answer, *, token_ids: tuple[int, ...] | None = None,

@@ -62,6 +62,8 @@ class RebuildPart:
     token_ids: tuple[int, ...] | None = None
     hidden: np.ndarray | None = None
     run_span: bool = True
+    whole: bool = False
+    """A stage without the log it needs recomputes its whole span (meshllm.mesh.rebuild)."""
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ downstream, the input of the next stage's first layer. A rebuild streams through
 in parts (`parts`): each stage runs a part as soon as it arrives and passes its own output
 on, so neighbours that took over adjacent lost layers rebuild at the same time. A stage that
 cannot rebuild (its log is gone too: several nodes lost at once, or a log over the memory
-cap) raises `RebuildError`; the entry node then falls back to replaying the whole session,
-one step at a time. Nothing is ever wrong, only slower.
+cap) raises `RebuildError`; the entry node then sends a *whole* rebuild, in which every stage
+that lacks a log recomputes all its layers from its upstream's output, streamed from the
+embedding as before; only if that fails too does it replay the session one step at a time.
+Nothing is ever wrong, only slower.
 
 The torch side (`meshllm.model.runtime`) and the pure tests' toy model implement
 `LayerStore`; everything else lives here.
@@ -266,11 +268,16 @@ class Rebuilder:
         self._active.pop(session_id, None)
 
     def part(self, session_id: str, seq: int, position: int, prefill: int, start_pos: int,
-             positions: int, x: np.ndarray | None) -> tuple[np.ndarray | None, RebuildReport]:
+             positions: int, x: np.ndarray | None, whole: bool = False) -> tuple[np.ndarray | None, RebuildReport]:
         """Make this stage's caches hold positions `[start_pos, start_pos + positions)` of
         the session; `x` is the hidden state entering the span's first layer there, or None
         when the upstream has none. Returns this stage's output for those positions (None
-        when it has none) and what the rebuild does here. Raises `RebuildError`."""
+        when it has none) and what the rebuild does here. Raises `RebuildError`.
+
+        With `whole`, a stage that could not give its output (its log is gone) recomputes every
+        layer of its span from the upstream's output instead: starting from the embedding,
+        which the entry node always sends, every stage then has an output to pass on, so such
+        a rebuild cannot fail for want of a log."""
         end = start_pos + positions
         if x is not None and x.shape[0] != positions:
             raise ValueError(f"a part of {positions} positions came with {x.shape[0]} rows")
@@ -278,7 +285,7 @@ class Rebuilder:
         if state is not None and seq < state.seq:
             raise RebuildError(f"part of an older rebuild of session {session_id}")
         if start_pos == 0:
-            state = self._begin(session_id, seq, position, prefill)
+            state = self._begin(session_id, seq, position, prefill, whole)
         elif state is None or state.seq != seq or state.next_pos != start_pos or end > state.position:
             self._active.pop(session_id, None)
             raise RebuildError(f"part [{start_pos}, {end}) of session {session_id} out of order")
@@ -296,18 +303,26 @@ class Rebuilder:
                 self.logs.drop(session_id)
         return out, state.report
 
-    def _begin(self, session_id: str, seq: int, position: int, prefill: int) -> _Rebuild:
+    def _begin(self, session_id: str, seq: int, position: int, prefill: int, whole: bool) -> _Rebuild:
         a, b = self.store.span
         lengths = self.store.layer_lengths(session_id)
         held = [i for i, n in enumerate(lengths) if n >= position]
         if held and held != list(range(held[0], held[-1] + 1)):
             held = []  # not one run of layers: rebuild the whole span
+        log = self.logs.get(session_id)
+
+        def logged(boundary: int) -> bool:
+            return log is not None and log.boundary == boundary and log.length >= position
+
+        if held and whole:
+            top = a + held[-1] + 1  # what this stage can give downstream without its log
+            if (top < b and not logged(top)) or (top == b < self.num_layers and not logged(b)):
+                held = []  # recompute every layer from the upstream's output, for an output here
         lo, hi = (held[0], held[-1] + 1) if held else (0, 0)
         self.store.keep_layers(session_id, lo, hi, position)
         kept = (a + lo, a + hi) if held else None
         up = (a, a + lo) if held and lo > 0 else (None if held else (a, b))
         down = (a + hi, b) if held and a + hi < b else None
-        log = self.logs.get(session_id)
         old_log = None
         if down is not None:
             if log is None or log.boundary != down[0] or log.length < position:
@@ -358,7 +373,7 @@ class Rebuilder:
             return x, None, None  # the entry node only embeds, for a first stage elsewhere
         try:
             out, report = self.part(job.session_id, job.seq, job.position, job.prefill, job.start_pos,
-                                    job.positions, x)
+                                    job.positions, x, job.whole)
         except RebuildError as e:
             return None, None, str(e)
         return out, report, None

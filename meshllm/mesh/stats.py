@@ -30,8 +30,11 @@ class StageStats:
     kept_layers: int = 0
     """Layers whose caches those rebuilds kept, summed over sessions."""
     rebuild_compute_ms: float = 0.0
+    whole_rebuilds: int = 0
+    """Rebuilds of answers entered here in which the stages without a log recomputed their
+    whole span (a log a rebuild needed was gone)."""
     full_replays: int = 0
-    """Answers entered here that fell back to replaying every step (a rebuild was impossible)."""
+    """Answers entered here that fell back to replaying every step (even a whole rebuild failed)."""
     measured_span: tuple[int, int] = (0, 0)
     """The span whose decode steps ``span_decode_ms`` holds."""
     span_decode_ms: list[float] = field(default_factory=list)
@@ -86,5 +89,6 @@ class StageStats:
             "rebuilt_layers": self.rebuilt_layers,
             "kept_layers": self.kept_layers,
             "rebuild_compute_ms": round(self.rebuild_compute_ms, 3),
+            "whole_rebuilds": self.whole_rebuilds,
             "full_replays": self.full_replays,
         }

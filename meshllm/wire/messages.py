@@ -312,6 +312,8 @@ class Rebuild(WireStruct):
     """``(positions, hidden)`` of the sender's output, or empty."""
     route: Route
     """As in `Forward`: the stages still to run after the receiver, then the entry node."""
+    whole: Annotated[bool, Bool()] = False
+    """A stage without the log it needs recomputes its whole span from the sender's output."""
 
     def _check_invariants(self) -> None:
         if not 1 <= self.positions or self.start_pos + self.positions > self.position:

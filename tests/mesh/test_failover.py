@@ -171,12 +171,12 @@ def test_a_node_joining_mid_answer_does_not_break_it(tiny_llama: Path, reference
         mesh.stop()
 
 
-def test_two_stages_lost_at_once_with_no_logs_fall_back_to_a_full_replay(tiny_llama: Path,
-                                                                         reference: list[int]) -> None:
+def test_two_stages_lost_at_once_with_no_logs_fall_back_to_a_whole_rebuild(tiny_llama: Path,
+                                                                           reference: list[int]) -> None:
     """With `--rebuild-log-mb 0` no node keeps the hidden states a rebuild reads, so losing two
-    stages at once leaves lost layers that only a replay of the whole answer can rebuild: the
-    answer is still unchanged. (With the logs, the survivors rebuild them in a chain:
-    tests/unit/test_mesh_core.py.)"""
+    stages at once leaves lost layers that no log can rebuild: the stages recompute their whole
+    spans from the embedding instead, and the answer is still unchanged. (With the logs, the
+    survivors rebuild only the lost layers, in a chain: tests/unit/test_mesh_core.py.)"""
     mesh = start_mesh(tiny_llama, 4, extra=["--rebuild-log-mb", "0", *half_the_layers(tiny_llama)])
     try:
         status = mesh.status(0)
@@ -194,6 +194,6 @@ def test_two_stages_lost_at_once_with_no_logs_fall_back_to_a_full_replay(tiny_ll
         out = answer_while(mesh, entry, 10, kill_two)
         assert out.errors == []
         assert out.token_ids == reference
-        assert mesh.status(entry)["stats"]["full_replays"] >= 1
+        assert mesh.status(entry)["stats"]["whole_rebuilds"] >= 1
     finally:
         mesh.stop()

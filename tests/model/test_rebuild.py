@@ -69,7 +69,7 @@ class Chain:
             self.step((self.tokens[-1],))
         return self.tokens
 
-    def rebuild(self) -> list:  # type: ignore[type-arg]
+    def rebuild(self, whole: bool = False) -> list:  # type: ignore[type-arg]
         """Rebuild every stage's caches for the positions run so far; each stage's report."""
         history = tuple(t for s in self.steps for t in s)
         prefill = len(self.steps[0])
@@ -77,8 +77,9 @@ class Chain:
         for start, end in parts(len(history), prefill):
             x = None
             for i, rt in enumerate(self.stages):
-                job = RebuildPart(self._job_id(), SID, 1, len(history), prefill, start, end - start,
-                                  token_ids=history[start:end] if i == 0 else None, hidden=x)
+                job = RebuildPart(self._job_id(), SID, 2 if whole else 1, len(history), prefill, start,
+                                  end - start, token_ids=history[start:end] if i == 0 else None, hidden=x,
+                                  whole=whole)
                 result = rt.rebuild_part(job)
                 assert result.rebuild_error is None, result.rebuild_error
                 x, reports[i] = result.hidden, result.rebuild
@@ -151,6 +152,12 @@ def test_a_stage_whose_log_is_gone_says_so_instead_of_guessing(tiny_llama: Path)
                                         first_part[1] - first_part[0], token_ids=history[:first_part[1]]))
     assert result.rebuild_error is not None and "no output log at layer 3" in result.rebuild_error
     assert result.hidden is None
+    # a whole rebuild: the stage recomputes its span from the embedding, and the answer goes on
+    expected = Chain([runtime(tiny_llama, (0, 6), "int8")]).generate(prompt, 20)
+    chain.stages = [a]
+    (report,) = chain.rebuild(whole=True)
+    assert report.kept is None and report.from_upstream == (0, 6)
+    assert chain.generate(prompt, 20) == expected
 
 
 def test_logs_stay_under_their_memory_cap(tiny_llama: Path) -> None:
