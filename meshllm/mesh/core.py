@@ -804,6 +804,7 @@ class MeshCore:
         view = PlanView(key=(msg.term, msg.epoch), stages=msg.stages, codec=msg.codec, coordinator_id=sender)
         if view.stages[0].start_layer != 0 or view.stages[-1].end_layer != self.spec.num_layers:
             raise ValueError(f"plan does not cover [0, {self.spec.num_layers})")
+        before = self.book.active or self.book.pending
         if not self.book.offer(view, self.election.term):
             log.info("ignoring plan %s from %s (have seen %s)", view.key, sender, self.book.highest_key)
             return
@@ -813,17 +814,18 @@ class MeshCore:
             job = LoadSpan(self.next_job_id(), *view.span_of(self.node_id))
             self._loads[job.job_id] = view
             self._jobs.append(job)
-            self._expect_handovers(view, now)
+            self._expect_handovers(view, before, now)
         self._changed()
 
-    def _expect_handovers(self, view: PlanView, now: float) -> None:
+    def _expect_handovers(self, view: PlanView, before: PlanView | None, now: float) -> None:
         """The live nodes whose layers this node takes under `view` hand their caches over:
-        its StageReady waits for them (at most `handover_wait_s`)."""
-        old = self._loaded_view
+        its StageReady waits for them (at most `handover_wait_s`). Who held what comes from the
+        plan before `view` (a node that just joined loaded none of its own)."""
+        old = before or self._loaded_view
         givers: set[str] = set()
         if old is not None:
             start, end = view.span_of(self.node_id)
-            held = old.span_of(self.node_id)
+            held = self.span
             for stage in old.stages:
                 overlap = (max(start, stage.start_layer), min(end, stage.end_layer))
                 gains = overlap[0] < overlap[1] and not (held[0] <= overlap[0] and overlap[1] <= held[1])

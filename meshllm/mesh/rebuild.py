@@ -267,6 +267,10 @@ class Rebuilder:
     def forget(self, session_id: str) -> None:
         self._active.pop(session_id, None)
 
+    def rebuilding(self, session_id: str) -> bool:
+        """A rebuild of the session is under way here (its parts keep coming)."""
+        return session_id in self._active
+
     def part(self, session_id: str, seq: int, position: int, prefill: int, start_pos: int,
              positions: int, x: np.ndarray | None, whole: bool = False) -> tuple[np.ndarray | None, RebuildReport]:
         """Make this stage's caches hold positions `[start_pos, start_pos + positions)` of

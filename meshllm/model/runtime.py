@@ -101,7 +101,8 @@ class Runtime:
     def import_cache(self, job: ImportCache) -> None:
         """Keys and values of a layer handed over by its previous owner: taken over now when
         this node holds the layer, else when it loads the plan that gives it the layer."""
-        if not self.shard.install_layer(job.session_id, job.layer, job.keys, job.values):
+        if self.rebuilder.rebuilding(job.session_id) or \
+                not self.shard.install_layer(job.session_id, job.layer, job.keys, job.values):
             held = sum(k.nbytes + v.nbytes for _s, _l, k, v in self._imports)
             if held + job.keys.nbytes + job.values.nbytes <= MAX_PENDING_IMPORT_BYTES:
                 self._imports.append((job.session_id, job.layer, job.keys, job.values))

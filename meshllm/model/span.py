@@ -114,7 +114,8 @@ class SpanSessions(Generic[CacheT]):
 
     def install_layer(self, session_id: str, layer: int, k: np.ndarray, v: np.ndarray) -> bool:
         """Take over a layer's keys and values handed over by another node; False when this
-        span does not hold the layer or already has as many positions for it."""
+        span does not hold the layer or already holds positions of it (a late hand-over never
+        replaces what a rebuild made: the rebuild cuts every layer to the session's length)."""
         if not self.start_layer <= layer < self.end_layer:
             return False
         i = layer - self.start_layer
@@ -123,7 +124,7 @@ class SpanSessions(Generic[CacheT]):
             if len(self._caches) >= self.max_sessions:
                 return False
             cache = self._caches[session_id] = self._new_cache()
-        if self._layer_lengths(cache)[i] >= k.shape[1]:
+        if self._layer_lengths(cache)[i] > 0:
             return False
         self._set_layer_kv(cache, i, torch.from_numpy(k), torch.from_numpy(v))
         return True

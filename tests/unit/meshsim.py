@@ -93,7 +93,7 @@ class ToyShard:
         start, end = self.span
         if start <= job.layer < end:
             cache = self.caches.setdefault(job.session_id, [[] for _ in range(end - start)])
-            if len(cache[job.layer - start]) < job.keys.shape[1]:
+            if not cache[job.layer - start] and job.session_id not in self.rebuilder._active:
                 cache[job.layer - start] = list(job.keys[0])
         elif keep:
             self.pending_imports.append(job)
