@@ -87,6 +87,10 @@ class _Answer:
     """The stages' caches may not match the session any more (a new plan, a lost step)."""
     whole_rebuild: bool = False
     """A stage could not rebuild for want of a log: the next rebuild is a whole one."""
+    moving_since: float | None = None
+    """Since when stages keep refusing this answer's steps as "stale_plan" (the mesh is
+    moving: elections, joins), with no token in between; such refusals count as failures
+    only once this has lasted `plan_wait_s`."""
     full_replay: bool = False
     """Even a whole rebuild failed: replay every step instead."""
 
@@ -153,6 +157,10 @@ class EntrySessions:
         if answer is not None and answer.step is not None and answer.step.seq == msg.seq:
             if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
                 answer.retry_at = now + STALE_RETRY_S
+                if answer.moving_since is None:
+                    answer.moving_since = now
+                if now - answer.moving_since < self._core.settings.plan_wait_s:
+                    answer.failures -= 1  # not a failure of the step: _lose counts it back
             if msg.code == "no_log" and answer.step.rebuild is not None:
                 if answer.whole_rebuild:  # even a whole rebuild failed: replay the session
                     answer.full_replay = True
@@ -424,6 +432,7 @@ class EntrySessions:
             if token_id is None:
                 raise AssertionError("a sampling step ended without a token")
             answer.failures = 0  # progress: a new token (replayed steps do not count)
+            answer.moving_since = None
             if answer.paused:
                 self._resume(answer)
             self._output(answer, session.accept(token_id))

@@ -374,6 +374,19 @@ def test_an_entry_node_that_hears_of_a_new_plan_late_waits_instead_of_giving_up(
     assert answer.error is None and answer.tokens == reference(PROMPT, 40)
 
 
+def test_stale_refusals_for_longer_than_a_few_retries_still_wait_for_the_new_plan() -> None:
+    """Elections and joins after several restarts can keep the entry node's plan stale for
+    seconds (five refusals at 0.5 s apart used to end the answer): it waits up to plan_wait_s."""
+    net = three_nodes()
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 10)
+    net.extra_latency_s = lambda sender, dest, msg: 5.0 if dest == "a" and isinstance(msg, wire.Plan) else 0.0
+    net.add("d", ms_per_layer=0.5)
+    net.connect_all()
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(messages, min_size=1, max_size=6), st.sampled_from("abc"))
 def test_no_message_from_a_peer_breaks_a_node(batch: list[wire.Message], sender_of: str) -> None:
