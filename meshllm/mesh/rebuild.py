@@ -29,7 +29,7 @@ The torch side (`meshllm.model.runtime`) and the pure tests' toy model implement
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -88,6 +88,10 @@ class LayerStore(Protocol):
     def run_layers(self, session_id: str, x: np.ndarray, start_pos: int, lo: int, hi: int) -> np.ndarray:
         """Run span-local layers `[lo, hi)` on `x` `(positions, hidden)` at `start_pos`, as a
         normal step would (their caches must hold `start_pos` positions); their output."""
+        ...
+
+    def install_layer(self, session_id: str, layer: int, keys: np.ndarray, values: np.ndarray) -> bool:
+        """Take up a handed-over cache of global `layer` if the span holds it and it is empty."""
         ...
 
 
@@ -258,10 +262,14 @@ class _Rebuild:
 class Rebuilder:
     """The rebuilds of the sessions on one stage, part by part (one worker thread)."""
 
-    def __init__(self, store: LayerStore, logs: OutputLogs, num_layers: int) -> None:
+    def __init__(self, store: LayerStore, logs: OutputLogs, num_layers: int,
+                 offers: Callable[[str], list[tuple[int, np.ndarray, np.ndarray]]] | None = None) -> None:
         self.store = store
         self.logs = logs
         self.num_layers = num_layers
+        self._offers = offers
+        """Layer caches handed over for a session, (layer, keys, values): taken up into the
+        layers it lacks when its rebuild begins."""
         self._active: dict[str, _Rebuild] = {}
 
     def forget(self, session_id: str) -> None:
@@ -309,6 +317,8 @@ class Rebuilder:
 
     def _begin(self, session_id: str, seq: int, position: int, prefill: int, whole: bool) -> _Rebuild:
         a, b = self.store.span
+        for layer, keys, values in self._offers(session_id) if self._offers is not None else ():
+            self.store.install_layer(session_id, layer, keys, values)  # only into an empty layer
         lengths = self.store.layer_lengths(session_id)
         held = [i for i, n in enumerate(lengths) if n >= position]
         if held and held != list(range(held[0], held[-1] + 1)):

@@ -42,8 +42,9 @@ class Runtime:
         self.num_layers = engine.info.num_layers
         self.logs = OutputLogs(log_cap_bytes)
         """What this node's span sent downstream, per session (meshllm.mesh.rebuild)."""
-        self.rebuilder = Rebuilder(self.shard, self.logs, self.num_layers)
         self._imports: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+        """Layer caches handed over to this node, taken up by the next rebuild of their session."""
+        self.rebuilder = Rebuilder(self.shard, self.logs, self.num_layers, self._offers)
         self._given: tuple[tuple[str, int, np.ndarray, np.ndarray], ...] = ()
         """The caches of the layers this node gave up at its last re-plan: if the next plan
         gives them back (the node that took them is lost at once), they are taken up again."""
@@ -89,23 +90,29 @@ class Runtime:
         else:
             shard.adopt_sessions(old)  # type: ignore[arg-type]
         self.shard = shard
-        self.rebuilder = Rebuilder(shard, self.logs, self.num_layers)
-        installed = sum(shard.install_layer(*kv) for kv in (*self._imports, *self._given))
-        self._imports = []
-        self._given = tuple(given)
+        self.rebuilder = Rebuilder(shard, self.logs, self.num_layers, self._offers)
+        installed = len(self._imports)
+        # caches given up now, and those given up before whose layers this span holds again
+        self._given = tuple(given) + tuple(kv for kv in self._given if start_layer <= kv[1] < end_layer)
         log.info("loaded layers [%d, %d) in %.0f ms (kept the caches of %d sessions, took over %d layer caches, "
                  "handing over %d)", start_layer, end_layer, (time.perf_counter() - t0) * 1000,
                  len(shard.session_ids), installed, len(given))
         return Loaded(tuple(given))
 
     def import_cache(self, job: ImportCache) -> None:
-        """Keys and values of a layer handed over by its previous owner: taken over now when
-        this node holds the layer, else when it loads the plan that gives it the layer."""
-        if self.rebuilder.rebuilding(job.session_id) or \
-                not self.shard.install_layer(job.session_id, job.layer, job.keys, job.values):
-            held = sum(k.nbytes + v.nbytes for _s, _l, k, v in self._imports)
-            if held + job.keys.nbytes + job.values.nbytes <= MAX_PENDING_IMPORT_BYTES:
-                self._imports.append((job.session_id, job.layer, job.keys, job.values))
+        """Keys and values of a layer handed over by its previous owner: the next rebuild of
+        the session here takes them up for a layer it lacks (so a hand-over never lands
+        between the steps of an answer)."""
+        held = sum(k.nbytes + v.nbytes for _s, _l, k, v in self._imports)
+        if held + job.keys.nbytes + job.values.nbytes <= MAX_PENDING_IMPORT_BYTES:
+            self._imports.append((job.session_id, job.layer, job.keys, job.values))
+
+    def _offers(self, session_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """What a rebuild of the session may take up: caches handed over to this node, then
+        those it gave up at its last re-plan (if the layers came back)."""
+        mine = [(layer, k, v) for sid, layer, k, v in (*self._imports, *self._given) if sid == session_id]
+        self._imports = [kv for kv in self._imports if kv[0] != session_id]
+        return mine
 
     def compute(self, job: Compute, sampler: Sampler | None = None, delay_s: float = 0.0) -> Computed:
         """One mesh job: embed or take the hidden state, run the span, then hand the hidden
@@ -148,6 +155,7 @@ class Runtime:
     def drop(self, session_id: str) -> None:
         self.shard.drop(session_id)
         self._given = tuple(kv for kv in self._given if kv[0] != session_id)
+        self._imports = [kv for kv in self._imports if kv[0] != session_id]
         self.logs.forget(session_id)
         self.rebuilder.forget(session_id)
 

@@ -68,8 +68,8 @@ class ToyShard:
         self.span = (0, 0)
         self.caches: dict[str, list[list[np.ndarray]]] = {}
         self.logs = OutputLogs()
-        self.rebuilder = Rebuilder(self, self.logs, LAYERS)
         self.pending_imports: list[ImportCache] = []
+        self.rebuilder = Rebuilder(self, self.logs, LAYERS, self._offers)
 
     def load(self, start: int, end: int) -> Loaded:
         old_start, old_end = self.span
@@ -83,20 +83,28 @@ class ToyShard:
         if start == end:
             self.caches = {}
             self.logs = OutputLogs(self.logs.cap_bytes)
-            self.rebuilder = Rebuilder(self, self.logs, LAYERS)
-        for job in self.pending_imports:
-            self.import_cache(job, keep=False)
-        self.pending_imports = []
+            self.rebuilder = Rebuilder(self, self.logs, LAYERS, self._offers)
+        self.given = given
         return Loaded(given)
 
-    def import_cache(self, job: ImportCache, keep: bool = True) -> None:
+    def import_cache(self, job: ImportCache) -> None:
+        self.pending_imports.append(job)
+
+    def _offers(self, session_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        mine = [(j.layer, j.keys, j.values) for j in self.pending_imports if j.session_id == session_id]
+        mine += [(layer, k, v) for sid, layer, k, v in getattr(self, "given", ()) if sid == session_id]
+        self.pending_imports = [j for j in self.pending_imports if j.session_id != session_id]
+        return mine
+
+    def install_layer(self, session_id: str, layer: int, keys: np.ndarray, values: np.ndarray) -> bool:
         start, end = self.span
-        if start <= job.layer < end:
-            cache = self.caches.setdefault(job.session_id, [[] for _ in range(end - start)])
-            if not cache[job.layer - start] and job.session_id not in self.rebuilder._active:
-                cache[job.layer - start] = list(job.keys[0])
-        elif keep:
-            self.pending_imports.append(job)
+        if not start <= layer < end:
+            return False
+        cache = self.caches.setdefault(session_id, [[] for _ in range(end - start)])
+        if cache[layer - start]:
+            return False
+        cache[layer - start] = list(keys[0])
+        return True
 
     def drop(self, session_id: str) -> None:
         self.caches.pop(session_id, None)
