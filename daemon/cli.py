@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from daemon.node.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES, ConfigError, NodeConfig
 
@@ -152,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.set_defaults(run=cmd_bench)
 
+    tune = commands.add_parser(
+        "tune", help="fine-tune the model with your data, federated over the mesh (docs/fine-tuning.md)",
+        description="Join (or start) a federated fine-tuning job on the local daemon. Each node trains a "
+                    "LoRA adapter on its own examples; only adapter updates cross the mesh, and the "
+                    "coordinator averages them each round. When the job ends every node serves the result.")
+    tune.add_argument("--data", required=True, metavar="FILE.jsonl",
+                      help='your examples, one chat a line: {"messages": [{"role": "user", ...}, '
+                           '{"role": "assistant", ...}]}; the last message is the answer to learn')
+    tune.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    tune.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    tune.add_argument("--steps-per-round", type=int, default=10,
+                      help="local training steps per round, one example a step (default 10)")
+    tune.add_argument("--aggregate", default="mean", choices=("mean", "median", "trimmed"),
+                      help="how the coordinator combines updates: mean (weighted by examples, default), "
+                           "median or trimmed (robust to a bad participant)")
+    tune.add_argument("--api", default=None, help=api_help + " (must be this device's: your data stays here)")
+    tune.add_argument("--json", action="store_true", help="print each progress event as a JSON line")
+    tune.set_defaults(run=cmd_tune)
+
     chat = commands.add_parser("chat", help="attach the terminal UI to the local daemon",
                                description="Open the terminal UI on a running daemon.")
     chat.add_argument("--api", default=None, help=api_help)
@@ -215,6 +234,12 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug-link-delay-ms", dest="debug_link_delay_ms", type=float, default=None,
                         metavar="MS", help="testing aid: delay every message this node sends to its "
                                            "peers by MS (like a node on slow Wi-Fi; default 0)")
+    parser.add_argument("--adapter", default=None, metavar="PATH|last|none",
+                        help="serve the model with this LoRA adapter (a peft folder), or `last`: the one "
+                             "the last `meshllm tune` job finished on this node (default none)")
+    parser.add_argument("--debug-tune-scale", dest="debug_tune_scale", type=float, default=None,
+                        metavar="X", help="testing aid: multiply the adapter update this node sends "
+                                          "in a tune round by X (a faulty participant; default 1)")
 
 
 def _weights_arg(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +385,58 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not last.endswith("\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()
+    return EXIT_OK
+
+
+MAX_TUNE_DATA_BYTES = 16 << 20
+"""Largest --data file `meshllm tune` sends (the daemon's bound on a tune request is 32 MiB)."""
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``meshllm tune``: send this device's examples to its own daemon and follow the job."""
+    from urllib.parse import urlsplit
+
+    from meshllm.tune.data import DataError, parse_jsonl
+    from tui.client import DaemonError, DaemonUnavailable
+    from tui.tune_progress import TuneProgress
+
+    api = args.api or _default_api()
+    host = urlsplit(api).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return fail(f"--api {api}: meshllm tune sends your examples to that daemon, so it must be this "
+                    "device's own (127.0.0.1, localhost or ::1); run `meshllm tune` on the device that has the data")
+    path = Path(args.data).expanduser()
+    try:
+        if path.stat().st_size > MAX_TUNE_DATA_BYTES:
+            return fail(f"{path}: larger than {MAX_TUNE_DATA_BYTES // (1 << 20)} MiB")
+        chats = parse_jsonl(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        return fail(f"cannot read {path}: {error.strerror or error}")
+    except UnicodeDecodeError as error:
+        return fail(f"{path} is not UTF-8 text: {error}")
+    except DataError as error:
+        return fail(f"{path}: {error}")
+    body = {"examples": chats, "rounds": args.rounds, "rank": args.rank,
+            "steps_per_round": args.steps_per_round, "aggregate": args.aggregate}
+    progress = TuneProgress(sys.stderr, as_json=sys.stdout if args.json else None)
+
+    async def follow() -> dict[str, Any] | None:
+        async for event in _client(api).tune(body):
+            progress.show(event)
+            if event.get("type") in ("done", "error"):
+                return event
+        return None
+
+    try:
+        last = asyncio.run(follow())
+    except (DaemonUnavailable, DaemonError) as error:
+        progress.close()
+        return _client_failure(error)
+    progress.close()
+    if last is None:
+        return fail("the daemon ended the tune job without a result")
+    if last["type"] == "error":
+        return fail(f"tune job failed: {last.get('message')}")
     return EXIT_OK
 
 

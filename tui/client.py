@@ -289,6 +289,21 @@ class DaemonClient:
                 raise DaemonError(f"the daemon's answer stream is garbled: {error}") from None
         raise DaemonUnavailable("the daemon closed the stream before the answer ended")
 
+    async def tune(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """``POST /v1/tune``: join a federated fine-tuning job with ``body["examples"]`` and
+        yield its progress events until one of type ``done`` or ``error`` (docs/api.md)."""
+        async with self._stream("POST", "/v1/tune", body, self._chat_idle_timeout_s) as response:
+            try:
+                async for data in read_sse(response):
+                    event = _decode_event(data, TUNE_EVENTS)
+                    if event is not None:
+                        yield event
+                        if event.get("type") in ("done", "error"):
+                            return
+            except SseError as error:
+                raise DaemonError(f"the daemon's tune stream is garbled: {error}") from None
+        raise DaemonUnavailable("the daemon closed the tune stream before the job ended")
+
     # -- HTTP ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -361,14 +376,19 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     raise DaemonError(message, status=response.status)
 
 
-def _decode_event(data: str) -> dict[str, Any] | None:
-    """One event of /v1/events, or None (logged) when it is not one this client knows."""
+TUNE_EVENTS = ("progress", "base", "done", "error")
+"""The event types of a /v1/tune stream."""
+
+
+def _decode_event(data: str, known: tuple[str, ...] = ("status", "log")) -> dict[str, Any] | None:
+    """One event of /v1/events (or of another stream whose types are `known`), or None
+    (logged) when it is not one this client knows."""
     try:
         event = json.loads(data)
     except ValueError:
         log.warning("skipping an event that is not JSON: %.200s", data)
         return None
-    if not isinstance(event, dict) or event.get("type") not in ("status", "log"):
+    if not isinstance(event, dict) or event.get("type") not in known:
         log.warning("skipping an unknown event: %.200s", data)
         return None
     return event

@@ -23,6 +23,7 @@ from daemon.api.completions import Completions, NotReady, PreparedChat
 from daemon.api.events import EventHub
 from daemon.api.status import StatusBoard
 from daemon.api.stop_strings import StopScanner
+from daemon.api.tune import MAX_TUNE_BODY_BYTES, TuneEndpoint
 from daemon.node.fallback import Serving
 from daemon.node.worker import TokenStream, WorkerStopped
 
@@ -72,7 +73,9 @@ class ApiHandlers:
         request_stop: Callable[[], None],
         *,
         keepalive_s: float = KEEPALIVE_S,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        self._max_body_bytes = max_body_bytes
         self._completions = completions
         self._board = board
         self._hub = hub
@@ -89,7 +92,7 @@ class ApiHandlers:
         return web.json_response({"object": "list", "data": data})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json_body(request)
+        body = await read_json_body(request, max_bytes=self._max_body_bytes)
         try:
             prepared = await self._completions.prepare(parse_chat_request(body))
         except RequestError as error:
@@ -176,7 +179,7 @@ class ApiHandlers:
             nonlocal opened
             if not opened:
                 opened = True
-                await _send_event(response, chunk({"role": "assistant", "content": ""}))
+                await send_event(response, chunk({"role": "assistant", "content": ""}))
 
         response = web.StreamResponse(headers=SSE_HEADERS)
         try:
@@ -194,28 +197,28 @@ class ApiHandlers:
                     if isinstance(piece, Finished):
                         finished = piece
                     elif isinstance(piece, StateChange):
-                        await _send_event(response, chunk({}, state=piece.state))
+                        await send_event(response, chunk({}, state=piece.state))
                     else:
-                        await _send_event(response, chunk({"content": piece}))
+                        await send_event(response, chunk({"content": piece}))
             except WorkerStopped:
-                await _send_event(response, {"error": _error_body("the daemon is stopping")})
+                await send_event(response, {"error": _error_body("the daemon is stopping")})
                 return response
             except MeshllmError as error:  # the mesh cannot answer (too little memory, no plan)
                 self._hub.log("error", str(error))
-                await _send_event(response, {"error": _error_body(str(error), 503)})
+                await send_event(response, {"error": _error_body(str(error), 503)})
                 return response
             except Exception as error:  # the engine failed: end this stream with an error event
                 log.exception("generation failed")
                 self._hub.log("error", f"generation failed: {error}")
-                await _send_event(response, {"error": _error_body(f"generation failed: {error}")})
+                await send_event(response, {"error": _error_body(f"generation failed: {error}")})
                 return response
             if finished.reason == "cancelled":
-                await _send_event(response, {"error": _error_body("the daemon is stopping")})
+                await send_event(response, {"error": _error_body("the daemon is stopping")})
                 return response
-            await _send_event(response, chunk({}, finished.reason, token_ids=list(finished.token_ids)))
+            await send_event(response, chunk({}, finished.reason, token_ids=list(finished.token_ids)))
             if chat.include_usage:
                 usage = _usage(len(prepared.prompt_ids), finished.completion_tokens)
-                await _send_event(response, {**chunk({}), "choices": [], "usage": usage})
+                await send_event(response, {**chunk({}), "choices": [], "usage": usage})
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:
@@ -232,9 +235,9 @@ class ApiHandlers:
         response = web.StreamResponse(headers=SSE_HEADERS)
         try:
             await response.prepare(request)
-            await _send_event(response, {"type": "status", "status": self._board.snapshot()})
+            await send_event(response, {"type": "status", "status": self._board.snapshot()})
             for past in self._hub.recent_logs():
-                await _send_event(response, past.to_json())
+                await send_event(response, past.to_json())
             while True:
                 try:
                     event = await subscription.next_event(self._keepalive_s)
@@ -243,7 +246,7 @@ class ApiHandlers:
                 if event is None:
                     await response.write(b": ping\n\n")
                 else:
-                    await _send_event(response, event.to_json())
+                    await send_event(response, event.to_json())
             await response.write_eof()
         except ConnectionResetError:
             log.debug("event client went away")
@@ -252,7 +255,7 @@ class ApiHandlers:
         return response
 
     async def down(self, request: web.Request) -> web.StreamResponse:
-        await read_json_body(request, allow_empty=True)
+        await read_json_body(request, allow_empty=True, max_bytes=self._max_body_bytes)
         self._hub.log("leave", "stopping: asked to go down over the API")
         response = web.json_response({"ok": True})
         await response.prepare(request)
@@ -300,14 +303,20 @@ class BodyError(Exception):
         self.message = message
 
 
-async def read_json_body(request: web.Request, *, allow_empty: bool = False) -> object:
+async def read_json_body(request: web.Request, *, allow_empty: bool = False,
+                         max_bytes: int = MAX_BODY_BYTES) -> object:
     """The request's decoded JSON body; raises BodyError (415, 413 or 400)."""
     if request.content_type != "application/json":
         raise BodyError(415, "send the body as JSON with 'Content-Type: application/json'")
+    limit = min(max_bytes, request.client_max_size)
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyError(413, f"the request body is larger than {limit} bytes")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BodyError(413, f"the request body is larger than {request.client_max_size} bytes") from None
+        raise BodyError(413, f"the request body is larger than {limit} bytes") from None
+    if len(raw) > limit:
+        raise BodyError(413, f"the request body is larger than {limit} bytes")
     if allow_empty and not raw.strip():
         return None
     try:
@@ -325,7 +334,7 @@ def _error_body(message: str, status: int = 500) -> dict[str, Any]:
     return {"message": message, "type": kind, "param": None, "code": None}
 
 
-async def _send_event(response: web.StreamResponse, data: dict[str, Any]) -> None:
+async def send_event(response: web.StreamResponse, data: dict[str, Any]) -> None:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     await response.write(b"data: " + payload.encode() + b"\n\n")
 
@@ -379,16 +388,22 @@ def create_app(
     keepalive_s: float = KEEPALIVE_S,
     max_body_bytes: int = MAX_BODY_BYTES,
     allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+    tune: TuneEndpoint | None = None,
 ) -> web.Application:
-    """The aiohttp application. ``allowed_hosts`` guards against DNS rebinding (None: any)."""
-    handlers = ApiHandlers(completions, board, hub, request_stop, keepalive_s=keepalive_s)
-    app = web.Application(client_max_size=max_body_bytes,
+    """The aiohttp application. ``allowed_hosts`` guards against DNS rebinding (None: any).
+    Bodies are bounded by ``max_body_bytes``, a tune request's by MAX_TUNE_BODY_BYTES."""
+    handlers = ApiHandlers(completions, board, hub, request_stop, keepalive_s=keepalive_s,
+                           max_body_bytes=max_body_bytes)
+    tune = tune or TuneEndpoint()
+    app = web.Application(client_max_size=max(max_body_bytes, MAX_TUNE_BODY_BYTES),
                           middlewares=[_error_middleware(allowed_hosts)])
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/status", handlers.status)
     app.router.add_get("/v1/events", handlers.events)
     app.router.add_post("/v1/down", handlers.down)
+    app.router.add_post("/v1/tune", tune.start)
+    app.router.add_get("/v1/tune", tune.status)
     return app
 
 

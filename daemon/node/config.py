@@ -102,6 +102,13 @@ class NodeConfig:
     """Latency target: the coordinator picks the smallest plan predicted to decode within this."""
     target_ttft_ms: float | None = None
     """Latency target for the first token of an answer (a typical prompt)."""
+    adapter: str = "none"
+    """A LoRA adapter to serve with the model (docs/fine-tuning.md): ``none``, ``last`` (the
+    last tune job finished on this node, kept under the state dir) or the PATH of a peft
+    adapter folder. Every node of a mesh must serve the same one: it is part of the model id."""
+    debug_tune_scale: float = 1.0
+    """Testing aid: this node multiplies the adapter update it sends in a tune round by this
+    (a faulty or malicious participant; the coordinator refuses or outvotes it)."""
 
     @property
     def signal_port(self) -> int:
@@ -181,6 +188,11 @@ class NodeConfig:
         if self.debug_link_delay_ms >= self.heartbeat_timeout_s * 1000:
             raise ConfigError("debug link delay must be below the heartbeat timeout "
                               f"({self.heartbeat_timeout_s * 1000:.0f} ms), or peers are lost")
+        if self.adapter not in ("none", "last") and (
+                not self.adapter.strip() or not Path(self.adapter).expanduser().is_dir()):
+            raise ConfigError(f"adapter must be none, last or an adapter folder; {self.adapter!r} is not a folder")
+        if not 0 <= self.debug_tune_scale <= 1e9:
+            raise ConfigError("debug tune scale must be 0..1e9")
         for label, target in (("target ms per token", self.target_ms_per_token),
                               ("target ttft", self.target_ttft_ms)):
             if target is not None and not 0 < target <= 3_600_000:
@@ -219,7 +231,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 _INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget", "rebuild_log_mb"})
 _FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms", "debug_link_delay_ms",
-                           "target_ms_per_token", "target_ttft_ms"})
+                           "target_ms_per_token", "target_ttft_ms", "debug_tune_scale"})
 _BOOL_FIELDS = frozenset({"loopback", "no_tui"})
 _PATH_FIELDS = frozenset({"state_dir", "cache_dir", "mesh_key_file"})
 _LIST_FIELDS = frozenset({"join", "ice_servers"})

@@ -35,12 +35,18 @@ from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.planner import ModelSpec
 from meshllm.session import StateChange, Token
+from meshllm.tune.rounds import TUNE_MESSAGES, TuneSettings
 
 from daemon.net.links import LinkError
 from daemon.node.tasks import TaskSet
+from daemon.node.tune import TuneRunner
 from daemon.node.worker import GenerationWorker, WorkerStopped
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from meshllm.model.adapter import Adapter
+
     from daemon.net.links import LinkManager
 
 __all__ = ["Links", "MeshDriver", "MeshSettings", "MeshUnavailable", "incompatibility"]
@@ -110,6 +116,9 @@ class MeshDriver:
         settings: MeshSettings = MeshSettings(),
         on_change: Callable[[], None] = lambda: None,
         log_event: EventLogger = lambda kind, message: None,
+        state_dir: "Path | None" = None,
+        tune_settings: TuneSettings = TuneSettings(),
+        on_model_id: Callable[[str], None] = lambda model_id: None,
     ) -> None:
         self.hello = hello
         self.node_id = hello.node_id
@@ -140,6 +149,11 @@ class MeshDriver:
         """Wall time of the entry jobs (embed and/or head) run on the worker, by job id."""
         self._embed_ms: dict[str, float] = {}
         """A session's last embedding job (its head job completes the token's entry work)."""
+        self._on_model_id = on_model_id
+        self.tune = TuneRunner(self.node_id, runtime, worker, state_dir=state_dir, settings=tune_settings,
+                               pump=self._pump, log_event=log_event, adapter_finished=self.serve_adapter)
+        """Federated fine-tuning (docs/fine-tuning.md): its core runs beside the mesh core."""
+        self._tune_view: tuple[str | None, frozenset[str]] | None = None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -151,7 +165,7 @@ class MeshDriver:
         self._tasks.spawn(self._measure_links(), name="measure-links")
         try:
             while True:
-                nxt = self.core.next_timer()
+                nxt = self._next_timer()
                 self._sleeping_until = float("inf") if nxt is None else nxt
                 self._wake.clear()
                 try:
@@ -160,12 +174,19 @@ class MeshDriver:
                 except TimeoutError:
                     pass
                 self._sleeping_until = float("-inf")
-                self.core.handle_timer(time.monotonic())
+                now = time.monotonic()
+                self.core.handle_timer(now)
+                self.tune.core.handle_timer(now)
                 self._pump()
         finally:
             self.core.stop("the daemon is stopping")
             self._pump()
             self._tasks.cancel()
+            self.tune.close()
+
+    def _next_timer(self) -> float | None:
+        timers = [t for t in (self.core.next_timer(), self.tune.core.next_timer()) if t is not None]
+        return min(timers) if timers else None
 
     async def _measure_links(self) -> None:
         """Hand the core what the links measured, every report interval."""
@@ -176,9 +197,16 @@ class MeshDriver:
             self._pump()
 
     def _pump(self) -> None:
-        """Carry out what the core asked for: sends, jobs, events."""
-        core = self.core
-        for send in core.sends():
+        """Carry out what the cores asked for: sends, jobs, events."""
+        core, tune = self.core, self.tune.core
+        # an election in progress (no coordinator yet) does not end a tune job: the tune core
+        # hears of a new coordinator only once one is elected
+        last = self._tune_view[0] if self._tune_view else None
+        view = (core.coordinator_id or last, frozenset(core.members) - {self.node_id})
+        if view != self._tune_view:  # the tune core learns of members and coordinators
+            self._tune_view = view
+            tune.membership(view[0], view[1], time.monotonic())
+        for send in (*core.sends(), *tune.sends()):
             outbox = self._outboxes.get(send.dest)
             if outbox is None:
                 outbox = self._outboxes[send.dest] = _Outbox(send.dest, self.links, self._sent, self._tasks)
@@ -195,7 +223,14 @@ class MeshDriver:
             elif isinstance(event, StatusChanged):
                 self._changed.set()
                 self._on_change()
-        nxt = core.next_timer()
+        tune_events = tune.events()
+        for event in tune_events:
+            if isinstance(event, Logged):
+                self._log_event(event.kind, event.message)
+        self.tune.handle(tune.jobs(), tune_events)
+        if tune_events:
+            self._on_change()
+        nxt = self._next_timer()
         if nxt is not None and nxt < self._sleeping_until:
             self._wake.set()
 
@@ -301,7 +336,10 @@ class MeshDriver:
                 return
 
     def on_message(self, sender: str, msg: wire.Message) -> None:
-        self.core.receive(sender, msg, time.monotonic())
+        if isinstance(msg, TUNE_MESSAGES):
+            self.tune.core.receive(sender, msg, time.monotonic())
+        else:
+            self.core.receive(sender, msg, time.monotonic())
         self._pump()
 
     # -- answers typed here -------------------------------------------------------------------------
@@ -421,7 +459,28 @@ class MeshDriver:
         """The mesh's part of GET /v1/status (docs/api.md)."""
         view = self.core.status_view(self.links.rtt_ms)
         view["incompatible"] = sorted(self.incompatible.values(), key=lambda d: d["name"])
+        view["tune"] = self.tune.status_view()
         return view
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    async def serve_adapter(self, adapter: "Adapter | None") -> None:
+        """Serve base plus `adapter` (None: the base alone) from now on, on this node's layers:
+        a finished tune job does this on every member at once. The model id gains the adapter's
+        digest, so a node that did not take the adapter up cannot join this mesh."""
+        from dataclasses import replace
+
+        runtime = self.runtime
+        await self.worker.call(lambda: runtime.set_adapter(adapter))
+        model_id = runtime.engine.info.model_id
+        if model_id != self.hello.model_id:
+            self.hello = replace(self.hello, model_id=model_id)
+            self.core.hello = self.hello
+            self.core.members[self.node_id] = self.hello
+            self._on_model_id(model_id)
+        self._log_event("info", f"serving {'the base model' if adapter is None else 'adapter ' + adapter.digest}"
+                                f" (model id {model_id})")
+        self._on_change()
 
 
 def _drop(runtime: Runtime, job: DropSessions) -> None:

@@ -14,6 +14,8 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collections.abc import Awaitable
 
@@ -34,8 +36,15 @@ from daemon.api.events import EventHub
 from daemon.node.fallback import Fallback, FallbackError, choose_fallback, driver_health, engine_loader
 from daemon.node.identity import load_or_create_node_id
 from daemon.node.measure import EntryCosts, measure_entry_costs
+from daemon.node.tune import adapters_dir, last_adapter
+from daemon.api.tune import TuneEndpoint
+from meshllm.tune.rounds import TuneSettings
 from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.node.worker import GenerationWorker
+
+if TYPE_CHECKING:
+    from meshllm.model.adapter import Adapter
+    from meshllm.model.cache import PreparedModel
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,31 @@ def load_runtime(config: NodeConfig) -> Runtime:
     from meshllm.model.cache import prepare
     from meshllm.model.source import resolve
 
-    return Runtime.load(prepare(resolve(config.model), config.cache_dir), device=config.device,
-                        weights=config.weights, log_cap_bytes=config.rebuild_log_mb * 1024 * 1024)
+    prepared = prepare(resolve(config.model), config.cache_dir)
+    return Runtime.load(prepared, device=config.device, weights=config.weights,
+                        log_cap_bytes=config.rebuild_log_mb * 1024 * 1024, adapter=load_served_adapter(config, prepared))
+
+
+def load_served_adapter(config: NodeConfig, prepared: "PreparedModel") -> "Adapter | None":
+    """The adapter `--adapter` names (docs/fine-tuning.md), checked against the model.
+    Raises ModelSourceError with one line for the user."""
+    from meshllm.errors import ModelSourceError
+    from meshllm.model.adapter import AdapterError, load_adapter
+    from meshllm.model.shard import load_config
+
+    if config.adapter == "none":
+        return None
+    if config.adapter == "last":
+        folder = last_adapter(config.state_dir)
+        if folder is None:
+            raise ModelSourceError(f"--adapter last: no tune job has finished on this node yet "
+                                   f"(nothing in {adapters_dir(config.state_dir)})")
+    else:
+        folder = Path(config.adapter).expanduser()
+    try:
+        return load_adapter(folder, load_config(prepared))
+    except AdapterError as error:
+        raise ModelSourceError(f"--adapter {config.adapter}: {error}") from None
 
 
 
@@ -128,8 +160,9 @@ class Node:
         )
         worker = GenerationWorker(config.threads)
         completions = Completions(worker)
+        self._tune = TuneEndpoint()
         allowed_hosts = LOOPBACK_HOSTS if config.is_loopback_only() else None
-        app = create_app(completions, board, hub, self.request_stop, allowed_hosts=allowed_hosts)
+        app = create_app(completions, board, hub, self.request_stop, allowed_hosts=allowed_hosts, tune=self._tune)
         try:
             server = await ApiServer.start(app, config.api_host, config.api_port)
         except OSError as error:
@@ -212,6 +245,7 @@ class Node:
         fallback.watch(driver_health(mesh))
         self._cleanup.insert(0, fallback.close)  # answers not started yet go nowhere once stopping
         completions.attach(runtime.engine, mesh, fallback)
+        self._tune.attach(mesh.tune)
         while mesh.core.book.active is None:  # ready to answer once a plan is active
             await mesh.wait_changed()
         board.update(state="ready")
@@ -263,6 +297,7 @@ class Node:
         hello = Hello(board.state.node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
                       info.model_id, signal_server.port, budget, ms_per_layer, True)
         mesh_ref: list[MeshDriver] = []
+        discovery_ref: list[Discovery] = []
         links = LinkManager(
             hello,
             ice_servers=config.ice_servers,
@@ -273,7 +308,7 @@ class Node:
             on_message=lambda peer, msg: mesh_ref[0].on_message(peer, msg),
             on_link_up=lambda e: mesh_ref[0].on_link_up(e.peer_id, e.hello),
             on_link_down=lambda e: mesh_ref[0].on_link_down(e.peer_id, e.reason),
-            is_compatible=lambda other: incompatibility(hello, other),
+            is_compatible=lambda other: incompatibility(mesh_ref[0].hello if mesh_ref else hello, other),
             debug_link_delay_ms=config.debug_link_delay_ms,
         )
         holder["links"] = links
@@ -285,9 +320,21 @@ class Node:
         if config.debug_link_delay_ms:
             hub.log("info", f"testing aid: every message to a peer waits {config.debug_link_delay_ms:g} ms "
                             "(--debug-link-delay-ms)")
+
+        def model_id_changed(model_id: str) -> None:
+            """A finished tune job's adapter is served now: peers and discovery see the new id."""
+            links.update_hello(mesh.hello)
+            if discovery_ref:
+                tasks.create_task(discovery_ref[0].update(mesh.hello))
+            model = board.state.model
+            if model is not None:
+                board.update(model=ModelSummary(model_id, model.name, model.num_layers, model.weights))
+
         mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
-                    on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),
-                    log_event=hub.log)
+                          on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),
+                          log_event=hub.log, state_dir=config.state_dir,
+                          tune_settings=TuneSettings(debug_update_scale=config.debug_tune_scale),
+                          on_model_id=model_id_changed)
         mesh_ref.append(mesh)
         board.attach_mesh(mesh.status_view)
         await links.start()
@@ -295,6 +342,7 @@ class Node:
         discovery = Discovery(hello, host=config.signal_host, port=signal_server.port,
                               loopback=config.loopback,
                               on_event=lambda event: mesh.on_discovery(event, links))
+        discovery_ref.append(discovery)
         try:
             await discovery.start()
         except OSError as error:  # no multicast here: --join still works

@@ -6,6 +6,7 @@ uneven shards in one process to prove that splitting changes no token.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from meshllm.errors import PromptTooLong
+from meshllm.model.adapter import Adapter, check_adapter
 from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.formats import resolve_format
@@ -42,6 +44,15 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     weights: str = "f32"
     """The weight format in memory (f32, f16, int8, int4); part of `model_id`."""
+    adapter: str = ""
+    """The digest of the LoRA adapter served ("" for none); part of `model_id`."""
+
+
+def served_model_id(prepared: PreparedModel, weights: str, adapter: Adapter | None) -> str:
+    """What a mesh must agree on: the weights, their format in memory and the adapter."""
+    # two formats of one file compute differently: to a mesh they are different models
+    base = f"{prepared.model_id}-{weights}"
+    return base if adapter is None else f"{base}-a{adapter.digest}"
 
 
 def eos_ids(prepared: PreparedModel, tokenizer) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
@@ -103,8 +114,11 @@ class Engine:
         device: str = "cpu",
         weights: str = "f32",
         tokenizer=None,  # type: ignore[no-untyped-def]
+        adapter: Adapter | None = None,
     ) -> None:
-        """`tokenizer`: one already loaded from `prepared` (else it is loaded here)."""
+        """`tokenizer`: one already loaded from `prepared` (else it is loaded here).
+        `adapter`: a LoRA adapter every shard applies to its layers (AdapterError if it does
+        not fit the model)."""
         self.prepared = prepared
         self.device = check_device(device)
         self.weights = resolve_format(prepared, weights)
@@ -117,24 +131,28 @@ class Engine:
             a[1] != b[0] for a, b in zip(spans, spans[1:])
         ):
             raise ValueError(f"spans {spans} must chain [0, {n}) without gaps")
-        self.shards = [open_shard(prepared, s, e, weights=self.weights, device=self.device) for s, e in spans]
+        if adapter is not None:
+            check_adapter(adapter, config)
+        self.adapter = adapter
+        self.shards = [open_shard(prepared, s, e, weights=self.weights, device=self.device, adapter=adapter)
+                       for s, e in spans]
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(prepared.folder)
         self.shape: ModelShape = model_shape(config, self.weights)
         self.info = ModelInfo(
-            # two formats of one file compute differently: to a mesh they are different models
-            model_id=f"{prepared.model_id}-{self.weights}",
+            model_id=served_model_id(prepared, self.weights, adapter),
             name=prepared.name,
             num_layers=n,
             hidden_size=int(config.hidden_size),
             max_positions=self.shape.max_positions,
             eos_token_ids=eos_ids(prepared, self.tokenizer),
             weights=self.weights,
+            adapter=adapter.digest if adapter is not None else "",
         )
 
     @classmethod
     def load(cls, model: str | None = None, *, cache_dir: str | None = None,
              spans: Sequence[tuple[int, int]] | None = None, device: str = "cpu",
-             weights: str = "f32") -> "Engine":
+             weights: str = "f32", adapter: Adapter | None = None) -> "Engine":
         """Resolve, convert once if needed, and load. Raises `ModelSourceError`.
 
         `spans=[]` loads only the entry pieces (embedding, norm, head) and the tokenizer.
@@ -142,7 +160,19 @@ class Engine:
         from pathlib import Path
 
         prepared = prepare(resolve(model), Path(cache_dir) if cache_dir else None)
-        return cls(prepared, spans, device=device, weights=weights)
+        return cls(prepared, spans, device=device, weights=weights, adapter=adapter)
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` (None: the base model) from the next step on, in every shard; the
+        model id changes with it. Sessions in flight keep KV caches computed with the previous
+        adapter: switch between answers."""
+        if adapter is not None:
+            check_adapter(adapter, load_config(self.prepared))
+        for shard in self.shards:
+            shard.set_adapter(adapter)
+        self.adapter = adapter
+        self.info = dataclasses.replace(self.info, model_id=served_model_id(self.prepared, self.weights, adapter),
+                                        adapter=adapter.digest if adapter is not None else "")
 
     # -- prompts -------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from transformers.activations import ACT2FN
 
 from meshllm.errors import ModelSourceError
 from meshllm.model import quant
+from meshllm.model.adapter import Adapter, check_adapter
 from meshllm.model.quant import QLinear
 from meshllm.model.span import SpanSessions
 
@@ -52,6 +55,36 @@ class LeanLayer:
     o: QLinear
     gate_up: QLinear
     down: QLinear
+
+
+class LoraQLinear(QLinear):
+    """A (fused) linear plus the low-rank update of each of its parts that an adapter targets:
+    ``base(x) + (x @ A.T) @ B.T * scaling``, A the targeted parts' A matrices stacked
+    (sum of ranks, in), B block-diagonal (out, sum of ranks), zero rows for a part the adapter
+    leaves alone. The base weights stay as they are (quantized)."""
+
+    def __init__(self, base: QLinear, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        self.base = base
+        self.a = a
+        self.b = b
+        self.scaling = scaling
+        self.out_features, self.in_features, self.bias = base.out_features, base.in_features, base.bias
+        self.lora_nbytes = a.nbytes + b.nbytes
+        self.nbytes = base.nbytes + self.lora_nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scaling
+
+
+def _base(linear: QLinear) -> QLinear:
+    return linear.base if isinstance(linear, LoraQLinear) else linear
+
+
+_FUSED: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+"""Each linear of a `LeanLayer` and the projections fused into it, in row order."""
 
 
 class _KV:
@@ -104,7 +137,7 @@ class LeanShard(SpanSessions[_KV]):
 
     def __init__(self, config: PretrainedConfig, start_layer: int, end_layer: int, fmt: str, weights_file: str,
                  *, max_sessions: int = 64, device: str | torch.device = "cpu",
-                 reuse: "LeanShard | None" = None) -> None:
+                 reuse: "LeanShard | None" = None, adapter: Adapter | None = None) -> None:
         super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
         self.weights = fmt
@@ -127,6 +160,57 @@ class LeanShard(SpanSessions[_KV]):
         """A shard of another span of this model: its layers, embedding and head are shared,
         not read again (a re-plan reads only the layers a node gains)."""
         self._load(weights_file, fmt)
+        self._base_nbytes = self.nbytes
+        self.adapter: Adapter | None = None
+        if adapter is not None or any(isinstance(x, LoraQLinear) for layer in self.layers
+                                      for x in (layer.qkv, layer.o, layer.gate_up, layer.down)):
+            self.set_adapter(adapter)  # (layers reused from a shard with an adapter come wrapped)
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` from now on (None: the base model). Each layer is replaced by one
+        whose fused linears add the low-rank update of their targeted parts; the quantized
+        base linears are shared with the old layer objects, never changed (a shard this one
+        reused layers from keeps its own). Raises AdapterError when the adapter does not fit."""
+        if adapter is not None:
+            check_adapter(adapter, self.config)
+        self.layers = [self._adapted(layer, self.start_layer + i, adapter) for i, layer in enumerate(self.layers)]
+        self.adapter = adapter
+        self.nbytes = self._base_nbytes + sum(
+            x.lora_nbytes for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            if isinstance(x, LoraQLinear))
+
+    def _adapted(self, layer: LeanLayer, global_layer: int, adapter: Adapter | None) -> LeanLayer:
+        linears = {}
+        for name, targets in _FUSED.items():
+            base = _base(getattr(layer, name))
+            pairs = [adapter.pair(global_layer, t) if adapter is not None else None for t in targets]
+            if all(p is None for p in pairs):
+                linears[name] = base
+                continue
+            assert adapter is not None
+            rank = adapter.spec.rank
+            rows = [int(self._out_rows(t)) for t in targets]
+            used = [p for p in pairs if p is not None]
+            a = np.concatenate([p[0] for p in used], axis=0)  # (parts * rank, in)
+            b = np.zeros((sum(rows), rank * len(used)), dtype=np.float32)  # block-diagonal
+            row, col = 0, 0
+            for n, pair in zip(rows, pairs):
+                if pair is not None:
+                    b[row:row + n, col:col + rank] = pair[1]
+                    col += rank
+                row += n
+            linears[name] = LoraQLinear(base, torch.from_numpy(a).to(self.device), torch.from_numpy(b).to(self.device),
+                                        adapter.spec.scaling)
+        return replace(layer, **linears)
+
+    def _out_rows(self, target: str) -> int:
+        if target == "q_proj":
+            return self.n_heads * self.head_dim
+        if target in ("k_proj", "v_proj"):
+            return self.n_kv * self.head_dim
+        if target in ("gate_proj", "up_proj"):
+            return int(self.config.intermediate_size)
+        return int(self.config.hidden_size)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -168,7 +252,7 @@ class LeanShard(SpanSessions[_KV]):
             if held is not None and held.start_layer <= i < held.end_layer:
                 layer = held.layers[i - held.start_layer]  # a layer this node holds already
                 self.layers.append(layer)
-                self.nbytes += sum(x.nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+                self.nbytes += sum(_base(x).nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
                 self.nbytes += 2 * layer.attn_norm.numel() * 4
                 continue
             for _ in layer_by_layer([i]):

@@ -14,6 +14,7 @@ import torch
 
 from meshllm.mesh.jobs import Compute, Computed, ImportCache, Loaded, RebuildPart
 from meshllm.mesh.rebuild import DEFAULT_LOG_CAP_BYTES, OutputLogs, Rebuilder
+from meshllm.model.adapter import Adapter
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.sampling import Sampler
@@ -52,9 +53,25 @@ class Runtime:
 
     @classmethod
     def load(cls, prepared: PreparedModel, device: str = "cpu", weights: str = "f32",
-             log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES) -> "Runtime":
-        """Start holding no layers: only what an entry node needs (embedding, norm, head)."""
-        return cls(Engine(prepared, spans=[], device=device, weights=weights), log_cap_bytes)
+             log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES, adapter: Adapter | None = None) -> "Runtime":
+        """Start holding no layers: only what an entry node needs (embedding, norm, head).
+        `adapter`: a LoRA adapter the layers this node loads apply (see `set_adapter`)."""
+        return cls(Engine(prepared, spans=[], device=device, weights=weights, adapter=adapter), log_cap_bytes)
+
+    @property
+    def adapter(self) -> Adapter | None:
+        return self.engine.adapter
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` (None: the base model) from the next step on: the layers held now
+        apply it at once, and so does every span loaded later; `engine.info.model_id` changes
+        with it. Raises AdapterError (and changes nothing) when it does not fit the model.
+
+        KV caches and output logs of sessions in flight were computed with the previous
+        adapter: switch between answers, or replay them."""
+        self.engine.set_adapter(adapter)  # checks it first
+        if all(self.shard is not s for s in self.engine.shards):
+            self.shard.set_adapter(adapter)
 
     @property
     def kv_shape(self) -> tuple[int, int]:
@@ -84,7 +101,7 @@ class Runtime:
                                    (max(old.start_layer, end_layer), old.end_layer)) if lo < hi
                  for kv in old.export_layers(lo, hi)]
         shard = open_shard(self.prepared, start_layer, end_layer, weights=self.engine.weights, device=self.device,
-                           reuse=old)
+                           reuse=old, adapter=self.adapter)
         if start_layer == end_layer:
             self.logs = OutputLogs(self.logs.cap_bytes)  # out of the plan: nothing to keep
         else:
@@ -163,4 +180,4 @@ class Runtime:
         """ms per decoder layer per token, measured on a throwaway shard of a few layers."""
         n = min(layers, self.engine.info.num_layers)
         return shard_ms_per_layer(open_shard(self.prepared, 0, n, weights=self.engine.weights,
-                                             device=self.device), steps)
+                                             device=self.device, adapter=self.adapter), steps)

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
@@ -21,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from meshllm.errors import ModelSourceError
+from meshllm.model.adapter import TARGETS, Adapter, block_of, check_adapter
 from meshllm.model.cache import PreparedModel
 from meshllm.model.quant import bytes_per_weight
 from meshllm.model.span import SpanSessions
@@ -92,6 +95,26 @@ def _tensor_index(prepared: PreparedModel) -> dict[str, str]:
     return index
 
 
+class LoraLinear(nn.Module):
+    """A projection and its adapter's low-rank update, computed as peft's LoRA ``Linear``
+    does: ``base(x) + lora_B(lora_A(x)) * scaling`` (no dropout)."""
+
+    def __init__(self, base_layer: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_a = lora_a  # (rank, in)
+        self.lora_b = lora_b  # (out, rank)
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        return result + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+    @property
+    def lora_nbytes(self) -> int:
+        return self.lora_a.nbytes + self.lora_b.nbytes
+
+
 class Shard(SpanSessions[DynamicCache]):
     """Embedding, norm and head, plus a contiguous span of decoder layers, with per-session KV caches.
 
@@ -107,7 +130,9 @@ class Shard(SpanSessions[DynamicCache]):
         dtype: torch.dtype = torch.float32,
         max_sessions: int = 64,
         device: str | torch.device = "cpu",
+        adapter: Adapter | None = None,
     ) -> None:
+        """`adapter`: a LoRA adapter applied to the span's layers (see `set_adapter`)."""
         config = load_config(prepared)
         super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
@@ -142,6 +167,28 @@ class Shard(SpanSessions[DynamicCache]):
         for name, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers()):
             if t.is_meta:
                 raise ModelSourceError(f"tensor {name} was not loaded")
+        self.adapter: Adapter | None = None
+        if adapter is not None:
+            self.set_adapter(adapter)
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` from now on (None: the base model): each projection of the span that
+        the adapter targets gains its low-rank update, taken from the adapter's tensors of the
+        same global layer. The base weights are not touched. Raises AdapterError when the
+        adapter does not fit the model."""
+        if adapter is not None:
+            check_adapter(adapter, self.config)
+        for i, layer in enumerate(self._inner.layers):
+            for target in TARGETS:
+                parent = getattr(layer, block_of(target))
+                module = getattr(parent, target)
+                base = module.base_layer if isinstance(module, LoraLinear) else module
+                pair = adapter.pair(self.start_layer + i, target) if adapter is not None else None
+                if pair is not None:
+                    a, b = (torch.from_numpy(np.array(t)).to(device=self.device, dtype=self.dtype) for t in pair)
+                    base = LoraLinear(base, a, b, adapter.spec.scaling)  # type: ignore[union-attr]
+                setattr(parent, target, base)
+        self.adapter = adapter
 
     def _read_span_tensors(self, prepared: PreparedModel) -> dict[str, torch.Tensor]:
         index = _tensor_index(prepared)
@@ -170,7 +217,8 @@ class Shard(SpanSessions[DynamicCache]):
     def nbytes(self) -> int:
         """Bytes of the weights this shard holds (a tied head counted once)."""
         seen = {id(p): p for p in (*self._inner.parameters(), *self.norm.parameters(), *self.lm_head.parameters())}
-        return sum(p.numel() * p.element_size() for p in seen.values())
+        lora = sum(m.lora_nbytes for m in self._inner.modules() if isinstance(m, LoraLinear))
+        return sum(p.numel() * p.element_size() for p in seen.values()) + lora
 
     def logits_all(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (1, positions, hidden) -> logits of every position (positions, vocab)."""
@@ -297,13 +345,13 @@ def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
 
 def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, weights: str = "f32",
                device: str | torch.device = "cpu", max_sessions: int = 64,
-               reuse: "Shard | LeanShard | None" = None) -> "Shard | LeanShard":
+               reuse: "Shard | LeanShard | None" = None, adapter: Adapter | None = None) -> "Shard | LeanShard":
     """A shard of layers [start_layer, end_layer) in weight format `weights` (not `auto`).
 
     f32 runs transformers' own layers (the exact reference); the other formats run the lean
     decoder on quantized weights, read from the format's cache file (written on first use);
     with `reuse` (the shard of another span), the layers both hold and the embedding and head
-    are shared rather than read again.
+    are shared rather than read again. `adapter`: a LoRA adapter the span's layers apply.
     Memory freed while loading is handed back to the system before it returns.
     """
     from meshllm.model.lean import LeanShard, map_large_allocations, release_free_memory
@@ -311,12 +359,12 @@ def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, wei
     map_large_allocations()
     shard: Shard | LeanShard
     if weights == "f32":
-        shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions)
+        shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions, adapter=adapter)
     else:
         from meshllm.model.formats import format_file
 
         shard = LeanShard(load_config(prepared), start_layer, end_layer, weights,
                           str(format_file(prepared, weights)), max_sessions=max_sessions, device=device,
-                          reuse=reuse if isinstance(reuse, LeanShard) else None)
+                          reuse=reuse if isinstance(reuse, LeanShard) else None, adapter=adapter)
     release_free_memory()
     return shard

@@ -49,6 +49,13 @@ from meshllm.wire.messages import (
     Stage,
     StageReady,
     StepFailed,
+    TuneAccepted,
+    TuneDone,
+    TuneJoin,
+    TuneQuit,
+    TuneRefused,
+    TuneRound,
+    TuneTensors,
 )
 from meshllm.wire.tensor import CODECS, TensorPayload, decode_tensor, encode_tensor
 
@@ -86,6 +93,13 @@ __all__ = [
     "StageReady",
     "StepFailed",
     "TensorPayload",
+    "TuneAccepted",
+    "TuneDone",
+    "TuneJoin",
+    "TuneQuit",
+    "TuneRefused",
+    "TuneRound",
+    "TuneTensors",
     "decode",
     "decode_tensor",
     "encode",

@@ -13,7 +13,7 @@ from meshllm.wire.cborcheck import CborLimits, check_cbor
 from meshllm.wire.messages import MESSAGE_TAGS, MESSAGE_TYPES, Message
 from meshllm.wire.schema import struct_from_wire, struct_to_wire
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The first byte of every encoded message. A node refuses messages of any other version."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

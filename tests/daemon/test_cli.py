@@ -100,7 +100,7 @@ def test_port_in_use_names_the_port(failures: dict[str, subprocess.CompletedProc
     assert f"127.0.0.1:{failures['busy_port']}" in failures["port in use"].stderr
 
 
-@pytest.mark.parametrize("command", [[], ["up"], ["ask"], ["status"], ["down"], ["bench"], ["chat"]])
+@pytest.mark.parametrize("command", [[], ["up"], ["ask"], ["status"], ["down"], ["bench"], ["chat"], ["tune"]])
 def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

@@ -15,6 +15,7 @@ from meshllm.linkstats import LinkStats
 from meshllm.model.cache import prepare
 from meshllm.model.runtime import Runtime
 from meshllm.model.source import resolve
+from meshllm.tune.rounds import TuneSettings
 
 from daemon.net.links import LinkError
 from daemon.node.driver import MeshDriver, MeshSettings
@@ -33,6 +34,8 @@ class MemoryLinks:
             raise LinkError(f"no link to {peer_id}", peer_id)
         data = wire.encode(msg)
         decoded = wire.decode(data)
+        if self.net.record is not None:
+            self.net.record.append((self.node_id, peer_id, decoded))
         target = self.net.meshes[peer_id]
         asyncio.get_running_loop().call_soon(target.on_message, self.node_id, decoded)
         return len(data)
@@ -53,9 +56,12 @@ class MemoryNet:
         self.links: dict[str, MemoryLinks] = {}
         self.workers: dict[str, GenerationWorker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.record: list[tuple[str, str, wire.Message]] | None = None
+        """When a list: every message sent from now on, as (sender, receiver, message)."""
 
     async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
-                  ms_per_layer: float = 1.0, settings: MeshSettings | None = None) -> MeshDriver:
+                  ms_per_layer: float = 1.0, settings: MeshSettings | None = None,
+                  state_dir: Path | None = None, tune_settings: TuneSettings | None = None) -> MeshDriver:
         worker = GenerationWorker(1, name=f"worker-{node_id}")
         worker.start()
         prepared = prepare(resolve(model))
@@ -64,7 +70,8 @@ class MemoryNet:
                            mem_budget_bytes, ms_per_layer, True)
         links = MemoryLinks(self, node_id)
         mesh = MeshDriver(hello, runtime, worker, links,
-                    settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
+                          settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0),
+                          state_dir=state_dir, tune_settings=tune_settings or TuneSettings())
         self.meshes[node_id], self.links[node_id], self.workers[node_id] = mesh, links, worker
         self.tasks[node_id] = asyncio.get_running_loop().create_task(mesh.run())
         return mesh

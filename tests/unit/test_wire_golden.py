@@ -42,6 +42,6 @@ def test_golden_frames_on_disk_are_exactly_the_golden_set() -> None:
 def test_golden_hello_layout_is_version_byte_then_cbor_array() -> None:
     frame = (FIXTURES / "wire_hello.bin").read_bytes()
     hello = GOLDEN["wire_hello.bin"]
-    assert frame[0] == 2  # PROTOCOL_VERSION
+    assert frame[0] == 3  # PROTOCOL_VERSION
     assert frame[1] == 0x80 + 1 + len(fields(hello))  # CBOR array header: tag + 9 fields
     assert frame[2] == MESSAGE_TAGS[type(hello)]

@@ -25,6 +25,13 @@ from meshllm.wire import (
     NodeReport,
     Plan,
     Stage,
+    TuneAccepted,
+    TuneDone,
+    TuneJoin,
+    TuneQuit,
+    TuneRefused,
+    TuneRound,
+    TuneTensors,
     decode,
     encode,
     encode_tensor,
@@ -227,3 +234,77 @@ def test_wire_imports_neither_torch_nor_networking() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- federated fine-tuning messages ----------------------------------------------------------
+
+
+def _tune_tensors(**changes: object) -> TuneTensors:
+    payload = encode_tensor(np.ones((2, 4), np.float32), "f32", compress=False)
+    fields = dict(job_id="n-1/tune-1", round=1, kind="update", part=0, parts=2, examples=10, loss=1.5,
+                  names=("x.lora_A.weight",), tensors=(payload,))
+    return TuneTensors(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def _tune_round(**changes: object) -> TuneRound:
+    fields = dict(job_id="n-1/tune-1", round=1, rounds=3, rank=8, alpha=16.0, steps=10, aggregate="mean",
+                  participants=("a", "b"), loss=0.0, parts=1)
+    return TuneRound(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: TuneJoin(0, 8, 16.0, 10, "mean", 5), "TuneJoin.rounds"),
+        (lambda: TuneJoin(3, 0, 16.0, 10, "mean", 5), "TuneJoin.rank"),
+        (lambda: TuneJoin(3, 1025, 16.0, 10, "mean", 5), "TuneJoin.rank"),
+        (lambda: TuneJoin(3, 8, 0.0, 10, "mean", 5), "TuneJoin.alpha: 0.0 must be above 0"),
+        (lambda: TuneJoin(3, 8, math.nan, 10, "mean", 5), "not finite"),
+        (lambda: TuneJoin(3, 8, 16.0, 0, "mean", 5), "TuneJoin.steps"),
+        (lambda: TuneJoin(3, 8, 16.0, 10, "sum", 5), "TuneJoin.aggregate: 'sum' is not one of mean, median, trimmed"),
+        (lambda: TuneJoin(3, 8, 16.0, 10, "mean", 0), "TuneJoin.examples"),
+        (lambda: _tune_round(round=4), "TuneRound.round: 4 is past the job's 3 rounds"),
+        (lambda: _tune_round(round=0), "TuneRound.round"),
+        (lambda: _tune_round(participants=("a", "a")), "TuneRound.participants: an item is listed twice"),
+        (lambda: _tune_round(participants=tuple(f"n{i}" for i in range(257))), "TuneRound.participants: 257 items"),
+        (lambda: _tune_round(loss=-1.0), "TuneRound.loss"),
+        (lambda: _tune_round(parts=0), "TuneRound.parts"),
+        (lambda: _tune_tensors(part=2), "TuneTensors.part: 2 is not below parts 2"),
+        (lambda: _tune_tensors(kind="delta"), "TuneTensors.kind"),
+        (lambda: _tune_tensors(names=()), "TuneTensors.names: 0 items"),
+        (lambda: _tune_tensors(names=("a", "b")), "2 names for 1 tensors"),
+        (lambda: _tune_tensors(names=("n" * 161,)), "TuneTensors.names\\[0\\]: string of 161"),
+        (lambda: _tune_tensors(names=("a\nb",)), "control"),
+        (lambda: _tune_tensors(names=("a",) * 2, tensors=_tune_tensors().tensors * 2), "listed twice"),
+        (lambda: _tune_tensors(names=tuple(f"t{i}" for i in range(65)), tensors=_tune_tensors().tensors * 65),
+         "TuneTensors.names: 65 items"),
+        (lambda: _tune_tensors(tensors=(encode_tensor(np.ones((2, 4), np.float32), "f16"),)),
+         "has codec f16; only f32"),
+        (lambda: _tune_tensors(names=("a", "b"), tensors=(encode_tensor(np.ones((1024, 1024), np.float32), "f32"),
+                                                          encode_tensor(np.ones((1, 1), np.float32), "f32"))),
+         "4194308 bytes of tensors in one part"),
+        (lambda: _tune_tensors(tensors=(encode_tensor(np.ones((2**23 + 1,), np.float32), "f32"),)),
+         "8388609 elements"),
+        (lambda: _tune_tensors(loss=math.inf), "not finite"),
+        (lambda: _tune_tensors(parts=4097), "TuneTensors.parts"),
+        (lambda: TuneRefused("j", 0, "x" * 1025), "TuneRefused.reason"),
+        (lambda: TuneQuit("j" * 65), "TuneQuit.job_id"),
+        (lambda: TuneAccepted("", 1, 3, 8, 16.0, 10, "mean"), "TuneAccepted.job_id"),
+        (lambda: TuneDone("j", 3, 8, 16.0, (), 1.0, "ab" * 31, 1), "TuneDone.digest: string of 62"),
+        (lambda: TuneDone("j", 3, 8, 16.0, (), 1.0, "AB" * 32, 1), "TuneDone.digest: not lowercase hex"),
+        (lambda: TuneDone("j", 3, 8, 16.0, ("a", "a"), 1.0, "ab" * 32, 1), "TuneDone.participants"),
+    ],
+)
+def test_tune_messages_are_bounded(build, words: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(WireError, match=words):
+        build()
+
+
+def test_a_tune_part_of_64_tensors_or_one_large_tensor_round_trips() -> None:
+    small = encode_tensor(np.full((8, 16), 0.25, np.float32), "f32")
+    full = _tune_tensors(names=tuple(f"t{i}" for i in range(64)), tensors=(small,) * 64)
+    assert decode(encode(full)) == full
+    large = _tune_tensors(tensors=(encode_tensor(np.ones((2048, 1024), np.float32), "f32"),))  # 8 MiB alone
+    assert decode(encode(large)) == large
+    assert TuneQuit("") == decode(encode(TuneQuit("")))
+    assert TuneRefused("", 0, "no job") == decode(encode(TuneRefused("", 0, "no job")))
