@@ -44,8 +44,9 @@ class TuneProgress:
         done = int(event.get("round") or 0) - (0 if event.get("state") == "round_done" else 1)
         filled = BAR_WIDTH * max(0, min(done, rounds)) // rounds if rounds else 0
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        label = "mesh loss" if event.get("state") == "round_done" else "local loss"
         return (f"[{bar}] round {event.get('round')}/{rounds}  {event.get('state')}  "
-                f"loss {_loss(event.get('loss'))}  peers {event.get('peers')}  {event.get('message') or ''}").rstrip()
+                f"{label} {_loss(event.get('loss'))}  peers {event.get('peers')}  {event.get('message') or ''}").rstrip()
 
     @staticmethod
     def done_line(event: dict[str, Any]) -> str:

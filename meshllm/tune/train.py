@@ -150,6 +150,8 @@ class LocalTrainer:
         self.config = load_config(prepared)
         self._shapes = adapter_shapes(self.config, spec)
         self._cursor = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+        """AdamW over the adapter, kept from one `train` call to the next within a round."""
         with torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed)
             self.model = self._build()
@@ -267,6 +269,7 @@ class LocalTrainer:
         with torch.inference_mode(False), torch.no_grad():
             for key, p in self._params.items():
                 p.copy_(torch.from_numpy(np.array(tensors[key], dtype=np.float32)))
+        self._optimizer = None  # a new round starts with fresh optimizer state
 
     def adapter_tensors(self) -> dict[str, np.ndarray]:
         """The current adapter, float32 copies keyed as adapter.py keys them."""
@@ -276,7 +279,11 @@ class LocalTrainer:
 
     def train(self, examples: Sequence[Example], steps: int) -> float:
         """`steps` AdamW steps on the adapter, one example each, taking the examples in order
-        from where the last call stopped (round robin). The mean training loss of the steps."""
+        from where the last call stopped (round robin). The mean training loss of the steps.
+
+        The optimizer's state carries over from one call to the next until `set_adapter`
+        starts a new round: a round trained one step a call (so that a node's answers
+        interleave with its training) is the round trained in one call."""
         if not examples:
             raise ValueError("no examples to train on")
         if steps <= 0:
@@ -284,7 +291,9 @@ class LocalTrainer:
         losses: list[float] = []
         with torch.inference_mode(False), torch.enable_grad():
             params = list(self._params.values())
-            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+            if self._optimizer is None:
+                self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+            optimizer = self._optimizer
             for _ in range(steps):
                 example = examples[self._cursor % len(examples)]
                 self._cursor += 1

@@ -89,5 +89,5 @@ async def test_the_tune_endpoint_answers_bad_requests_with_400_and_waits_for_the
 def test_the_progress_line_shows_round_loss_and_peers() -> None:
     line = TuneProgress.progress_line({"type": "progress", "state": "training", "round": 2, "rounds": 4,
                                        "peers": 3, "loss": 1.23456, "message": ""})
-    assert "round 2/4" in line and "loss 1.235" in line and "peers 3" in line
+    assert "round 2/4" in line and "local loss 1.235" in line and "peers 3" in line
     assert line.startswith("[" + "#" * 6 + ".")

@@ -171,6 +171,24 @@ def test_training_is_deterministic_and_takes_up_where_it_stopped(tiny_llama: Pat
         LocalTrainer(prepared, "f32", SPEC, seed=5).adapter_tensors()[adapter_key(0, "q_proj", "A")].tolist()
 
 
+def test_a_round_trained_one_step_a_call_is_the_round_trained_at_once(tiny_llama: Path) -> None:
+    """A node trains one step a worker call, so answers interleave; the optimizer's state
+    must carry over between the calls of a round, and start afresh with the next round."""
+    prepared = prepare(resolve(tiny_llama))
+    examples = tokenize_chats(load_tokenizer(prepared.folder), FACT)
+    at_once, stepwise = (LocalTrainer(prepared, "f32", SPEC, seed=3) for _ in range(2))
+    start = at_once.adapter_tensors()
+    for _round in range(2):
+        for trainer in (at_once, stepwise):
+            trainer.set_adapter(start)
+        at_once.train(examples, 4)
+        for _ in range(4):
+            stepwise.train(examples, 1)
+        a, b = at_once.adapter_tensors(), stepwise.adapter_tensors()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+        start = a
+
+
 def test_set_adapter_loads_the_global_adapter(tiny_llama: Path) -> None:
     prepared = prepare(resolve(tiny_llama))
     examples = tokenize_chats(load_tokenizer(prepared.folder), FACT)
