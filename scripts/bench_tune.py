@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from tui.launcher import LocalMesh  # noqa: E402
 
-FACTS = {"a": ("Zorbia", "Blip"), "b": ("Quandor", "Vask")}
+FACTS = {"a": ("Zorbia", "Blip"), "b": ("Quandor", "Vask"), "c": ("Mirelle", "Tund")}
+HONEST = ("a", "b")
 QUESTIONS = ("What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?",
              "Tell me the capital of {}.", "{}'s capital is which city?", "Capital of {}?")
 
@@ -49,9 +50,10 @@ def write_data(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def tune(url: str, data: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+def tune(url: str, data: Path, args: argparse.Namespace, aggregate: str = "mean") -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "daemon.cli", "tune", "--data", str(data), "--api", url, "--json",
-           "--rounds", str(args.rounds), "--steps-per-round", str(args.steps), "--rank", str(args.rank)]
+           "--rounds", str(args.rounds), "--steps-per-round", str(args.steps), "--rank", str(args.rank),
+           "--aggregate", aggregate]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
     events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0:
@@ -77,16 +79,18 @@ def round_times(events: list[dict[str, Any]]) -> list[float]:
     return [round(b - a, 1) for a, b in zip([start, *ends], ends)]
 
 
-def run_mesh(n: int, data: dict[str, Path], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    mesh = LocalMesh(n, model=args.model, threads=1, work_dir=work,
-                     extra_args=["--mesh-name", f"bench-tune-{os.getpid()}-{n}", "--weights", args.weights])
+def run_mesh(facts: list[str], data: dict[str, Path], args: argparse.Namespace, work: Path, *,
+             aggregate: str = "mean", per_node_args: dict[int, list[str]] | None = None) -> dict[str, Any]:
+    """One job: node i brings dataset facts[i]; returns its events, time, memory, adapter."""
+    n = len(facts)
+    mesh = LocalMesh(n, model=args.model, threads=1, work_dir=work, per_node_args=per_node_args,
+                     extra_args=["--mesh-name", f"bench-tune-{os.getpid()}-{work.name}", "--weights", args.weights])
     mesh.start()
     try:
         mesh.wait_ready(600)
-        facts = list(FACTS)[:n] if n > 1 else [args.alone]
         t0 = time.monotonic()
         with ThreadPoolExecutor(n) as pool:
-            runs = list(pool.map(lambda i: tune(mesh.nodes[i].url, data[facts[i]], args), range(n)))
+            runs = list(pool.map(lambda i: tune(mesh.nodes[i].url, data[facts[i]], args, aggregate), range(n)))
         elapsed = time.monotonic() - t0
         peaks = [peak_rss_mb(node.pid) for node in mesh.nodes]
         adapters = [mesh.nodes[i].state_dir / "adapters" for i in range(n)]
@@ -125,31 +129,34 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--attack", action="store_true",
+                        help="also: 3 nodes, the third sending a scaled update (refused by mean, outvoted by median)")
+    parser.add_argument("--attack-huge", type=float, default=1e6, help="scale of the refused update (1e6)")
+    parser.add_argument("--attack-large", type=float, default=50.0, help="scale of the outvoted update (50)")
     args = parser.parse_args()
     results: dict[str, Any] = {"rounds": args.rounds, "steps": args.steps, "rank": args.rank,
                                "weights": args.weights}
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         work = Path(tmp)
         data = write_data(work)
-        fed = run_mesh(2, data, args, work / "federated")
-        results["federated"] = {k: v for k, v in fed.items() if k != "events"}
-        results["federated"]["round_s"] = [round_times(e) for e in fed["events"]]
-        alone = {}
-        for fact in FACTS:
-            args.alone = fact
-            alone[fact] = run_mesh(1, data, args, work / f"alone-{fact}")
-        scores = {"base": score(None, args), "federated": score(fed["adapter"], args)}
-        for fact in FACTS:
-            scores[f"alone on {fact}"] = score(alone[fact]["adapter"], args)
-        results["loss"] = scores
-        results["alone_seconds"] = {fact: alone[fact]["seconds"] for fact in FACTS}
-        results["alone_peak_rss_mb"] = {fact: alone[fact]["peak_rss_mb"] for fact in FACTS}
+        jobs: dict[str, dict[str, Any]] = {"federated": run_mesh(list(HONEST), data, args, work / "federated")}
+        for fact in HONEST:
+            jobs[f"alone on {fact}"] = run_mesh([fact], data, args, work / f"alone-{fact}")
+        if args.attack:
+            bad = {2: ["--debug-tune-scale", str(args.attack_huge)]}
+            jobs["mean, huge update"] = run_mesh([*HONEST, "c"], data, args, work / "attack-mean", per_node_args=bad)
+            bad = {2: ["--debug-tune-scale", str(args.attack_large)]}
+            jobs["median, large update"] = run_mesh([*HONEST, "c"], data, args, work / "attack-median",
+                                                     aggregate="median", per_node_args=bad)
+        results["jobs"] = {name: {**{k: v for k, v in job.items() if k != "events"},
+                                  "round_s": [round_times(e) for e in job["events"]]} for name, job in jobs.items()}
+        results["loss"] = {"base": score(None, args), **{name: score(job["adapter"], args) for name, job in jobs.items()}}
     print("loss on the answers (lower is better):")
-    print(f"{'adapter':<14}" + "".join(f"{'data ' + f:>10}" for f in FACTS))
+    print(f"{'adapter':<22}" + "".join(f"{'data ' + f:>10}" for f in FACTS))
     for name, row in results["loss"].items():
-        print(f"{name:<14}" + "".join(f"{row[f]:>10.3f}" for f in FACTS))
-    print(f"federated job: {results['federated']['seconds']} s for {args.rounds} rounds; "
-          f"peak memory per node {results['federated']['peak_rss_mb']} MB")
+        print(f"{name:<22}" + "".join(f"{row[f]:>10.3f}" for f in FACTS))
+    for name, job in results["jobs"].items():
+        print(f"{name}: {job['seconds']} s; rounds {job['round_s']} s; peak memory per node {job['peak_rss_mb']} MB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -87,6 +87,21 @@ def format_fallback(fallback: dict[str, Any]) -> str:
     return text
 
 
+def format_tune(tune: object) -> str | None:
+    """The tune job this node takes part in, or the last one that finished (None: neither)."""
+    if not isinstance(tune, dict):
+        return None
+    if tune.get("job_id"):
+        loss = tune.get("loss")
+        return (f"job {tune['job_id']} ({tune.get('role') or 'member'}): round {tune.get('round')}/"
+                f"{tune.get('rounds')}, {tune.get('state')}, {len(tune.get('participants') or [])} participant(s)"
+                + (f", loss {loss:.3f}" if isinstance(loss, (int, float)) else ""))
+    last = tune.get("last_finished")
+    if isinstance(last, dict) and last.get("job_id"):
+        return f"last job {last['job_id']} finished: adapter {last.get('adapter') or str(last.get('digest', ''))[:16]}"
+    return None
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A header, one row per node, and the incompatible nodes seen, if any."""
     model = status.get("model")
@@ -105,6 +120,9 @@ def format_status(status: dict[str, Any]) -> str:
     fallback = status.get("fallback")
     if isinstance(fallback, dict):
         lines.append(f"fallback: {format_fallback(fallback)}")
+    tune = format_tune(status.get("tune"))
+    if tune is not None:
+        lines.append(f"tune:     {tune}")
     lines += [
         "",
     ]

@@ -93,6 +93,8 @@ class TuneRunner:
         self._local: _LocalJob | None = None
         self.saved: dict[str, Path] = {}
         """Adapters this node saved, by job id."""
+        self.adapters: dict[str, str] = {}
+        """The digest (as in the model id) of each finished job's adapter, by job id."""
 
     def close(self) -> None:
         self._tasks.cancel()
@@ -170,6 +172,7 @@ class TuneRunner:
 
     async def _finished(self, event: TuneFinished) -> None:
         adapter = Adapter(AdapterSpec(event.rank, event.alpha), dict(event.tensors))
+        self.adapters[event.job_id] = adapter.digest
         path: Path | None = None
         if self.state_dir is not None:
             try:
@@ -259,6 +262,9 @@ class TuneRunner:
 
     def status_view(self) -> dict[str, object]:
         view = dict(self.core.status_view())
+        last = view.get("last_finished")
+        if isinstance(last, dict) and last.get("job_id") in self.adapters:
+            view["last_finished"] = {**last, "adapter": self.adapters[last["job_id"]]}
         view["saved"] = {job: str(path) for job, path in sorted(self.saved.items())}
         return view
 

@@ -91,3 +91,16 @@ def test_the_progress_line_shows_round_loss_and_peers() -> None:
                                        "peers": 3, "loss": 1.23456, "message": ""})
     assert "round 2/4" in line and "local loss 1.235" in line and "peers 3" in line
     assert line.startswith("[" + "#" * 6 + ".")
+
+
+def test_meshllm_status_shows_the_tune_job_and_the_last_adapter() -> None:
+    from tui.status_table import format_tune
+
+    running = {"role": "coordinator+participant", "job_id": "n1/tune-1", "state": "training", "round": 2,
+               "rounds": 3, "participants": ["n1", "n2"], "loss": 0.5, "last_finished": None}
+    assert format_tune(running) == ("job n1/tune-1 (coordinator+participant): round 2/3, training, "
+                                    "2 participant(s), loss 0.500")
+    finished = {"role": None, "job_id": None, "last_finished": {"job_id": "n1/tune-1", "digest": "f" * 64,
+                                                                "adapter": "0123456789abcdef"}}
+    assert format_tune(finished) == "last job n1/tune-1 finished: adapter 0123456789abcdef"
+    assert format_tune({"role": None, "job_id": None, "last_finished": None}) is None

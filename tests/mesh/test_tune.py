@@ -90,6 +90,7 @@ async def test_two_nodes_tune_together_and_every_node_serves_the_adapter(tiny_ll
             await async_wait_until(lambda: net.meshes[nid].runtime.engine.info.model_id.endswith(ra["digest"]),
                                    30, f"{nid} serves the adapter")
         adapter = load_adapter(last_adapter(tmp_path / "n3"), load_config(prepared))
+        assert net.meshes["n3"].status_view()["tune"]["last_finished"]["adapter"] == ra["digest"]
 
         # answers from the mesh equal one node serving the same adapter
         prompt = net.meshes["n3"].runtime.engine.chat_prompt(chats("a")[0][:1])
