@@ -178,6 +178,9 @@ class MeshCore:
         self._awaiting: tuple[tuple[int, int], set[str]] = ((0, 0), set())
         """(plan key, nodes that hand layers over to this node under it)."""
         self._handovers_done: dict[tuple[int, int], set[str]] = {}
+        self._unhanded: tuple[tuple[int, int], tuple[tuple[str, int, np.ndarray, np.ndarray], ...]] | None = None
+        """The span held before a load whose plan was superseded while it ran, and the caches
+        it gave up: handed over when the load of the newer plan completes."""
         self._links_down: dict[str, int] = {}
         """How many times each peer's link went down: a peer that came back holds no caches."""
         self._loaded_links: dict[str, int] = {}
@@ -841,9 +844,16 @@ class MeshCore:
         self._loaded_links = dict(self._links_down)
         if self.span == (0, 0):
             self._stage_sessions.clear()  # a node out of the plan holds no caches
-        self._hand_over(view, old_span, loaded)
+        if self._unhanded is not None:  # what a superseded plan's load gave up goes out now
+            old_span, given = self._unhanded
+            loaded = Loaded(given + loaded.handover)
+            self._unhanded = None
         if self.book.pending is not view:
-            return  # a newer plan came while loading
+            # a newer plan came while loading: its takers want the caches (and the word that
+            # they are all sent) under its key, and refuse those of this one
+            self._unhanded = (old_span, loaded.handover)
+            return
+        self._hand_over(view, old_span, loaded)
         self._ready_due = view
         self._maybe_ready()
         self._changed()

@@ -41,7 +41,9 @@ def half_the_layers(model: Path) -> list[str]:
 
 def start_mesh(model: Path, nodes: int, started: int | None = None, extra: list[str] | None = None,
                delay: list[str] = DELAY) -> LocalMesh:
-    mesh = LocalMesh(nodes, model=str(model), extra_args=["--mesh-name", unique_mesh_name(), *delay, *(extra or [])])
+    # no fallback model: these tests check the mesh's own answers, however long it re-plans
+    mesh = LocalMesh(nodes, model=str(model), extra_args=["--mesh-name", unique_mesh_name(), "--fallback-model", "none",
+                                                          *delay, *(extra or [])])
     for i in range(started if started is not None else nodes):
         mesh.start_node(i)
     mesh.wait_ready(180, nodes=list(range(started if started is not None else nodes)))

@@ -91,7 +91,8 @@ def start_script(tiny_llama: Path) -> Iterator:  # type: ignore[type-arg]
 
     def start(*more: str) -> LocalMeshScript:
         script = LocalMeshScript("--nodes", "3", "--base-port", "0", "--threads", "1", "--model", str(tiny_llama),
-                                 *more, "--", "--mesh-name", unique_mesh_name())
+                                 *more, "--", "--mesh-name", unique_mesh_name(),
+                                 "--fallback-model", "none")  # the mesh's own answers, however long it re-plans
         started.append(script)
         script.wait_for(r"^mesh ready: 3 nodes", "the script says the mesh is ready")
         return script

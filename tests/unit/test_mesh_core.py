@@ -20,6 +20,7 @@ from meshllm import wire
 from meshllm.balance import BalanceSettings
 from meshllm.linkstats import LinkStats
 from meshllm.mesh import Compute, LoadSpan, MeshSettings
+from meshllm.planner import Plan as PlannerPlan
 from tests.fixtures.wire_strategies import messages
 from tests.unit.meshsim import HIDDEN, LAYER_BYTES, EMBED_HEAD_BYTES, LAYERS, Net, reference
 
@@ -698,3 +699,28 @@ def test_the_entry_nodes_in_use_are_planned_for_once_known() -> None:
     assert plan is not None and plan.node_ids == ("b",)
     net.run_until(lambda: answer.done, max_s=120)
     assert answer.error is None and answer.tokens == reference(PROMPT, 800)
+
+
+def test_a_plan_superseded_while_loading_still_gets_its_caches_handed_over() -> None:
+    """A coordinator that wins a new term publishes its plan again at once (seen on a loaded
+    machine: plans 2.1 and 3.2 a millisecond apart). A node giving layers up loads for both;
+    it must hand them over under the plan it ends with, or their taker waits for nothing."""
+    net = settled("ab", handover_wait_s=30.0)
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 10)
+    net.add("c", settings=MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, handover_wait_s=30.0))
+    net.connect_all()
+
+    def coordinator():  # type: ignore[no-untyped-def]
+        return net.nodes[net.nodes["c"].core.coordinator_id or "c"].core
+
+    net.run_until(lambda: coordinator().book.pending is not None and "c" in coordinator().book.pending.node_ids)
+    pending = coordinator().book.pending
+    coordinator()._publish(PlannerPlan(pending.stages, 0.0))  # the same layout again, under a new key
+    started = net.now
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert not any("no cache hand-over" in e.message for n in net.nodes.values() for e in n.log)
+    assert net.now - started < 5.0
+    stats = [n.core.stats for n in net.nodes.values()]
+    assert sum(s.rebuilt_layers for s in stats) == 0 and sum(s.full_replays for s in stats) == 0
