@@ -869,7 +869,11 @@ class MeshCore:
                                                    wire.encode_tensor(keys, "f32", compress=False),
                                                    wire.encode_tensor(values, "f32", compress=False)),
                           channel="activation")
+        # every stage hears it, not only the owners of the layers this node held: a taker
+        # expects hand-overs by the plan before, which this node may never have loaded (it was
+        # superseded here first, or refused from a coordinator this node did not follow)
         givees = {owners[layer] for layer in range(*old_span) if owners.get(layer, self.node_id) != self.node_id}
+        givees |= {node for node in view.node_ids if node != self.node_id}
         for dest in sorted(givees):
             self.send(dest, wire.HandoverDone(view.key[0], view.key[1], self.node_id), channel="activation")
 

@@ -724,3 +724,20 @@ def test_a_plan_superseded_while_loading_still_gets_its_caches_handed_over() -> 
     assert net.now - started < 5.0
     stats = [n.core.stats for n in net.nodes.values()]
     assert sum(s.rebuilt_layers for s in stats) == 0 and sum(s.full_replays for s in stats) == 0
+
+
+def test_every_stage_of_a_new_plan_hears_from_every_other_that_its_hand_over_is_done() -> None:
+    """A taker expects hand-overs from the nodes the plan before gave its new layers to, and
+    a node may never have loaded that plan (superseded first, or refused from a coordinator
+    it did not follow: seen on a loaded machine, a taker then waited 5 s for nothing). So
+    every node that loads a plan tells every other stage of it, whatever it held."""
+    net = settled("abc")
+    sent: list[tuple[str, str, wire.Message]] = []
+    net.lose = lambda sender, dest, msg: sent.append((sender, dest, msg)) is not None
+    net.add("d")
+    net.connect_all()
+    net.settle()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and plan.key[0] >= 2  # the joiner's term
+    told = {(s, d) for s, d, m in sent if isinstance(m, wire.HandoverDone) and (m.term, m.epoch) == plan.key}
+    assert told >= {(s, d) for s in plan.node_ids for d in plan.node_ids if s != d}
