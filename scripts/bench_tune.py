@@ -101,8 +101,29 @@ def run_mesh(facts: list[str], data: dict[str, Path], args: argparse.Namespace, 
         mesh.stop()
 
 
+def fact_only(tokenizer, fact: str, examples):  # type: ignore[no-untyped-def]
+    """The examples with only the made-up city's tokens learned: the answer's format is the
+    same in every dataset, so the whole answer's loss falls for any of them."""
+    from meshllm.tune.data import IGNORE, Example
+
+    country, city = FACTS[fact]
+    reply = dataset(fact)[0][-1]["content"]
+    begin, end = reply.index(" " + city), reply.index(" " + city) + len(city) + 1
+    out = []
+    for example in examples:
+        start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+        labels = [IGNORE] * len(example.labels)
+        for j in range(start, len(example.input_ids)):
+            before = len(tokenizer.decode(list(example.input_ids[start:j])))
+            if begin <= before < end:  # the token starts inside the city's name
+                labels[j] = example.input_ids[j]
+        out.append(Example(example.input_ids, tuple(labels)))
+    return out
+
+
 def score(adapter_dir: str | None, args: argparse.Namespace) -> dict[str, float]:
-    """Mean token loss of each dataset's answers with the adapter (None: the base model)."""
+    """Mean token loss of each dataset's answers with the adapter (None: the base model), and
+    of the made-up city's tokens only ("fact <name>")."""
     from meshllm.model.adapter import AdapterSpec, load_adapter
     from meshllm.model.cache import prepare
     from meshllm.model.engine import Engine
@@ -117,8 +138,12 @@ def score(adapter_dir: str | None, args: argparse.Namespace) -> dict[str, float]
     trainer = LocalTrainer(prepared, engine.weights, adapter.spec if adapter else AdapterSpec(args.rank, 2.0 * args.rank))
     if adapter is not None:
         trainer.set_adapter(adapter.tensors)
-    return {fact: round(trainer.loss(tokenize_chats(engine.tokenizer, dataset(fact)), base=adapter is None), 4)
-            for fact in FACTS}
+    out = {}
+    for fact in FACTS:
+        examples = tokenize_chats(engine.tokenizer, dataset(fact))
+        out[fact] = round(trainer.loss(examples, base=adapter is None), 4)
+        out[f"fact {fact}"] = round(trainer.loss(fact_only(engine.tokenizer, fact, examples), base=adapter is None), 4)
+    return out
 
 
 def main() -> int:
@@ -151,10 +176,11 @@ def main() -> int:
         results["jobs"] = {name: {**{k: v for k, v in job.items() if k != "events"},
                                   "round_s": [round_times(e) for e in job["events"]]} for name, job in jobs.items()}
         results["loss"] = {"base": score(None, args), **{name: score(job["adapter"], args) for name, job in jobs.items()}}
-    print("loss on the answers (lower is better):")
-    print(f"{'adapter':<22}" + "".join(f"{'data ' + f:>10}" for f in FACTS))
+    print("loss on the answers, and on the made-up city's tokens only (lower is better):")
+    columns = [*FACTS, *(f"fact {f}" for f in FACTS)]
+    print(f"{'adapter':<22}" + "".join(f"{c:>9}" for c in columns))
     for name, row in results["loss"].items():
-        print(f"{name:<22}" + "".join(f"{row[f]:>10.3f}" for f in FACTS))
+        print(f"{name:<22}" + "".join(f"{row[c]:>9.3f}" for c in columns))
     for name, job in results["jobs"].items():
         print(f"{name}: {job['seconds']} s; rounds {job['round_s']} s; peak memory per node {job['peak_rss_mb']} MB")
     if args.json:

@@ -844,29 +844,33 @@ class TuneCore:
             self._log("error", f"ignored a global adapter part from {sender} for tune job {msg.job_id} round "
                                f"{msg.round}: not expected")
             return
-        problem = None
-        if part.incoming is None:
-            if msg.parts != part.expect_parts:
-                problem = f"{msg.parts} parts where the round announced {part.expect_parts}"
-            else:
-                try:
-                    part.incoming = _Assembly("global", part.round, msg, self._expected(part.rank, part.alpha))
-                except Exception as error:  # noqa: BLE001 - the model's own check
-                    problem = f"cannot check it: {error}"
-        if problem is None:
-            assert part.incoming is not None
-            problem = part.incoming.add(msg)
-        if problem is None and part.incoming is not None and part.incoming.complete:
-            tensors = part.incoming.tensors
-            problem = _shapes_problem(tensors, part.incoming.expected)
-            if problem is None:
-                part.incoming = None
-                self._begin_training(part, _frozen(tensors))
-                return
-        if problem is not None:
+        part.incoming, problem, tensors = self._assemble(part.incoming, "global", part.round, msg,
+                                                         part.expect_parts, part.rank, part.alpha)
+        if tensors is not None:
+            part.incoming = None
+            self._begin_training(part, _frozen(tensors))
+        elif problem is not None:
             part.incoming = None
             self._round_failed(part, f"bad global adapter from {sender}: {problem}",
                                f"bad global adapter: {problem}", now)
+
+    def _assemble(self, assembly: "_Assembly | None", kind: str, round_no: int, msg: wire.TuneTensors,
+                  parts: int, rank: int, alpha: float) -> tuple["_Assembly | None", str | None, dict[str, np.ndarray] | None]:
+        """Start one adapter's assembly with its first part (announced as `parts` parts) or go on
+        with it. Returns (assembly, the reason it is refused, its tensors once complete and whole)."""
+        if assembly is None:
+            if msg.parts != parts:
+                return None, f"{msg.parts} parts where {parts} were announced", None
+            try:
+                assembly = _Assembly(kind, round_no, msg, self._expected(rank, alpha))
+            except Exception as error:  # noqa: BLE001 - the model's own check
+                return None, f"cannot check it: {error}", None
+        problem = assembly.add(msg)
+        if problem is None and assembly.complete:
+            problem = _shapes_problem(assembly.tensors, assembly.expected)
+            if problem is None:
+                return assembly, None, assembly.tensors
+        return assembly, problem, None
 
     def _begin_training(self, part: _Participant, tensors: dict[str, np.ndarray]) -> None:
         assert part.job_id is not None
@@ -948,27 +952,14 @@ class TuneCore:
             self._log("error", f"ignored a final adapter part from {sender} for tune job {msg.job_id}: not expected")
             return
         done = final.done
-        problem = None
-        if final.assembly is None:
-            if msg.parts != done.parts or msg.round != done.rounds:
-                problem = f"part of round {msg.round} with {msg.parts} parts; TuneDone said {done.rounds}, {done.parts}"
-            else:
-                try:
-                    final.assembly = _Assembly("final", done.rounds, msg, self._expected(done.rank, done.alpha))
-                except Exception as error:  # noqa: BLE001 - the model's own check
-                    problem = f"cannot check it: {error}"
-        if problem is None:
-            assert final.assembly is not None
-            problem = final.assembly.add(msg)
-        if problem is None and final.assembly is not None and final.assembly.complete:
-            tensors = final.assembly.tensors
-            problem = _shapes_problem(tensors, final.assembly.expected)
-            if problem is None and adapter_digest(tensors) != done.digest:
-                problem = "its digest does not match"
-            if problem is None:
-                self._final = None
-                self._finished(done, _frozen(tensors))
-                return
+        final.assembly, problem, tensors = self._assemble(final.assembly, "final", done.rounds, msg, done.parts,
+                                                          done.rank, done.alpha)
+        if tensors is not None and adapter_digest(tensors) != done.digest:
+            problem = "its digest does not match"
+        elif tensors is not None:
+            self._final = None
+            self._finished(done, _frozen(tensors))
+            return
         if problem is not None:
             self._final = None
             self._log("error", f"the final adapter of tune job {done.job_id} from {sender} is refused: {problem}")
