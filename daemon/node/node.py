@@ -65,17 +65,16 @@ def load_runtime(config: NodeConfig) -> Runtime:
     from meshllm.model.cache import prepare
     from meshllm.model.source import resolve
 
+    folder = served_adapter_folder(config)  # before the slow part: a missing adapter fails at once
     prepared = prepare(resolve(config.model), config.cache_dir)
     return Runtime.load(prepared, device=config.device, weights=config.weights,
-                        log_cap_bytes=config.rebuild_log_mb * 1024 * 1024, adapter=load_served_adapter(config, prepared))
+                        log_cap_bytes=config.rebuild_log_mb * 1024 * 1024,
+                        adapter=None if folder is None else load_served_adapter(config, folder, prepared))
 
 
-def load_served_adapter(config: NodeConfig, prepared: "PreparedModel") -> "Adapter | None":
-    """The adapter `--adapter` names (docs/fine-tuning.md), checked against the model.
-    Raises ModelSourceError with one line for the user."""
+def served_adapter_folder(config: NodeConfig) -> Path | None:
+    """The folder of the adapter `--adapter` names (None: none). Raises ModelSourceError."""
     from meshllm.errors import ModelSourceError
-    from meshllm.model.adapter import AdapterError, load_adapter
-    from meshllm.model.shard import load_config
 
     if config.adapter == "none":
         return None
@@ -84,8 +83,17 @@ def load_served_adapter(config: NodeConfig, prepared: "PreparedModel") -> "Adapt
         if folder is None:
             raise ModelSourceError(f"--adapter last: no tune job has finished on this node yet "
                                    f"(nothing in {adapters_dir(config.state_dir)})")
-    else:
-        folder = Path(config.adapter).expanduser()
+        return folder
+    return Path(config.adapter).expanduser()
+
+
+def load_served_adapter(config: NodeConfig, folder: Path, prepared: "PreparedModel") -> "Adapter":
+    """The adapter in `folder` (docs/fine-tuning.md), checked against the model. Raises
+    ModelSourceError with one line for the user."""
+    from meshllm.errors import ModelSourceError
+    from meshllm.model.adapter import AdapterError, load_adapter
+    from meshllm.model.shard import load_config
+
     try:
         return load_adapter(folder, load_config(prepared))
     except AdapterError as error:

@@ -53,6 +53,8 @@ def failures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, sub
         "status nobody": ([MESHLLM, "status"], {"MESHLLM_API": nobody}),
         "down nobody": ([MESHLLM, "down", "--api", nobody], {}),
         "bench api": ([MESHLLM, "bench", "--api", nobody], {}),
+        "no adapter yet": ([*up, "--api-port", "0", "--adapter", "last"], {}),
+        "adapter not a folder": ([*up, "--api-port", "0", "--adapter", str(tmp / "nothing")], {}),
     }
     running = {
         name: subprocess.Popen(argv, env=clean_env(**env), stdout=subprocess.PIPE,
@@ -83,6 +85,8 @@ def failures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, sub
         ("status nobody", 1, "connection refused"),
         ("down nobody", 1, "connection refused"),
         ("bench api", 1, "connection refused"),
+        ("no adapter yet", 1, "no tune job has finished on this node yet"),
+        ("adapter not a folder", 2, "adapter must be none, last or an adapter folder"),
     ],
 )
 def test_failures_are_one_line_on_stderr(failures: dict[str, subprocess.CompletedProcess[str]],
