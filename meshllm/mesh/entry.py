@@ -378,7 +378,7 @@ class EntrySessions:
         if role != "embed" and not core.rebuild_part_done(part, result):
             return  # refused here: the entry side heard it as a "no_log" failure
         ids = step.plan.node_ids
-        if role == "last" or len(ids) == 1:
+        if role == "last" or (role == "first" and len(ids) == 1):  # this node held the whole chain
             if part.start_pos + part.positions == part.position:
                 self._rebuild_done(answer, now)
             return

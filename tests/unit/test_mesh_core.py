@@ -741,3 +741,28 @@ def test_every_stage_of_a_new_plan_hears_from_every_other_that_its_hand_over_is_
     assert plan is not None and plan.key[0] >= 2  # the joiner's term
     told = {(s, d) for s, d, m in sent if isinstance(m, wire.HandoverDone) and (m.term, m.epoch) == plan.key}
     assert told >= {(s, d) for s in plan.node_ids for d in plan.node_ids if s != d}
+
+
+def test_an_entry_node_outside_a_one_stage_plan_rebuilds_that_stage() -> None:
+    """The entry node holds no layers; after a loss the plan has one stage, on another node.
+    The rebuild must go to that stage (the entry only embeds): seen on a loaded machine as
+    'KV cache holds -1 positions' on every step after a rebalance onto one node."""
+    net = Net()
+    net.add("a", mem_budget_bytes=EMBED_HEAD_BYTES)  # room for no layer: an entry node only
+    for n in "bc":
+        net.add(n, settings=MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
+    net.connect_all()
+    net.settle()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and "a" not in plan.node_ids
+    answer = net.ask("a", PROMPT, 30)
+    net.run_until(lambda: len(answer.tokens) >= 8)
+    victim = next(n for n in plan.node_ids if n != net.nodes["a"].core.coordinator_id) \
+        if len(plan.stages) > 1 else None
+    if victim is None:  # the planner put every layer on one node already: lose the other one
+        victim = next(n for n in "bc" if n not in plan.node_ids)
+    net.kill(victim)
+    net.run_until(lambda: answer.done)
+    after = net.nodes["a"].core.book.active
+    assert after is not None and len(after.stages) == 1 and after.node_ids[0] != "a"
+    assert answer.error is None and answer.tokens == reference(PROMPT, 30)
