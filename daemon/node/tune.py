@@ -67,7 +67,6 @@ class _LocalJob:
     base_loss: float
     started: float
     job_id: str | None = None
-    last_loss: float | None = None
 
 
 class TuneRunner:
@@ -118,8 +117,6 @@ class TuneRunner:
         if local is None:
             return
         local.job_id = event.job_id
-        if event.loss is not None:
-            local.last_loss = event.loss
         local.queue.put_nowait({"type": "progress", "job_id": event.job_id, "state": event.state,
                                 "round": event.round, "rounds": event.rounds, "peers": event.peers,
                                 "loss": event.loss, "message": event.message,

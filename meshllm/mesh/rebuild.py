@@ -339,11 +339,11 @@ class Rebuilder:
         down = (a + hi, b) if held and a + hi < b else None
         old_log = None
         if down is not None:
-            if log is None or log.boundary != down[0] or log.length < position:
+            if not logged(down[0]):
                 raise RebuildError(f"no output log at layer {down[0]} for session {session_id} "
                                    f"(needed to rebuild layers [{down[0]}, {down[1]}))")
             old_log = log
-        elif log is not None and log.boundary == b and log.length >= position:
+        elif logged(b):
             old_log = log  # its output did not change: passed on as it is
         if old_log is not None:
             self.logs.truncate(session_id, position)
