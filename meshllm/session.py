@@ -56,7 +56,8 @@ class Session:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     _done_steps: list[tuple[int, ...]] = field(default_factory=list)
-    _replay: list[tuple[int, ...]] = field(default_factory=list)
+    _replay: list[list[tuple[int, ...]]] = field(default_factory=list)
+    """Steps still to replay, in groups: each group runs through the chain as one step."""
 
     @property
     def position(self) -> int:
@@ -72,7 +73,7 @@ class Session:
         if self.finished:
             return None
         if self._replay:
-            return Step(self._replay[0], self.position, replay=True)
+            return Step(tuple(t for step in self._replay[0] for t in step), self.position, replay=True)
         feed = self.prompt_ids if not self._done_steps else (self.generated[-1],)
         return Step(tuple(feed), self.position)
 
@@ -80,7 +81,7 @@ class Session:
         """A replay step ran through the chain (its logits are ignored)."""
         if not self._replay:
             raise RuntimeError("no replay step is in progress")
-        self._done_steps.append(self._replay.pop(0))
+        self._done_steps.extend(self._replay.pop(0))
 
     def accept(self, token_id: int) -> Token:
         """The step returned logits and `token_id` was sampled from them."""
@@ -102,10 +103,23 @@ class Session:
         self.finish_reason = "cancelled"
         return Token(-1, "", "cancelled")
 
-    def restart(self) -> None:
-        """The KV caches are gone (a new plan): replay every step taken so far, in order."""
-        self._replay = list(self._done_steps) + self._replay
+    def restart(self, merge_positions: int = 0) -> None:
+        """The KV caches are gone (a new plan): replay every step taken so far, in order.
+
+        With `merge_positions` (only where the numerics are batch-invariant: a position's
+        result does not depend on the step it is in), consecutive steps are replayed as one,
+        up to that many positions (a longer step, the prompt, alone). `history()` still
+        gives the original steps."""
+        pending = list(self._done_steps) + [step for group in self._replay for step in group]
         self._done_steps = []
+        self._replay = []
+        for step in pending:
+            last = self._replay[-1] if self._replay else None
+            if last is not None and merge_positions > 0 \
+                    and sum(len(s) for s in last) + len(step) <= merge_positions:
+                last.append(step)
+            else:
+                self._replay.append([step])
 
     def replaying(self) -> bool:
         return bool(self._replay)

@@ -53,8 +53,9 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT = ("Write a long, detailed story about a lighthouse keeper on a remote island, "
           "the storms he lives through and the ships he guides home.")
 MODES = {"kill": signal.SIGKILL, "leave": signal.SIGTERM}
-TARGETS_S = {"kill": 2.0, "leave": 0.5}
-"""Issue 10's targets for the longest gap, drawn on the plot."""
+TARGETS_S = {"kill": 1.5, "leave": 0.5}
+"""The targets for the longest gap, drawn on the plot: issue 10's for a clean leave, issue 18's
+for a kill -9 (1.5 s; issue 10 asked 2 s)."""
 
 
 @dataclass
@@ -85,6 +86,9 @@ class Run:
     error: str | None = None
     note: str | None = None
     identical: bool | None = None
+    rebuilds: list[str] = field(default_factory=list)
+    """The "rebuilt session" lines the surviving nodes logged during the run: what each kept
+    and recomputed, over how many positions, in how many forward passes and ms."""
 
     @property
     def gaps_s(self) -> list[float]:
@@ -265,7 +269,12 @@ class Bench:
                 self.mesh.signal_node(victim, MODES[mode])
                 run.kill_s = now
 
+        marks = {i: len(self.mesh.logs(i)) for i in range(len(self.mesh.nodes)) if i != victim}
         stream(self.mesh.nodes[entry].url, run, self.args, on_chunk)
+        run.rebuilds = [f"node{i + 1}: {line[line.index('rebuilt session'):]}" for i, mark in marks.items()
+                        for line in self.mesh.logs(i)[mark:].splitlines() if "rebuilt session" in line]
+        for line in run.rebuilds:
+            log(f"  {line}")
         if run.kill_s is None:
             run.note = f"the answer ended before chunk {at}: nothing was stopped"
         try:

@@ -114,6 +114,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"plan:     {plan_text}; codec {status.get('codec', '-')}",
         f"sessions: {status.get('sessions', 0)}",
     ]
+    if isinstance(model, dict) and model.get("kernel"):
+        invariant = ", batch-invariant" if model.get("batch_invariant") else ""
+        lines.insert(1, f"kernel:   {model['kernel']}{invariant}")
     latency = format_latency(status.get("latency"))
     if latency is not None:
         lines.append(f"latency:  {latency}")

@@ -23,6 +23,9 @@ class ModelSummary:
     num_layers: int
     weights: str = "f32"
     """Weight format in memory (f32, f16, int8, int4)."""
+    kernel: str = ""
+    """What computes the layers: meshllm's kernels (and their instruction set) or torch's."""
+    batch_invariant: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ class StatusBoard:
         model = None
         if s.model is not None:
             model = {"id": s.model.model_id, "name": s.model.name, "num_layers": s.model.num_layers,
-                     "weights": s.model.weights}
+                     "weights": s.model.weights, "kernel": s.model.kernel,
+                     "batch_invariant": s.model.batch_invariant}
         snap = {
             "self_id": s.node_id,
             "model": model,

@@ -9,6 +9,7 @@ with a clear error, stops the server and the worker, and returns from ``run``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -109,8 +110,9 @@ def physical_memory_bytes() -> int:
         return 0
 
 
-def ready_line(api_url: str, model_name: str, num_layers: int, weights: str) -> str:
-    return f"meshllm ready: {api_url} (model {model_name}, {num_layers} layers, {weights} weights)"
+def ready_line(api_url: str, model_name: str, num_layers: int, weights: str, kernel: str = "") -> str:
+    on = f" on {kernel}" if kernel else ""
+    return f"meshllm ready: {api_url} (model {model_name}, {num_layers} layers, {weights} weights{on})"
 
 
 class Node:
@@ -231,9 +233,11 @@ class Node:
             costs = EntryCosts(head_ms=0.0, prefill_ms_per_layer=0.0)
         info = runtime.engine.info
         budget = config.mem_budget or physical_memory_bytes() // 2
-        board.update(model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights),
+        board.update(model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights, info.kernel,
+                                        info.batch_invariant),
                      ms_per_layer=round(ms_per_layer, 4), mem_budget_bytes=budget)
-        hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, "
+        hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, {info.weights} weights on "
+                        f"{info.kernel}{' (batch-invariant)' if info.batch_invariant else ''}, "
                         f"{ms_per_layer:.2f} ms per layer per token, {costs.head_ms:.2f} ms of embedding and "
                         f"head per token, {costs.prefill_ms_per_layer:.1f} ms per layer for a 256-token prompt")
         try:
@@ -258,7 +262,7 @@ class Node:
             await mesh.wait_changed()
         board.update(state="ready")
         assert self.api_url is not None
-        self._announce(ready_line(self.api_url, info.name, info.num_layers, info.weights))
+        self._announce(ready_line(self.api_url, info.name, info.num_layers, info.weights, info.kernel))
         self.ready.set()
 
     def _make_fallback(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
@@ -324,7 +328,8 @@ class Node:
                                 codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000,
                                 target_ms_per_token=config.target_ms_per_token, target_ttft_ms=config.target_ttft_ms,
                                 head_ms=costs.head_ms if costs is not None else 0.0,
-                                prefill_ms_per_layer=costs.prefill_ms_per_layer if costs else None)
+                                prefill_ms_per_layer=costs.prefill_ms_per_layer if costs else None,
+                                batch_invariant=runtime.batch_invariant)
         if config.debug_link_delay_ms:
             hub.log("info", f"testing aid: every message to a peer waits {config.debug_link_delay_ms:g} ms "
                             "(--debug-link-delay-ms)")
@@ -336,7 +341,7 @@ class Node:
                 tasks.create_task(discovery_ref[0].update(mesh.hello))
             model = board.state.model
             if model is not None:
-                board.update(model=ModelSummary(model_id, model.name, model.num_layers, model.weights))
+                board.update(model=dataclasses.replace(model, model_id=model_id))
 
         mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
                           on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),

@@ -78,6 +78,13 @@ class MeshSettings:
     """This node's own work per token as an entry node (embed, head, sample), measured."""
     prefill_ms_per_layer: float | None = None
     """One layer over a typical prompt on this node, measured (None: not measured)."""
+    batch_invariant: bool = False
+    """This node's numerics are batch-invariant (its runtime's `batch_invariant`: the weight
+    format's kernels give a position the same bits alone, in a chunk or in a batch). Every
+    node of a mesh runs the same model id, weight format included, so as an entry node it
+    plans its answers' rebuilds by its own numerics: parts of up to
+    `rebuild.INVARIANT_PART_POSITIONS`, each run by a stage in one pass, and a full replay in
+    steps as large; False keeps the original chunking (meshllm.mesh.rebuild)."""
 
     def __post_init__(self) -> None:
         for name in ("target_ms_per_token", "target_ttft_ms"):

@@ -6,10 +6,12 @@ layers when it holds the first stage), crosses the other stages as `Forward` mes
 ends with the head and sampler here (fused with this node's layers when it holds the last
 stage). A step that is lost (a stage left, a new plan came, a stage refused it, no result in
 time) is followed by a rebuild on the plan in force: the stages keep their caches across
-re-plans and recompute only the layers they lack, from logs, in the original chunking
-(meshllm.mesh.rebuild). When a stage cannot (its inputs are gone too), the session is
+re-plans and recompute only the layers they lack, from logs, in the original chunking, or in
+one pass per part where the numerics are batch-invariant (`MeshSettings.batch_invariant`,
+meshllm.mesh.rebuild). When a stage cannot (its inputs are gone too), the session is
 replayed from the start instead: `Session.restart()` repeats the same steps in the same
-chunking. Either way the answer does not change (design §8, docs/operations.md).
+chunking (merged into large steps where the numerics are invariant). Either way the answer
+does not change (design §8, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from meshllm import wire
 from meshllm.errors import WireError
 from meshllm.mesh.events import SessionEnded, SessionOutput
 from meshllm.mesh.jobs import Compute, Computed, RebuildPart
+from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS
 from meshllm.mesh.rebuild import parts as rebuild_parts
 from meshllm.plans import PlanKey, PlanView
 from meshllm.session import Session, StateChange, Step
@@ -308,7 +311,7 @@ class EntrySessions:
                     answer.full_replay = answer.whole_rebuild = False
                     core.stats.full_replays += 1
                     core.log_step_lost(session.session_id, answer.seq, "rebuild impossible: replaying every step")
-                    session.restart()
+                    session.restart(INVARIANT_PART_POSITIONS if core.settings.batch_invariant else 0)
                     continue
                 if session.position > 0:
                     self._start_rebuild(answer, step, plan, now)
@@ -339,7 +342,7 @@ class EntrySessions:
         ids = plan.node_ids
         first_is_here = ids[0] == core.node_id
         route = ids[1:] if first_is_here else ids
-        for start, end in rebuild_parts(run.position, prefill):
+        for start, end in rebuild_parts(run.position, prefill, core.settings.batch_invariant):
             part = wire.Rebuild(session.session_id, answer.step.seq, plan.key[0], plan.key[1], run.position,
                                 prefill, start, end - start, (), route[1:] + (core.node_id,), answer.whole_rebuild)
             job = RebuildPart(core.next_job_id(), session.session_id, answer.step.seq, run.position, prefill,

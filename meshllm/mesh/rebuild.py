@@ -3,8 +3,16 @@
 When the plan changes under an answer, every stage of the new plan must hold the KV caches
 of its layers for every position the answer has run so far. Most of them it already has:
 a stage keeps its caches across re-plans for the layers it held before (`LayerStore`). What
-it lacks it recomputes here, locally, in the original chunking (the prompt's chunk, then one
-position at a time), so the arithmetic and the tokens are exactly those of an undisturbed run:
+it lacks it recomputes here, locally, so that the arithmetic and the tokens are exactly those
+of an undisturbed run (design §8, "one numerics for every shape"):
+
+- where the store's kernels are batch-invariant (`LayerStore.batch_invariant`: a position
+  gets the same bits alone, in a chunk or in a batch), all the positions of a part in one
+  pass, and the entry node plans few, large parts (`parts(..., invariant=True)`);
+- elsewhere (f32 on transformers' kernels), in the original chunking: the prompt's chunk,
+  then one position at a time (`steps`).
+
+What it recomputes comes from:
 
 - layers it gained *below* the ones it kept need the hidden states entering its first layer
   (boundary ``start_layer``): its upstream neighbour sends them, from its output log or from
@@ -19,8 +27,9 @@ on, so neighbours that took over adjacent lost layers rebuild at the same time. 
 cannot rebuild (its log is gone too: several nodes lost at once, or a log over the memory
 cap) raises `RebuildError`; the entry node then sends a *whole* rebuild, in which every stage
 that lacks a log recomputes all its layers from its upstream's output, streamed from the
-embedding as before; only if that fails too does it replay the session one step at a time.
-Nothing is ever wrong, only slower.
+embedding as before; only if that fails too does it replay the session step by step
+(`Session.restart`: the original steps, or with invariant numerics steps of up to
+`INVARIANT_PART_POSITIONS`). Nothing is ever wrong, only slower.
 
 The torch side (`meshllm.model.runtime`) and the pure tests' toy model implement
 `LayerStore`; everything else lives here.
@@ -30,7 +39,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -41,6 +50,12 @@ if TYPE_CHECKING:
 PART_POSITIONS = 32
 """Decode positions a rebuild part carries (the first part carries the whole prompt)."""
 
+INVARIANT_PART_POSITIONS = 512
+"""Positions a rebuild part carries at most where the numerics are batch-invariant: each
+stage runs such a part in one pass, so this bounds the memory of a pass (activations and
+attention scores of this many rows). The first part still carries at least the whole prompt,
+which its first step ran in one pass already."""
+
 DEFAULT_LOG_CAP_BYTES = 256 * 1024 * 1024
 """Default memory cap of one node's output logs (every session together)."""
 
@@ -49,19 +64,29 @@ class RebuildError(Exception):
     """This stage cannot rebuild the session: an input it needs is gone."""
 
 
-def parts(position: int, prefill: int) -> list[tuple[int, int]]:
+def parts(position: int, prefill: int, invariant: bool = False) -> list[tuple[int, int]]:
     """The parts `[start, end)` of a rebuild of positions `[0, position)` whose first step
-    ran `prefill` positions: the prompt's chunk, then up to `PART_POSITIONS` at a time."""
+    ran `prefill` positions: the prompt's chunk, then up to `PART_POSITIONS` at a time.
+
+    With `invariant` (batch-invariant numerics), up to `INVARIANT_PART_POSITIONS` at a time,
+    the first part holding at least the prompt's chunk: a stage whose kernels are not
+    invariant after all can still run each part in the original steps (`steps`)."""
     if not 0 < prefill <= position:
         raise ValueError(f"a rebuild of {position} positions cannot start with a step of {prefill}")
-    out = [(0, prefill)]
-    for start in range(prefill, position, PART_POSITIONS):
-        out.append((start, min(start + PART_POSITIONS, position)))
+    size = INVARIANT_PART_POSITIONS if invariant else PART_POSITIONS
+    first = min(position, max(prefill, size)) if invariant else prefill
+    out = [(0, first)]
+    for start in range(first, position, size):
+        out.append((start, min(start + size, position)))
     return out
 
 
-def steps(start: int, end: int, prefill: int) -> Iterator[tuple[int, int]]:
-    """The original steps inside positions `[start, end)`: the prompt's chunk, then singles."""
+def steps(start: int, end: int, prefill: int, invariant: bool = False) -> Iterator[tuple[int, int]]:
+    """The steps that recompute positions `[start, end)`: with `invariant`, one; otherwise
+    the original ones, the prompt's chunk and then single positions."""
+    if invariant:
+        yield (start, end)
+        return
     if start == 0:
         if end < prefill:
             raise ValueError("a part must hold the prompt's whole chunk")
@@ -72,7 +97,11 @@ def steps(start: int, end: int, prefill: int) -> Iterator[tuple[int, int]]:
 
 
 class LayerStore(Protocol):
-    """One node's span and the KV caches of its sessions, layer by layer."""
+    """One node's span and the KV caches of its sessions, layer by layer.
+
+    A store may also have a boolean `batch_invariant` (read with `getattr`, False when
+    absent): True when `run_layers` gives every position the same bits whether it runs alone
+    or among others, so a rebuild may run a whole part in one call."""
 
     @property
     def span(self) -> tuple[int, int]: ...
@@ -236,6 +265,10 @@ class RebuildReport:
     """Layers recomputed from the hidden states its upstream neighbour (or the embedding) sent."""
     from_log: tuple[int, int] | None
     """Layers recomputed from this stage's own output log."""
+    passes: int = 0
+    """Forward passes over recomputed layers so far (calls to `LayerStore.run_layers`): per
+    part, one per recomputed range with batch-invariant numerics, one per original step
+    otherwise."""
 
     @property
     def rebuilt_layers(self) -> int:
@@ -244,8 +277,9 @@ class RebuildReport:
     def describe(self) -> str:
         def fmt(r: tuple[int, int] | None) -> str:
             return f"[{r[0]}, {r[1]})" if r else "none"
+        passes = f" in {self.passes} pass{'' if self.passes == 1 else 'es'}" if self.rebuilt_layers else ""
         return (f"kept {fmt(self.kept)}, rebuilt {fmt(self.from_upstream)} from upstream and "
-                f"{fmt(self.from_log)} from its own log, over {self.positions} positions")
+                f"{fmt(self.from_log)} from its own log, over {self.positions} positions{passes}")
 
 
 @dataclass
@@ -257,6 +291,7 @@ class _Rebuild:
     old_log: OutputLog | None
     new_log: OutputLog | None
     next_pos: int = 0
+    passes: int = 0
 
 
 class Rebuilder:
@@ -307,13 +342,14 @@ class Rebuilder:
             self._active.pop(session_id, None)
             raise
         state.next_pos = end
+        report = replace(state.report, passes=state.passes)
         if end == state.position:
             self._active.pop(session_id, None)
             if state.new_log is not None:
                 self.logs.replace(session_id, state.new_log)
             else:
                 self.logs.drop(session_id)
-        return out, state.report
+        return out, report
 
     def _begin(self, session_id: str, seq: int, position: int, prefill: int, whole: bool) -> _Rebuild:
         a, b = self.store.span
@@ -363,13 +399,13 @@ class Rebuilder:
                 raise RebuildError(f"no hidden states from upstream to rebuild layers "
                                    f"[{report.from_upstream[0]}, {report.from_upstream[1]}) of session {session_id}")
             lo, hi = report.from_upstream[0] - a, report.from_upstream[1] - a
-            out = self._steps(session_id, x, start, end, state.prefill, lo, hi)
+            out = self._steps(session_id, state, x, start, end, lo, hi)
             if hi < b - a:
                 out = None  # the output of a kept layer's input; this stage's output comes below
         if report.from_log is not None:
             assert state.old_log is not None
             lo, hi = report.from_log[0] - a, report.from_log[1] - a
-            out = self._steps(session_id, state.old_log.slice(start, end), start, end, state.prefill, lo, hi)
+            out = self._steps(session_id, state, state.old_log.slice(start, end), start, end, lo, hi)
         elif report.from_upstream is None or out is None:
             log = state.old_log
             out = log.slice(start, end) if log is not None and log.boundary == b else None
@@ -392,8 +428,12 @@ class Rebuilder:
             return None, None, str(e)
         return out, report, None
 
-    def _steps(self, session_id: str, x: np.ndarray, start: int, end: int, prefill: int,
+    def _steps(self, session_id: str, state: _Rebuild, x: np.ndarray, start: int, end: int,
                lo: int, hi: int) -> np.ndarray:
-        outs = [self.store.run_layers(session_id, x[s - start:e - start], s, lo, hi)
-                for s, e in steps(start, end, prefill)]
+        """Span-local layers `[lo, hi)` over positions `[start, end)`: in one pass where the
+        store is batch-invariant, in the original steps otherwise."""
+        invariant = bool(getattr(self.store, "batch_invariant", False))
+        cut = list(steps(start, end, state.prefill, invariant))
+        state.passes += len(cut)
+        outs = [self.store.run_layers(session_id, x[s - start:e - start], s, lo, hi) for s, e in cut]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)

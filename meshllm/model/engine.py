@@ -21,6 +21,7 @@ from meshllm.model.adapter import Adapter, check_adapter
 from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.formats import resolve_format
+from meshllm.model.quant import kernel_description
 from meshllm.model.shard import ModelShape, Shard, load_config, model_shape, open_shard
 from meshllm.model.source import resolve
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
@@ -46,12 +47,20 @@ class ModelInfo:
     """The weight format in memory (f32, f16, int8, int4); part of `model_id`."""
     adapter: str = ""
     """The digest of the LoRA adapter served ("" for none); part of `model_id`."""
+    kernel: str = ""
+    """What computes the layers (meshllm's kernels and their instruction set, or torch's)."""
+    batch_invariant: bool = False
+    """Whether a position's bits never depend on how the step computing it was shaped."""
 
 
-def served_model_id(prepared: PreparedModel, weights: str, adapter: Adapter | None) -> str:
-    """What a mesh must agree on: the weights, their format in memory and the adapter."""
-    # two formats of one file compute differently: to a mesh they are different models
+def served_model_id(prepared: PreparedModel, weights: str, adapter: Adapter | None, device: str = "cpu") -> str:
+    """What a mesh must agree on: the weights, their format in memory, the kernels' numerics
+    and the adapter."""
+    # two formats of one file compute differently: to a mesh they are different models; so do
+    # torch's quantized kernels and meshllm's (which give the same bits on every CPU)
     base = f"{prepared.model_id}-{weights}"
+    if not kernel_description(weights, device)[1] and weights != "f32":
+        base += "-torch"
     return base if adapter is None else f"{base}-a{adapter.digest}"
 
 
@@ -139,7 +148,7 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(prepared.folder)
         self.shape: ModelShape = model_shape(config, self.weights)
         self.info = ModelInfo(
-            model_id=served_model_id(prepared, self.weights, adapter),
+            model_id=served_model_id(prepared, self.weights, adapter, self.device),
             name=prepared.name,
             num_layers=n,
             hidden_size=int(config.hidden_size),
@@ -147,6 +156,8 @@ class Engine:
             eos_token_ids=eos_ids(prepared, self.tokenizer),
             weights=self.weights,
             adapter=adapter.digest if adapter is not None else "",
+            kernel=kernel_description(self.weights, self.device)[0],
+            batch_invariant=kernel_description(self.weights, self.device)[1],
         )
 
     @classmethod
@@ -171,7 +182,7 @@ class Engine:
         for shard in self.shards:
             shard.set_adapter(adapter)
         self.adapter = adapter
-        self.info = dataclasses.replace(self.info, model_id=served_model_id(self.prepared, self.weights, adapter),
+        self.info = dataclasses.replace(self.info, model_id=served_model_id(self.prepared, self.weights, adapter, self.device),
                                         adapter=adapter.digest if adapter is not None else "")
 
     # -- prompts -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from meshllm.errors import ModelSourceError
-from meshllm.model import quant
+from meshllm.model import kernels, quant
 from meshllm.model.adapter import Adapter, check_adapter
 from meshllm.model.quant import QLinear
 from meshllm.model.span import SpanSessions
@@ -71,8 +71,14 @@ class LoraQLinear(QLinear):
         self.out_features, self.in_features, self.bias = base.out_features, base.in_features, base.bias
         self.lora_nbytes = a.nbytes + b.nbytes
         self.nbytes = base.nbytes + self.lora_nbytes
+        k = kernels.get() if a.device.type == "cpu" and base.invariant else None
+        # the low-rank product through the fixed-order float kernel keeps the layer invariant
+        self._ab = (kernels.FloatMatrix(a, k), kernels.FloatMatrix(b, k)) if k is not None else None
+        self.invariant, self.kernel = self._ab is not None, base.kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ab is not None:
+            return self.base(x) + self._ab[1].matmul(self._ab[0].matmul(x)) * self.scaling
         return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scaling
 
 
@@ -148,11 +154,14 @@ class LeanShard(SpanSessions[_KV]):
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.eps = float(config.rms_norm_eps)
         self.act = ACT2FN[config.hidden_act]
+        self._silu = config.hidden_act in ("silu", "swish")
         self.scaling = self.head_dim ** -0.5
         window = getattr(config, "sliding_window", None)
         use_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
         self.window = int(window) if window and use_window else None
         self._rotary = _rotary_class(config.model_type)(config=config).to(self.device)
+        self._k = kernels.get() if self.device.type == "cpu" else None
+        """meshllm's kernels for the attention, norms and activation (None: torch's ops)."""
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
         self.nbytes = 0
@@ -319,6 +328,22 @@ class LeanShard(SpanSessions[_KV]):
         q, scale = get(f"{stem}.q"), get(f"{stem}.scale").float()
         return quant.Int8Embedding(q.to(self.device), scale.to(self.device))
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a position's hidden states have the same bits whatever the step computing it
+        (alone, in a chunk, in a batch): every linear and the attention on meshllm's kernels.
+        Then a rebuild may recompute many positions in one pass; else it must repeat the
+        session's original chunking."""
+        if self._k is None or not self._silu or not self.embedding.invariant:
+            return False
+        return all(x.invariant for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+    @property
+    def kernel(self) -> str:
+        """What computes the linears: ``meshllm-<isa>`` or ``torch`` (or a mix, comma-separated)."""
+        names = sorted({x.kernel for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)})
+        return ",".join(names) or ("meshllm-" + self._k.isa if self._k is not None else "torch")
+
     # -- shape and sessions --------------------------------------------------------------
 
     @property
@@ -369,6 +394,39 @@ class LeanShard(SpanSessions[_KV]):
         kv = self._step_cache(session_id, hidden, start_pos)
         return self._forward_layers(kv, hidden, start_pos, 0, self.num_span_layers)
 
+    def forward_batch(self, steps: list[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Run the span on the steps of several sessions at once: each step is (session id,
+        hidden states (1, positions, hidden), start_pos). The linears, norms and activation
+        see every step's rows together (the weights are read once); attention runs per
+        session. Needs meshllm's kernels: with them each position gets the bits it gets when
+        its session runs alone (``batch_invariant``). Returns each step's output, in order."""
+        if self._k is None or not self._silu:
+            return [self.forward(sid, h, start) for sid, h, start in steps]
+        if len({sid for sid, _, _ in steps}) != len(steps):
+            raise ValueError("a batch holds one step per session")
+        if self.num_span_layers == 0:
+            for _, h, _ in steps:
+                self._check_hidden(h)
+            return [h for _, h, _ in steps]
+        caches = [self._step_cache(sid, h, start) for sid, h, start in steps]
+        xs = [h[0].to(device=self.device, dtype=torch.float32) for _, h, _ in steps]
+        sizes = [x.shape[0] for x in xs]
+        x = torch.cat(xs).contiguous()  # (all positions, hidden)
+        ropes = [self._rope(start, start + n) for (_, _, start), n in zip(steps, sizes)]
+        k = self._k
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(kernels.rmsnorm(k, x, layer.attn_norm, self.eps))
+            parts = []
+            for kv, part, (_, _, start), (cos, sin) in zip(caches, qkv.split(sizes), steps, ropes):
+                kv.reserve(i, start + part.shape[0])
+                parts.append(kernels.attention(k, part.contiguous(), self.n_heads, self.n_kv, self.head_dim, cos, sin,
+                                               kv.k[i], kv.v[i], start, self.window, self.scaling))
+                kv.lens[i] = start + part.shape[0]
+            x = x + layer.o(torch.cat(parts))
+            gu = layer.gate_up(kernels.rmsnorm(k, x, layer.mlp_norm, self.eps))
+            x = x + layer.down(kernels.silu_mul(k, gu))
+        return [part.unsqueeze(0) for part in x.split(sizes)]
+
     def _forward_layers(self, kv: _KV, hidden: torch.Tensor, start_pos: int, lo: int, hi: int) -> torch.Tensor:
         x = hidden[0].to(device=self.device, dtype=torch.float32)  # (positions, hidden)
         positions = x.shape[0]
@@ -383,6 +441,8 @@ class LeanShard(SpanSessions[_KV]):
 
     def _layer(self, layer: LeanLayer, x: torch.Tensor, kv: _KV, i: int, start: int,
                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        if self._k is not None and self._silu:
+            return self._layer_kernels(layer, x, kv, i, start, cos, sin)
         t = x.shape[0]
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = layer.qkv(self._rms(x, layer.attn_norm))  # (positions, (nq + 2 nkv) hd)
@@ -408,7 +468,23 @@ class LeanShard(SpanSessions[_KV]):
         n = gu.shape[1] // 2
         return x + layer.down(self.act(gu[:, :n]) * gu[:, n:])
 
+    def _layer_kernels(self, layer: LeanLayer, x: torch.Tensor, kv: _KV, i: int, start: int,
+                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The same layer on meshllm's kernels: every op gives a position the same bits
+        whatever else the step computes (batch-invariant), so chunkings agree bit for bit."""
+        k = self._k
+        assert k is not None
+        x = x.contiguous()
+        qkv = layer.qkv(kernels.rmsnorm(k, x, layer.attn_norm, self.eps))  # (positions, (nq + 2 nkv) hd)
+        a = kernels.attention(k, qkv, self.n_heads, self.n_kv, self.head_dim, cos, sin, kv.k[i], kv.v[i], start,
+                              self.window, self.scaling)  # (positions, nq hd); the cache holds k and v
+        x = x + layer.o(a)
+        gu = layer.gate_up(kernels.rmsnorm(k, x, layer.mlp_norm, self.eps))
+        return x + layer.down(kernels.silu_mul(k, gu))
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._k is not None:
+            return kernels.rmsnorm(self._k, x.contiguous(), weight, self.eps)
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,21 +5,22 @@ A node keeps its weights in one of four formats:
 | format | a linear's weights | kernel (CPU) |
 |---|---|---|
 | ``f32`` | float32 | ``F.linear``: the exact reference path (transformers' own modules) |
-| ``f16`` | fbgemm-packed float16 | fbgemm fp16 GEMM, float32 activations |
-| ``int8`` | int8 per output row, one scale a row | ``_weight_int8pack_mm``, bfloat16 activations |
-| ``int4`` | 4-bit codes in groups of 32 along K, a scale and a zero a group | ``_weight_int4pack_mm_for_cpu``, bfloat16 activations |
+| ``f16`` | float16 | meshllm's float kernel (float32 activations); else fbgemm's fp16 GEMM |
+| ``int8`` | int8, a scale per output row | meshllm's int8 x int8 kernel; else ``_weight_int8pack_mm`` (bf16 activations) |
+| ``int4`` | 4-bit codes in groups of 32 along K, a scale and a zero a group | meshllm's int4 x int8 kernel; else ``_weight_int4pack_mm_for_cpu`` (bf16 activations) |
 
 int4 computes ``w = (q - 8) * scale + zero`` per group: GGUF's Q4_0, Q4_1 and Q4_K blocks map
 onto it exactly (see ``gguf_blocks``), so their codes are used as they are, never requantized.
-The kernels that take int8 and int4 weights are fast only with bfloat16 activations, so those
-formats round activations to bfloat16 at each linear.
 
-The int8 and int4 kernels are fast for one position and slow for many: 2x slower than a
-float32 GEMM for a 512-token prompt. From ``PREFILL_ROWS`` positions on, a linear dequantizes
-its weights (one linear at a time, freed at once) into a bfloat16 GEMM where the CPU has bf16
-matrix instructions (AMX or AVX512-BF16; 5x faster than float32 there), else a float32 one.
-Which path a step takes depends only on its number of positions, and a session always replays
-in its original chunking, so the choice never changes a token between a mesh and one node.
+**meshllm's kernels** (``meshllm.model.kernels``, compiled at first use where a C compiler
+exists) multiply 4-bit and 8-bit weights by activations quantized to 8 bits per block of 32,
+with integer dot products (AVX2 ``maddubs``, NEON ``sdot``), and sum the per-block partials in a
+fixed order: a row's result has the same bits whatever the number of rows, the thread count and
+the CPU. Those linears are *batch-invariant* (``QLinear.invariant``). Without the kernels (no
+compiler, ``MESHLLM_KERNEL_ISA=off``) the torch kernels below run, as before: fast only with
+bfloat16 activations, and for many positions a dequantize-then-GEMM path (from
+``PREFILL_ROWS`` positions on) whose rounding depends on the number of positions, so a session
+must then replay in its original chunking.
 
 The embedding (and the lm_head, tied or not) is kept as int8 rows with a float32 scale a row
 in every format but f32, so the largest matrix of a small model is not held in float32.
@@ -32,10 +33,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from meshllm.model import kernels
+
 FORMATS: tuple[str, ...] = ("f32", "f16", "int8", "int4")
 CHOICES: tuple[str, ...] = ("auto", *FORMATS)
 GROUP = 32
 """int4 group size along K (GGUF's block size)."""
+
+
+def kernel_description(fmt: str, device: str = "cpu") -> tuple[str, bool]:
+    """(what computes a node's layers in `fmt`, whether its numerics are batch-invariant):
+    shown when a node starts and in ``/v1/status``."""
+    if fmt == "f32":
+        return "transformers (torch float32, the exact reference)", False
+    if device != "cpu":
+        return f"torch float16 on {device}", False
+    status = kernels.status()
+    return status.describe(), status.isa is not None
 
 
 def check_format(name: str) -> str:
@@ -137,6 +151,10 @@ class QLinear:
     in_features: int
     bias: torch.Tensor | None
     nbytes: int
+    invariant: bool = False
+    """True when a row's result never depends on the other rows (meshllm's kernels)."""
+    kernel: str = "torch"
+    """What computes it: ``meshllm-<isa>`` or ``torch``."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -167,13 +185,20 @@ class F16Linear(QLinear):
         self.bias = None if bias is None else bias.float()
         self._packed = None
         self._half = None
-        if _has_fbgemm():
+        self._mat: kernels.FloatMatrix | None = None
+        if (k := kernels.get()) is not None:
+            self._mat = kernels.FloatMatrix(w.half(), k)
+            self._half = self._mat.w
+            self.invariant, self.kernel = True, f"meshllm-{k.isa}"
+        elif _has_fbgemm():
             self._packed = torch.ops._quantized.wrapped_fbgemm_pack_gemm_matrix_fp16(w.float().contiguous())
         else:
             self._half = w.half().contiguous()
         self.nbytes = self.out_features * self.in_features * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mat is not None:
+            return self._add_bias(self._mat.matmul(x))
         if self._packed is not None:
             y = torch.ops._quantized.wrapped_fbgemm_linear_fp16_weight(x, self._packed, self.bias, self.out_features)
             return y
@@ -184,13 +209,22 @@ class Int8Linear(QLinear):
     """int8 weights with a scale per output row; bfloat16 activations."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.q = aligned(q.to(torch.int8))
-        self.scale = aligned(scale.to(torch.bfloat16))
         self.bias = None if bias is None else bias.float()
         self.out_features, self.in_features = q.shape
+        self._mat: kernels.Int8Matrix | None = None
+        if (k := kernels.get()) is not None and self.in_features % GROUP == 0:
+            self._mat = kernels.Int8Matrix(q, scale.float(), k)
+            self.q, self.scale = self._mat.q, scale.float()
+            self.nbytes = self._mat.nbytes
+            self.invariant, self.kernel = True, f"meshllm-{k.isa}"
+            return
+        self.q = aligned(q.to(torch.int8))
+        self.scale = aligned(scale.to(torch.bfloat16))
         self.nbytes = self.q.numel() + self.scale.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mat is not None:
+            return self._add_bias(self._mat.matmul(x))
         if x.shape[0] >= PREFILL_ROWS:
             dtype = prefill_dtype()
             w = self.q.to(dtype) * self.scale.to(dtype)[:, None]
@@ -208,17 +242,33 @@ class Int4Linear(QLinear):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
         n, k = codes.shape
-        if k % GROUP or n % 16:
+        if not int4_fits(n, k):
             raise ValueError(f"int4 needs K divisible by {GROUP} and N by 16, got ({n}, {k})")
         self.out_features, self.in_features = n, k
+        self.bias = None if bias is None else bias.float()
+        self._mat: kernels.Int4Matrix | None = None
+        if (kern := kernels.get()) is not None:
+            # w = scale * q + mn, mn = zero - 8 scale: the kernel's form of the same weights
+            self._mat = kernels.Int4Matrix(codes, scale.float(), zero.float() - 8.0 * scale.float(), kern)
+            self.packed = self._mat.codes
+            self.nbytes = self._mat.nbytes
+            self.invariant, self.kernel = True, f"meshllm-{kern.isa}"
+            self._block = 0
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         # (K / 32, N, 2): the kernel's layout for scales and zeros
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.bias = None if bias is None else bias.float()
         self.nbytes = self.packed.numel() + self.scale_zero.numel() * 2
         self._block = _int4pack_block(n, k)
 
+    @property
+    def readable(self) -> bool:
+        """Whether `dequantize` can read the weights back (always with meshllm's kernels)."""
+        return self._mat is not None or bool(self._block)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mat is not None:
+            return self._add_bias(self._mat.matmul(x))
         if x.shape[0] >= PREFILL_ROWS and self._block:
             dtype = prefill_dtype()
             return self._add_bias(F.linear(x.to(dtype), self.dequantize(dtype)).float())
@@ -227,6 +277,8 @@ class Int4Linear(QLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weights the kernel computes with, read back from its packed layout."""
+        if self._mat is not None:
+            return self._mat.dequantize().to(dtype)
         n, k, b = self.out_features, self.in_features, self._block
         if not b:
             raise ValueError("this CPU's int4 layout is not one this code can read back")
@@ -263,7 +315,8 @@ def _int4pack_block(n: int, k: int) -> int:
 
 
 def int4_fits(n: int, k: int) -> bool:
-    return k % GROUP == 0 and n % 16 == 0
+    """Whether an (n, k) weight runs as int4 here (torch's kernel also needs n % 16 == 0)."""
+    return k % GROUP == 0 and (n % 16 == 0 or kernels.get() is not None)
 
 
 # -- embedding and tied head -------------------------------------------------------------------
@@ -279,6 +332,14 @@ class Int8Embedding:
     def __post_init__(self) -> None:
         self.q = aligned(self.q)
         self._scale_bf16 = aligned(self.scale.to(torch.bfloat16))
+        self._mat: kernels.Int8Matrix | None = None
+        k = kernels.get() if self.q.device.type == "cpu" else None
+        if k is not None and self.q.shape[1] % GROUP == 0:
+            self._mat = kernels.Int8Matrix(self.q, self.scale.float(), k)  # shares q and the row scales
+
+    @property
+    def invariant(self) -> bool:
+        return self._mat is not None
 
     @property
     def nbytes(self) -> int:
@@ -290,6 +351,8 @@ class Int8Embedding:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, hidden) float32 -> (M, vocab) float32."""
+        if self._mat is not None:
+            return self._mat.matmul(x)
         if self.q.device.type != "cpu":  # no int8 CPU kernel there: a float16 matmul
             return F.linear(x.half(), self.q.half() * self.scale.half()[:, None]).float()
         return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self._scale_bf16).float()

@@ -86,6 +86,14 @@ class Runtime:
         return self.engine.device
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether this node's kernels give a position the same bits alone, in a chunk or in
+        a batch (the weight format's; `LeanShard.batch_invariant`). Then a rebuild runs each
+        part in one pass and an entry node plans large parts (`MeshSettings.batch_invariant`);
+        otherwise both keep the original chunking (meshllm.mesh.rebuild)."""
+        return bool(getattr(self.shard, "batch_invariant", False))
+
+    @property
     def span(self) -> tuple[int, int]:
         return (self.shard.start_layer, self.shard.end_layer)
 

@@ -121,6 +121,10 @@ class Shard(SpanSessions[DynamicCache]):
     Not thread-safe: one worker thread drives it.
     """
 
+    batch_invariant = False
+    """transformers' float kernels may round a position differently with the batch or chunk it
+    is in: a rebuild recomputes this shard's layers in the original chunking (meshllm.mesh.rebuild)."""
+
     def __init__(
         self,
         prepared: PreparedModel,

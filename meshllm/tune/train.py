@@ -251,7 +251,7 @@ class LocalTrainer:
             q, s = quant.quantize_int8_rows(quant.dense_weights(fmt, parts))
             return FrozenQuantLinear(quant.Int8Linear(q, s, bias), fmt)
         linear = quant.Int4Linear(codes, scale, zero, bias)
-        readable = quant._int4pack_block(*codes.shape) != 0
+        readable = linear.readable
         return FrozenQuantLinear(linear, fmt, None if readable else [quant.pack_nibbles(codes), scale, zero])
 
     # -- the adapter ------------------------------------------------------------------------

@@ -58,7 +58,8 @@ async def test_ready_line_then_answers_like_the_reference_then_down_stops(
     node = make_node(tmp_path, tiny_llama, lines=lines)
     task = await start(node)
     assert node.api_url is not None and node.api_url.startswith("http://127.0.0.1:")
-    assert lines == [f"meshllm ready: {node.api_url} (model {tiny_llama.name}, 6 layers, f32 weights)"]
+    assert lines == [f"meshllm ready: {node.api_url} (model {tiny_llama.name}, 6 layers, f32 weights "
+                     "on transformers (torch float32, the exact reference))"]
     expected = reference_greedy(tiny_llama, chat_ids(tiny_llama, HELLO), 8)
     client = DaemonClient(node.api_url)
     answer = await client.complete(HELLO, max_tokens=8, temperature=0)
@@ -70,6 +71,7 @@ async def test_ready_line_then_answers_like_the_reference_then_down_stops(
     assert status["plan"]["state"] == "active"
     assert [(s["start_layer"], s["end_layer"]) for s in status["plan"]["stages"]] == [(0, 6)]
     assert status["stats"]["decode_steps"] >= 7  # the 7 tokens after the first
+    assert status["model"]["kernel"].startswith("transformers") and status["model"]["batch_invariant"] is False
     await client.down()
     await asyncio.wait_for(task, 30)
 
@@ -163,9 +165,20 @@ def test_the_weights_option_reaches_the_model(tiny_llama: Path) -> None:
     """`--weights` / MESHLLM_WEIGHTS is what the node loads (auto keeps a float32 folder f32)."""
     from daemon.node.config import NodeConfig
     from daemon.node.node import load_runtime
+    from meshllm.model import kernels
 
     for asked, loaded in (("int8", "int8"), ("auto", "f32")):
         config = NodeConfig.from_sources({"model": str(tiny_llama)}, {"MESHLLM_WEIGHTS": asked})
         runtime = load_runtime(config)
         assert runtime.engine.info.weights == loaded
-        assert runtime.engine.info.model_id.endswith(f"-{loaded}")
+        torch_numerics = loaded != "f32" and not runtime.engine.info.batch_invariant
+        assert runtime.engine.info.model_id.endswith(f"-{loaded}" + ("-torch" if torch_numerics else ""))
+        # which kernels compute it: meshllm's own (batch-invariant) for int8 where they build,
+        # torch's where there is no C compiler
+        info = runtime.engine.info
+        if loaded == "f32":
+            assert info.kernel.startswith("transformers") and not info.batch_invariant
+        else:
+            built = kernels.get() is not None
+            assert info.kernel.startswith("meshllm kernels" if built else "torch kernels")
+            assert info.batch_invariant == built

@@ -16,6 +16,7 @@ import torch
 from meshllm.mesh.jobs import Compute, ImportCache, RebuildPart
 from meshllm.mesh.rebuild import parts
 from meshllm.model.cache import prepare
+from meshllm.model.lean import LeanShard
 from meshllm.model.runtime import Runtime
 from meshllm.model.source import resolve
 from tests.tinymodel import chat_ids, reference_greedy, PROMPTS
@@ -69,12 +70,13 @@ class Chain:
             self.step((self.tokens[-1],))
         return self.tokens
 
-    def rebuild(self, whole: bool = False) -> list:  # type: ignore[type-arg]
-        """Rebuild every stage's caches for the positions run so far; each stage's report."""
+    def rebuild(self, whole: bool = False, invariant: bool = False) -> list:  # type: ignore[type-arg]
+        """Rebuild every stage's caches for the positions run so far, in the parts an entry
+        node plans (large ones with `invariant` numerics); each stage's report."""
         history = tuple(t for s in self.steps for t in s)
         prefill = len(self.steps[0])
         reports = [None] * len(self.stages)
-        for start, end in parts(len(history), prefill):
+        for start, end in parts(len(history), prefill, invariant):
             x = None
             for i, rt in enumerate(self.stages):
                 job = RebuildPart(self._job_id(), SID, 2 if whole else 1, len(history), prefill, start,
@@ -110,6 +112,44 @@ def test_a_lost_middle_stage_is_rebuilt_by_its_neighbours_exactly(request: pytes
     first, last = chain.rebuild()
     assert (first.kept, first.from_log, first.from_upstream) == ((0, 2), (2, 3), None)
     assert (last.kept, last.from_upstream, last.from_log) == ((4, 6), (3, 4), None)
+    # the original chunking (the prompt's step, then one position at a time), unless the
+    # kernels are batch-invariant: then one pass per part
+    steps = len(parts(position, len(prompt))) if a.batch_invariant else position - len(prompt) + 1
+    assert first.passes == last.passes == steps
+    assert chain.generate(prompt, 40) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_an_invariant_shard_rebuilds_lost_layers_in_one_pass_with_the_same_bits(request: pytest.FixtureRequest,
+                                                                              arch: str) -> None:
+    """int4 kernels that give a position the same bits alone or in a chunk (issue 18): the
+    entry node plans the rebuild as one part, the stages that took over a lost middle stage's
+    layers recompute them for every position in one pass, the caches they make are bitwise
+    those of the undisturbed run, and so is the rest of the answer."""
+    tiny = request.getfixturevalue(f"tiny_{arch}")
+    prompt = tuple(chat_ids(tiny, PROMPTS[1]))
+    expected = Chain([runtime(tiny, (0, 6), "int4")]).generate(prompt, 40)
+    a, b, c = (runtime(tiny, span, "int4") for span in ((0, 2), (2, 4), (4, 6)))
+    assert all(isinstance(rt.shard, LeanShard) for rt in (a, b, c))
+    assert all(rt.batch_invariant for rt in (a, b, c)), "LeanShard int4 does not say it is batch_invariant"
+    chain = Chain([a, b, c])
+    chain.generate(prompt, 25)
+    position = chain.position
+    undisturbed = {layer: (k, v) for _sid, layer, k, v in b.shard.export_layers(2, 4)}
+    del b
+    a.load_span(0, 3)
+    c.load_span(3, 6)
+    assert a.batch_invariant and c.batch_invariant
+    chain.stages = [a, c]
+    assert parts(position, len(prompt), invariant=True) == [(0, position)]
+    first, last = chain.rebuild(invariant=True)
+    assert (first.from_log, last.from_upstream) == ((2, 3), (3, 4))
+    assert first.passes == last.passes == 1
+    rebuilt = {layer: (k, v) for rt, lo, hi in ((a, 2, 3), (c, 3, 4))
+               for _sid, layer, k, v in rt.shard.export_layers(lo, hi)}
+    assert sorted(rebuilt) == [2, 3]
+    for layer, (k, v) in rebuilt.items():
+        assert np.array_equal(k, undisturbed[layer][0]) and np.array_equal(v, undisturbed[layer][1]), layer
     assert chain.generate(prompt, 40) == expected
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS
 from meshllm.model.cache import prepare
 from meshllm.model.engine import Engine
 from meshllm.model.sampling import Sampler, SamplingParams
@@ -14,8 +15,9 @@ from meshllm.model.source import resolve
 from tests.tinymodel import PROMPTS
 
 
-def _drive(engine_for_step, session, sampler, n_replan_at: set[int]) -> list[int]:  # type: ignore[no-untyped-def]
-    """Run a session; at the given token counts, throw every KV cache away and switch engines."""
+def _drive(engine_for_step, session, sampler, n_replan_at: set[int], merge: int = 0) -> list[int]:  # type: ignore[no-untyped-def]
+    """Run a session; at the given token counts, throw every KV cache away and switch engines
+    (`merge`: replay in steps of up to that many positions, `Session.restart`)."""
     engines_used = 0
     engine = engine_for_step(engines_used)
     out: list[int] = []
@@ -27,7 +29,7 @@ def _drive(engine_for_step, session, sampler, n_replan_at: set[int]) -> list[int
                     shard.drop(session.session_id)
                 engines_used += 1
                 engine = engine_for_step(engines_used)  # a new plan: other spans, empty caches
-                session.restart()
+                session.restart(merge)
                 continue
             logits = engine._run_chain(session.session_id, list(step.token_ids), step.start_pos)
             if step.replay:
@@ -48,6 +50,24 @@ def test_replay_onto_other_spans_gives_identical_greedy_tokens(tiny_qwen2: Path,
         want = [t.id for t in engines[2].generate(prompt, params)]
         session = engines[0].new_session(prompt, params)
         got = _drive(lambda i: engines[i % len(engines)], session, Sampler(params), {1, 7, 20})
+        assert got == want
+
+
+def test_a_merged_replay_on_invariant_kernels_gives_identical_greedy_tokens(tiny_qwen2: Path) -> None:
+    """Batch-invariant int4 kernels (issue 18): a replay runs every position so far in one
+    step (the entry node's full-replay fallback), and the answer does not change."""
+    prepared = prepare(resolve(tiny_qwen2))
+    plans = [[(0, 2), (2, 6)], [(0, 5), (5, 6)], [(0, 6)]]
+    engines = [Engine(prepared, p, weights="int4") for p in plans]
+    assert all(getattr(s, "batch_invariant", False) for e in engines for s in e.shards), \
+        "LeanShard int4 does not say it is batch_invariant"
+    for messages in PROMPTS[:2]:
+        prompt = engines[0].chat_prompt(messages)
+        params = SamplingParams(max_tokens=40)
+        want = [t.id for t in engines[2].generate(prompt, params)]
+        session = engines[0].new_session(prompt, params)
+        got = _drive(lambda i: engines[i % len(engines)], session, Sampler(params), {7, 20},
+                     merge=INVARIANT_PART_POSITIONS)
         assert got == want
 
 

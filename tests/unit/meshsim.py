@@ -64,9 +64,17 @@ class ToyShard:
     """One node's layers and its KV caches, with the shard's step rules; it keeps the
     caches of the layers it still holds across re-plans, and an output log (as the runtime)."""
 
+    batch_invariant = False
+    """The toy's layers give a position the same bits in any chunk (`np.mean` over the same
+    rows); this flag only says whether a rebuild may rely on it (LayerStore)."""
+
     def __init__(self) -> None:
         self.span = (0, 0)
         self.caches: dict[str, list[list[np.ndarray]]] = {}
+        self.layer_runs: list[tuple[str, int, int, int, int]] = []
+        """Every `run_layers` call: (session, start_pos, positions, lo, hi)."""
+        self.rebuild_runs: list[tuple[str, int, int, int, int]] = []
+        """The `run_layers` calls a rebuild made, likewise."""
         self.logs = OutputLogs()
         self.pending_imports: list[ImportCache] = []
         self.rebuilder = Rebuilder(self, self.logs, LAYERS, self._offers)
@@ -122,6 +130,7 @@ class ToyShard:
             cache[i] = cache[i][:positions] if lo <= i < hi else []
 
     def run_layers(self, session_id: str, x: np.ndarray, start_pos: int, lo: int, hi: int) -> np.ndarray:
+        self.layer_runs.append((session_id, start_pos, x.shape[0], lo, hi))
         cache = self.caches[session_id]
         for i in range(lo, hi):
             if len(cache[i]) != start_pos:
@@ -142,7 +151,9 @@ class ToyShard:
     def run(self, job: Compute | RebuildPart) -> Computed:
         x = embed(job.token_ids) if job.token_ids is not None else job.hidden
         if isinstance(job, RebuildPart):
+            before = len(self.layer_runs)
             out, report, error = self.rebuilder.run(job, x)
+            self.rebuild_runs += self.layer_runs[before:]
             return Computed(hidden=out, rebuild=report, rebuild_error=error)
         assert x is not None
         if job.run_span:
@@ -217,6 +228,7 @@ class Net:
                            mem_budget_bytes, ms_per_layer, True)
         core = MeshCore(hello, SPEC, LIMITS, settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
         node = SimNode(core, ms_per_layer)
+        node.shard.batch_invariant = core.settings.batch_invariant  # as the daemon's runtime tells its core
         self.nodes[node_id] = node
         core.start(self.now)
         self._collect(node_id)

@@ -21,6 +21,7 @@ from meshllm import wire
 from meshllm.balance import BalanceSettings
 from meshllm.linkstats import LinkStats
 from meshllm.mesh import Compute, LoadSpan, MeshSettings
+from meshllm.mesh.jobs import RebuildPart
 from meshllm.planner import Plan as PlannerPlan
 from tests.fixtures.wire_strategies import messages
 from tests.unit.meshsim import HIDDEN, LAYER_BYTES, EMBED_HEAD_BYTES, LAYERS, Net, reference
@@ -573,6 +574,109 @@ def test_a_handover_that_never_comes_is_waited_for_at_most_a_while() -> None:
     net.run_until(lambda: answer.done)
     assert answer.error is None and answer.tokens == reference(PROMPT, 30)
     assert any("no cache hand-over" in e.message for n in net.nodes.values() for e in n.log)
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_a_rebuild_runs_in_one_pass_where_the_numerics_are_batch_invariant(invariant: bool) -> None:
+    """Kernels that give a position the same bits in any chunk (MeshSettings.batch_invariant,
+    from the runtime): the entry node sends the rebuild as one part and each stage recomputes
+    its lost layers in one call. Otherwise the original chunking: the prompt's step, then one
+    position at a time. The answer is the same either way."""
+    net = settled("abc", batch_invariant=invariant)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    coordinator = net.nodes["a"].core.coordinator_id
+    victim = next(n for n in plan.node_ids if n not in ("a", coordinator))
+    answer, _ = kill_when(net, "a", lambda net: victim, 15)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert sum(n.core.stats.full_replays for n in net.nodes.values()) == 0
+    parts = [j for nid, n in net.nodes.items() if nid != victim for j in n.jobs_run if isinstance(j, RebuildPart)]
+    runs = [r for nid, n in net.nodes.items() if nid != victim for r in n.shard.rebuild_runs]
+    assert parts and runs, rebuild_logs(net)  # the lost layers were recomputed
+    position = parts[0].position
+    assert position >= len(PROMPT) + 14 and all(j.position == position for j in parts)
+    if invariant:
+        assert {(j.start_pos, j.positions) for j in parts} == {(0, position)}  # one part
+        assert {(start, n) for _sid, start, n, _lo, _hi in runs} == {(0, position)}  # one pass each
+        assert len(runs) <= 2 * len(plan.node_ids)  # at most a range below and one above the kept layers
+        assert any(" in 1 pass, in " in m or " in 2 passes, in " in m for m in rebuild_logs(net)), rebuild_logs(net)
+    else:
+        assert {(j.start_pos, j.positions) for j in parts} >= {(0, len(PROMPT)), (len(PROMPT), position - len(PROMPT))}
+        assert {(start, n) for _sid, start, n, _lo, _hi in runs if start == 0} == {(0, len(PROMPT))}
+        assert all(n == 1 for _sid, start, n, _lo, _hi in runs if start > 0)
+        assert len(runs) >= position - len(PROMPT) + 1
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_a_full_replay_merges_its_steps_only_where_the_numerics_are_batch_invariant(invariant: bool) -> None:
+    """When even the entry node cannot rebuild (its job fails), the answer is replayed from
+    the start: in the original steps, or with invariant numerics in one step of every
+    position so far."""
+    net = settled("abc", batch_invariant=invariant)
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 12)
+    entry = net.nodes["a"]
+    run = entry.shard.run
+    failed: list[RebuildPart] = []
+
+    def failing_rebuild(job):  # type: ignore[no-untyped-def]
+        if isinstance(job, RebuildPart) and not failed:
+            failed.append(job)
+            raise RuntimeError("this node cannot run its part")
+        return run(job)
+
+    entry.shard.run = failing_rebuild  # type: ignore[method-assign]
+    victim = next(n for n in "bc" if n != entry.core.coordinator_id)
+    net.kill(victim)
+    net.run_until(lambda: answer.done)
+    assert failed and answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert entry.core.stats.full_replays == 1
+    position = failed[0].position
+    after = entry.jobs_run[entry.jobs_run.index(failed[0]) + 1:]
+    replayed = [(j.start_pos, j.positions) for j in after if isinstance(j, Compute) and j.start_pos < position]
+    if invariant:
+        assert replayed == [(0, position)]
+    else:
+        assert replayed == [(0, len(PROMPT))] + [(p, 1) for p in range(len(PROMPT), position)]
+
+
+def test_rebuild_parts_and_steps_follow_the_numerics() -> None:
+    from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS as BIG, PART_POSITIONS as SMALL, parts, steps
+
+    assert parts(70, 5) == [(0, 5), (5, 5 + SMALL), (5 + SMALL, 5 + 2 * SMALL), (5 + 2 * SMALL, 70)]
+    assert parts(70, 5, invariant=True) == [(0, 70)]
+    assert parts(BIG + 30, 5, invariant=True) == [(0, BIG), (BIG, BIG + 30)]
+    # the first part holds at least the prompt's chunk, which ran in one pass already
+    assert parts(BIG + 300, BIG + 100, invariant=True) == [(0, BIG + 100), (BIG + 100, BIG + 300)]
+    for position, prefill in ((1, 1), (300, 7), (3 * BIG + 1, 40), (BIG, BIG)):
+        for invariant in (False, True):
+            cut = parts(position, prefill, invariant)
+            assert cut[0][0] == 0 and cut[-1][1] == position and cut[0][1] >= prefill
+            assert all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+            assert all(e - s <= (BIG if invariant else SMALL) for s, e in cut[1:])
+    assert list(steps(0, 9, 5)) == [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]
+    assert list(steps(0, 9, 5, invariant=True)) == [(0, 9)]
+    assert list(steps(40, 72, 5, invariant=True)) == [(40, 72)]
+
+
+def test_a_replay_merges_steps_only_when_asked_and_keeps_the_original_history() -> None:
+    from meshllm.session import Session
+
+    session = Session("s/0", PROMPT, 40, frozenset({0}))
+    for token in (7, 8, 9, 10):
+        session.accept(token)
+    history = session.history()
+    session.restart()
+    assert [session.next_step().token_ids for _ in range(1)] == [PROMPT]
+    session.restart(merge_positions=7)
+    step = session.next_step()
+    assert step is not None and step.replay and step.token_ids == PROMPT + (7, 8) and step.start_pos == 0
+    session.step_done()
+    step = session.next_step()
+    assert step is not None and step.token_ids == (9,) and step.start_pos == 7
+    session.step_done()
+    assert not session.replaying() and session.history() == history
+    assert session.next_step() == type(step)((10,), 8)
 
 
 # -- placement by measured links and a latency target (docs/placement.md) -----------------------
