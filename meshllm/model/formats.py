@@ -141,99 +141,157 @@ def _complete(marker: Path) -> bool:
 
 
 def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
-    """Convert every tensor of the float32 weights into `fmt`, 4-bit blocks read as they are."""
+    """Convert every tensor of the float32 weights into `fmt`, 4-bit blocks read as they are.
+
+    Written tensor by tensor (`TensorWriter`): memory stays in proportion to the largest
+    tensor, not to the model."""
+    from meshllm.model.lean import map_large_allocations
+    from meshllm.model.shard import load_config
+    from meshllm.model.stwriter import TensorWriter, header_room
+
+    map_large_allocations()  # each tensor's temporaries go back to the system when freed
+    config = load_config(prepared)
+    blocks = _GgufInt4Blocks(prepared, config) if fmt == "int4" and prepared.gguf_path else None
+    shapes = _source_shapes(prepared)
+    room = header_room([(f"{k}.parts", s) for k, s in shapes.items() for _ in range(3)],  # 3 parts at most
+                       sum(4 * _numel(s) for s in shapes.values()))
+    tmp = Path(tempfile.mkstemp(prefix=".weights-", suffix=".tmp", dir=path.parent)[1])
+    out = TensorWriter(tmp, room)
+    try:
+        _convert_tensors(prepared, fmt, out, blocks)
+        out.close()
+        shutil.move(str(tmp), path)
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    if blocks is not None:
+        log.info("int4: %d of %d linears read losslessly from 4-bit blocks", len(blocks.exact),
+                 sum(1 for k in out if k.endswith(".codes")))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _source_shapes(prepared: PreparedModel) -> dict[str, tuple[int, ...]]:
+    from meshllm.model.cache import _safetensors_header
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in prepared.weight_files:
+        header = json.loads(_safetensors_header(file))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+_ROWS_BYTES = 32 << 20
+"""An embedding or head larger than this (in float32) is quantized in runs of rows."""
+
+
+def _convert_tensors(prepared: PreparedModel, fmt: str, out, blocks) -> None:  # type: ignore[no-untyped-def]
+    """Each float32 tensor of `prepared` in `fmt`, written into `out` one at a time.
+
+    The file is opened (mapped) for one tensor at a time: the pages of a mapping stay resident
+    until it is closed, and the whole model's float32 would pile up."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from meshllm.model import quant
-    from meshllm.model.shard import load_config
 
-    config = load_config(prepared)
-    blocks = _gguf_int4_blocks(prepared, config) if fmt == "int4" and prepared.gguf_path else {}
-    out: dict[str, torch.Tensor] = {}
-    exact = 0
     for file in prepared.weight_files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            keys = list(f.keys())
+        for key in keys:
+            stem = key.removesuffix(".weight")
+            if key in ("model.embed_tokens.weight", "lm_head.weight"):
+                # int8 per row, in runs of rows: the same bits as the whole at once
+                with safe_open(str(file), framework="pt") as f:
+                    rows, cols = f.get_slice(key).get_shape()
+                step = max(1, _ROWS_BYTES // (4 * cols))
+                scales = []
+                out.begin(f"{stem}.q", "I8", (rows, cols))
+                for r in range(0, rows, step):
+                    with safe_open(str(file), framework="pt") as f:
+                        part = f.get_slice(key)[r:r + step].float()
+                    q, s = quant.quantize_int8_rows(part)
+                    out.append(q)
+                    scales.append(s)
+                    del part, q
+                out.end()
+                out[f"{stem}.scale"] = torch.cat(scales)
+                continue
+            with safe_open(str(file), framework="pt") as f:
                 w = f.get_tensor(key).float()
-                stem = key.removesuffix(".weight")
-                if _LAYER_LINEAR.match(key):
-                    if fmt == "f16":
-                        out[key] = w.half()
-                    elif fmt == "int8":
-                        q, s = quant.quantize_int8_rows(w)
-                        out[f"{stem}.q"], out[f"{stem}.scale"] = q, s
-                    else:
-                        codes, scale, zero = _int4_for(stem, w, blocks)
-                        exact += stem in blocks
-                        out[f"{stem}.codes"] = quant.pack_nibbles(codes)
-                        out[f"{stem}.scale"], out[f"{stem}.zero"] = scale, zero
-                elif key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if _LAYER_LINEAR.match(key):
+                if fmt == "f16":
+                    out[key] = w.half()
+                elif fmt == "int8":
                     q, s = quant.quantize_int8_rows(w)
                     out[f"{stem}.q"], out[f"{stem}.scale"] = q, s
                 else:
-                    out[key] = w  # norms and biases stay float32
-    if fmt == "int4" and prepared.gguf_path:
-        log.info("int4: %d of %d linears read losslessly from 4-bit blocks", exact,
-                 sum(1 for k in out if k.endswith(".codes")))
-    tmp = Path(tempfile.mkstemp(prefix=".weights-", suffix=".tmp", dir=path.parent)[1])
-    try:
-        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-        shutil.move(str(tmp), path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                    codes, scale, zero = _int4_for(stem, w, blocks)
+                    out[f"{stem}.codes"] = quant.pack_nibbles(codes)
+                    out[f"{stem}.scale"], out[f"{stem}.zero"] = scale, zero
+            else:
+                out[key] = w  # norms and biases stay float32
+            del w
 
 
-def _int4_for(stem: str, w: torch.Tensor, blocks: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
+def _int4_for(stem: str, w: torch.Tensor, blocks: "_GgufInt4Blocks | None") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 4-bit blocks of `stem` when the GGUF has them, else `w` quantized group by group."""
     import torch
 
     from meshllm.model import quant
 
-    if stem in blocks:
-        codes, scale, zero = blocks[stem]
+    found = blocks.find(stem, w) if blocks is not None else None
+    if found is not None:
+        codes, scale, zero = found
         return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero)
     return quant.quantize_int4_groups(w)
 
 
-def _gguf_int4_blocks(prepared: PreparedModel, config) -> dict:  # type: ignore[no-untyped-def]
-    """Codes, scales and zeros of every 4-bit linear in the GGUF, keyed by HF name, in the row
-    order of the float32 conversion (checked against it, tensor by tensor)."""
-    import numpy as np
-    from safetensors import safe_open
+class _GgufInt4Blocks:
+    """Codes, scales and zeros of the 4-bit linears in the GGUF, keyed by HF name, in the row
+    order of the float32 conversion (checked against it), read one tensor at a time."""
 
-    from meshllm.model.gguf_blocks import dequantize_int4, read_int4, read_tensor_bytes, unpermute_rows
+    def __init__(self, prepared: PreparedModel, config) -> None:  # type: ignore[no-untyped-def]
+        assert prepared.gguf_path is not None
+        self.path = prepared.gguf_path
+        self.heads = {"attn_q": int(config.num_attention_heads),
+                      "attn_k": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)}
+        self.infos: dict[str, tuple[str, TensorInfo]] = {}
+        """HF stem -> (GGUF kind of linear, its tensor), for the 4-bit linears."""
+        for t in _tensor_infos(self.path).values():
+            m = _GGUF_BLOCK.match(t.name)
+            if m and m.group(2) in _GGUF_LINEARS and t.type_name in INT4_TYPES:
+                self.infos[f"model.layers.{m.group(1)}.{_GGUF_LINEARS[m.group(2)]}"] = (m.group(2), t)
+        self.exact: set[str] = set()
+        """The stems read from their blocks so far."""
 
-    index = {}
-    for file in prepared.weight_files:
-        with safe_open(str(file), framework="pt") as f:
-            index.update({k: file for k in f.keys()})
-    heads = {"attn_q": int(config.num_attention_heads),
-             "attn_k": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)}
-    found = {}
-    for t in _tensor_infos(prepared.gguf_path).values():
-        m = _GGUF_BLOCK.match(t.name)
-        if not m or m.group(2) not in _GGUF_LINEARS or t.type_name not in INT4_TYPES:
-            continue
-        stem = f"model.layers.{m.group(1)}.{_GGUF_LINEARS[m.group(2)]}"
-        key = f"{stem}.weight"
-        if key not in index:
-            continue
+    def find(self, stem: str, w: torch.Tensor):  # type: ignore[no-untyped-def]
+        """(codes, scale, zero) of `stem` whose values are `w` (its float32 conversion), or None."""
+        import numpy as np
+
+        from meshllm.model.gguf_blocks import dequantize_int4, read_int4, read_tensor_bytes, unpermute_rows
+
+        if stem not in self.infos:
+            return None
+        kind, t = self.infos[stem]
         cols, rows = (int(x) for x in t.shape[:2])
-        codes, scale, zero = read_int4(t.type_name, read_tensor_bytes(prepared.gguf_path, t), rows, cols)
-        with safe_open(str(index[key]), framework="pt") as f:
-            ref = f.get_tensor(key).float().numpy()
+        codes, scale, zero = read_int4(t.type_name, read_tensor_bytes(self.path, t), rows, cols)
+        ref = w.float().numpy()
         candidates = [(codes, scale, zero)]
-        if m.group(2) in heads:
-            n = heads[m.group(2)]
+        if kind in self.heads:
+            n = self.heads[kind]
             candidates.append(tuple(unpermute_rows(a, n) for a in (codes, scale, zero)))
         tol = 1e-5 * float(np.abs(ref).max()) + 1e-7
         for c, s, z in candidates:
             if np.abs(dequantize_int4(c, s, z) - ref).max() <= tol:
-                found[stem] = (np.ascontiguousarray(c), np.ascontiguousarray(s), np.ascontiguousarray(z))
-                break
-        else:
-            log.warning("%s: 4-bit blocks do not match the float32 conversion; requantizing it", t.name)
-    return found
-
+                self.exact.add(stem)
+                return np.ascontiguousarray(c), np.ascontiguousarray(s), np.ascontiguousarray(z)
+        log.warning("%s: 4-bit blocks do not match the float32 conversion; requantizing it", t.name)
+        return None
