@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
 from meshllm.errors import ModelSourceError
 from meshllm.model import kernels, quant
@@ -30,6 +29,53 @@ from meshllm.model.quant import QLinear
 from meshllm.model.span import SpanSessions
 
 log = logging.getLogger(__name__)
+
+
+_ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+"""The activations of Llama-family configs, without transformers' activations module (which
+pulls in accelerate and sympy: 54 MB of a serving node's memory)."""
+
+
+def _activation(name: str):  # type: ignore[no-untyped-def]
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class _Rotary:
+    """The rotary tables exactly as transformers' Llama-family rotary modules compute them,
+    without importing their modelling code (torch._dynamo and more: 42 MB): inverse
+    frequencies from the config's rope parameters, then cos and sin of position x frequency."""
+
+    def __init__(self, config: PretrainedConfig, head_dim: int, device: torch.device) -> None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = params.get("rope_type", "default")
+        self._module = None
+        if rope_type == "dynamic":  # the frequencies change with the length: transformers' module
+            self._module = _rotary_class(config.model_type)(config=config).to(device)
+            return
+        if rope_type == "default":
+            base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.inv_freq = inv_freq.to(device)
+        self.scaling = float(scaling)
+
+    def __call__(self, probe: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._module is not None:
+            return self._module(probe, ids)
+        freqs = ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
 
 
 def _rotary_class(model_type: str):  # type: ignore[no-untyped-def]
@@ -153,13 +199,13 @@ class LeanShard(SpanSessions[_KV]):
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.eps = float(config.rms_norm_eps)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = _activation(config.hidden_act)
         self._silu = config.hidden_act in ("silu", "swish")
         self.scaling = self.head_dim ** -0.5
         window = getattr(config, "sliding_window", None)
         use_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
         self.window = int(window) if window and use_window else None
-        self._rotary = _rotary_class(config.model_type)(config=config).to(self.device)
+        self._rotary = _Rotary(config, self.head_dim, self.device)
         self._k = kernels.get() if self.device.type == "cpu" else None
         """meshllm's kernels for the attention, norms and activation (None: torch's ops)."""
         self._cos = torch.empty(0, self.head_dim, device=self.device)

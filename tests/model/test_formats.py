@@ -215,3 +215,22 @@ def test_a_full_shard_still_replays_its_own_sessions(tiny_llama: Path, weights: 
             shard.forward("a", shard.embed([4]), 5)
         shard.forward("a", shard.embed([1, 2, 3]), 0)  # a replay from the start: its own cache, rebuilt
         assert shard.cache_length("a") == 3 and shard.session_ids == ("a",)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
+                                  {"rope_type": "linear", "factor": 2.0}])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_the_lean_rotary_tables_are_transformers_bit_for_bit(arch: str, rope) -> None:  # type: ignore[no-untyped-def]
+    """The lean decoder computes its rotary tables without transformers' modelling code (a
+    serving node then never imports it): the same bits, scaled ropes included."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from meshllm.model.lean import _Rotary, _rotary_class
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    config = cls(hidden_size=64, num_attention_heads=4, max_position_embeddings=2048, rope_scaling=rope)
+    ids = torch.arange(700).unsqueeze(0)
+    ours = _Rotary(config, 16, torch.device("cpu"))(torch.zeros(1), ids)
+    theirs = _rotary_class(arch)(config=config)(torch.zeros(1), ids)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
