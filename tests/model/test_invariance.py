@@ -89,16 +89,18 @@ def test_every_instruction_set_gives_the_portable_definitions_bits(tmp_path, mon
     assert torch.equal(kernels.rmsnorm(portable, x, w, 1e-5), kernels.rmsnorm(native, x, w, 1e-5))
     gu = torch.randn(5, 2 * 100, generator=gen) * 6
     assert torch.equal(kernels.silu_mul(portable, gu), kernels.silu_mul(native, gu))
-    nq, nkv, d, t, start = 4, 2, 20, 6, 9
-    qkv = torch.randn(t, (nq + 2 * nkv) * d, generator=gen)
-    cos, sin = torch.rand(t, d, generator=gen), torch.rand(t, d, generator=gen)
-    outs = []
-    for lib in (portable, native):
-        kc, vc = torch.zeros(nkv, 32, d), torch.zeros(nkv, 32, d)
-        kc[:, :start] = vc[:, :start] = 0.5
-        outs.append((kernels.attention(lib, qkv, nq, nkv, d, cos, sin, kc, vc, start, 7, 0.3), kc, vc))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for d, window in ((20, 7), (64, None), (128, 40)):  # odd sizes, and the paths of whole vectors
+        nq, nkv, t, start = 4, 2, 6, 45
+        qkv = torch.randn(t, (nq + 2 * nkv) * d, generator=gen)
+        cos, sin = torch.rand(t, d, generator=gen), torch.rand(t, d, generator=gen)
+        past = torch.randn(2, nkv, start, d, generator=gen)
+        outs = []
+        for lib in (portable, native):
+            kc, vc = torch.zeros(nkv, 64, d), torch.zeros(nkv, 64, d)
+            kc[:, :start], vc[:, :start] = past[0], past[1]
+            outs.append((kernels.attention(lib, qkv, nq, nkv, d, cos, sin, kc, vc, start, window, 0.3), kc, vc))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), f"attention with head size {d}"
 
 
 def _hidden(shard, session: str, embedded: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[no-untyped-def]

@@ -148,6 +148,26 @@ static inline float hsum8_avx(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* exp_ref on 8 lanes: the same operations in the same order */
+static inline __m256 exp8_avx(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f)); /* NaN -> -87, as exp_ref */
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.428606765330187045e-06f), r);
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, z, r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
 static void quantize_row_fast(const float *x, int64_t K, int8_t *q, float *d, float *s) {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < K / QK; b++) {
@@ -638,7 +658,16 @@ void mq_silu_mul(const float *gu, int64_t M, int64_t N, float *y, int nt) {
     for (int64_t m = 0; m < M; m++) {
         const float *g = gu + m * 2 * N, *u = g + N;
         float *yr = y + m * N;
-        for (int64_t n = 0; n < N; n++) yr[n] = (g[n] / (1.0f + exp_ref(-g[n]))) * u[n];
+        int64_t n = 0;
+#ifdef MQ_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+        for (; n + 8 <= N; n += 8) {
+            __m256 gv = _mm256_loadu_ps(g + n);
+            __m256 e = exp8_avx(_mm256_xor_ps(gv, neg));
+            _mm256_storeu_ps(yr + n, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + n)));
+        }
+#endif
+        for (; n < N; n++) yr[n] = (g[n] / (1.0f + exp_ref(-g[n]))) * u[n];
     }
 }
 
@@ -686,24 +715,35 @@ void mq_attention(const float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t 
             mx = s > mx ? s : mx;
         }
         float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            float e = exp_ref(scores[j] - mx);
-            scores[j] = e;
-            sum += e;
+        int64_t j0 = 0;
+#ifdef MQ_AVX2
+        for (; j0 + 8 <= n; j0 += 8) {
+            __m256 e = exp8_avx(_mm256_sub_ps(_mm256_loadu_ps(scores + j0), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(scores + j0, e);
         }
+#endif
+        for (int64_t j = j0; j < n; j++) scores[j] = exp_ref(scores[j] - mx);
+        for (int64_t j = 0; j < n; j++) sum += scores[j];
         for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+#ifdef MQ_AVX2
+        if (D % 8 == 0) { /* 64 values at a time in registers, each summed over the keys in order */
+            for (int64_t c = 0; c < D; c += 64) {
+                const int w = (int)((D - c) < 64 ? (D - c) / 8 : 8);
+                __m256 a8[8];
+                for (int i = 0; i < 8; i++) a8[i] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++) {
+                    const float *v = vb + j * D + c;
+                    __m256 ev = _mm256_set1_ps(scores[j]);
+                    for (int i = 0; i < w; i++) a8[i] = _mm256_fmadd_ps(ev, _mm256_loadu_ps(v + 8 * i), a8[i]);
+                }
+                for (int i = 0; i < w; i++) _mm256_storeu_ps(acc + c + 8 * i, a8[i]);
+            }
+        } else
+#endif
         for (int64_t j = 0; j < n; j++) {
             const float *v = vb + j * D;
             float e = scores[j];
-#ifdef MQ_AVX2
-            __m256 ev = _mm256_set1_ps(e);
-            int64_t i = 0;
-            for (; i + 8 <= D; i += 8)
-                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(ev, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
-            for (; i < D; i++) acc[i] = fmaf(e, v[i], acc[i]);
-#else
             for (int64_t i = 0; i < D; i++) acc[i] = fmaf(e, v[i], acc[i]);
-#endif
         }
         float *o = out + t * nq * D + h * D;
         for (int64_t i = 0; i < D; i++) o[i] = acc[i] / sum;
