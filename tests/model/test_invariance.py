@@ -67,23 +67,26 @@ def test_the_products_stay_close_to_their_float_weights() -> None:
         assert err < (1e-5 if name.startswith("f") else 0.02), (name, err)
 
 
-def test_every_instruction_set_gives_the_portable_definitions_bits(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The library built for this CPU (AVX2, NEON) and the portable C build agree bit for bit on
-    every op, so a mesh of different CPUs answers like one node."""
-    native = _kernels()
+@pytest.mark.parametrize("isa", kernels.runnable_isas()[1:] or ["portable"])
+def test_every_instruction_set_gives_the_portable_definitions_bits(isa: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each library this CPU runs (AVX2, AVX-VNNI, AVX512-VNNI, NEON) and the portable C build
+    agree bit for bit on every op, so a mesh of different CPUs answers like one node."""
+    _kernels()
     monkeypatch.setenv("MESHLLM_CACHE_DIR", str(tmp_path))
     import ctypes
 
     portable = kernels.Kernels(ctypes.CDLL(str(kernels._build("portable"))), "portable")
     assert portable.lib.mq_isa() == b"portable"
+    native = kernels.Kernels(ctypes.CDLL(str(kernels._build(isa))), isa)
+    assert native.lib.mq_isa() == isa.encode()
     gen = torch.Generator().manual_seed(5)
     for m in (1, 6):
         x = torch.randn(m, 576, generator=gen) * 2
         for name, mat in _matrices(70, 576, gen).items():
+            mat.k = native
             want = mat.matmul(x)
             mat.k = portable
             assert torch.equal(mat.matmul(x), want), f"{name} at M={m}"
-            mat.k = native
     x = torch.randn(5, 100, generator=gen)
     w = torch.rand(100, generator=gen) + 0.5
     assert torch.equal(kernels.rmsnorm(portable, x, w, 1e-5), kernels.rmsnorm(native, x, w, 1e-5))

@@ -12,8 +12,9 @@ CPU has, and checked against the portable definitions on random data before it i
 there is no compiler, or the build or the check fails, :func:`get` returns None and callers
 keep torch's kernels (slower on most CPUs, and not batch-invariant).
 
-``MESHLLM_KERNEL_ISA=auto|avx2|neon|portable|off`` picks the instruction set (``avx2`` on an
-AVX-512 machine simulates a laptop; ``off`` forces torch's kernels).
+``MESHLLM_KERNEL_ISA=auto|avx512vnni|avxvnni|avx2|neon|portable|off`` picks the instruction set
+(``avx2`` on an AVX-512 machine simulates a laptop; ``off`` forces torch's kernels). Every one
+of them gives the same bits; only the speed differs.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ GROUP = 32
 
 _SOURCE = Path(__file__).with_name("qmm.c")
 _ISA_FLAGS: dict[str, list[str]] = {
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512vnni", "-mavx512vl"],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "neon-dotprod": ["-march=armv8.2-a+dotprod"],
     "neon": [],
     "portable": [],
 }
-ISAS = ("auto", "avx2", "neon", "portable", "off")
+ISAS = ("auto", "avx512vnni", "avxvnni", "avx2", "neon", "portable", "off")
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,33 @@ def wanted_isa() -> str:
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         flags = _cpu_flags()
-        return "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable"
+        if not {"avx2", "fma", "f16c"} <= flags:
+            return "portable"
+        if {"avx512_vnni", "avx512vl"} <= flags:  # the integer dot product in one instruction
+            return "avx512vnni"
+        return "avxvnni" if "avx_vnni" in flags else "avx2"
     if machine in ("aarch64", "arm64"):
         return "neon-dotprod" if _has_dotprod() else "neon"
     return "portable"
+
+
+def runnable_isas() -> list[str]:
+    """Every instruction set of ours this CPU runs (the tests build each one and compare)."""
+    machine = platform.machine().lower()
+    out = ["portable"]
+    if machine in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        if {"avx2", "fma", "f16c"} <= flags:
+            out.append("avx2")
+            if "avx_vnni" in flags:
+                out.append("avxvnni")
+            if {"avx512_vnni", "avx512vl"} <= flags:
+                out.append("avx512vnni")
+    elif machine in ("aarch64", "arm64"):
+        out.append("neon")
+        if _has_dotprod():
+            out.append("neon-dotprod")
+    return out
 
 
 def _cpu_flags() -> set[str]:

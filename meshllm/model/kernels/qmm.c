@@ -36,7 +36,18 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MQ_AVX2 1
+/* u8 x s8 dot products of 4 bytes into 8 int32 lanes: VNNI's one instruction, or AVX2's two
+ * (maddubs never saturates here: |c| <= 15 or 127 and |q| <= 127), the same integers */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MQ_ISA "avx512vnni"
+#define MQ_DOT_U8S8(w, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), (x))
+#elif defined(__AVXVNNI__)
+#define MQ_ISA "avxvnni"
+#define MQ_DOT_U8S8(w, x) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (w), (x))
+#else
 #define MQ_ISA "avx2"
+#define MQ_DOT_U8S8(w, x) _mm256_madd_epi16(_mm256_maddubs_epi16((w), (x)), _mm256_set1_epi16(1))
+#endif
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define MQ_NEON 1
@@ -324,7 +335,6 @@ MQ_INLINE __m256 min_term(const uint16_t *mn, const float *xs, int64_t Gp) {
 MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const float *xs, int64_t K,
                        const uint8_t *c, const uint16_t *sc, const uint16_t *mn, float *y, int64_t ldy) {
     const int64_t G = K / QK, Gp = (G + 7) & ~(int64_t)7;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4][4];
     for (int i = 0; i < RM; i++)
         for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
@@ -339,7 +349,7 @@ MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const 
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
             __m256 xdi = _mm256_broadcast_ss(xd + i * G + b);
             for (int j = 0; j < RN; j++) {
-                __m256i I = _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], x), ones);
+                __m256i I = MQ_DOT_U8S8(w[j], x);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(ws[j], xdi), _mm256_cvtepi32_ps(I), acc[i][j]);
             }
         }
@@ -352,7 +362,6 @@ MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const 
 MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_t K,
                        const int8_t *c, const float *sc, int64_t sn, int64_t sb, float *y, int64_t ldy) {
     const int64_t G = K / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4][4];
     for (int i = 0; i < RM; i++)
         for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
@@ -368,7 +377,7 @@ MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
             __m256 xdi = _mm256_broadcast_ss(xd + i * G + b);
             for (int j = 0; j < RN; j++) {
-                __m256i I = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(x, w[j])), ones);
+                __m256i I = MQ_DOT_U8S8(aw[j], _mm256_sign_epi8(x, w[j]));
                 acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(ws[j], xdi), _mm256_cvtepi32_ps(I), acc[i][j]);
             }
         }
