@@ -342,6 +342,7 @@ MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const 
         __m256i w[4];
         __m256 ws[4];
         for (int j = 0; j < RN; j++) {
+            _mm_prefetch((const char *)(c + (j + 2 * RN) * G * 16 + b * 16), _MM_HINT_T0);
             w[j] = unpack_q4(c + j * G * 16 + b * 16);
             ws[j] = _mm256_set1_ps(_cvtsh_ss(sc[j * G + b]));
         }
@@ -369,6 +370,9 @@ MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_
         __m256i w[4], aw[4];
         __m256 ws[4];
         for (int j = 0; j < RN; j++) {
+            /* the rows two tiles on: interleaved rows defeat the hardware prefetcher (the
+             * lm_head went from 6 to 15 GB/s); a prefetch past the end never faults */
+            _mm_prefetch((const char *)(c + (j + 2 * RN) * K + b * QK), _MM_HINT_T0);
             w[j] = _mm256_loadu_si256((const __m256i *)(c + j * K + b * QK));
             aw[j] = _mm256_sign_epi8(w[j], w[j]);
             ws[j] = _mm256_broadcast_ss(sc + j * sn + b * sb);
