@@ -39,7 +39,7 @@ IMPORT_STEPS = [
     "daemon.net.links",
     "daemon.node.node",
 ]
-WATCHED = ["torch._dynamo", "sympy", "transformers.masking_utils", "transformers.modeling_utils",
+WATCHED = ["torch._dynamo", "sympy", "transformers.activations", "transformers.masking_utils", "transformers.modeling_utils",
            "transformers.models.llama.modeling_llama", "tokenizers", "accelerate", "peft", "aiortc",
            "av", "zeroconf", "textual", "gguf", "PIL", "jinja2"]
 

@@ -54,18 +54,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
-from aiortc.exceptions import InvalidStateError
 
 from daemon.node.config import ConfigError, parse_host_port
 from daemon.net.loopback import is_loopback_host, loopback_ice, usable_candidates
@@ -102,6 +95,9 @@ from meshllm.wire import (
     encode,
     split_frames,
 )
+
+if TYPE_CHECKING:
+    from aiortc import RTCDataChannel, RTCPeerConnection
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +279,8 @@ class LinkManager:
             raise ValueError(f"debug_link_delay_ms must be 0..{MAX_DEBUG_LINK_DELAY_MS:.0f}")
         if probe_interval_s is not None and not probe_interval_s > 0:
             raise ValueError("probe_interval_s must be positive (or None)")
-        _install_aiortc_tuning()
         self._hello = hello
-        self._ice_servers = [RTCIceServer(urls=url) for url in ice_servers]
+        self._ice_servers = list(ice_servers)
         self._loopback = loopback
         self._auth = Authenticator(mesh_key)
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -458,7 +453,8 @@ class LinkManager:
         except SignalingRefused as exc:
             raise LinkError(exc.reason, link.peer_id) from exc
         try:
-            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            answer_sdp = _rtc().RTCSessionDescription(sdp=sdp, type="answer")
+            await link.pc.setRemoteDescription(answer_sdp)
         except Exception as exc:  # aiortc's SDP parser fails in many ways on bad input
             raise LinkError(f"bad SDP answer from {address}: {exc!r}", link.peer_id) from exc
         await link.settled.wait()
@@ -507,7 +503,8 @@ class LinkManager:
             link.hello = offer.hello
             with loopback_ice(self._loopback):
                 try:
-                    await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+                    offer_sdp = _rtc().RTCSessionDescription(sdp=sdp, type="offer")
+                    await link.pc.setRemoteDescription(offer_sdp)
                     await link.pc.setLocalDescription(await link.pc.createAnswer())
                 except Exception as exc:  # aiortc's SDP parser fails in many ways on bad input
                     raise SignalingRefused(400, f"bad SDP offer: {exc!r}") from exc
@@ -550,7 +547,9 @@ class LinkManager:
         self._links[link.peer_id] = link
 
     def _new_link(self, initiator_id: str) -> _Link:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
+        rtc = _rtc()
+        pc = rtc.RTCPeerConnection(rtc.RTCConfiguration(iceServers=[rtc.RTCIceServer(urls=url)
+                                                                   for url in self._ice_servers]))
         channels = {
             name: _Channel(
                 name,
@@ -672,7 +671,7 @@ class LinkManager:
                     continue
                 try:
                     await _send_piece(ch.dc, piece)
-                except InvalidStateError:
+                except _rtc().InvalidStateError:
                     self._finish(link, "channel closed")
                     raise LinkError(f"link to {peer_id} lost: channel closed", peer_id) from None
                 except Exception as exc:  # aiortc/aioice/OpenSSL: ConnectionError, OSError, ...
@@ -707,7 +706,7 @@ class LinkManager:
                     self._delay(link, ch, piece)
                 else:
                     ch.dc.send(piece)
-        except InvalidStateError:
+        except _rtc().InvalidStateError:
             self._finish(link, "channel closed")
 
     # --- the debug link delay -----------------------------------------------------------------
@@ -733,7 +732,7 @@ class LinkManager:
                 ch.pushed_bytes += len(piece)
                 try:
                     await _send_piece(ch.dc, piece)
-                except InvalidStateError:
+                except _rtc().InvalidStateError:
                     self._finish(link, "channel closed")
                     return
                 except Exception as exc:  # aiortc/aioice/OpenSSL, as in send()
@@ -752,7 +751,7 @@ class LinkManager:
             return
         try:
             link.probe.dc.send(data)
-        except InvalidStateError:
+        except _rtc().InvalidStateError:
             self._finish(link, "channel closed")
 
     def _on_probe_piece(self, link: _Link, data: bytes | str) -> None:
@@ -985,8 +984,9 @@ async def _read_json(request: web.Request) -> object:
 # (1.7 us each) and aioice's attempt to parse every DTLS datagram as STUN (0.8 us each).
 #
 # Nothing here touches encryption: every datagram is still DTLS. The patches are installed
-# once per process by the first LinkManager, and only on the aiortc version they were written
-# against (TUNED_AIORTC_VERSION); on another the stock code runs and a log line says so.
+# once per process at the first link, when aiortc is first imported (``_rtc``), and only on
+# the aiortc version they were written against (TUNED_AIORTC_VERSION); on another the stock
+# code runs and a log line says so.
 
 TUNED_AIORTC_VERSION = "1.16.0"
 SCTP_USERDATA_BYTES = 1232
@@ -994,6 +994,15 @@ SCTP_USERDATA_BYTES = 1232
 SACK_DELAY_S = 0.02
 """Longest a received packet waits for its SACK (RFC 4960 allows 200 ms)."""
 _tuned: bool | None = None
+
+
+def _rtc() -> ModuleType:
+    """aiortc, imported at the first link (an offer made or answered), with the patches above
+    installed. A node that never links never loads it, nor PyAV beneath it (~40 MB)."""
+    import aiortc
+
+    _install_aiortc_tuning()
+    return aiortc
 
 
 def aiortc_tuned() -> bool:

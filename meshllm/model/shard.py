@@ -3,6 +3,11 @@
 The decoder layers are transformers' own. A shard builds a model skeleton on the meta device
 whose config is narrowed to the span, then assigns just the span's tensors read from the
 weight cache, so memory grows with the span and nothing else is allocated.
+
+transformers' modelling code (the model classes, the cache and the mask builders: with them
+``torch._dynamo`` and sympy, ~80 MB) is imported only where the f32 :class:`Shard` uses it. A
+node serving a quantized format runs :class:`meshllm.model.lean.LeanShard` and never loads it;
+:func:`load_config`, :func:`span_config` and :func:`model_shape` need only the config.
 """
 
 from __future__ import annotations
@@ -18,17 +23,18 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import AutoConfig, PretrainedConfig
 
 from meshllm.errors import ModelSourceError
 from meshllm.model.adapter import TARGETS, Adapter, block_of, check_adapter
 from meshllm.model.cache import PreparedModel
+from meshllm.model.hfconfig import import_config_validators
 from meshllm.model.quant import bytes_per_weight
 from meshllm.model.span import SpanSessions
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from meshllm.model.lean import LeanShard
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ class ModelShape:
 
 
 def load_config(prepared: PreparedModel) -> PretrainedConfig:
+    import_config_validators()
     config = AutoConfig.from_pretrained(prepared.folder)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelSourceError(
@@ -115,7 +122,7 @@ class LoraLinear(nn.Module):
         return self.lora_a.nbytes + self.lora_b.nbytes
 
 
-class Shard(SpanSessions[DynamicCache]):
+class Shard(SpanSessions["DynamicCache"]):
     """Embedding, norm and head, plus a contiguous span of decoder layers, with per-session KV caches.
 
     Not thread-safe: one worker thread drives it.
@@ -137,6 +144,8 @@ class Shard(SpanSessions[DynamicCache]):
         adapter: Adapter | None = None,
     ) -> None:
         """`adapter`: a LoRA adapter applied to the span's layers (see `set_adapter`)."""
+        from transformers import AutoModelForCausalLM
+
         config = load_config(prepared)
         super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
@@ -235,12 +244,16 @@ class Shard(SpanSessions[DynamicCache]):
     # -- sessions ------------------------------------------------------------------------
 
     def _new_cache(self) -> DynamicCache:
+        from transformers import DynamicCache
+
         return DynamicCache(config=self._local_config)
 
     def _layer_lengths(self, cache: DynamicCache) -> list[int]:
         return [int(layer.get_seq_length()) for layer in cache.layers]
 
     def _keep(self, cache: DynamicCache, lo: int, hi: int, positions: int) -> DynamicCache:
+        from transformers.cache_utils import DynamicLayer
+
         fresh = self._new_cache()
         for i, layer in enumerate(cache.layers):
             if not lo <= i < hi:
@@ -254,12 +267,16 @@ class Shard(SpanSessions[DynamicCache]):
         return fresh
 
     def _layer_kv(self, cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        from transformers.cache_utils import DynamicLayer
+
         layer = cache.layers[i]
         if type(layer) is not DynamicLayer or not layer.is_initialized:
             return None  # a sliding layer keeps only its window: rebuilt, not handed over
         return layer.keys[0], layer.values[0]
 
     def _set_layer_kv(self, cache: DynamicCache, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        from transformers.cache_utils import DynamicLayer
+
         if type(cache.layers[i]) is not DynamicLayer:
             return
         layer = DynamicLayer()
@@ -298,6 +315,8 @@ class Shard(SpanSessions[DynamicCache]):
                         hi: int) -> torch.Tensor:
         """transformers' own decoder loop (its model's forward) over local layers [lo, hi), so a
         rebuild of some layers repeats the arithmetic of the step that first ran them."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
         x = hidden.to(device=self.device, dtype=self.dtype)
         positions = x.shape[1]
         position_ids = torch.arange(start_pos, start_pos + positions, device=self.device).unsqueeze(0)
@@ -319,6 +338,30 @@ class Shard(SpanSessions[DynamicCache]):
         return self.lm_head(normed[:, -1, :])[0].float().cpu()
 
 
+def layer_parameters(config: PretrainedConfig) -> tuple[int, int]:
+    """(weights of the linear projections, every other parameter) of one decoder layer, counted
+    from the config as transformers' Llama, Qwen2 and Mistral layers hold them: q/k/v/o and
+    gate/up/down; biases on q/k/v for Qwen2, on all four attention projections (Llama's
+    ``attention_bias``) and on the MLP (``mlp_bias``) where a Llama config asks; two RMSNorm
+    weights. ``tests/model/test_shard_shape.py`` checks it against real transformers models."""
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    inter = int(config.intermediate_size)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linear = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * inter
+    other = 2 * hidden  # input_layernorm, post_attention_layernorm
+    if config.model_type == "qwen2":
+        other += q + 2 * kv
+    elif config.model_type == "llama":
+        if getattr(config, "attention_bias", False):
+            other += q + 2 * kv + hidden
+        if getattr(config, "mlp_bias", False):
+            other += 2 * inter + hidden
+    return linear, other
+
+
 def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
     """Bytes per layer and for embed/norm/head in the weight format `weights`, from the config.
 
@@ -326,21 +369,16 @@ def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
     the embedding and head are int8 rows with a float32 scale (and a bfloat16 copy of it) a
     row, except in f32.
     """
-    one = span_config(config, 0, 1)
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(one, dtype=torch.float32)
-    layer = m.model.layers[0]
-    linear = sum(mod.weight.numel() for mod in layer.modules() if isinstance(mod, nn.Linear))
-    other = sum(p.numel() for p in layer.parameters()) - linear
-    vocab, hidden = m.model.embed_tokens.weight.shape
+    linear, other = layer_parameters(config)
+    vocab, hidden = int(config.vocab_size), int(config.hidden_size)
     tables = 1 if getattr(config, "tie_word_embeddings", False) else 2
-    norm = sum(p.numel() for p in m.model.norm.parameters())
+    norm = hidden
     table_bytes = vocab * hidden * 4 if weights == "f32" else vocab * (hidden + 6)
     return ModelShape(
         model_type=config.model_type,
         num_layers=int(config.num_hidden_layers),
-        hidden_size=int(config.hidden_size),
-        vocab_size=int(config.vocab_size),
+        hidden_size=hidden,
+        vocab_size=vocab,
         max_positions=int(getattr(config, "max_position_embeddings", 2048)),
         layer_bytes=int(linear * bytes_per_weight(weights)) + other * 4,
         embed_head_bytes=tables * table_bytes + norm * 4,

@@ -7,10 +7,13 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from meshllm.model.hfconfig import import_config_validators
+
 ROLES = frozenset({"system", "user", "assistant"})
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    import_config_validators()  # AutoTokenizer may read the config
     return AutoTokenizer.from_pretrained(folder)
 
 

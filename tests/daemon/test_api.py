@@ -311,7 +311,8 @@ async def test_status_describes_a_single_node(api: Served) -> None:
     async with api.session.get(f"{api.url}/v1/status") as response:
         status = await response.json()
     assert status["self_id"] == "n-test"
-    assert status["model"] == {"id": "fake0123456789ab", "name": "fake-model", "num_layers": 4, "weights": "f32"}
+    assert status["model"] == {"id": "fake0123456789ab", "name": "fake-model", "num_layers": 4, "weights": "f32",
+                               "kernel": "", "batch_invariant": False}
     assert status["coordinator_id"] == "n-test"
     assert status["plan"] == {"term": 0, "state": "active",
                               "stages": [{"node_id": "n-test", "start_layer": 0, "end_layer": 4}]}

@@ -66,7 +66,8 @@ def daemon(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         line = read_ready_line(process, START_TIMEOUT_S)
         assert line.startswith("meshllm ready: http://127.0.0.1:")
-        assert line.endswith(f"(model {tiny_llama.name}, 6 layers, f32 weights)\n")
+        assert line.endswith(f"(model {tiny_llama.name}, 6 layers, f32 weights on transformers "
+                             "(torch float32, the exact reference))\n")
         url = line.split()[2]
         yield Daemon(url, process, tiny_llama, corrupt, bench)
     finally:
