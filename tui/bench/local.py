@@ -45,6 +45,8 @@ class LocalBenchResult:
     """Bytes of the weights the engine holds (its own count)."""
     file_bytes: int = 0
     """Size of the model file (the GGUF) on disk."""
+    kernel: str = ""
+    """What computed the layers (meshllm's kernels and their instruction set, or torch's)."""
     weight_rss_bytes: int | None = None
     """Resident memory the load added (RSS after loading minus before)."""
     peak_rss_bytes: int | None = None
@@ -120,6 +122,7 @@ def run_local_bench(
         weights=str(getattr(info, "weights", "f32")),
         weight_bytes=int(getattr(engine, "weight_bytes", 0)),
         file_bytes=int(getattr(engine, "file_bytes", 0)),
+        kernel=str(getattr(info, "kernel", "")),
     )
 
 
@@ -132,6 +135,7 @@ def format_bench(result: LocalBenchResult) -> str:
     return key_value_table([
         ("model", f"{result.model_name} ({result.num_layers} layers, id {result.model_id[:12]})"),
         ("weights", f"{result.weights}: {memory}; peak RSS {mb(result.peak_rss_bytes)}"),
+        *([("kernel", result.kernel)] if result.kernel else []),
         ("mode", result.mode),
         ("torch threads", str(result.threads)),
         ("load", f"{result.load_s:.2f} s"),
