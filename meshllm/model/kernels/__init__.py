@@ -279,14 +279,37 @@ def unpack_q4_blocks(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=2).reshape(n, half * 2)
 
 
-class Int4Matrix:
+class _Matrix:
+    """Weights (out_features, in_features) that multiply float32 activations (M, in_features)."""
+
+    k: Kernels
+    out_features: int
+    in_features: int
+
+    def _bind(self, kernels: Kernels | None) -> None:
+        k = kernels or get()
+        if k is None:
+            raise RuntimeError(status().reason)
+        self.k = k
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in_features) -> (M, out_features) float32, every row with the same bits in any batch."""
+        x = x.to(torch.float32).contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        if x.shape[0]:
+            self._product(x, y)
+        return y
+
+    def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Int4Matrix(_Matrix):
     """4-bit weights in blocks of 32 along K: ``w[n, k] = scale[n, k // 32] * codes[n, k] + mn[n, k // 32]``,
     scale and mn kept as float16 (GGUF's Q4_0 and Q4_1 store exactly those)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, kernels: Kernels | None = None) -> None:
-        self.k = kernels or get()
-        if self.k is None:
-            raise RuntimeError(status().reason)
+        self._bind(kernels)
         n, k = codes.shape
         if k % GROUP:
             raise ValueError(f"int4 needs K divisible by {GROUP}, got {k}")
@@ -300,14 +323,9 @@ class Int4Matrix:
         self._mn_store = spare
         self.nbytes = self.codes.numel() + 2 * (self.scale.numel() + spare.numel())
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        y = torch.empty(m, self.out_features, dtype=torch.float32)
-        if m:
-            self.k.lib.mq_linear_q4(_ptr(x), m, self.in_features, _ptr(self.codes), _ptr(self.scale), _ptr(self.mn),
-                                    self.out_features, _ptr(y), _threads(), self.k.ref)
-        return y
+    def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.k.lib.mq_linear_q4(_ptr(x), x.shape[0], self.in_features, _ptr(self.codes), _ptr(self.scale),
+                                _ptr(self.mn), self.out_features, _ptr(y), _threads(), self.k.ref)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -315,13 +333,11 @@ class Int4Matrix:
         return (self.scale.float()[..., None] * c + self.mn.float()[..., None]).view(n, k)
 
 
-class Int8Matrix:
+class Int8Matrix(_Matrix):
     """8-bit weights in blocks of 32 along K: ``w[n, k] = scale[n, k // 32] * q[n, k]``, q in -127..127."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernels: Kernels | None = None) -> None:
-        self.k = kernels or get()
-        if self.k is None:
-            raise RuntimeError(status().reason)
+        self._bind(kernels)
         n, k = q.shape
         if k % GROUP:
             raise ValueError(f"int8 blocks need K divisible by {GROUP}, got {k}")
@@ -335,14 +351,9 @@ class Int8Matrix:
         self.scale = scale.to(torch.float32).contiguous()
         self.nbytes = self.q.numel() + 4 * self.scale.numel()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        y = torch.empty(m, self.out_features, dtype=torch.float32)
-        if m:
-            self.k.lib.mq_linear_q8(_ptr(x), m, self.in_features, _ptr(self.q), _ptr(self.scale), *self._strides,
-                                    self.out_features, _ptr(y), _threads(), self.k.ref)
-        return y
+    def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.k.lib.mq_linear_q8(_ptr(x), x.shape[0], self.in_features, _ptr(self.q), _ptr(self.scale),
+                                *self._strides, self.out_features, _ptr(y), _threads(), self.k.ref)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -350,13 +361,11 @@ class Int8Matrix:
         return (self.q.float().view(n, k // GROUP, GROUP) * scale[..., None]).view(n, k)
 
 
-class FloatMatrix:
+class FloatMatrix(_Matrix):
     """float32 or float16 weights (N, K), float32 activations, a fixed order per output."""
 
     def __init__(self, w: torch.Tensor, kernels: Kernels | None = None) -> None:
-        self.k = kernels or get()
-        if self.k is None:
-            raise RuntimeError(status().reason)
+        self._bind(kernels)
         if w.dtype not in (torch.float32, torch.float16):
             w = w.float()
         self.w = w.contiguous()
@@ -364,14 +373,9 @@ class FloatMatrix:
         self.out_features, self.in_features = w.shape
         self.nbytes = self.w.numel() * self.w.element_size()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        y = torch.empty(m, self.out_features, dtype=torch.float32)
-        if m:
-            self.k.lib.mq_linear_f(_ptr(x), m, self.in_features, _ptr(self.w), self.half, self.out_features, _ptr(y),
-                                   _threads(), self.k.ref)
-        return y
+    def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.k.lib.mq_linear_f(_ptr(x), x.shape[0], self.in_features, _ptr(self.w), self.half, self.out_features,
+                               _ptr(y), _threads(), self.k.ref)
 
 
 # -- row ops ----------------------------------------------------------------------------------

@@ -433,6 +433,26 @@ MQ_INLINE void tile_f(int RM, int RN, const float *x, int64_t K, const void *w, 
     else if (rm == 1 && rn == 2) { CALL(1, 2); } else if (rm == 4 && rn == 1) { CALL(4, 1); } \
     else if (rm == 3 && rn == 1) { CALL(3, 1); } else if (rm == 2 && rn == 1) { CALL(2, 1); } \
     else { CALL(1, 1); }
+/* Every tile of an (M, N) product, the threads splitting the columns: CALL(RM, RN) computes
+ * rows [m0, m0 + RM) x columns [n, n + RN) */
+#define MQ_FOR_TILES(CALL)                                                              \
+    do {                                                                                \
+        const int RN = M == 1 ? 4 : 2;                                                  \
+        const int64_t tiles = (N + RN - 1) / RN;                                        \
+        MQ_PARALLEL_FOR(nt, tiles)                                                      \
+        for (int64_t t = 0; t < tiles; t++) {                                           \
+            int64_t n0 = t * RN, n1 = n0 + RN < N ? n0 + RN : N;                        \
+            for (int64_t n = n0; n < n1;) {                                             \
+                int rn = (int)(n1 - n);                                                 \
+                if (rn == 3) rn = 2;                                                    \
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {                                 \
+                    int rm = (int)(M - m0 < 4 ? M - m0 : 4);                            \
+                    MQ_DISPATCH_TILES(CALL)                                             \
+                }                                                                       \
+                n += rn;                                                                \
+            }                                                                           \
+        }                                                                               \
+    } while (0)
 #endif /* MQ_AVX2 */
 
 /* ---------------------------------------------------------------------------------------- */
@@ -496,23 +516,9 @@ static void gemm_q4(const int8_t *xq, const float *xd, const float *xs, int64_t 
     const int64_t G = K / QK, Gp = (G + 7) & ~(int64_t)7;
 #ifdef MQ_AVX2
     if (!ref) {
-        const int RN = M == 1 ? 4 : 2;
-        const int64_t tiles = (N + RN - 1) / RN;
-        MQ_PARALLEL_FOR(nt, tiles)
-        for (int64_t t = 0; t < tiles; t++) {
-            int64_t n0 = t * RN, n1 = n0 + RN < N ? n0 + RN : N;
-            for (int64_t n = n0; n < n1;) {
-                int rn = (int)(n1 - n);
-                if (rn == 3) rn = 2;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    int rm = (int)(M - m0 < 4 ? M - m0 : 4);
 #define CALL_Q4(A, B) tile_q4(A, B, xq + m0 * K, xd + m0 * G, xs + m0 * Gp, K, c + n * G * 16, sc + n * G, mn + n * G, y + m0 * ldy + n, ldy)
-                    MQ_DISPATCH_TILES(CALL_Q4)
+        MQ_FOR_TILES(CALL_Q4);
 #undef CALL_Q4
-                }
-                n += rn;
-            }
-        }
         return;
     }
 #endif
@@ -535,23 +541,9 @@ static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, con
     const int64_t G = K / QK;
 #ifdef MQ_AVX2
     if (!ref) {
-        const int RN = M == 1 ? 4 : 2;
-        const int64_t tiles = (N + RN - 1) / RN;
-        MQ_PARALLEL_FOR(nt, tiles)
-        for (int64_t t = 0; t < tiles; t++) {
-            int64_t n0 = t * RN, n1 = n0 + RN < N ? n0 + RN : N;
-            for (int64_t n = n0; n < n1;) {
-                int rn = (int)(n1 - n);
-                if (rn == 3) rn = 2;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    int rm = (int)(M - m0 < 4 ? M - m0 : 4);
 #define CALL_Q8(A, B) tile_q8(A, B, xq + m0 * K, xd + m0 * G, K, c + n * K, sc + n * sn, sn, sb, y + m0 * ldy + n, ldy)
-                    MQ_DISPATCH_TILES(CALL_Q8)
+        MQ_FOR_TILES(CALL_Q8);
 #undef CALL_Q8
-                }
-                n += rn;
-            }
-        }
         return;
     }
 #endif
@@ -602,23 +594,9 @@ void mq_linear_f(const float *x, int64_t M, int64_t K, const void *w, int half, 
     const size_t es = half ? 2 : 4;
 #ifdef MQ_AVX2
     if (!ref) {
-        const int RN = M == 1 ? 4 : 2;
-        const int64_t tiles = (N + RN - 1) / RN;
-        MQ_PARALLEL_FOR(nt, tiles)
-        for (int64_t t = 0; t < tiles; t++) {
-            int64_t n0 = t * RN, n1 = n0 + RN < N ? n0 + RN : N;
-            for (int64_t n = n0; n < n1;) {
-                int rn = (int)(n1 - n);
-                if (rn == 3) rn = 2;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    int rm = (int)(M - m0 < 4 ? M - m0 : 4);
 #define CALL_F(A, B) tile_f(A, B, x + m0 * K, K, (const char *)w + n * K * es, half, y + m0 * N + n, N)
-                    MQ_DISPATCH_TILES(CALL_F)
+        MQ_FOR_TILES(CALL_F);
 #undef CALL_F
-                }
-                n += rn;
-            }
-        }
         return;
     }
 #endif
