@@ -214,7 +214,7 @@ class Int8Linear(QLinear):
         self._mat: kernels.Int8Matrix | None = None
         if (k := kernels.get()) is not None and self.in_features % GROUP == 0:
             self._mat = kernels.Int8Matrix(q, scale.float(), k)
-            self.q, self.scale = self._mat.q, scale.float()
+            self.packed, self.scale = self._mat.q, scale.float()  # the kernel's layout (kernels.to_quads)
             self.nbytes = self._mat.nbytes
             self.invariant, self.kernel = True, f"meshllm-{k.isa}"
             return
@@ -231,6 +231,13 @@ class Int8Linear(QLinear):
             return self._add_bias(F.linear(x.to(dtype), w).float())
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)
         return self._add_bias(y.float())
+
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weights it computes with."""
+        if self._mat is not None:
+            return self._mat.dequantize().to(dtype)
+        return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
 
 class Int4Linear(QLinear):
@@ -335,7 +342,9 @@ class Int8Embedding:
         self._mat: kernels.Int8Matrix | None = None
         k = kernels.get() if self.q.device.type == "cpu" else None
         if k is not None and self.q.shape[1] % GROUP == 0:
-            self._mat = kernels.Int8Matrix(self.q, self.scale.float(), k)  # shares q and the row scales
+            # the kernel's layout holds the table: lookups read their rows from it
+            self._mat = kernels.Int8Matrix(self.q, self.scale.float(), k)
+            self.q = self._mat.q
 
     @property
     def invariant(self) -> bool:
@@ -347,7 +356,8 @@ class Int8Embedding:
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (positions,) -> (positions, hidden) float32."""
-        return self.q[ids].float() * self.scale[ids][:, None]
+        rows = self._mat.rows(ids) if self._mat is not None else self.q[ids]
+        return rows.float() * self.scale[ids][:, None]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, hidden) float32 -> (M, vocab) float32."""

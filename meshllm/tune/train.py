@@ -89,7 +89,7 @@ class FrozenQuantLinear(nn.Module):
         """The (out, in) float32 weights the forward computes with."""
         lin = self.linear
         if isinstance(lin, quant.Int8Linear):
-            return lin.q.float() * lin.scale.float()[:, None]
+            return lin.dequantize(torch.float32)
         if isinstance(lin, quant.Int4Linear):
             if self._dense_parts is not None:
                 packed, scale, zero = self._dense_parts

@@ -9,15 +9,16 @@ static uint64_t h = 1469598103934665603ULL;
 static void mix(const void *p, size_t n) { const uint8_t *b = p; for (size_t i = 0; i < n; i++) { h ^= b[i]; h *= 1099511628211ULL; } }
 int main(void) {
     int64_t M = 6, N = 70, K = 576, G = K / 32;
-    float *x = malloc(4 * M * K), *y = malloc(4 * M * N), *sc = malloc(4 * N * G);
-    uint8_t *c4 = malloc(N * K / 2); int8_t *c8 = malloc(N * K); uint16_t *hs = malloc(2 * (N * G + 8));
-    uint16_t *mn = calloc(N * G + 8, 2); float *wf = malloc(4 * N * K);
+    float *x = malloc(4 * M * K), *y = malloc(4 * M * N), *sc = malloc(4 * (N + 3) * G);
+    int64_t NQ = (N + 3) / 4 * 4; /* the layout holds whole quads of rows */
+    uint8_t *c4 = malloc(NQ * K / 2); int8_t *c8 = malloc(NQ * K); uint16_t *hs = malloc(2 * ((N + 3) * G + 8));
+    uint16_t *mn = calloc(NQ * G + 8, 2); float *wf = malloc(4 * NQ * K);
     for (int64_t i = 0; i < M * K; i++) x[i] = frand();
-    for (int64_t i = 0; i < N * K / 2; i++) c4[i] = rand();
-    for (int64_t i = 0; i < N * K; i++) { c8[i] = rand() % 255 - 127; wf[i] = frand(); }
-    for (int64_t i = 0; i < N * G; i++) { sc[i] = 0.01f * (1 + rand() % 7); hs[i] = 0x2000 + rand() % 0x400; mn[i] = 0xa000 + rand() % 0x400; }
+    for (int64_t i = 0; i < NQ * K / 2; i++) c4[i] = rand();
+    for (int64_t i = 0; i < NQ * K; i++) { c8[i] = rand() % 255 - 127; wf[i] = frand(); }
+    for (int64_t i = 0; i < NQ * G; i++) { sc[i] = 0.01f * (1 + rand() % 7); hs[i] = 0x2000 + rand() % 0x400; mn[i] = 0xa000 + rand() % 0x400; }
     mq_linear_q4(x, M, K, c4, hs, mn, N, y, 1, 0); mix(y, 4 * M * N);
-    mq_linear_q8(x, M, K, c8, sc, G, 1, N, y, 1, 0); mix(y, 4 * M * N);
+    mq_linear_q8(x, M, K, c8, sc, 0, N, y, 1, 0); mix(y, 4 * M * N);
     mq_linear_f(x, M, K, wf, 0, N, y, 1, 0); mix(y, 4 * M * N);
     float *r = malloc(4 * M * K); mq_rmsnorm(x, M, K, wf, 1e-5f, r, 1); mix(r, 4 * M * K);
     mq_silu_mul(x, M, K / 2, r, 1); mix(r, 4 * M * K / 2);

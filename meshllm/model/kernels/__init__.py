@@ -77,7 +77,7 @@ class Kernels:
         self.isa = isa
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.mq_linear_q4.argtypes = [p, i64, i64, p, p, p, i64, p, i32, i32]
-        lib.mq_linear_q8.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i32, i32]
+        lib.mq_linear_q8.argtypes = [p, i64, i64, p, p, i32, i64, p, i32, i32]
         lib.mq_linear_f.argtypes = [p, i64, i64, p, i32, i64, p, i32, i32]
         lib.mq_quantize.argtypes = [p, i64, i64, p, p, p, i32, i32]
         lib.mq_rmsnorm.argtypes = [p, i64, i64, p, f32, p, i32]
@@ -279,6 +279,20 @@ def unpack_q4_blocks(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=2).reshape(n, half * 2)
 
 
+def to_quads(t: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-block data (N, G, ...) -> the kernels' layout (ceil(N / 4), G, 4, ...): the four
+    rows a tile reads side by side, block after block (one stream); zero rows pad the last quad."""
+    pad = (-t.shape[0]) % 4
+    if pad:
+        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+    return t.reshape(t.shape[0] // 4, 4, *t.shape[1:]).transpose(1, 2).contiguous()
+
+
+def from_quads(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """The inverse of `to_quads`: (N, G, ...)."""
+    return q.transpose(1, 2).reshape(-1, *q.shape[1:2], *q.shape[3:])[:rows]
+
+
 class _Matrix:
     """Weights (out_features, in_features) that multiply float32 activations (M, in_features)."""
 
@@ -314,9 +328,9 @@ class Int4Matrix(_Matrix):
         if k % GROUP:
             raise ValueError(f"int4 needs K divisible by {GROUP}, got {k}")
         self.out_features, self.in_features = n, k
-        self.codes = pack_q4_blocks(codes)
-        self.scale = scale.to(torch.float16).contiguous()
         groups = k // GROUP
+        self.codes = to_quads(pack_q4_blocks(codes).view(n, groups, 16))
+        self.scale = to_quads(scale.to(torch.float16).reshape(n, groups))
         spare = torch.zeros(n * groups + 8, dtype=torch.float16)  # 8 spare zeros after the last row (qmm.c)
         spare[: n * groups] = mn.to(torch.float16).reshape(-1)
         self.mn = spare[: n * groups].view(n, groups)
@@ -329,8 +343,8 @@ class Int4Matrix(_Matrix):
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        c = unpack_q4_blocks(self.codes).float().view(n, k // GROUP, GROUP)
-        return (self.scale.float()[..., None] * c + self.mn.float()[..., None]).view(n, k)
+        c = unpack_q4_blocks(from_quads(self.codes, n).reshape(n, k // 2)).float().view(n, k // GROUP, GROUP)
+        return (from_quads(self.scale, n).float()[..., None] * c + self.mn.float()[..., None]).view(n, k)
 
 
 class Int8Matrix(_Matrix):
@@ -343,22 +357,26 @@ class Int8Matrix(_Matrix):
             raise ValueError(f"int8 blocks need K divisible by {GROUP}, got {k}")
         self.out_features, self.in_features = n, k
         self.per_row = scale.dim() == 1  # one scale a row (the same for each block), or one a block
-        self._strides = (1, 0) if self.per_row else (k // GROUP, 1)
-        q = q.to(torch.int8).contiguous()
+        q = q.to(torch.int8)
         if q.numel() and int(q.min()) < -127:  # -128 would overflow the kernel's sign trick
             q = q.clamp(-127, 127)
-        self.q = q
-        self.scale = scale.to(torch.float32).contiguous()
+        self.q = to_quads(q.reshape(n, k // GROUP, GROUP))  # (ceil(N / 4), G, 4, 32)
+        scale = scale.to(torch.float32)
+        self.scale = scale.contiguous() if self.per_row else to_quads(scale.reshape(n, k // GROUP))
         self.nbytes = self.q.numel() + 4 * self.scale.numel()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 codes of rows `ids`: (len(ids), K) (an embedding's lookup)."""
+        return self.q[ids // 4, :, ids % 4, :].reshape(len(ids), self.in_features)
 
     def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.k.lib.mq_linear_q8(_ptr(x), x.shape[0], self.in_features, _ptr(self.q), _ptr(self.scale),
-                                *self._strides, self.out_features, _ptr(y), _threads(), self.k.ref)
+                                int(self.per_row), self.out_features, _ptr(y), _threads(), self.k.ref)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        scale = self.scale[:, None] if self.per_row else self.scale
-        return (self.q.float().view(n, k // GROUP, GROUP) * scale[..., None]).view(n, k)
+        scale = self.scale[:, None] if self.per_row else from_quads(self.scale, n)
+        return (from_quads(self.q, n).float() * scale[..., None]).view(n, k)
 
 
 class FloatMatrix(_Matrix):

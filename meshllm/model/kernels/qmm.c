@@ -264,18 +264,23 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float
 /* ---------------------------------------------------------------------------------------- */
 /* quantized matrix products: reference                                                      */
 
-/* int4 codes: per row, per block of 32, 16 bytes; byte j holds value j (low nibble) and
- * value j + 16 (high nibble). int8 codes: 32 bytes a block, in order. */
+/* Weight layout: rows in quads, so that the four rows a tile reads are one stream. Block b of
+ * row n sits at  c + ((n / 4) * G + b) * 4 * BR + (n % 4) * BR,  BR = 16 bytes (int4: byte j
+ * holds value j in its low nibble and value j + 16 in its high one) or 32 (int8, in order);
+ * the storage holds the rows rounded up to a multiple of 4. Block scales the same way:
+ * sc[((n / 4) * G + b) * 4 + n % 4]; int8 may instead have one scale a row, sc[n]. int4's
+ * offsets are row-major: mn[n * G + b]. The functions below take a row's first block (c),
+ * the stride from block to block (4 * BR), and the scale's strides. */
 
 static float dot_q4_ref(const int8_t *xq, const float *xd, const float *xs, int64_t G,
                         const uint8_t *c, const uint16_t *sc, const uint16_t *mn) {
     float acc[8] = {0}, macc[8] = {0};
     for (int64_t b = 0; b < G; b++) {
-        float d = half_to_float(sc[b]) * xd[b];
+        float d = half_to_float(sc[b * 4]) * xd[b];
         for (int l = 0; l < 8; l++) {
             int32_t I = 0;
             for (int j = 4 * l; j < 4 * l + 4; j++) {
-                int v = j < 16 ? (c[b * 16 + j] & 15) : (c[b * 16 + j - 16] >> 4);
+                int v = j < 16 ? (c[b * 64 + j] & 15) : (c[b * 64 + j - 16] >> 4);
                 I += v * xq[b * QK + j];
             }
             acc[l] = fmaf(d, (float)I, acc[l]);
@@ -292,7 +297,7 @@ static float dot_q8_ref(const int8_t *xq, const float *xd, int64_t G, const int8
         float d = sc[b * sb] * xd[b];
         for (int l = 0; l < 8; l++) {
             int32_t I = 0;
-            for (int j = 4 * l; j < 4 * l + 4; j++) I += c[b * QK + j] * xq[b * QK + j];
+            for (int j = 4 * l; j < 4 * l + 4; j++) I += c[b * 4 * QK + j] * xq[b * QK + j];
             acc[l] = fmaf(d, (float)I, acc[l]);
         }
     }
@@ -341,10 +346,10 @@ MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const 
     for (int64_t b = 0; b < G; b++) {
         __m256i w[4];
         __m256 ws[4];
+        _mm_prefetch((const char *)(c + (2 * G + b) * 64), _MM_HINT_T0); /* two quads on */
         for (int j = 0; j < RN; j++) {
-            _mm_prefetch((const char *)(c + (j + 2 * RN) * G * 16 + b * 16), _MM_HINT_T0);
-            w[j] = unpack_q4(c + j * G * 16 + b * 16);
-            ws[j] = _mm256_set1_ps(_cvtsh_ss(sc[j * G + b]));
+            w[j] = unpack_q4(c + b * 64 + j * 16);
+            ws[j] = _mm256_set1_ps(_cvtsh_ss(sc[b * 4 + j]));
         }
         for (int i = 0; i < RM; i++) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
@@ -361,7 +366,7 @@ MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const 
 }
 
 MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_t K,
-                       const int8_t *c, const float *sc, int64_t sn, int64_t sb, float *y, int64_t ldy) {
+                       const int8_t *c, const float *sc, int64_t sj, int64_t sb, float *y, int64_t ldy) {
     const int64_t G = K / QK;
     __m256 acc[4][4];
     for (int i = 0; i < RM; i++)
@@ -369,13 +374,12 @@ MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_
     for (int64_t b = 0; b < G; b++) {
         __m256i w[4], aw[4];
         __m256 ws[4];
+        _mm_prefetch((const char *)(c + (2 * G + b) * 4 * QK), _MM_HINT_T0); /* two quads on */
+        _mm_prefetch((const char *)(c + (2 * G + b) * 4 * QK + 64), _MM_HINT_T0);
         for (int j = 0; j < RN; j++) {
-            /* the rows two tiles on: interleaved rows defeat the hardware prefetcher (the
-             * lm_head went from 6 to 15 GB/s); a prefetch past the end never faults */
-            _mm_prefetch((const char *)(c + (j + 2 * RN) * K + b * QK), _MM_HINT_T0);
-            w[j] = _mm256_loadu_si256((const __m256i *)(c + j * K + b * QK));
+            w[j] = _mm256_loadu_si256((const __m256i *)(c + b * 4 * QK + j * QK));
             aw[j] = _mm256_sign_epi8(w[j], w[j]);
-            ws[j] = _mm256_broadcast_ss(sc + j * sn + b * sb);
+            ws[j] = _mm256_broadcast_ss(sc + j * sj + b * sb);
         }
         for (int i = 0; i < RM; i++) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
@@ -476,10 +480,10 @@ static float dot_q4_neon(const int8_t *xq, const float *xd, const float *xs, int
     float32x4_t alo = vdupq_n_f32(0), ahi = vdupq_n_f32(0);
     const uint8x16_t m4 = vdupq_n_u8(15);
     for (int64_t b = 0; b < G; b++) {
-        uint8x16_t raw = vld1q_u8(c + b * 16);
+        uint8x16_t raw = vld1q_u8(c + b * 64);
         int8x16_t w0 = vreinterpretq_s8_u8(vandq_u8(raw, m4)), w1 = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
         int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
-        float d = half_to_float(sc[b]) * xd[b];
+        float d = half_to_float(sc[b * 4]) * xd[b];
         alo = vfmaq_n_f32(alo, vcvtq_f32_s32(dot4_s8(w0, x0)), d);
         ahi = vfmaq_n_f32(ahi, vcvtq_f32_s32(dot4_s8(w1, x1)), d);
     }
@@ -496,7 +500,7 @@ static float dot_q4_neon(const int8_t *xq, const float *xd, const float *xs, int
 static float dot_q8_neon(const int8_t *xq, const float *xd, int64_t G, const int8_t *c, const float *sc, int64_t sb) {
     float32x4_t alo = vdupq_n_f32(0), ahi = vdupq_n_f32(0);
     for (int64_t b = 0; b < G; b++) {
-        int8x16_t w0 = vld1q_s8(c + b * QK), w1 = vld1q_s8(c + b * QK + 16);
+        int8x16_t w0 = vld1q_s8(c + b * 4 * QK), w1 = vld1q_s8(c + b * 4 * QK + 16);
         int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
         float d = sc[b * sb] * xd[b];
         alo = vfmaq_n_f32(alo, vcvtq_f32_s32(dot4_s8(w0, x0)), d);
@@ -514,9 +518,11 @@ static void gemm_q4(const int8_t *xq, const float *xd, const float *xs, int64_t 
                     const uint8_t *c, const uint16_t *sc, const uint16_t *mn, int64_t N, float *y, int64_t ldy,
                     int nt, int ref) {
     const int64_t G = K / QK, Gp = (G + 7) & ~(int64_t)7;
+#define Q4_ROW(n) (c + ((n) / 4) * G * 64 + ((n) % 4) * 16)
+#define Q4_SCALE(n) (sc + ((n) / 4) * G * 4 + (n) % 4)
 #ifdef MQ_AVX2
     if (!ref) {
-#define CALL_Q4(A, B) tile_q4(A, B, xq + m0 * K, xd + m0 * G, xs + m0 * Gp, K, c + n * G * 16, sc + n * G, mn + n * G, y + m0 * ldy + n, ldy)
+#define CALL_Q4(A, B) tile_q4(A, B, xq + m0 * K, xd + m0 * G, xs + m0 * Gp, K, Q4_ROW(n), Q4_SCALE(n), mn + n * G, y + m0 * ldy + n, ldy)
         MQ_FOR_TILES(CALL_Q4);
 #undef CALL_Q4
         return;
@@ -527,21 +533,23 @@ static void gemm_q4(const int8_t *xq, const float *xd, const float *xs, int64_t 
         for (int64_t m = 0; m < M; m++) {
 #ifdef MQ_NEON
             if (!ref) {
-                y[m * ldy + n] = dot_q4_neon(xq + m * K, xd + m * G, xs + m * Gp, G, c + n * G * 16, sc + n * G, mn + n * G);
+                y[m * ldy + n] = dot_q4_neon(xq + m * K, xd + m * G, xs + m * Gp, G, Q4_ROW(n), Q4_SCALE(n), mn + n * G);
                 continue;
             }
 #endif
-            y[m * ldy + n] = dot_q4_ref(xq + m * K, xd + m * G, xs + m * Gp, G, c + n * G * 16, sc + n * G, mn + n * G);
+            y[m * ldy + n] = dot_q4_ref(xq + m * K, xd + m * G, xs + m * Gp, G, Q4_ROW(n), Q4_SCALE(n), mn + n * G);
         }
     }
 }
 
 static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *c, const float *sc,
-                    int64_t sn, int64_t sb, int64_t N, float *y, int64_t ldy, int nt, int ref) {
-    const int64_t G = K / QK;
+                    int row_scale, int64_t N, float *y, int64_t ldy, int nt, int ref) {
+    const int64_t G = K / QK, sb = row_scale ? 0 : 4;
+#define Q8_ROW(n) (c + ((n) / 4) * G * 4 * QK + ((n) % 4) * QK)
+#define Q8_SCALE(n) (row_scale ? sc + (n) : sc + ((n) / 4) * G * 4 + (n) % 4)
 #ifdef MQ_AVX2
     if (!ref) {
-#define CALL_Q8(A, B) tile_q8(A, B, xq + m0 * K, xd + m0 * G, K, c + n * K, sc + n * sn, sn, sb, y + m0 * ldy + n, ldy)
+#define CALL_Q8(A, B) tile_q8(A, B, xq + m0 * K, xd + m0 * G, K, Q8_ROW(n), Q8_SCALE(n), 1, sb, y + m0 * ldy + n, ldy)
         MQ_FOR_TILES(CALL_Q8);
 #undef CALL_Q8
         return;
@@ -552,17 +560,17 @@ static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, con
         for (int64_t m = 0; m < M; m++) {
 #ifdef MQ_NEON
             if (!ref) {
-                y[m * ldy + n] = dot_q8_neon(xq + m * K, xd + m * G, G, c + n * K, sc + n * sn, sb);
+                y[m * ldy + n] = dot_q8_neon(xq + m * K, xd + m * G, G, Q8_ROW(n), Q8_SCALE(n), sb);
                 continue;
             }
 #endif
-            y[m * ldy + n] = dot_q8_ref(xq + m * K, xd + m * G, G, c + n * K, sc + n * sn, sb);
+            y[m * ldy + n] = dot_q8_ref(xq + m * K, xd + m * G, G, Q8_ROW(n), Q8_SCALE(n), sb);
         }
     }
 }
 
 /* Quantize x (M, K) and multiply: the one call a linear makes. */
-/* sc, mn (N, G) float16, with 8 spare zeros after mn's last row */
+/* c and sc in quads of rows, mn (N, G) row-major, all float16, 8 spare zeros after mn */
 void mq_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *c, const uint16_t *sc, const uint16_t *mn,
                   int64_t N, float *y, int nt, int ref) {
     const int64_t G = K / QK, Gp = (G + 7) & ~(int64_t)7;
@@ -576,15 +584,15 @@ void mq_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *c, const 
     free(xs);
 }
 
-/* the scale of weight block (n, b) is sc[n * sn + b * sb]: (sn, sb) = (G, 1) a block, (1, 0) a row */
-void mq_linear_q8(const float *x, int64_t M, int64_t K, const int8_t *c, const float *sc, int64_t sn, int64_t sb,
+/* row_scale: one scale a row, sc[n]; else one a block, in quads (above) */
+void mq_linear_q8(const float *x, int64_t M, int64_t K, const int8_t *c, const float *sc, int row_scale,
                   int64_t N, float *y, int nt, int ref) {
     const int64_t G = K / QK;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
     float *xd = (float *)malloc(sizeof(float) * (size_t)(2 * M * G) + 64);
     float *xs = xd + M * G;
     quantize_rows(x, M, K, xq, xd, xs, G, nt, ref);
-    gemm_q8(xq, xd, M, K, c, sc, sn, sb, N, y, N, nt, ref);
+    gemm_q8(xq, xd, M, K, c, sc, row_scale, N, y, N, nt, ref);
     free(xq);
     free(xd);
 }
