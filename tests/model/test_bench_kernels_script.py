@@ -24,6 +24,9 @@ def _run(tmp_path: Path, *extra: str) -> tuple[dict, str]:
 def test_the_kernel_benchmark_times_and_checks_each_candidate(tmp_path: Path) -> None:
     """A user runs the candidate benchmark: a table of timings and of batch invariance, and the
     same rows in JSON, every candidate computing the same 4-bit matrix."""
+    from meshllm.model import kernels
+
+    built = kernels.get() is not None  # where there is no C compiler, meshllm's candidate is skipped, said so
     report, stdout = _run(tmp_path, "--candidates", "a,b,b_prompt,e")
     assert "## Kernel timings" in stdout and "## Invariance" in stdout
     timed = {(r["shape"], r["M"], r["threads"], r["candidate"]) for r in report["results"] if "median_ms" in r}
@@ -31,9 +34,12 @@ def test_the_kernel_benchmark_times_and_checks_each_candidate(tmp_path: Path) ->
         assert ("tiny", m, 1, "a") in timed
     assert ("tiny", 32, 2, "b_prompt") in timed and ("tiny", 4, 2, "b_prompt") not in timed
     inv = {(e["shape"], e["candidate"]): e for e in report["invariance"]}
-    assert set(inv) >= {("tiny", c) for c in ("a", "b", "b_prompt", "e")}
+    assert set(inv) >= {("tiny", c) for c in ("a", "b", "b_prompt", *(("e",) if built else ()))}
     for e in inv.values():
         if e["rel_err"] is not None:
             assert e["rel_err"] < 0.05, e  # every candidate computes the same 4-bit matrix
         assert set(e["batch_invariant"]) == {"1", "2"}
-    assert all(b["invariant"] for b in inv[("tiny", "e")]["batch_invariant"].values())  # the same bits in any batch
+    if built:
+        assert all(b["invariant"] for b in inv[("tiny", "e")]["batch_invariant"].values())  # the same bits in any batch
+    else:
+        assert "candidate e skipped" in stdout

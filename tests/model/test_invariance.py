@@ -1,6 +1,10 @@
 """One numerics for every shape: with meshllm's kernels a position's hidden state has the same
 bits whether it is computed alone, in a chunk of a prompt, in a batch of sessions, with one
-thread or two, and on any instruction set the kernels are built for."""
+thread or two, and on any instruction set the kernels are built for.
+
+The kernels are compiled at first use. On a device without a C compiler each test checks what
+a user sees there instead: torch's kernels, a node that says it is not batch-invariant, and the
+reason in its status."""
 
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ from meshllm.model.source import resolve
 QUANTIZED = ["f16", "int8", "int4"]
 
 
-def _kernels() -> kernels.Kernels:
+def _kernels() -> kernels.Kernels | None:
+    """The kernels; None only where there is no C compiler (and then the status says so)."""
     k = kernels.get()
-    assert k is not None, f"meshllm's kernels did not load: {kernels.status().reason}"
+    if k is None:
+        assert "no C compiler" in kernels.status().reason, kernels.status().reason
     return k
 
 
@@ -37,7 +43,10 @@ def _matrices(n: int, k: int, gen: torch.Generator) -> dict[str, object]:
 
 @pytest.mark.parametrize("n,k", [(37, 96), (130, 576)])
 def test_a_row_of_a_product_has_the_same_bits_in_any_batch_and_thread_count(n: int, k: int) -> None:
-    _kernels()
+    if _kernels() is None:
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            kernels.Int4Matrix(torch.zeros(n, k, dtype=torch.uint8), torch.ones(n, k // 32), torch.zeros(n, k // 32))
+        return
     gen = torch.Generator().manual_seed(n)
     row = torch.randn(1, k, generator=gen) * 4
     threads = torch.get_num_threads()
@@ -58,7 +67,8 @@ def test_a_row_of_a_product_has_the_same_bits_in_any_batch_and_thread_count(n: i
 
 
 def test_the_products_stay_close_to_their_float_weights() -> None:
-    _kernels()
+    if _kernels() is None:
+        return  # nothing of ours computes here (see the test above)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(9, 576, generator=gen)
     for name, mat in _matrices(200, 576, gen).items():
@@ -71,9 +81,13 @@ def test_the_products_stay_close_to_their_float_weights() -> None:
 def test_every_instruction_set_gives_the_portable_definitions_bits(isa: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Each library this CPU runs (AVX2, AVX-VNNI, AVX512-VNNI, NEON) and the portable C build
     agree bit for bit on every op, so a mesh of different CPUs answers like one node."""
-    _kernels()
     monkeypatch.setenv("MESHLLM_CACHE_DIR", str(tmp_path))
     import ctypes
+
+    if _kernels() is None:
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            kernels._build(isa)
+        return
 
     portable = kernels.Kernels(ctypes.CDLL(str(kernels._build("portable"))), "portable")
     assert portable.lib.mq_isa() == b"portable"
@@ -118,9 +132,12 @@ def _hidden(shard, session: str, embedded: torch.Tensor, chunk: int) -> torch.Te
 @pytest.mark.parametrize("weights", QUANTIZED)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_each_position_has_the_same_bits_in_any_chunking_and_any_batch(arch: str, weights: str, request) -> None:  # type: ignore[no-untyped-def]
-    _kernels()
+    built = _kernels() is not None
     prepared = prepare(resolve(request.getfixturevalue(f"tiny_{arch}")))
     shard = Engine(prepared, weights=weights).shards[0]
+    if not built:  # torch's kernels: no claim of invariance (rebuilds keep the original steps)
+        assert not shard.batch_invariant and shard.kernel == "torch"
+        return
     assert shard.batch_invariant and shard.kernel.startswith("meshllm-")
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, 300, (60,), generator=gen).tolist()  # past Mistral's window of 24

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS
+from meshllm.model import kernels
 from meshllm.model.cache import prepare
 from meshllm.model.engine import Engine
 from meshllm.model.sampling import Sampler, SamplingParams
@@ -56,18 +57,19 @@ def test_replay_onto_other_spans_gives_identical_greedy_tokens(tiny_qwen2: Path,
 def test_a_merged_replay_on_invariant_kernels_gives_identical_greedy_tokens(tiny_qwen2: Path) -> None:
     """Batch-invariant int4 kernels (issue 18): a replay runs every position so far in one
     step (the entry node's full-replay fallback), and the answer does not change."""
+    # (without a C compiler the kernels are torch's: the replay then keeps the original steps)
+    invariant = kernels.get() is not None
     prepared = prepare(resolve(tiny_qwen2))
     plans = [[(0, 2), (2, 6)], [(0, 5), (5, 6)], [(0, 6)]]
     engines = [Engine(prepared, p, weights="int4") for p in plans]
-    assert all(getattr(s, "batch_invariant", False) for e in engines for s in e.shards), \
-        "LeanShard int4 does not say it is batch_invariant"
+    assert all(getattr(s, "batch_invariant", False) == invariant for e in engines for s in e.shards)
     for messages in PROMPTS[:2]:
         prompt = engines[0].chat_prompt(messages)
         params = SamplingParams(max_tokens=40)
         want = [t.id for t in engines[2].generate(prompt, params)]
         session = engines[0].new_session(prompt, params)
         got = _drive(lambda i: engines[i % len(engines)], session, Sampler(params), {7, 20},
-                     merge=INVARIANT_PART_POSITIONS)
+                     merge=INVARIANT_PART_POSITIONS if invariant else 0)
         assert got == want
 
 
