@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plot meshllm's kernels against llama.cpp (AVX2) and against torch's kernels (before/after).
 
-    python scripts/plot_kernels.py   # reads docs/bench/llamacpp_avx2_*.json, before_after_kernels.json
+    python scripts/plot_kernels.py   # reads docs/bench/llamacpp_avx2_*.json, before_after_*.json
                                      # writes docs/img/kernels.png
 """
 
@@ -38,14 +38,13 @@ def main() -> None:
     left.set_title("AVX2 laptop (simulated), meshllm vs llama.cpp")
     left.legend(fontsize=8)
 
-    data = json.loads((DOCS / "bench" / "before_after_kernels.json").read_text())
     names = [("native_1thread", "AVX-512\n1 thread"), ("native_2threads", "AVX-512\n2 threads"),
              ("avx2_1thread", "AVX2\n1 thread")]
     dec, ttft = [], []
     for key, _ in names:
-        runs = data[key]["runs"]
-        med = {side: {k: statistics.median(r[k] for r in runs if r["side"] == side)
-                      for k in ("decode_tokens_per_s", "ttft_ms")} for side in ("before", "after")}
+        runs = json.loads((DOCS / "bench" / f"before_after_{key}.json").read_text())["runs"]
+        med = {side: {k: statistics.median(r[k] for r in runs[side]) for k in ("decode_tokens_per_s", "ttft_ms")}
+               for side in ("before", "after")}
         dec.append(med["after"]["decode_tokens_per_s"] / med["before"]["decode_tokens_per_s"])
         ttft.append(med["before"]["ttft_ms"] / med["after"]["ttft_ms"])
     x = range(len(names))
