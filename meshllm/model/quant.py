@@ -206,7 +206,8 @@ class F16Linear(QLinear):
 
 
 class Int8Linear(QLinear):
-    """int8 weights with a scale per output row; bfloat16 activations."""
+    """int8 weights with a scale per output row: meshllm's kernel (8-bit activations), else
+    torch's (bfloat16 activations)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else bias.float()
@@ -232,7 +233,6 @@ class Int8Linear(QLinear):
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)
         return self._add_bias(y.float())
 
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weights it computes with."""
         if self._mat is not None:
@@ -241,7 +241,8 @@ class Int8Linear(QLinear):
 
 
 class Int4Linear(QLinear):
-    """4-bit codes in groups of 32 along K with a scale and a zero each; bfloat16 activations.
+    """4-bit codes in groups of 32 along K with a scale and a zero each: meshllm's kernel (8-bit
+    activations), else torch's (bfloat16 activations).
 
     ``w[n, k] = (codes[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32]``.
     """
