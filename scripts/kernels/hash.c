@@ -28,6 +28,8 @@ int main(void) {
     for (int64_t i = 0; i < T * (nq + 2 * nkv) * D; i++) qkv[i] = frand();
     for (int64_t i = 0; i < T * D; i++) { cs[i] = frand() / 4; sn[i] = frand() / 4; }
     for (int64_t i = 0; i < nkv * cap * D; i++) { kc[i] = frand(); vc[i] = frand(); }
-    mq_attention(qkv, T, nq, nkv, D, cs, sn, kc, vc, cap, start, 0, 0.125f, qt, o, 1); mix(o, 4 * T * nq * D);
+    float *scratch = malloc(4 * (start + T + 8 + D));
+    mq_attention(qkv, T, nq, nkv, D, cs, sn, kc, vc, cap, start, 0, 0.125f, qt, scratch, start + T + 8 + D, o, 1);
+    mix(o, 4 * T * nq * D);
     printf("%s %016llx\n", mq_isa(), (unsigned long long)h);
 }

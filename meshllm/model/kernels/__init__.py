@@ -82,10 +82,11 @@ class Kernels:
         lib.mq_quantize.argtypes = [p, i64, i64, p, p, p, i32, i32]
         lib.mq_rmsnorm.argtypes = [p, i64, i64, p, f32, p, i32]
         lib.mq_silu_mul.argtypes = [p, i64, i64, p, i32]
-        lib.mq_attention.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, f32, p, p, i32]
-        for name in ("mq_linear_q4", "mq_linear_q8", "mq_linear_f", "mq_quantize", "mq_rmsnorm",
-                     "mq_silu_mul", "mq_attention"):
+        lib.mq_attention.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, f32, p, p, i64, p, i32]
+        for name in ("mq_linear_f", "mq_quantize", "mq_rmsnorm", "mq_silu_mul", "mq_attention"):
             getattr(lib, name).restype = None
+        for name in ("mq_linear_q4", "mq_linear_q8"):  # 0, or -1 when its scratch memory was refused
+            getattr(lib, name).restype = ctypes.c_int
         lib.mq_isa.restype = ctypes.c_char_p
         lib.mq_openmp.restype = ctypes.c_int
         self.ref = 0
@@ -263,6 +264,11 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _check(code: int) -> None:
+    if code != 0:
+        raise MemoryError("meshllm kernels: no memory for a product's scratch")
+
+
 # -- matrices ---------------------------------------------------------------------------------
 
 
@@ -338,8 +344,8 @@ class Int4Matrix(_Matrix):
         self.nbytes = self.codes.numel() + 2 * (self.scale.numel() + spare.numel())
 
     def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.k.lib.mq_linear_q4(_ptr(x), x.shape[0], self.in_features, _ptr(self.codes), _ptr(self.scale),
-                                _ptr(self.mn), self.out_features, _ptr(y), _threads(), self.k.ref)
+        _check(self.k.lib.mq_linear_q4(_ptr(x), x.shape[0], self.in_features, _ptr(self.codes), _ptr(self.scale),
+                                       _ptr(self.mn), self.out_features, _ptr(y), _threads(), self.k.ref))
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -370,8 +376,8 @@ class Int8Matrix(_Matrix):
         return self.q[ids // 4, :, ids % 4, :].reshape(len(ids), self.in_features)
 
     def _product(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.k.lib.mq_linear_q8(_ptr(x), x.shape[0], self.in_features, _ptr(self.q), _ptr(self.scale),
-                                int(self.per_row), self.out_features, _ptr(y), _threads(), self.k.ref)
+        _check(self.k.lib.mq_linear_q8(_ptr(x), x.shape[0], self.in_features, _ptr(self.q), _ptr(self.scale),
+                                       int(self.per_row), self.out_features, _ptr(y), _threads(), self.k.ref))
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -425,8 +431,12 @@ def attention(k: Kernels, qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: 
     assert cos.is_contiguous() and sin.is_contiguous() and k_cache.shape[1] >= start + t
     q_tmp = torch.empty(t, n_heads, head_dim, dtype=torch.float32)
     out = torch.empty(t, n_heads * head_dim, dtype=torch.float32)
+    threads = _threads()
+    stride = start + t + 8 + head_dim  # each thread's scores (a position's keys) and value sums
+    scratch = torch.empty(threads, stride, dtype=torch.float32)
     k.lib.mq_attention(_ptr(qkv), t, n_heads, n_kv, head_dim, _ptr(cos), _ptr(sin), _ptr(k_cache), _ptr(v_cache),
-                       k_cache.shape[1], start, window or 0, scale, _ptr(q_tmp), _ptr(out), _threads())
+                       k_cache.shape[1], start, window or 0, scale, _ptr(q_tmp), _ptr(scratch), stride, _ptr(out),
+                       threads)
     return out
 
 

@@ -571,30 +571,43 @@ static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, con
 
 /* Quantize x (M, K) and multiply: the one call a linear makes. */
 /* c and sc in quads of rows, mn (N, G) row-major, all float16, 8 spare zeros after mn */
-void mq_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *c, const uint16_t *sc, const uint16_t *mn,
-                  int64_t N, float *y, int nt, int ref) {
+int mq_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *c, const uint16_t *sc, const uint16_t *mn,
+                 int64_t N, float *y, int nt, int ref) {
     const int64_t G = K / QK, Gp = (G + 7) & ~(int64_t)7;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
     float *xd = (float *)malloc(sizeof(float) * (size_t)(M * G) + 64);
     float *xs = (float *)calloc((size_t)(M * Gp) + 16, sizeof(float));
+    if (!xq || !xd || !xs) {
+        free(xq);
+        free(xd);
+        free(xs);
+        return -1;
+    }
     quantize_rows(x, M, K, xq, xd, xs, Gp, nt, ref);
     gemm_q4(xq, xd, xs, M, K, c, sc, mn, N, y, N, nt, ref);
     free(xq);
     free(xd);
     free(xs);
+    return 0;
 }
 
 /* row_scale: one scale a row, sc[n]; else one a block, in quads (above) */
-void mq_linear_q8(const float *x, int64_t M, int64_t K, const int8_t *c, const float *sc, int row_scale,
-                  int64_t N, float *y, int nt, int ref) {
+int mq_linear_q8(const float *x, int64_t M, int64_t K, const int8_t *c, const float *sc, int row_scale,
+                 int64_t N, float *y, int nt, int ref) {
     const int64_t G = K / QK;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
     float *xd = (float *)malloc(sizeof(float) * (size_t)(2 * M * G) + 64);
+    if (!xq || !xd) {
+        free(xq);
+        free(xd);
+        return -1;
+    }
     float *xs = xd + M * G;
     quantize_rows(x, M, K, xq, xd, xs, G, nt, ref);
     gemm_q8(xq, xd, M, K, c, sc, row_scale, N, y, N, nt, ref);
     free(xq);
     free(xd);
+    return 0;
 }
 
 /* float weights: f32 (half = 0) or f16 (half = 1), (N, K) row-major */
@@ -680,7 +693,7 @@ void mq_silu_mul(const float *gu, int64_t M, int64_t N, float *y, int nt) {
  * rope: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]). */
 void mq_attention(const float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t D, const float *cos_t,
                   const float *sin_t, float *kc, float *vc, int64_t cap, int64_t start, int64_t window,
-                  float scale, float *q_tmp, float *out, int nt) {
+                  float scale, float *q_tmp, float *scratch, int64_t scratch_stride, float *out, int nt) {
     const int64_t row = (nq + 2 * nkv) * D, half = D / 2;
     /* rotate q into q_tmp (T, nq, D), k into the cache; copy v */
     MQ_PARALLEL_FOR(nt, T)
@@ -703,7 +716,11 @@ void mq_attention(const float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t 
         int64_t t = pi / nq, h = pi % nq, kvh = h / group, p = start + t;
         int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
         int64_t n = p + 1 - lo;
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(n + 8 + D));
+#ifdef _OPENMP
+        float *scores = scratch + (int64_t)omp_get_thread_num() * scratch_stride; /* >= end + 8 + D floats */
+#else
+        float *scores = scratch;
+#endif
         float *acc = scores + n + 8;
         const float *q = q_tmp + (t * nq + h) * D;
         const float *kb = kc + (kvh * cap + lo) * D, *vb = vc + (kvh * cap + lo) * D;
@@ -746,7 +763,6 @@ void mq_attention(const float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t 
         }
         float *o = out + t * nq * D + h * D;
         for (int64_t i = 0; i < D; i++) o[i] = acc[i] / sum;
-        free(scores);
         (void)end;
     }
 }
