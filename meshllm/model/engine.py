@@ -147,6 +147,7 @@ class Engine:
                        for s, e in spans]
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(prepared.folder)
         self.shape: ModelShape = model_shape(config, self.weights)
+        kernel, invariant = kernel_description(self.weights, self.device)
         self.info = ModelInfo(
             model_id=served_model_id(prepared, self.weights, adapter, self.device),
             name=prepared.name,
@@ -156,8 +157,8 @@ class Engine:
             eos_token_ids=eos_ids(prepared, self.tokenizer),
             weights=self.weights,
             adapter=adapter.digest if adapter is not None else "",
-            kernel=kernel_description(self.weights, self.device)[0],
-            batch_invariant=kernel_description(self.weights, self.device)[1],
+            kernel=kernel,
+            batch_invariant=invariant,
         )
 
     @classmethod

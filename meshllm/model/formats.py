@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -154,7 +155,7 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
     blocks = _GgufInt4Blocks(prepared, config) if fmt == "int4" and prepared.gguf_path else None
     shapes = _source_shapes(prepared)
     room = header_room([(f"{k}.parts", s) for k, s in shapes.items() for _ in range(3)],  # 3 parts at most
-                       sum(4 * _numel(s) for s in shapes.values()))
+                       sum(4 * math.prod(s) for s in shapes.values()))
     tmp = Path(tempfile.mkstemp(prefix=".weights-", suffix=".tmp", dir=path.parent)[1])
     out = TensorWriter(tmp, room)
     try:
@@ -169,13 +170,6 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
     if blocks is not None:
         log.info("int4: %d of %d linears read losslessly from 4-bit blocks", len(blocks.exact),
                  sum(1 for k in out if k.endswith(".codes")))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _source_shapes(prepared: PreparedModel) -> dict[str, tuple[int, ...]]:

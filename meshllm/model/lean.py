@@ -458,19 +458,13 @@ class LeanShard(SpanSessions[_KV]):
         xs = [h[0].to(device=self.device, dtype=torch.float32) for _, h, _ in steps]
         sizes = [x.shape[0] for x in xs]
         x = torch.cat(xs).contiguous()  # (all positions, hidden)
-        ropes = [self._rope(start, start + n) for (_, _, start), n in zip(steps, sizes)]
-        k = self._k
+        sessions = [(kv, start, *self._rope(start, start + n)) for kv, (_, _, start), n in zip(caches, steps, sizes)]
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(kernels.rmsnorm(k, x, layer.attn_norm, self.eps))
-            parts = []
-            for kv, part, (_, _, start), (cos, sin) in zip(caches, qkv.split(sizes), steps, ropes):
-                kv.reserve(i, start + part.shape[0])
-                parts.append(kernels.attention(k, part.contiguous(), self.n_heads, self.n_kv, self.head_dim, cos, sin,
-                                               kv.k[i], kv.v[i], start, self.window, self.scaling))
-                kv.lens[i] = start + part.shape[0]
-            x = x + layer.o(torch.cat(parts))
-            gu = layer.gate_up(kernels.rmsnorm(k, x, layer.mlp_norm, self.eps))
-            x = x + layer.down(kernels.silu_mul(k, gu))
+            for kv, start, cos, _ in sessions:
+                kv.reserve(i, start + cos.shape[0])
+            x = self._layer_kernels(layer, x, i, sessions)
+            for kv, start, cos, _ in sessions:
+                kv.lens[i] = start + cos.shape[0]
         return [part.unsqueeze(0) for part in x.split(sizes)]
 
     def _forward_layers(self, kv: _KV, hidden: torch.Tensor, start_pos: int, lo: int, hi: int) -> torch.Tensor:
@@ -488,7 +482,7 @@ class LeanShard(SpanSessions[_KV]):
     def _layer(self, layer: LeanLayer, x: torch.Tensor, kv: _KV, i: int, start: int,
                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         if self._k is not None and self._silu:
-            return self._layer_kernels(layer, x, kv, i, start, cos, sin)
+            return self._layer_kernels(layer, x, i, [(kv, start, cos, sin)])
         t = x.shape[0]
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = layer.qkv(self._rms(x, layer.attn_norm))  # (positions, (nq + 2 nkv) hd)
@@ -514,17 +508,21 @@ class LeanShard(SpanSessions[_KV]):
         n = gu.shape[1] // 2
         return x + layer.down(self.act(gu[:, :n]) * gu[:, n:])
 
-    def _layer_kernels(self, layer: LeanLayer, x: torch.Tensor, kv: _KV, i: int, start: int,
-                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The same layer on meshllm's kernels: every op gives a position the same bits
-        whatever else the step computes (batch-invariant), so chunkings agree bit for bit."""
+    def _layer_kernels(self, layer: LeanLayer, x: torch.Tensor, i: int,
+                       sessions: list[tuple[_KV, int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The same layer on meshllm's kernels for the rows `x` of one or more sessions' steps,
+        in order; `sessions` gives each step's cache, start and rotary tables (its row count).
+        The linears, norms and activation see every row at once, attention runs per session;
+        every op gives a position the same bits whatever else the step holds (batch-invariant)."""
         k = self._k
         assert k is not None
         x = x.contiguous()
         qkv = layer.qkv(kernels.rmsnorm(k, x, layer.attn_norm, self.eps))  # (positions, (nq + 2 nkv) hd)
-        a = kernels.attention(k, qkv, self.n_heads, self.n_kv, self.head_dim, cos, sin, kv.k[i], kv.v[i], start,
-                              self.window, self.scaling)  # (positions, nq hd); the cache holds k and v
-        x = x + layer.o(a)
+        parts = qkv.split([cos.shape[0] for _, _, cos, _ in sessions])
+        a = [kernels.attention(k, part.contiguous(), self.n_heads, self.n_kv, self.head_dim, cos, sin, kv.k[i],
+                               kv.v[i], start, self.window, self.scaling)  # (positions, nq hd); writes k and v
+             for part, (kv, start, cos, sin) in zip(parts, sessions)]
+        x = x + layer.o(a[0] if len(a) == 1 else torch.cat(a))
         gu = layer.gate_up(kernels.rmsnorm(k, x, layer.mlp_norm, self.eps))
         return x + layer.down(kernels.silu_mul(k, gu))
 

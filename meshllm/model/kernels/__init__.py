@@ -79,11 +79,10 @@ class Kernels:
         lib.mq_linear_q4.argtypes = [p, i64, i64, p, p, p, i64, p, i32, i32]
         lib.mq_linear_q8.argtypes = [p, i64, i64, p, p, i32, i64, p, i32, i32]
         lib.mq_linear_f.argtypes = [p, i64, i64, p, i32, i64, p, i32, i32]
-        lib.mq_quantize.argtypes = [p, i64, i64, p, p, p, i32, i32]
         lib.mq_rmsnorm.argtypes = [p, i64, i64, p, f32, p, i32]
         lib.mq_silu_mul.argtypes = [p, i64, i64, p, i32]
         lib.mq_attention.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, f32, p, p, i64, p, i32]
-        for name in ("mq_linear_f", "mq_quantize", "mq_rmsnorm", "mq_silu_mul", "mq_attention"):
+        for name in ("mq_linear_f", "mq_rmsnorm", "mq_silu_mul", "mq_attention"):
             getattr(lib, name).restype = None
         for name in ("mq_linear_q4", "mq_linear_q8"):  # 0, or -1 when its scratch memory was refused
             getattr(lib, name).restype = ctypes.c_int
@@ -109,23 +108,12 @@ def wanted_isa() -> str:
         raise ValueError(f"MESHLLM_KERNEL_ISA={want!r}: choose one of {', '.join(ISAS)}")
     if want == "neon":
         return "neon-dotprod" if _has_dotprod() else "neon"
-    if want != "auto":
-        return want
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        flags = _cpu_flags()
-        if not {"avx2", "fma", "f16c"} <= flags:
-            return "portable"
-        if {"avx512_vnni", "avx512vl"} <= flags:  # the integer dot product in one instruction
-            return "avx512vnni"
-        return "avxvnni" if "avx_vnni" in flags else "avx2"
-    if machine in ("aarch64", "arm64"):
-        return "neon-dotprod" if _has_dotprod() else "neon"
-    return "portable"
+    return runnable_isas()[-1] if want == "auto" else want
 
 
 def runnable_isas() -> list[str]:
-    """Every instruction set of ours this CPU runs (the tests build each one and compare)."""
+    """Every instruction set of ours this CPU runs, the fastest last (the tests build each one
+    and compare; VNNI has the integer dot product in one instruction)."""
     machine = platform.machine().lower()
     out = ["portable"]
     if machine in ("x86_64", "amd64"):

@@ -77,7 +77,6 @@ int mq_openmp(void) {
     return 0;
 #endif
 }
-int mq_abi(void) { return 3; }
 
 /* ---------------------------------------------------------------------------------------- */
 /* scalar building blocks (the definitions)                                                  */
@@ -249,6 +248,7 @@ static void quantize_row_fast(const float *x, int64_t K, int8_t *q, float *d, fl
 static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, float *s, int64_t Gs, int nt,
                           int ref) {
     int64_t G = K / QK;
+    (void)ref; /* no SIMD path to skip in the portable build */
     MQ_PARALLEL_FOR(nt, M)
     for (int64_t m = 0; m < M; m++) {
 #if defined(MQ_AVX2) || defined(MQ_NEON)
@@ -366,7 +366,7 @@ MQ_INLINE void tile_q4(int RM, int RN, const int8_t *xq, const float *xd, const 
 }
 
 MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_t K,
-                       const int8_t *c, const float *sc, int64_t sj, int64_t sb, float *y, int64_t ldy) {
+                       const int8_t *c, const float *sc, int64_t sb, float *y, int64_t ldy) {
     const int64_t G = K / QK;
     __m256 acc[4][4];
     for (int i = 0; i < RM; i++)
@@ -379,7 +379,7 @@ MQ_INLINE void tile_q8(int RM, int RN, const int8_t *xq, const float *xd, int64_
         for (int j = 0; j < RN; j++) {
             w[j] = _mm256_loadu_si256((const __m256i *)(c + b * 4 * QK + j * QK));
             aw[j] = _mm256_sign_epi8(w[j], w[j]);
-            ws[j] = _mm256_broadcast_ss(sc + j * sj + b * sb);
+            ws[j] = _mm256_broadcast_ss(sc + j + b * sb); /* the rows of a quad side by side */
         }
         for (int i = 0; i < RM; i++) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
@@ -513,6 +513,13 @@ static float dot_q8_neon(const int8_t *xq, const float *xd, int64_t G, const int
 /* ---------------------------------------------------------------------------------------- */
 /* exported products                                                                          */
 
+/* the one-element-at-a-time dot product: NEON's where it exists (ref = 0), else the definition */
+#ifdef MQ_NEON
+#define MQ_PICK(ref, portable, neon) ((ref) ? (portable) : (neon))
+#else
+#define MQ_PICK(ref, portable, neon) ((void)(ref), (portable))
+#endif
+
 /* y (M, N) with row stride ldy = xq (M, K) @ W.T for int4 weights */
 static void gemm_q4(const int8_t *xq, const float *xd, const float *xs, int64_t M, int64_t K,
                     const uint8_t *c, const uint16_t *sc, const uint16_t *mn, int64_t N, float *y, int64_t ldy,
@@ -528,18 +535,12 @@ static void gemm_q4(const int8_t *xq, const float *xd, const float *xs, int64_t 
         return;
     }
 #endif
+    float (*dot)(const int8_t *, const float *, const float *, int64_t, const uint8_t *, const uint16_t *,
+                 const uint16_t *) = MQ_PICK(ref, dot_q4_ref, dot_q4_neon);
     MQ_PARALLEL_FOR(nt, N)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m = 0; m < M; m++) {
-#ifdef MQ_NEON
-            if (!ref) {
-                y[m * ldy + n] = dot_q4_neon(xq + m * K, xd + m * G, xs + m * Gp, G, Q4_ROW(n), Q4_SCALE(n), mn + n * G);
-                continue;
-            }
-#endif
-            y[m * ldy + n] = dot_q4_ref(xq + m * K, xd + m * G, xs + m * Gp, G, Q4_ROW(n), Q4_SCALE(n), mn + n * G);
-        }
-    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * ldy + n] = dot(xq + m * K, xd + m * G, xs + m * Gp, G, Q4_ROW(n), Q4_SCALE(n), mn + n * G);
 }
 
 static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *c, const float *sc,
@@ -549,24 +550,18 @@ static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, con
 #define Q8_SCALE(n) (row_scale ? sc + (n) : sc + ((n) / 4) * G * 4 + (n) % 4)
 #ifdef MQ_AVX2
     if (!ref) {
-#define CALL_Q8(A, B) tile_q8(A, B, xq + m0 * K, xd + m0 * G, K, Q8_ROW(n), Q8_SCALE(n), 1, sb, y + m0 * ldy + n, ldy)
+#define CALL_Q8(A, B) tile_q8(A, B, xq + m0 * K, xd + m0 * G, K, Q8_ROW(n), Q8_SCALE(n), sb, y + m0 * ldy + n, ldy)
         MQ_FOR_TILES(CALL_Q8);
 #undef CALL_Q8
         return;
     }
 #endif
+    float (*dot)(const int8_t *, const float *, int64_t, const int8_t *, const float *, int64_t) =
+        MQ_PICK(ref, dot_q8_ref, dot_q8_neon);
     MQ_PARALLEL_FOR(nt, N)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m = 0; m < M; m++) {
-#ifdef MQ_NEON
-            if (!ref) {
-                y[m * ldy + n] = dot_q8_neon(xq + m * K, xd + m * G, G, Q8_ROW(n), Q8_SCALE(n), sb);
-                continue;
-            }
-#endif
-            y[m * ldy + n] = dot_q8_ref(xq + m * K, xd + m * G, G, Q8_ROW(n), Q8_SCALE(n), sb);
-        }
-    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * ldy + n] = dot(xq + m * K, xd + m * G, G, Q8_ROW(n), Q8_SCALE(n), sb);
 }
 
 /* Quantize x (M, K) and multiply: the one call a linear makes. */
@@ -613,6 +608,7 @@ int mq_linear_q8(const float *x, int64_t M, int64_t K, const int8_t *c, const fl
 /* float weights: f32 (half = 0) or f16 (half = 1), (N, K) row-major */
 void mq_linear_f(const float *x, int64_t M, int64_t K, const void *w, int half, int64_t N, float *y, int nt, int ref) {
     const size_t es = half ? 2 : 4;
+    (void)ref; /* no SIMD path to skip in the portable build */
 #ifdef MQ_AVX2
     if (!ref) {
 #define CALL_F(A, B) tile_f(A, B, x + m0 * K, K, (const char *)w + n * K * es, half, y + m0 * N + n, N)
@@ -624,10 +620,6 @@ void mq_linear_f(const float *x, int64_t M, int64_t K, const void *w, int half, 
     MQ_PARALLEL_FOR(nt, N)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_f_ref(x + m * K, K, (const char *)w + n * K * es, half);
-}
-
-void mq_quantize(const float *x, int64_t M, int64_t K, int8_t *q, float *d, float *s, int nt, int ref) {
-    quantize_rows(x, M, K, q, d, s, K / QK, nt, ref);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -710,14 +702,14 @@ void mq_attention(const float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t 
         for (int64_t h = 0; h < nkv; h++)
             memcpy(vc + (h * cap + start + t) * D, src + (nq + nkv + h) * D, sizeof(float) * (size_t)D);
     }
-    const int64_t group = nq / nkv, pairs = T * nq, end = start + T;
+    const int64_t group = nq / nkv, pairs = T * nq;
     MQ_PARALLEL_FOR(nt, pairs)
     for (int64_t pi = 0; pi < pairs; pi++) {
         int64_t t = pi / nq, h = pi % nq, kvh = h / group, p = start + t;
         int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
         int64_t n = p + 1 - lo;
 #ifdef _OPENMP
-        float *scores = scratch + (int64_t)omp_get_thread_num() * scratch_stride; /* >= end + 8 + D floats */
+        float *scores = scratch + (int64_t)omp_get_thread_num() * scratch_stride; /* >= start + T + 8 + D */
 #else
         float *scores = scratch;
 #endif
@@ -763,6 +755,5 @@ void mq_attention(const float *qkv, int64_t T, int64_t nq, int64_t nkv, int64_t 
         }
         float *o = out + t * nq * D + h * D;
         for (int64_t i = 0; i < D; i++) o[i] = acc[i] / sum;
-        (void)end;
     }
 }
