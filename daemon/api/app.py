@@ -28,7 +28,7 @@ from daemon.node.fallback import Serving
 from daemon.node.worker import TokenStream, WorkerStopped
 
 from meshllm.errors import MeshllmError
-from meshllm.session import StateChange, Token
+from meshllm.mesh.session import StateChange, Token
 
 log = logging.getLogger(__name__)
 

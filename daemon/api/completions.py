@@ -22,7 +22,7 @@ from daemon.node.worker import GenerationWorker, TokenStream
 if TYPE_CHECKING:
     from meshllm.model.engine import ModelInfo, Token
 
-    from meshllm.session import StateChange
+    from meshllm.mesh.session import StateChange
 
     from daemon.node.driver import MeshDriver
     from daemon.node.fallback import Fallback

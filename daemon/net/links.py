@@ -16,7 +16,7 @@ Two links to the same peer never live together: when a second one appears (both 
 dialled at once, or a peer restarted), the one initiated by the lower node id wins; between
 two initiated by the same node, the newer wins. Both ends apply the same rule.
 
-Measurements (:meth:`LinkManager.link_stats`, the model is :mod:`meshllm.linkstats`):
+Measurements (:meth:`LinkManager.link_stats`, the model is :mod:`meshllm.placement.linkstats`):
 
 - round trip: every heartbeat is echoed at once; the sample of a heartbeat sent while the
   link was busy (a probe in flight, or more than ``LOADED_BYTES`` queued or in flight) is
@@ -77,7 +77,7 @@ from daemon.net.signaling import (
     offer_to_json,
 )
 from meshllm.errors import MeshllmError, WireError
-from meshllm.linkstats import (
+from meshllm.placement.linkstats import (
     LARGE_PROBE_BYTES,
     SMALL_BYTES,
     TINY_PROBE_BYTES,
@@ -374,7 +374,7 @@ class LinkManager:
 
     def link_stats(self, peer_id: str) -> LinkStats | None:
         """What this node measured on its link to ``peer_id`` (its sends and their echoes):
-        idle round trip, small and large rates (see :mod:`meshllm.linkstats`); None without
+        idle round trip, small and large rates (see :mod:`meshllm.placement.linkstats`); None without
         a link that is up."""
         link = self._links.get(peer_id)
         return link.meter.stats() if link is not None and link.state == "up" else None

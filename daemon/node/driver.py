@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from meshllm import wire
 from meshllm.errors import MeshUnavailable
-from meshllm.linkstats import LinkStats
+from meshllm.placement.linkstats import LinkStats
 from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, Send, SessionEnded,
     SessionOutput, StatusChanged, incompatibility,
@@ -33,8 +33,8 @@ from meshllm.mesh.core import ModelLimits
 from meshllm.mesh.jobs import ImportCache, RebuildPart
 from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
-from meshllm.planner import ModelSpec
-from meshllm.session import StateChange, Token
+from meshllm.placement.planner import ModelSpec
+from meshllm.mesh.session import StateChange, Token
 from meshllm.tune.rounds import TUNE_MESSAGES, TuneSettings
 
 from daemon.net.links import LinkError

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from meshllm.errors import MeshllmError, MeshUnavailable, ModelSourceError
-from meshllm.session import StateChange, Token
+from meshllm.mesh.session import StateChange, Token
 
 from daemon.node.worker import GenerationWorker, WorkerStopped
 

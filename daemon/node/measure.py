@@ -17,7 +17,7 @@ import torch
 from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.shard import open_shard
-from meshllm.planner import PREFILL_POSITIONS
+from meshllm.placement.planner import PREFILL_POSITIONS
 
 
 @dataclass(frozen=True)

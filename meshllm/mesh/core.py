@@ -6,7 +6,7 @@ answers typed here `open_session` / `cancel_session` / `close_session`; `leave` 
 Outputs, drained by the driver: `sends()`, `jobs()`, `events()`, and `next_timer()`.
 
 What it holds:
-- membership and the bully election (`meshllm.election`);
+- membership and the bully election (`meshllm.mesh.election`);
 - plans (`PlanBook`): adopt, load, report ready, activate;
 - measurements: every member's LinkReport (its links, entry costs, measured token times);
 - on the coordinator: planning (by measured links and latency targets, docs/placement.md),
@@ -26,19 +26,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meshllm import election as el
+from meshllm.mesh import election as el
 from meshllm import wire
-from meshllm.balance import BalanceSettings, Balancer
+from meshllm.placement.balance import BalanceSettings, Balancer
 from meshllm.errors import PlacementError, WireError
 from meshllm.mesh.entry import EntrySessions
-from meshllm.linkstats import LinkStats
+from meshllm.placement.linkstats import LinkStats
 from meshllm.mesh import measured as ms
 from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, SessionEnded, SessionOutput, StatusChanged
 from meshllm.mesh.jobs import Compute, Computed, DropSessions, ImportCache, Job, LoadSpan, Loaded, RebuildPart
 from meshllm.mesh.stats import StageStats
-from meshllm.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, plan_layers
-from meshllm.plans import PlanBook, PlanView
-from meshllm.session import Session, Token
+from meshllm.placement.planner import ModelSpec, NodeCapacity, Plan as PlannerPlan, plan_layers
+from meshllm.mesh.plans import PlanBook, PlanView
+from meshllm.mesh.session import Session, Token
 
 log = logging.getLogger(__name__)
 

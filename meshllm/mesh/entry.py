@@ -27,8 +27,8 @@ from meshllm.mesh.events import SessionEnded, SessionOutput
 from meshllm.mesh.jobs import Compute, Computed, RebuildPart
 from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS
 from meshllm.mesh.rebuild import parts as rebuild_parts
-from meshllm.plans import PlanKey, PlanView
-from meshllm.session import Session, StateChange, Step
+from meshllm.mesh.plans import PlanKey, PlanView
+from meshllm.mesh.session import Session, StateChange, Step
 
 if TYPE_CHECKING:
     from meshllm.mesh.core import MeshCore

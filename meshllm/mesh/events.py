@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshllm import wire
-from meshllm.session import StateChange, Token
+from meshllm.mesh.session import StateChange, Token
 
 Channel = Literal["control", "activation"]
 LogKind = Literal["join", "leave", "election", "replan", "error", "info"]

@@ -5,7 +5,7 @@
 - :class:`Measurements`: every member's latest :class:`~meshllm.wire.LinkReport` (this node's
   own included), and from them the hop tables, capacities and entry nodes the planner takes.
 
-The hop model is :mod:`meshllm.linkstats`': a decode hop carries one position's hidden state
+The hop model is :mod:`meshllm.placement.linkstats`': a decode hop carries one position's hidden state
 (in the plan's codec) plus the message around it; a prefill hop PREFILL_POSITIONS of them.
 Each hop also pays HOP_OVERHEAD_MS of work outside the link (encode, decode, hand-over to the
 worker thread, the event loops), calibrated on the 3-node loopback mesh of docs/placement.md.
@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshllm import wire
-from meshllm.linkstats import LinkStats, hop_ms, hop_table
-from meshllm.planner import PREFILL_POSITIONS, NodeCapacity, Plan, predict_plan
+from meshllm.placement.linkstats import LinkStats, hop_ms, hop_table
+from meshllm.placement.planner import PREFILL_POSITIONS, NodeCapacity, Plan, predict_plan
 from meshllm.wire.tensor import raw_size_bytes
 
 HOP_OVERHEAD_MS = 1.5
@@ -108,7 +108,7 @@ def stats_of(figures: wire.LinkFigures) -> LinkStats:
 
 @dataclass(frozen=True)
 class Planning:
-    """What the planner is given besides the nodes (see :func:`meshllm.planner.plan_layers`)."""
+    """What the planner is given besides the nodes (see :func:`meshllm.placement.planner.plan_layers`)."""
 
     hop_ms: Mapping[tuple[str, str], float] | None = None
     default_hop_ms: float = 1.0

@@ -25,7 +25,7 @@ from meshllm.model.quant import kernel_description
 from meshllm.model.shard import ModelShape, Shard, load_config, model_shape, open_shard
 from meshllm.model.source import resolve
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
-from meshllm.session import Session, Token, run_local
+from meshllm.mesh.session import Session, Token, run_local
 
 if TYPE_CHECKING:
     from meshllm.model.lean import LeanShard

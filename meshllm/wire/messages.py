@@ -32,7 +32,7 @@ MAX_LINKS = 64
 MAX_REPORT_MS = 3_600_000.0
 """Bound on every time a LinkReport carries (an hour: the bound of a latency target)."""
 MAX_RATE_MB_S = 100_000.0
-"""Bound on a link rate (meshllm.linkstats caps its figures here)."""
+"""Bound on a link rate (meshllm.placement.linkstats caps its figures here)."""
 
 NodeId = Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
 SessionId = Annotated[str, Text(min_len=1, max_len=MAX_ID_CHARS)]
@@ -366,7 +366,7 @@ class HandoverDone(WireStruct):
 @dataclass(frozen=True)
 class LinkFigures(WireStruct):
     """What the sender measured on its link to ``peer_id`` (its sends and their echoes;
-    meshllm.linkstats): the idle round trip and two rates. A rate of 0 is not measured yet."""
+    meshllm.placement.linkstats): the idle round trip and two rates. A rate of 0 is not measured yet."""
 
     peer_id: NodeId
     rtt_ms: ReportMs
@@ -389,7 +389,7 @@ class LinkReport(WireStruct):
     head_ms: ReportMs
     """Embedding, final norm, lm_head and sampling of one token on this node."""
     prefill_ms_per_layer: ReportMs
-    """One decoder layer over a typical prompt (meshllm.planner.PREFILL_POSITIONS positions)."""
+    """One decoder layer over a typical prompt (meshllm.placement.planner.PREFILL_POSITIONS positions)."""
     ms_per_layer: ReportMs
     """This node's span under that plan: recent decode compute per layer."""
     ms_per_token: ReportMs

@@ -30,7 +30,7 @@ from daemon.node.fallback import (
 from daemon.node.worker import GenerationWorker
 from meshllm.errors import MeshUnavailable
 from meshllm.model.sampling import SamplingParams
-from meshllm.session import StateChange, Token
+from meshllm.mesh.session import StateChange, Token
 from tests.daemon.fake_engine import FakeEngine, reply_for
 from tests.waiting import async_wait_until
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from meshllm import wire
-from meshllm.linkstats import LinkStats
+from meshllm.placement.linkstats import LinkStats
 from meshllm.model.cache import prepare
 from meshllm.model.runtime import Runtime
 from meshllm.model.source import resolve

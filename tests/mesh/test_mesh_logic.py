@@ -13,7 +13,7 @@ import pytest
 
 from daemon.node.driver import MeshSettings, MeshUnavailable
 from meshllm.model.sampling import SamplingParams
-from meshllm.session import Token
+from meshllm.mesh.session import Token
 from tests.mesh.memnet import memory_net
 from tests.waiting import async_wait_until
 from tests.tinymodel import PROMPTS, reference_greedy

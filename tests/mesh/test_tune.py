@@ -24,7 +24,7 @@ from meshllm.model.cache import prepare
 from meshllm.model.shard import load_config
 from meshllm.model.source import resolve
 from meshllm.model.sampling import SamplingParams
-from meshllm.session import Token
+from meshllm.mesh.session import Token
 from meshllm.tune.rounds import TuneSettings
 
 from daemon.node.driver import MeshDriver

@@ -17,7 +17,7 @@ from meshllm.model.engine import Engine
 from meshllm.model.sampling import SamplingParams
 from meshllm.model.shard import load_config, model_shape
 from meshllm.model.source import resolve
-from meshllm.session import Token
+from meshllm.mesh.session import Token
 from tests.mesh.conftest import chat, token_ids, unique_mesh_name
 from tests.mesh.test_tune import chats
 from tests.waiting import wait_until

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshllm import wire
-from meshllm.linkstats import LinkStats
+from meshllm.placement.linkstats import LinkStats
 from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, SessionEnded, SessionOutput,
 )
 from meshllm.mesh.core import ModelLimits
 from meshllm.mesh.jobs import ImportCache, Loaded, RebuildPart
 from meshllm.mesh.rebuild import OutputLogs, Rebuilder
-from meshllm.planner import ModelSpec
-from meshllm.session import Session, StateChange, Token
+from meshllm.placement.planner import ModelSpec
+from meshllm.mesh.session import Session, StateChange, Token
 
 HIDDEN = 8
 VOCAB = 50

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.balance import Balancer, BalanceSettings, Rebalance
-from meshllm.planner import ModelSpec, NodeCapacity, Plan, plan_layers
+from meshllm.placement.balance import Balancer, BalanceSettings, Rebalance
+from meshllm.placement.planner import ModelSpec, NodeCapacity, Plan, plan_layers
 
 SPEC = ModelSpec(num_layers=30, layer_bytes=1000, embed_head_bytes=5000)
 NODES = [NodeCapacity(node_id, 10**9, 1.0) for node_id in ("a", "b", "c")]

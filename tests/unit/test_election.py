@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.election import (
+from meshllm.mesh.election import (
     BROADCAST,
     AnswerMsg,
     CoordinatorElected,

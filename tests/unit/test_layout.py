@@ -14,8 +14,8 @@ from tests.conftest import REPO
 FORBIDDEN = ("aiortc", "aioice", "zeroconf", "textual", "aiohttp", "daemon", "tui")
 
 
-CHECKED_MODULES = ("meshllm.wire", "meshllm.planner", "meshllm.election", "meshllm.session", "meshllm.plans",
-                   "meshllm.balance", "meshllm.mesh", "meshllm.tune.rounds")
+CHECKED_MODULES = ("meshllm.wire", "meshllm.placement.planner", "meshllm.mesh.election", "meshllm.mesh.session", "meshllm.mesh.plans",
+                   "meshllm.placement.balance", "meshllm.mesh", "meshllm.tune.rounds")
 """The core library's pure parts. Each must exist: a renamed module fails the test rather than
 escaping it."""
 
@@ -34,8 +34,7 @@ def test_import_meshllm_loads_no_networking_or_ui() -> None:
     assert bad == []
 
 
-SANS_IO = ("meshllm/mesh", "meshllm/wire", "meshllm/election.py", "meshllm/planner.py", "meshllm/session.py",
-           "meshllm/plans.py", "meshllm/balance.py", "meshllm/linkstats.py", "meshllm/tune/rounds.py",
+SANS_IO = ("meshllm/mesh", "meshllm/wire", "meshllm/placement", "meshllm/tune/rounds.py",
            "meshllm/tune/aggregate.py")
 """State machines and pure functions: fed `now`, they never read the clock, sleep, spawn or
 touch a socket (design §4)."""

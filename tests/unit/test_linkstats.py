@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshllm.linkstats import (
+from meshllm.placement.linkstats import (
     DEFAULT_MB_S,
     DEFAULT_RTT_MS,
     LARGE_PROBE_BYTES,

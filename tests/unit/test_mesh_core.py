@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from collections.abc import Callable
 
 from meshllm import wire
-from meshllm.balance import BalanceSettings
-from meshllm.linkstats import LinkStats
+from meshllm.placement.balance import BalanceSettings
+from meshllm.placement.linkstats import LinkStats
 from meshllm.mesh import Compute, LoadSpan, MeshSettings
 from meshllm.mesh.jobs import RebuildPart
-from meshllm.planner import Plan as PlannerPlan
+from meshllm.placement.planner import Plan as PlannerPlan
 from tests.fixtures.wire_strategies import messages
 from tests.unit.meshsim import HIDDEN, LAYER_BYTES, EMBED_HEAD_BYTES, LAYERS, Net, reference
 
@@ -660,7 +660,7 @@ def test_rebuild_parts_and_steps_follow_the_numerics() -> None:
 
 
 def test_a_replay_merges_steps_only_when_asked_and_keeps_the_original_history() -> None:
-    from meshllm.session import Session
+    from meshllm.mesh.session import Session
 
     session = Session("s/0", PROMPT, 40, frozenset({0}))
     for token in (7, 8, 9, 10):

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from meshllm.errors import PlacementError
-from meshllm.planner import (
+from meshllm.placement.planner import (
     HopCosts,
     ModelSpec,
     NodeCapacity,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.planner import (
+from meshllm.placement.planner import (
     EXACT_PAIRWISE_MAX_NODES,
     PREFILL_POSITIONS,
     ModelSpec,

@@ -29,7 +29,7 @@ Predictions, entry nodes and latency targets (the *entry-aware* search, used whe
   hop per change of node (an entry that holds the first or last stage sends nothing to
   itself). ``hop_ms[(a, b)]`` is one decode hop (one position), ``prefill_hop_ms[(a, b)]`` one
   hop of a typical prompt's hidden states (both come from measured links; see
-  :mod:`meshllm.linkstats`).
+  :mod:`meshllm.placement.linkstats`).
 - predicted ms per token = ``head_ms[e]`` (the entry's embed, final norm, lm_head and
   sampling) + every stage's compute + the decode hops of the trip; predicted time to first
   token = ``head_ms[e]`` + every stage's prefill compute + the prefill hops. With several entry

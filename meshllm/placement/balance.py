@@ -52,7 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from meshllm.errors import PlacementError
-from meshllm.planner import (
+from meshllm.placement.planner import (
     DEFAULT_HOP_MS,
     HopCosts,
     ModelSpec,
