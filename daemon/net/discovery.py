@@ -33,7 +33,7 @@ from meshllm.errors import WireError
 from meshllm.wire import Hello
 from meshllm.wire.messages import MAX_ID_CHARS, MAX_NAME_CHARS
 
-from daemon.node.tasks import TaskSet
+from daemon.tasks import TaskSet
 
 
 log = logging.getLogger(__name__)

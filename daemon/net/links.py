@@ -60,10 +60,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from daemon.node.config import ConfigError, parse_host_port
 from daemon.net.loopback import is_loopback_host, loopback_ice, usable_candidates
 from daemon.net.meshkey import NO_KEY_WARNING
-from daemon.node.tasks import TaskSet
+from daemon.hostport import parse_host_port
+from daemon.tasks import TaskSet
 from daemon.net.signaling import (
     MAX_BODY_BYTES,
     SIGNAL_PATH,
@@ -408,7 +408,7 @@ class LinkManager:
             raise LinkError("the link manager is not running")
         try:
             host, port = parse_host_port(address)
-        except ConfigError as exc:
+        except ValueError as exc:
             raise LinkError(f"cannot connect to {address!r}: not HOST:PORT") from exc
         if self._loopback and not is_loopback_host(host):
             raise LinkError(f"loopback mode: will not connect to {address} (not 127.0.0.1)")

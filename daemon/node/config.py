@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from daemon.hostport import parse_host_port
+
 WEIGHT_CHOICES = ("auto", "f32", "f16", "int8", "int4")
 """`--weights`: the same list as meshllm.model.quant.CHOICES (that module imports torch)."""
 ENV_PREFIX = "MESHLLM_"
@@ -162,7 +164,10 @@ class NodeConfig:
         if not self.mesh_name or len(self.mesh_name) > 63:
             raise ConfigError("mesh name must be 1..63 characters")
         for peer in self.join:
-            parse_host_port(peer)
+            try:
+                parse_host_port(peer)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not 0 <= self.mesh_port <= 65535:
             raise ConfigError(f"mesh port must be 0..65535, not {self.mesh_port}")
         if self.mem_budget < 0:
@@ -217,16 +222,6 @@ def client_url(host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (or ``[V6]:PORT``); raise ConfigError when it is not one."""
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(f"join peer must be HOST:PORT, not {text!r}")
-    return host, int(port_text)
 
 
 _INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget", "rebuild_log_mb"})

@@ -38,7 +38,7 @@ from meshllm.mesh.session import StateChange, Token
 from meshllm.tune.rounds import TUNE_MESSAGES, TuneSettings
 
 from daemon.net.links import LinkError
-from daemon.node.tasks import TaskSet
+from daemon.tasks import TaskSet
 from daemon.node.tune import TuneRunner
 from daemon.node.worker import GenerationWorker, WorkerStopped
 
@@ -475,8 +475,7 @@ class MeshDriver:
         model_id = runtime.engine.info.model_id
         if model_id != self.hello.model_id:
             self.hello = replace(self.hello, model_id=model_id)
-            self.core.hello = self.hello
-            self.core.members[self.node_id] = self.hello
+            self.core.serving_model(self.hello)
             self._on_model_id(model_id)
         self._log_event("info", f"serving {'the base model' if adapter is None else 'adapter ' + adapter.digest}"
                                 f" (model id {model_id})")

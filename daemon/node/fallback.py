@@ -274,7 +274,7 @@ LogFn = Callable[[str, str], object]
 def driver_health(mesh: Any) -> MeshHealth:
     """`MeshHealth` of a `daemon.node.driver.MeshDriver`."""
     def health() -> tuple[object | None, str | None]:
-        active = mesh.core.book.active
+        active = mesh.core.active_plan
         return (active.key if active is not None else None, mesh.core.placement_error)
     return health
 

@@ -258,7 +258,7 @@ class Node:
         self._cleanup.insert(0, fallback.close)  # answers not started yet go nowhere once stopping
         completions.attach(runtime.engine, mesh, fallback)
         self._tune.attach(mesh.tune)
-        while mesh.core.book.active is None:  # ready to answer once a plan is active
+        while mesh.core.active_plan is None:  # ready to answer once a plan is active
             await mesh.wait_changed()
         board.update(state="ready")
         assert self.api_url is not None

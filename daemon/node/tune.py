@@ -29,7 +29,7 @@ from meshllm.tune.rounds import (
     JobRequest, Train, TuneCore, TuneError, TuneFailed, TuneFinished, TuneProgress, TuneSettings,
 )
 
-from daemon.node.tasks import TaskSet
+from daemon.tasks import TaskSet
 from daemon.node.worker import GenerationWorker, WorkerStopped
 
 if TYPE_CHECKING:

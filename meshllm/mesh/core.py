@@ -241,6 +241,17 @@ class MeshCore:
         active = self.book.active
         return (active is not None and self.node_id not in active.node_ids) or self.placement_error is not None
 
+    @property
+    def active_plan(self) -> PlanView | None:
+        """The plan this node serves answers on now, if any."""
+        return self.book.active
+
+    def serving_model(self, hello: wire.Hello) -> None:
+        """This node now serves another model id (a tune job's adapter was taken up): its own
+        member record carries it from now on."""
+        self.hello = hello
+        self.members[self.node_id] = hello
+
     def name_of(self, node_id: str) -> str:
         h = self.members.get(node_id)
         return h.name if h and h.name else node_id
