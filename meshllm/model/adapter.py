@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from meshllm.model.layer_shape import projection_dims
+
 __all__ = [
     "TARGETS", "Adapter", "AdapterError", "AdapterSpec", "adapter_key", "adapter_shapes", "block_of", "check_adapter",
     "init_adapter", "load_adapter", "save_adapter",
@@ -138,24 +140,10 @@ def adapter_key(layer: int, target: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{block_of(target)}.{target}.lora_{which}.weight"
 
 
-def _dims(config) -> dict[str, tuple[int, int]]:  # type: ignore[no-untyped-def]
-    """(in, out) of each projection, from a transformers config."""
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    return {
-        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim), "v_proj": (hidden, kv * head_dim),
-        "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-
-
 def adapter_shapes(config, spec: AdapterSpec) -> dict[str, tuple[int, int]]:  # type: ignore[no-untyped-def]
     """Every key of an adapter of `spec` on the model of `config`, with its shape, ordered by
     layer, then target, then A before B. A is (rank, in), B is (out, rank)."""
-    dims = _dims(config)
+    dims = projection_dims(config)
     shapes: dict[str, tuple[int, int]] = {}
     for layer in range(int(config.num_hidden_layers)):
         for target in spec.targets:

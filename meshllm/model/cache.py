@@ -195,7 +195,7 @@ def _stream_float32(gguf: Path, out: Path):  # type: ignore[no-untyped-def]
     )
 
     from meshllm.model.gguf_blocks import read_tensor_infos
-    from meshllm.model.lean import map_large_allocations
+    from meshllm.model.allocator import map_large_allocations
     from meshllm.model.stwriter import TensorWriter, header_room
 
     map_large_allocations()  # each tensor's temporaries go back to the system when freed

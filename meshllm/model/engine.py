@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,13 +21,11 @@ from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.formats import resolve_format
 from meshllm.model.quant import kernel_description
-from meshllm.model.shard import ModelShape, Shard, load_config, model_shape, open_shard
+from meshllm.model.shard import ModelShape, load_config, model_shape, open_shard
 from meshllm.model.source import resolve
+from meshllm.model.span import ShardLike
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
 from meshllm.mesh.session import Session, Token, run_local
-
-if TYPE_CHECKING:
-    from meshllm.model.lean import LeanShard
 
 __all__ = ["Engine", "ModelInfo", "Token"]
 
@@ -143,7 +140,7 @@ class Engine:
         if adapter is not None:
             check_adapter(adapter, config)
         self.adapter = adapter
-        self.shards = [open_shard(prepared, s, e, weights=self.weights, device=self.device, adapter=adapter)
+        self.shards: list[ShardLike] = [open_shard(prepared, s, e, weights=self.weights, device=self.device, adapter=adapter)
                        for s, e in spans]
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(prepared.folder)
         self.shape: ModelShape = model_shape(config, self.weights)
@@ -260,7 +257,7 @@ class Engine:
             return shard_ms_per_layer(max(self.shards, key=lambda s: s.num_span_layers), steps)
 
 
-def shard_ms_per_layer(shard: "Shard | LeanShard", steps: int = 8) -> float:
+def shard_ms_per_layer(shard: ShardLike, steps: int = 8) -> float:
     """Time `steps` one-position decode steps through `shard` after an 8-position prefill;
     milliseconds per layer per step. Leaves no session behind."""
     session_id = "measure"

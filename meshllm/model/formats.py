@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from meshllm.model.cache import PreparedModel
 from meshllm.errors import ModelSourceError
 from meshllm.model.gguf_blocks import INT4_TYPES, TensorInfo, read_tensor_infos
+from meshllm.model.layer_shape import attention_shape
 from meshllm.model.quant import FORMATS, check_format
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
 
     Written tensor by tensor (`TensorWriter`): memory stays in proportion to the largest
     tensor, not to the model."""
-    from meshllm.model.lean import map_large_allocations
+    from meshllm.model.allocator import map_large_allocations
     from meshllm.model.shard import load_config
     from meshllm.model.stwriter import TensorWriter, header_room
 
@@ -255,8 +256,8 @@ class _GgufInt4Blocks:
     def __init__(self, prepared: PreparedModel, config) -> None:  # type: ignore[no-untyped-def]
         assert prepared.gguf_path is not None
         self.path = prepared.gguf_path
-        self.heads = {"attn_q": int(config.num_attention_heads),
-                      "attn_k": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)}
+        shape = attention_shape(config)
+        self.heads = {"attn_q": shape.heads, "attn_k": shape.kv_heads}
         self.infos: dict[str, tuple[str, TensorInfo]] = {}
         """HF stem -> (GGUF kind of linear, its tensor), for the 4-bit linears."""
         for t in _tensor_infos(self.path).values():

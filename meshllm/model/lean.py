@@ -6,16 +6,13 @@ gate/up fused into one matmul each. It serves the f16, int8 and int4 formats; ``
 f32`` keeps transformers' own modules as the exact reference. transformers stays the loader
 (config, rotary tables) and the reference that the tests compare against.
 
-``LeanShard`` has the interface of ``Shard``: hidden states are (1, positions, hidden).
+``LeanShard`` is a ``ShardLike`` (``meshllm.model.span``), as ``Shard`` is: hidden states are
+(1, positions, hidden).
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
 from dataclasses import dataclass, replace
-
-import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +22,11 @@ from transformers import PretrainedConfig
 from meshllm.errors import ModelSourceError
 from meshllm.model import kernels, quant
 from meshllm.model.adapter import Adapter, check_adapter
+from meshllm.model.allocator import map_large_allocations, release_free_memory  # noqa: F401  (their old home)
+from meshllm.model.layer_shape import attention_shape, projection_dims
+from meshllm.model.lora import LoraLinear, base_of, fused
 from meshllm.model.quant import QLinear
-from meshllm.model.span import SpanSessions
-
-log = logging.getLogger(__name__)
-
+from meshllm.model.span import ShardLike, SpanSessions
 
 _ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -103,35 +100,6 @@ class LeanLayer:
     down: QLinear
 
 
-class LoraQLinear(QLinear):
-    """A (fused) linear plus the low-rank update of each of its parts that an adapter targets:
-    ``base(x) + (x @ A.T) @ B.T * scaling``, A the targeted parts' A matrices stacked
-    (sum of ranks, in), B block-diagonal (out, sum of ranks), zero rows for a part the adapter
-    leaves alone. The base weights stay as they are (quantized)."""
-
-    def __init__(self, base: QLinear, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        self.base = base
-        self.a = a
-        self.b = b
-        self.scaling = scaling
-        self.out_features, self.in_features, self.bias = base.out_features, base.in_features, base.bias
-        self.lora_nbytes = a.nbytes + b.nbytes
-        self.nbytes = base.nbytes + self.lora_nbytes
-        k = kernels.get() if a.device.type == "cpu" and base.invariant else None
-        # the low-rank product through the fixed-order float kernel keeps the layer invariant
-        self._ab = (kernels.FloatMatrix(a, k), kernels.FloatMatrix(b, k)) if k is not None else None
-        self.invariant, self.kernel = self._ab is not None, base.kernel
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._ab is not None:
-            return self.base(x) + self._ab[1].matmul(self._ab[0].matmul(x)) * self.scaling
-        return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scaling
-
-
-def _base(linear: QLinear) -> QLinear:
-    return linear.base if isinstance(linear, LoraQLinear) else linear
-
-
 _FUSED: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
@@ -189,15 +157,17 @@ class LeanShard(SpanSessions[_KV]):
 
     def __init__(self, config: PretrainedConfig, start_layer: int, end_layer: int, fmt: str, weights_file: str,
                  *, max_sessions: int = 64, device: str | torch.device = "cpu",
-                 reuse: "LeanShard | None" = None, adapter: Adapter | None = None) -> None:
+                 reuse: ShardLike | None = None, adapter: Adapter | None = None) -> None:
+        """`reuse`: a shard of another span of this model; where it is a lean shard of this
+        format on this device, the layers both hold, the embedding and the head are shared,
+        not read again (a re-plan reads only the layers a node gains)."""
         super().__init__(start_layer, end_layer, int(config.num_hidden_layers), max_sessions)
         self.config = config
         self.weights = fmt
         self.dtype = torch.float32
         self.device = torch.device(device)
-        self.n_heads = int(config.num_attention_heads)
-        self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+        shape = attention_shape(config)
+        self.n_heads, self.n_kv, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
         self.eps = float(config.rms_norm_eps)
         self.act = _activation(config.hidden_act)
         self._silu = config.hidden_act in ("silu", "swish")
@@ -211,13 +181,12 @@ class LeanShard(SpanSessions[_KV]):
         self._cos = torch.empty(0, self.head_dim, device=self.device)
         self._sin = torch.empty(0, self.head_dim, device=self.device)
         self.nbytes = 0
-        self._reuse = reuse if reuse is not None and reuse.weights == fmt and reuse.device == self.device else None
-        """A shard of another span of this model: its layers, embedding and head are shared,
-        not read again (a re-plan reads only the layers a node gains)."""
+        self._reuse = reuse if isinstance(reuse, LeanShard) and reuse.weights == fmt and reuse.device == self.device \
+            else None
         self._load(weights_file, fmt)
         self._base_nbytes = self.nbytes
         self.adapter: Adapter | None = None
-        if adapter is not None or any(isinstance(x, LoraQLinear) for layer in self.layers
+        if adapter is not None or any(isinstance(x, LoraLinear) for layer in self.layers
                                       for x in (layer.qkv, layer.o, layer.gate_up, layer.down)):
             self.set_adapter(adapter)  # (layers reused from a shard with an adapter come wrapped)
 
@@ -232,40 +201,17 @@ class LeanShard(SpanSessions[_KV]):
         self.adapter = adapter
         self.nbytes = self._base_nbytes + sum(
             x.lora_nbytes for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)
-            if isinstance(x, LoraQLinear))
+            if isinstance(x, LoraLinear))
 
     def _adapted(self, layer: LeanLayer, global_layer: int, adapter: Adapter | None) -> LeanLayer:
+        dims = projection_dims(self.config)
         linears = {}
         for name, targets in _FUSED.items():
-            base = _base(getattr(layer, name))
             pairs = [adapter.pair(global_layer, t) if adapter is not None else None for t in targets]
-            if all(p is None for p in pairs):
-                linears[name] = base
-                continue
-            assert adapter is not None
-            rank = adapter.spec.rank
-            rows = [int(self._out_rows(t)) for t in targets]
-            used = [p for p in pairs if p is not None]
-            a = np.concatenate([p[0] for p in used], axis=0)  # (parts * rank, in)
-            b = np.zeros((sum(rows), rank * len(used)), dtype=np.float32)  # block-diagonal
-            row, col = 0, 0
-            for n, pair in zip(rows, pairs):
-                if pair is not None:
-                    b[row:row + n, col:col + rank] = pair[1]
-                    col += rank
-                row += n
-            linears[name] = LoraQLinear(base, torch.from_numpy(a).to(self.device), torch.from_numpy(b).to(self.device),
-                                        adapter.spec.scaling)
+            scaling = adapter.spec.scaling if adapter is not None else 1.0
+            linears[name] = fused(base_of(getattr(layer, name)), pairs, [dims[t][1] for t in targets], scaling,
+                                  self.device)
         return replace(layer, **linears)
-
-    def _out_rows(self, target: str) -> int:
-        if target == "q_proj":
-            return self.n_heads * self.head_dim
-        if target in ("k_proj", "v_proj"):
-            return self.n_kv * self.head_dim
-        if target in ("gate_proj", "up_proj"):
-            return int(self.config.intermediate_size)
-        return int(self.config.hidden_size)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -281,16 +227,8 @@ class LeanShard(SpanSessions[_KV]):
             # kernel reads past alignment it assumes (a crash, seen on the f16 file's table)
             return opened[-1].get_tensor(key).clone()
 
-        def maybe(key: str) -> torch.Tensor | None:
-            return get(key) if key in keys else None
-
         def linear(stems: list[str]) -> QLinear:
-            biases = [maybe(f"{s}.bias") for s in stems]
-            bias = None
-            if any(b is not None for b in biases):
-                sizes = [self._rows(get, s, fmt) for s in stems]
-                bias = torch.cat([b.float() if b is not None else torch.zeros(n) for b, n in zip(biases, sizes)])
-            return self._make_linear(fmt, [self._parts(get, s, fmt) for s in stems], bias)
+            return quant.read_linear(get, keys, stems, fmt, self.device)
 
         def layer_by_layer(items):  # type: ignore[no-untyped-def]
             """Map the file anew for each item: the pages read from a mapping count as this
@@ -307,7 +245,7 @@ class LeanShard(SpanSessions[_KV]):
             if held is not None and held.start_layer <= i < held.end_layer:
                 layer = held.layers[i - held.start_layer]  # a layer this node holds already
                 self.layers.append(layer)
-                self.nbytes += sum(_base(x).nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+                self.nbytes += sum(base_of(x).nbytes for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
                 self.nbytes += 2 * layer.attn_norm.numel() * 4
                 continue
             for _ in layer_by_layer([i]):
@@ -340,35 +278,6 @@ class LeanShard(SpanSessions[_KV]):
             gate_up=linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
             down=linear([f"{p}.mlp.down_proj"]),
         )
-
-    @staticmethod
-    def _rows(get, stem: str, fmt: str) -> int:  # type: ignore[no-untyped-def]
-        """Output rows of one linear (for the zero bias of a fused part that has none)."""
-        rows_tensor = {"f16": "weight", "int8": "q", "int4": "codes"}[fmt]
-        return int(get(f"{stem}.{rows_tensor}").shape[0])
-
-    @staticmethod
-    def _parts(get, stem: str, fmt: str) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
-        if fmt == "f16":
-            return (get(f"{stem}.weight"),)
-        if fmt == "int8":
-            return get(f"{stem}.q"), get(f"{stem}.scale")
-        return quant.unpack_nibbles(get(f"{stem}.codes")), get(f"{stem}.scale"), get(f"{stem}.zero")
-
-    def _make_linear(self, fmt: str, parts: list[tuple[torch.Tensor, ...]], bias: torch.Tensor | None) -> QLinear:
-        """One linear from the row blocks of several (fused along the output dimension)."""
-        joined = [torch.cat(col) for col in zip(*parts)]
-        if self.device.type != "cpu":  # the quantized CPU kernels: on a GPU, dense float16 instead
-            return quant.DenseLinear(quant.dense_weights(fmt, joined).to(self.device), bias, torch.float16)
-        if fmt == "f16":
-            return quant.F16Linear(joined[0], bias)
-        if fmt == "int8":
-            return quant.Int8Linear(joined[0], joined[1], bias)
-        codes, scale, zero = joined
-        if not quant.int4_fits(*codes.shape):
-            log.info("a %s linear does not fit int4 kernels; it runs as int8", tuple(codes.shape))
-            return quant.Int8Linear(*quant.quantize_int8_rows(quant.dense_weights(fmt, joined)), bias)
-        return quant.Int4Linear(codes, scale, zero, bias)
 
     def _embedding(self, get, stem: str) -> quant.Int8Embedding:  # type: ignore[no-untyped-def]
         q, scale = get(f"{stem}.q"), get(f"{stem}.scale").float()
@@ -557,27 +466,3 @@ class LeanShard(SpanSessions[_KV]):
         if self.window is not None:
             allowed &= cols > rows - self.window
         return allowed, False
-
-
-def release_free_memory() -> None:
-    """Hand memory freed while loading back to the system (glibc keeps it otherwise: about
-    130 MB after loading the default model's int4 weights). A no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-_M_MMAP_THRESHOLD = -3
-LARGE_ALLOCATION_BYTES = 1 << 20
-
-
-def map_large_allocations() -> None:
-    """Have glibc serve every allocation of 1 MiB or more with its own mapping, given back at
-    once when freed. By default glibc raises that threshold after the first large blocks are
-    freed, so later loading temporaries land in its heap and stay there: a load's peak memory
-    then varied from 0.6x to 1.9x the weights from one run to the next. A no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
-    except (OSError, AttributeError):
-        pass

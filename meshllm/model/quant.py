@@ -22,18 +22,25 @@ bfloat16 activations, and for many positions a dequantize-then-GEMM path (from
 ``PREFILL_ROWS`` positions on) whose rounding depends on the number of positions, so a session
 must then replay in its original chunking.
 
+A format's linear is built in one place, `read_linear` (from a format's weight file) and
+`build_linear` (from its stored parts): the lean decoder and LoRA training both use them.
+
 The embedding (and the lm_head, tied or not) is kept as int8 rows with a float32 scale a row
 in every format but f32, so the largest matrix of a small model is not held in float32.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from meshllm.model import kernels
+
+log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("f32", "f16", "int8", "int4")
 CHOICES: tuple[str, ...] = ("auto", *FORMATS)
@@ -174,6 +181,20 @@ class DenseLinear(QLinear):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class HalfLinear(QLinear):
+    """float16 weights widened to float32 per call: slower than `F16Linear`, but the weights it
+    computes with stay readable (training's backward reads them)."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = w.half().contiguous()
+        self.bias = None if bias is None else bias.float()
+        self.out_features, self.in_features = w.shape
+        self.nbytes = self.weight.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.float(), self.bias)
 
 
 class F16Linear(QLinear):
@@ -325,6 +346,60 @@ def _int4pack_block(n: int, k: int) -> int:
 def int4_fits(n: int, k: int) -> bool:
     """Whether an (n, k) weight runs as int4 here (torch's kernel also needs n % 16 == 0)."""
     return k % GROUP == 0 and (n % 16 == 0 or kernels.get() is not None)
+
+
+# -- a linear of a format, from its stored parts --------------------------------------------------
+
+
+def read_linear(get: Callable[[str], torch.Tensor], keys: Container[str], stems: Sequence[str], fmt: str,
+                device: torch.device, *, readable: bool = False) -> QLinear:
+    """The linear of the projections `stems` of a format's weight file (formats.py), fused
+    along the output rows in order; `get(name)` reads one of the file's tensors, `keys` holds
+    their names. A part without a bias gets zeros where another part has one."""
+    biases = [get(f"{s}.bias") if f"{s}.bias" in keys else None for s in stems]
+    bias = None
+    if any(b is not None for b in biases):
+        sizes = [_stored_rows(get, s, fmt) for s in stems]
+        bias = torch.cat([b.float() if b is not None else torch.zeros(n) for b, n in zip(biases, sizes)])
+    return build_linear(fmt, [_stored_parts(get, s, fmt) for s in stems], bias, device, readable=readable)
+
+
+def build_linear(fmt: str, parts: Sequence[tuple[torch.Tensor, ...]], bias: torch.Tensor | None,
+                 device: torch.device, *, readable: bool = False) -> QLinear:
+    """One linear in `fmt` (not f32) from the stored parts of one or more projections (f16:
+    weight; int8: q, scale; int4: codes 0..15, scale, zero), fused along the output rows.
+
+    On a GPU: dense float16 (the quantized kernels are the CPU's). On the CPU: the format's
+    linear; int4 weights the int4 kernels cannot take run as int8 rows. `readable`: f16 as
+    `HalfLinear`, whose weights can be read back (training)."""
+    joined = list(parts[0]) if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
+    if bias is not None:
+        bias = bias.float().to(device)
+    if device.type != "cpu":
+        return DenseLinear(dense_weights(fmt, joined).to(device), bias, torch.float16)
+    if fmt == "f16":
+        return HalfLinear(joined[0], bias) if readable else F16Linear(joined[0], bias)
+    if fmt == "int8":
+        return Int8Linear(joined[0], joined[1], bias)
+    codes, scale, zero = joined
+    if not int4_fits(*codes.shape):
+        log.info("a %s linear does not fit int4 kernels; it runs as int8", tuple(codes.shape))
+        return Int8Linear(*quantize_int8_rows(dense_weights(fmt, joined)), bias)
+    return Int4Linear(codes, scale, zero, bias)
+
+
+def _stored_parts(get: Callable[[str], torch.Tensor], stem: str, fmt: str) -> tuple[torch.Tensor, ...]:
+    if fmt == "f16":
+        return (get(f"{stem}.weight"),)
+    if fmt == "int8":
+        return get(f"{stem}.q"), get(f"{stem}.scale")
+    return unpack_nibbles(get(f"{stem}.codes")), get(f"{stem}.scale"), get(f"{stem}.zero")
+
+
+def _stored_rows(get: Callable[[str], torch.Tensor], stem: str, fmt: str) -> int:
+    """Output rows of one stored linear (for the zero bias of a fused part that has none)."""
+    rows_tensor = {"f16": "weight", "int8": "q", "int4": "codes"}[fmt]
+    return int(get(f"{stem}.{rows_tensor}").shape[0])
 
 
 # -- embedding and tied head -------------------------------------------------------------------

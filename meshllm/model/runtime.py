@@ -17,9 +17,10 @@ from meshllm.mesh.rebuild import DEFAULT_LOG_CAP_BYTES, OutputLogs, Rebuilder
 from meshllm.model.adapter import Adapter
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
+from meshllm.model.layer_shape import attention_shape
 from meshllm.model.sampling import Sampler
-from meshllm.model.lean import LeanShard
-from meshllm.model.shard import Shard, open_shard
+from meshllm.model.shard import open_shard
+from meshllm.model.span import ShardLike
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Runtime:
     def __init__(self, engine: Engine, log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES) -> None:
         self.engine = engine
         self.prepared: PreparedModel = engine.prepared
-        self.shard: Shard | LeanShard = engine.shards[0]
+        self.shard: ShardLike = engine.shards[0]
         self.hidden_size = engine.info.hidden_size
         self.num_layers = engine.info.num_layers
         self.logs = OutputLogs(log_cap_bytes)
@@ -76,10 +77,8 @@ class Runtime:
     @property
     def kv_shape(self) -> tuple[int, int]:
         """(kv_heads, head_dim) of the model's keys and values."""
-        config = self.shard.config
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        return kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        shape = attention_shape(self.shard.config)
+        return shape.kv_heads, shape.head_dim
 
     @property
     def device(self) -> str:
@@ -91,7 +90,7 @@ class Runtime:
         a batch (the weight format's; `LeanShard.batch_invariant`). Then a rebuild runs each
         part in one pass and an entry node plans large parts (`MeshSettings.batch_invariant`);
         otherwise both keep the original chunking (meshllm.mesh.rebuild)."""
-        return bool(getattr(self.shard, "batch_invariant", False))
+        return self.shard.batch_invariant
 
     @property
     def span(self) -> tuple[int, int]:
@@ -113,7 +112,7 @@ class Runtime:
         if start_layer == end_layer:
             self.logs = OutputLogs(self.logs.cap_bytes)  # out of the plan: nothing to keep
         else:
-            shard.adopt_sessions(old)  # type: ignore[arg-type]
+            shard.adopt_sessions(old)
         self.shard = shard
         self.rebuilder = Rebuilder(shard, self.logs, self.num_layers, self._offers)
         installed = len(self._imports)

@@ -20,22 +20,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from meshllm.errors import ModelSourceError
 from meshllm.model.adapter import TARGETS, Adapter, block_of, check_adapter
+from meshllm.model.allocator import map_large_allocations, release_free_memory
 from meshllm.model.cache import PreparedModel
 from meshllm.model.hfconfig import import_config_validators
+from meshllm.model.layer_shape import attention_shape, projection_dims
+from meshllm.model.lora import LoraLinear, base_of
 from meshllm.model.quant import bytes_per_weight
-from meshllm.model.span import SpanSessions
+from meshllm.model.span import ShardLike, SpanSessions
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
-
-    from meshllm.model.lean import LeanShard
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +100,6 @@ def _tensor_index(prepared: PreparedModel) -> dict[str, str]:
             for key in f.keys():
                 index[key] = str(path)
     return index
-
-
-class LoraLinear(nn.Module):
-    """A projection and its adapter's low-rank update, computed as peft's LoRA ``Linear``
-    does: ``base(x) + lora_B(lora_A(x)) * scaling`` (no dropout)."""
-
-    def __init__(self, base_layer: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.lora_a = lora_a  # (rank, in)
-        self.lora_b = lora_b  # (out, rank)
-        self.scaling = scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        return result + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
-
-    @property
-    def lora_nbytes(self) -> int:
-        return self.lora_a.nbytes + self.lora_b.nbytes
 
 
 class Shard(SpanSessions["DynamicCache"]):
@@ -195,7 +175,7 @@ class Shard(SpanSessions["DynamicCache"]):
             for target in TARGETS:
                 parent = getattr(layer, block_of(target))
                 module = getattr(parent, target)
-                base = module.base_layer if isinstance(module, LoraLinear) else module
+                base = base_of(module)
                 pair = adapter.pair(self.start_layer + i, target) if adapter is not None else None
                 if pair is not None:
                     a, b = (torch.from_numpy(np.array(t)).to(device=self.device, dtype=self.dtype) for t in pair)
@@ -344,13 +324,10 @@ def layer_parameters(config: PretrainedConfig) -> tuple[int, int]:
     gate/up/down; biases on q/k/v for Qwen2, on all four attention projections (Llama's
     ``attention_bias``) and on the MLP (``mlp_bias``) where a Llama config asks; two RMSNorm
     weights. ``tests/model/test_shard_shape.py`` checks it against real transformers models."""
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    q, kv = heads * head_dim, kv_heads * head_dim
-    linear = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * inter
+    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+    shape = attention_shape(config)
+    q, kv = shape.q_size, shape.kv_size
+    linear = sum(n_in * n_out for n_in, n_out in projection_dims(config).values())
     other = 2 * hidden  # input_layernorm, post_attention_layernorm
     if config.model_type == "qwen2":
         other += q + 2 * kv
@@ -387,26 +364,26 @@ def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
 
 def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, weights: str = "f32",
                device: str | torch.device = "cpu", max_sessions: int = 64,
-               reuse: "Shard | LeanShard | None" = None, adapter: Adapter | None = None) -> "Shard | LeanShard":
+               reuse: ShardLike | None = None, adapter: Adapter | None = None) -> ShardLike:
     """A shard of layers [start_layer, end_layer) in weight format `weights` (not `auto`).
 
     f32 runs transformers' own layers (the exact reference); the other formats run the lean
     decoder on quantized weights, read from the format's cache file (written on first use);
     with `reuse` (the shard of another span), the layers both hold and the embedding and head
-    are shared rather than read again. `adapter`: a LoRA adapter the span's layers apply.
-    Memory freed while loading is handed back to the system before it returns.
+    are shared rather than read again where it is a lean shard of this format and device.
+    `adapter`: a LoRA adapter the span's layers apply. Memory freed while loading is handed
+    back to the system before it returns.
     """
-    from meshllm.model.lean import LeanShard, map_large_allocations, release_free_memory
-
-    map_large_allocations()
-    shard: Shard | LeanShard
+    map_large_allocations()  # once per process
+    shard: ShardLike
     if weights == "f32":
         shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions, adapter=adapter)
     else:
         from meshllm.model.formats import format_file
+        from meshllm.model.lean import LeanShard
 
         shard = LeanShard(load_config(prepared), start_layer, end_layer, weights,
                           str(format_file(prepared, weights)), max_sessions=max_sessions, device=device,
-                          reuse=reuse if isinstance(reuse, LeanShard) else None, adapter=adapter)
+                          reuse=reuse, adapter=adapter)
     release_free_memory()
     return shard

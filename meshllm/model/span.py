@@ -1,14 +1,96 @@
-"""What every shard shares, whatever its layers: a span, per-session KV caches, and the rules
-a step must follow to use them."""
+"""What every shard is, whatever its layers: the interface the runtime and the engine call
+(`ShardLike`), and what every kind of shard shares to offer it (`SpanSessions`: a span,
+per-session KV caches, and the rules a step must follow to use them)."""
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from meshllm.model.adapter import Adapter
+
 CacheT = TypeVar("CacheT")
+
+
+class ShardLike(Protocol):
+    """A shard of any kind: embedding, final norm and head, plus the decoder layers
+    [start_layer, end_layer) with a KV cache per session (`meshllm.model.shard.Shard`:
+    transformers' f32 layers; `meshllm.model.lean.LeanShard`: the quantized lean decoder).
+    Hidden states are (1, positions, hidden). Also the rebuild's `LayerStore`."""
+
+    @property
+    def config(self) -> PretrainedConfig: ...
+
+    @property
+    def weights(self) -> str:
+        """The weight format in memory (f32, f16, int8, int4)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def start_layer(self) -> int: ...
+
+    @property
+    def end_layer(self) -> int: ...
+
+    @property
+    def span(self) -> tuple[int, int]: ...
+
+    @property
+    def num_span_layers(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights held (an adapter's included)."""
+        ...
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a position's hidden states have the same bits whatever the step computing it."""
+        ...
+
+    @property
+    def session_ids(self) -> tuple[str, ...]: ...
+
+    def set_adapter(self, adapter: Adapter | None) -> None: ...
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor: ...
+
+    def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor: ...
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position (vocab,), on the CPU."""
+        ...
+
+    def logits_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of every position (positions, vocab), on the CPU."""
+        ...
+
+    def cache_length(self, session_id: str) -> int: ...
+
+    def drop(self, session_id: str) -> None: ...
+
+    def export_layers(self, lo: int, hi: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]: ...
+
+    def adopt_sessions(self, old: ShardLike) -> None: ...
+
+    def layer_lengths(self, session_id: str) -> list[int]: ...
+
+    def keep_layers(self, session_id: str, lo: int, hi: int, positions: int) -> None: ...
+
+    def run_layers(self, session_id: str, x: np.ndarray, start_pos: int, lo: int, hi: int) -> np.ndarray: ...
+
+    def install_layer(self, session_id: str, layer: int, k: np.ndarray, v: np.ndarray) -> bool: ...
 
 
 class SpanSessions(Generic[CacheT]):
@@ -129,9 +211,11 @@ class SpanSessions(Generic[CacheT]):
         self._set_layer_kv(cache, i, torch.from_numpy(k), torch.from_numpy(v))
         return True
 
-    def adopt_sessions(self, old: "SpanSessions[CacheT]") -> None:
-        """Take over the caches `old` (another span of the same model) holds for the layers
-        both spans share: a re-plan keeps what a node already computed."""
+    def adopt_sessions(self, old: ShardLike) -> None:
+        """Take over the caches `old` (another span of the same model, a shard of this kind)
+        holds for the layers both spans share: a re-plan keeps what a node already computed."""
+        if not isinstance(old, type(self)):
+            raise TypeError(f"a {type(self).__name__} cannot take over the caches of a {type(old).__name__}")
         lo, hi = max(self.start_layer, old.start_layer), min(self.end_layer, old.end_layer)
         if lo >= hi:
             return

@@ -1,12 +1,13 @@
-"""Local LoRA training with peft: one node's round of federated fine-tuning.
+"""Local LoRA training: one node's round of federated fine-tuning.
 
-A `LocalTrainer` holds a whole copy of the model as transformers' own causal LM, wrapped by
-peft with a LoRA adapter of the mesh's `AdapterSpec`. Only the adapter trains. In the f32
-format the base is transformers' float32 linears; in the others (f16, int8, int4) every
-decoder projection is a frozen module over the format's weight file, the very weights a node
-serves from, so the model trained is the model served. Those modules compute their forward
-with the serving kernels and their input gradient with weights dequantized on the fly, one
-linear at a time; their float32 weights are never held.
+A `LocalTrainer` holds a whole copy of the model as transformers' own causal LM, each targeted
+projection wrapped in the serving code's `LoraLinear` (peft's arithmetic) with a LoRA adapter of
+the mesh's `AdapterSpec`. Only the adapter trains. In the f32 format the base is transformers'
+float32 linears; in the others (f16, int8, int4) every decoder projection is a frozen module
+over the format's weight file, the very weights a node serves from (built as the lean decoder
+builds them: `quant.read_linear`), so the model trained is the model served. Those modules
+compute their forward with the serving kernels and their input gradient with weights
+dequantized on the fly, one linear at a time; their float32 weights are never held.
 
 Every method may be called on a worker thread that has entered `torch.inference_mode()`:
 each one leaves it for its own work.
@@ -25,9 +26,12 @@ from torch import nn
 
 from meshllm.errors import ModelSourceError
 from meshllm.model import quant
-from meshllm.model.adapter import TARGETS, AdapterError, AdapterSpec, adapter_shapes, block_of, init_adapter
+from meshllm.model.adapter import (
+    TARGETS, AdapterError, AdapterSpec, adapter_key, adapter_shapes, block_of, init_adapter,
+)
 from meshllm.model.cache import PreparedModel
 from meshllm.model.formats import resolve_format
+from meshllm.model.lora import LoraLinear, adapters_off
 from meshllm.tune.data import IGNORE, Example
 
 __all__ = ["DEFAULT_LR", "FrozenQuantLinear", "LocalTrainer"]
@@ -61,19 +65,15 @@ class _QuantMatmul(torch.autograd.Function):
 
 
 class FrozenQuantLinear(nn.Module):
-    """A decoder projection in a quantized format, frozen: no parameters, and peft wraps it
-    with LoRA like any linear (`infeatures`/`outfeatures` tell peft its shape)."""
+    """A decoder projection in a quantized format, frozen: no parameters; a `LoraLinear` wraps
+    it like any linear."""
 
     def __init__(self, linear: quant.QLinear, fmt: str, dense_parts: list[torch.Tensor] | None = None) -> None:
         super().__init__()
         self.linear = linear
         self.fmt = fmt
         self.infeatures, self.outfeatures = linear.in_features, linear.out_features
-        self.compute_dtype = torch.float32  # peft keeps the LoRA matrices in this dtype
         self._dense_parts = dense_parts  # only for an int4 layout the kernel's packing cannot be read back from
-        # what peft reads the device from (never a float32 weight)
-        self.qweight = next(t for t in (getattr(linear, n, None) for n in ("q", "packed", "_half", "weight"))
-                            if isinstance(t, torch.Tensor))
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +95,7 @@ class FrozenQuantLinear(nn.Module):
                 packed, scale, zero = self._dense_parts
                 return quant.dense_weights("int4", [quant.unpack_nibbles(packed), scale, zero])
             return lin.dequantize(torch.float32)
-        if isinstance(lin, _HalfLinear):
+        if isinstance(lin, quant.HalfLinear):
             return lin.weight.float()
         if isinstance(lin, quant.DenseLinear):
             return lin.weight.float()
@@ -106,29 +106,6 @@ class FrozenQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, in_features={self.infeatures}, out_features={self.outfeatures}"
-
-
-class _HalfLinear(quant.QLinear):
-    """float16 weights widened per call (training keeps them readable for the backward)."""
-
-    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight = w.half().contiguous()
-        self.bias = None if bias is None else bias.float()
-        self.out_features, self.in_features = w.shape
-        self.nbytes = self.weight.numel() * 2
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.float(), self.bias)
-
-
-def _quant_lora_class():  # type: ignore[no-untyped-def]
-    from peft.tuners.lora.layer import Linear
-
-    class QuantLoraLinear(Linear):
-        """peft's LoRA Linear over a `FrozenQuantLinear`: base_layer(x) + lora_B(lora_A(x)) * scaling.
-        (Merging into the quantized weights is not supported.)"""
-
-    return QuantLoraLinear
 
 
 class LocalTrainer:
@@ -154,22 +131,19 @@ class LocalTrainer:
         """AdamW over the adapter, kept from one `train` call to the next within a round."""
         with torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed)
-            self.model = self._build()
             self._params: dict[str, nn.Parameter] = {}
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    key = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-                    self._params[key] = p
+            """The adapter's A and B, keyed as adapter.py keys them, in the model's order."""
+            self.model = self._build()
         if set(self._params) != set(self._shapes):
-            raise RuntimeError(f"peft made {len(self._params)} trainable tensors, expected {len(self._shapes)}")
+            raise RuntimeError(f"{len(self._params)} trainable tensors, expected {len(self._shapes)}")
         self.set_adapter(init_adapter(self.config, spec, seed).tensors)
 
     # -- building ---------------------------------------------------------------------------
 
     def _build(self) -> nn.Module:
         """transformers' model on the meta device, its tensors assigned from the weight cache
-        (the quantized projections from the format's file), then wrapped by peft."""
-        from peft import LoraConfig, get_peft_model
+        (the quantized projections from the format's file), frozen; then each targeted
+        projection wrapped in a `LoraLinear` whose A and B train."""
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
@@ -204,11 +178,16 @@ class LocalTrainer:
                 raise ModelSourceError(f"tensor {name} was not loaded")
         model.config.use_cache = False
         model.eval()  # no dropout anywhere: training is deterministic
-        lora = LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, target_modules=list(self.spec.targets),
-                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        if quantized:
-            lora._register_custom_module({FrozenQuantLinear: _quant_lora_class()})
-        return get_peft_model(model, lora)
+        model.requires_grad_(False)
+        for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
+            for target in self.spec.targets:
+                parent = getattr(layer, block_of(target))
+                a, b = (adapter_key(i, target, which) for which in ("A", "B"))
+                for key in (a, b):
+                    self._params[key] = nn.Parameter(torch.zeros(self._shapes[key], device=self.device))
+                setattr(parent, target, LoraLinear(getattr(parent, target), self._params[a], self._params[b],
+                                                   self.spec.scaling))
+        return model
 
     def _install_quantized(self, model: nn.Module) -> None:
         """Every decoder projection becomes a FrozenQuantLinear over the format file's weights."""
@@ -232,27 +211,10 @@ class LocalTrainer:
                 raise ModelSourceError(f"tensor {name} is missing from the {fmt} weights")
             return f.get_tensor(name).clone()
 
-        bias = get(f"{stem}.bias").float().to(self.device) if f"{stem}.bias" in keys else None
-        if fmt == "f16":
-            parts = [get(f"{stem}.weight")]
-        elif fmt == "int8":
-            parts = [get(f"{stem}.q"), get(f"{stem}.scale")]
-        else:
-            parts = [quant.unpack_nibbles(get(f"{stem}.codes")), get(f"{stem}.scale"), get(f"{stem}.zero")]
-        if self.device.type != "cpu":
-            dense = quant.dense_weights(fmt, parts).to(self.device)
-            return FrozenQuantLinear(quant.DenseLinear(dense, bias, torch.float16), fmt)
-        if fmt == "f16":
-            return FrozenQuantLinear(_HalfLinear(parts[0], bias), fmt)
-        if fmt == "int8":
-            return FrozenQuantLinear(quant.Int8Linear(parts[0], parts[1], bias), fmt)
-        codes, scale, zero = parts
-        if not quant.int4_fits(*codes.shape):  # as the lean decoder does: int8 rows instead
-            q, s = quant.quantize_int8_rows(quant.dense_weights(fmt, parts))
-            return FrozenQuantLinear(quant.Int8Linear(q, s, bias), fmt)
-        linear = quant.Int4Linear(codes, scale, zero, bias)
-        readable = linear.readable
-        return FrozenQuantLinear(linear, fmt, None if readable else [quant.pack_nibbles(codes), scale, zero])
+        linear = quant.read_linear(get, keys, [stem], fmt, self.device, readable=True)
+        if isinstance(linear, quant.Int4Linear) and not linear.readable:  # keep the codes for the backward
+            return FrozenQuantLinear(linear, fmt, [get(f"{stem}.codes"), get(f"{stem}.scale"), get(f"{stem}.zero")])
+        return FrozenQuantLinear(linear, fmt)
 
     # -- the adapter ------------------------------------------------------------------------
 
@@ -311,7 +273,7 @@ class LocalTrainer:
         """Mean negative log-likelihood a token over the learned tokens of `examples`, with the
         adapter (or, `base=True`, without it)."""
         total, count = 0.0, 0
-        with torch.inference_mode(False), torch.no_grad(), (self.model.disable_adapter() if base else nullcontext()):
+        with torch.inference_mode(False), torch.no_grad(), (adapters_off(self.model) if base else nullcontext()):
             for example in examples:
                 ids, labels = self._tensors(example)
                 logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1]  # (positions - 1, vocab)

@@ -291,10 +291,10 @@ def test_runtime_set_adapter_applies_at_once_and_to_later_spans(llama, weights: 
 
 def wrapped(shard) -> int:  # type: ignore[no-untyped-def]
     """Layers of a shard with at least one projection wrapped with an adapter."""
-    from meshllm.model.lean import LeanShard, LoraQLinear
-    from meshllm.model.shard import LoraLinear
+    from meshllm.model.lean import LeanShard
+    from meshllm.model.lora import LoraLinear
 
     if isinstance(shard, LeanShard):
-        return sum(any(isinstance(x, LoraQLinear) for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return sum(any(isinstance(x, LoraLinear) for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
                    for layer in shard.layers)
     return sum(any(isinstance(m, LoraLinear) for m in layer.modules()) for layer in shard._inner.layers)

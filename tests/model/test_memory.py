@@ -97,3 +97,21 @@ def test_the_default_model_in_int4_holds_about_its_file_size(default_engine) -> 
     assert 0.8 * m["expected"] <= m["held"] <= 1.2 * m["expected"], m
     assert m["grown"] <= 1.3 * m["file"], m
     assert m["peak_growth"] <= 1.5 * m["file"], m
+
+
+def test_the_allocator_is_tuned_once_per_process(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """mallopt is the whole process's setting: the first load sets it, later loads do not."""
+    from meshllm.model import allocator
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, *args: int) -> int:
+            calls.append(args)
+            return 1
+
+    monkeypatch.setattr(allocator, "_mapped", False)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: Libc())
+    for _ in range(3):
+        allocator.map_large_allocations()
+    assert calls == [(-3, allocator.LARGE_ALLOCATION_BYTES)]

@@ -59,3 +59,22 @@ def test_the_arithmetic_equals_a_real_layer(name: str, weights: str) -> None:
     assert shape.embed_head_bytes == tables * table_bytes + norm * 4
     assert (shape.model_type, shape.num_layers, shape.hidden_size, shape.vocab_size, shape.max_positions) == (
         config.model_type, 3, 64, 400, 256)
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_the_attention_shape_and_projections_are_a_real_layer_own(name: str) -> None:
+    """meshllm.model.layer_shape: the one reader of heads, kv heads and head size from a config."""
+    from transformers import AutoModelForCausalLM
+
+    from meshllm.model.layer_shape import attention_shape, projection_dims
+
+    config = _configs()[name]
+    with torch.device("meta"):
+        layer = AutoModelForCausalLM.from_config(span_config(config, 0, 1), dtype=torch.float32).model.layers[0]
+    shape = attention_shape(config)
+    attn = layer.self_attn
+    assert (shape.head_dim, shape.heads // shape.kv_heads) == (attn.head_dim, attn.num_key_value_groups)
+    assert (shape.q_size, shape.kv_size) == (attn.q_proj.out_features, attn.k_proj.out_features)
+    for target, dims in projection_dims(config).items():
+        module = getattr(attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, target)
+        assert dims == (module.in_features, module.out_features), target

@@ -14,6 +14,7 @@ import torch
 
 from meshllm.model.adapter import Adapter, AdapterError, AdapterSpec, adapter_key
 from meshllm.model.cache import prepare
+from meshllm.model.lora import LoraLinear
 from meshllm.model.engine import Engine
 from meshllm.model.quant import Int4Linear, Int8Linear
 from meshllm.model.sampling import SamplingParams
@@ -115,7 +116,7 @@ def test_training_lowers_the_loss_on_its_examples(tiny_qwen2: Path, weights: str
     assert after < 0.3 * before and np.isfinite(mean)
     assert trainer.loss(examples, base=True) == before  # the base did not move
 
-    layer = trainer.model.base_model.model.model.layers[0]
+    layer = trainer.model.model.layers[0]
     if weights == "f32":
         assert isinstance(layer.self_attn.q_proj.base_layer, torch.nn.Linear)
     else:
@@ -127,7 +128,8 @@ def test_training_lowers_the_loss_on_its_examples(tiny_qwen2: Path, weights: str
         names = [n for n, _ in trainer.model.named_parameters() if ".layers." in n and "lora_" not in n]
         assert names and all(n.endswith("layernorm.weight") for n in names), names
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert all(isinstance(getattr(layer.self_attn, t), LoraLinear) for t in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
 def test_quantized_training_holds_less_memory(tiny_qwen2: Path) -> None:
