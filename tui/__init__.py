@@ -6,5 +6,5 @@
 - ``tui.launcher``: a local mesh of N ``meshllm up --loopback`` processes (tests, scripts, bench);
 - ``tui.demo``: a stand-in daemon, for the TUI's tests and screenshots.
 
-Nothing here imports ``daemon`` at run time; ``daemon.cli`` imports these lazily, per command.
+Nothing here imports ``daemon`` at run time; the ``daemon.cli*`` commands import these lazily, per command.
 """

@@ -196,7 +196,7 @@ class MeshApp(App[None]):
         summary = f"{model} on {nodes} node{'s' if nodes != 1 else ''}"
         if status.fallback is not None and status.fallback.serving:
             summary += f" · fallback {status.fallback.model} answers (the mesh cannot serve)"
-        self.chat_view.mesh_summary = summary
+        self.chat_view.show_mesh_summary(summary)
 
     def _add_log_line(self, line: LogLine) -> None:
         self.mesh_view.add_log(line)

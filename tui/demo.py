@@ -10,6 +10,7 @@ open stream breaks and new connections are refused) and bring it back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,22 @@ class ChatCall:
     """The app closed the stream before it ended (stopped, or a new chat)."""
     done: bool = False
 
+    async def answer(self) -> AsyncIterator[ChatDelta]:
+        """What the test feeds, as the app reads it; closing it early marks the call cancelled."""
+        try:
+            while True:
+                item = await self.feed.get()
+                if item is None:
+                    self.done = True
+                    return
+                if isinstance(item, BaseException):
+                    self.done = True
+                    raise item
+                yield item
+        finally:
+            if not self.done:
+                self.cancelled = True
+
     def send(self, text: str) -> None:
         self.feed.put_nowait(ChatDelta(text=text))
 
@@ -91,7 +108,6 @@ class FakeClient:
         self.chats: list[ChatCall] = []
         self.connections = 0
         """Event streams opened so far."""
-        self.down_requests = 0
         self._status: dict[str, Any] | None = None
         self._streams: list[asyncio.Queue[dict[str, Any] | BaseException]] = []
 
@@ -156,21 +172,10 @@ class FakeClient:
             raise DaemonUnavailable(f"cannot reach the daemon at {self.api_url}: connection refused")
         call = ChatCall([dict(m) for m in messages], max_tokens, temperature)
         self.chats.append(call)
-        try:
-            while True:
-                item = await call.feed.get()
-                if item is None:
-                    call.done = True
-                    return
-                if isinstance(item, BaseException):
-                    call.done = True
-                    raise item
+        async with contextlib.aclosing(call.answer()) as answer:
+            async for item in answer:
                 yield item
-        finally:
-            if not call.done:
-                call.cancelled = True
 
     async def down(self) -> None:
         if not self.available:
             raise DaemonUnavailable("connection refused")
-        self.down_requests += 1

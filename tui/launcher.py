@@ -49,6 +49,8 @@ def free_port_pair() -> int:
 
 @dataclass
 class LocalNode:
+    """One daemon of a local mesh: its ports, state dir, options, log and process."""
+
     index: int
     api_port: int
     state_dir: Path
@@ -60,10 +62,6 @@ class LocalNode:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
-
-    @property
-    def mesh_address(self) -> str:
-        return f"127.0.0.1:{self.api_port + 1}"
 
     @property
     def alive(self) -> bool:
@@ -82,6 +80,47 @@ class LocalNode:
     def exit_description(self) -> str:
         """How the last process ended: "exit code 0", "killed by SIGKILL", or "running"."""
         return describe_returncode(self.returncode)
+
+    def launch(self, cmd: Sequence[str], *, env: dict[str, str], cwd: Path) -> None:
+        """Start the node's process (`cmd` plus its args); `ready` is set once it prints its
+        ready line. Its stderr goes to its log file."""
+        self.ready.clear()
+        logf = self.log_path.open("a")
+        self.process = subprocess.Popen(list(cmd) + self.args, stdout=subprocess.PIPE, stderr=logf, text=True,
+                                        env=env, cwd=cwd)
+        threading.Thread(target=self._watch_stdout, args=(self.process,), daemon=True).start()
+
+    def _watch_stdout(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith(READY_PREFIX):
+                self.ready.set()
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process if it runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> None:
+        """Until the process exits (subprocess.TimeoutExpired after `timeout_s`)."""
+        if self.process is not None:
+            self.process.wait(timeout_s)
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM (a clean leave), SIGKILL after `timeout_s`."""
+        self.send_signal(signal.SIGTERM)
+        self.wait_or_kill(timeout_s)
+
+    def wait_or_kill(self, timeout_s: float) -> None:
+        """Until the process exits; SIGKILL after `timeout_s`."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("node%d did not stop in time; killing it", self.index + 1)
+            self.process.kill()
+            self.process.wait(5)
 
 
 def describe_returncode(code: int | None) -> str:
@@ -149,39 +188,17 @@ class LocalMesh:
 
     def start_node(self, index: int) -> LocalNode:
         node = self.nodes[index]
-        node.ready.clear()
-        logf = node.log_path.open("a")
-        node.process = subprocess.Popen(
-            self._cmd + node.args, stdout=subprocess.PIPE, stderr=logf, text=True,
-            env=self.env, cwd=self.cwd,
-        )
-        threading.Thread(target=self._watch_stdout, args=(node,), daemon=True).start()
+        node.launch(self._cmd, env=self.env, cwd=self.cwd)
         return node
 
-    def _watch_stdout(self, node: LocalNode) -> None:
-        assert node.process is not None and node.process.stdout is not None
-        for line in node.process.stdout:
-            if line.startswith(READY_PREFIX):
-                node.ready.set()
-
     def signal_node(self, index: int, signum: int) -> None:
-        node = self.nodes[index]
-        if node.alive:
-            assert node.process is not None
-            node.process.send_signal(signum)
+        self.nodes[index].send_signal(signum)
 
     def kill_node(self, index: int) -> None:
         """kill -9: the node vanishes without a word."""
-        self.signal_node(index, signal.SIGKILL)
-        proc = self.nodes[index].process
-        if proc is not None:
-            proc.wait(10)
-
-    def restart_node(self, index: int, timeout_s: float = 15.0) -> LocalNode:
-        """Start node ``index`` again (same ports, state dir and options); stops it first
-        (SIGTERM, then SIGKILL after ``timeout_s``) if it still runs."""
-        self.stop_node(index, timeout_s)
-        return self.start_node(index)
+        node = self.nodes[index]
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
 
     def stop_node(self, index: int, timeout_s: float = 15.0) -> str:
         """SIGTERM node ``index`` (a clean leave), SIGKILL after ``timeout_s``; how it ended."""
@@ -189,40 +206,24 @@ class LocalMesh:
         if node.process is None:
             return "not started"
         if node.alive:
-            node.process.send_signal(signal.SIGTERM)
-            try:
-                node.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("node%d did not stop in time; killing it", index + 1)
-                node.process.kill()
-                node.process.wait(5)
+            node.stop(timeout_s)
         return node.exit_description()
 
     def wait_exit(self, index: int, timeout_s: float) -> str:
         """Until node ``index``'s process exits (TimeoutError after ``timeout_s``); how it ended."""
         node = self.nodes[index]
-        if node.process is not None:
-            try:
-                node.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                raise TimeoutError(f"node{index + 1} still runs after {timeout_s:g} s") from None
+        try:
+            node.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"node{index + 1} still runs after {timeout_s:g} s") from None
         return node.exit_description()
 
     def stop(self, timeout_s: float = 15.0) -> None:
         for node in self.nodes:
-            if node.alive:
-                assert node.process is not None
-                node.process.send_signal(signal.SIGTERM)
+            node.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for node in self.nodes:
-            if node.process is None:
-                continue
-            try:
-                node.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("node%d did not stop in time; killing it", node.index + 1)
-                node.process.kill()
-                node.process.wait(5)
+            node.wait_or_kill(max(0.1, deadline - time.monotonic()))
         if self._own_dir and os.environ.get("MESHLLM_KEEP_LOGS") is None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 

@@ -71,10 +71,6 @@ class LatencyInfo:
     """The prediction averages over every node (nobody asked yet)."""
 
     @property
-    def has_target(self) -> bool:
-        return self.target_ms_per_token is not None or self.target_ttft_ms is not None
-
-    @property
     def missed(self) -> bool:
         """A prediction or the measurement misses a target."""
         return any(m for m in (self.miss_ms_per_token, self.measured_miss_ms_per_token, self.miss_ttft_ms))

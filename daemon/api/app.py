@@ -8,7 +8,6 @@ stream), and a client that disconnects cancels only its own generation.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -18,37 +17,25 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.answer import AnswerStream, Serving, WorkerStopped
 from daemon.api.chat_request import RequestError, parse_chat_request
 from daemon.api.completions import Completions, NotReady, PreparedChat
 from daemon.api.events import EventHub
+from daemon.api.http import (MAX_BODY_BYTES, SSE_HEADERS, BodyError, error_body, error_response, read_json_body,
+                             send_event)
 from daemon.api.status import StatusBoard
 from daemon.api.stop_strings import StopScanner
 from daemon.api.tune import MAX_TUNE_BODY_BYTES, TuneEndpoint
-from daemon.node.fallback import Serving
-from daemon.node.worker import TokenStream, WorkerStopped
 
 from meshllm.errors import MeshllmError
 from meshllm.mesh.session import StateChange, Token
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
 KEEPALIVE_S = 5.0
 SHUTDOWN_TIMEOUT_S = 5.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(status: int, message: str, *, param: str | None = None,
-                   code: str | None = None) -> web.Response:
-    """An error in OpenAI's shape."""
-    body = {"error": {**_error_body(message, status), "param": param, "code": code}}
-    return web.json_response(body, status=status)
 
 
 @dataclass(frozen=True)
@@ -85,10 +72,10 @@ class ApiHandlers:
     # -- OpenAI-compatible ---------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        engine = self._completions.engine
+        name = self._completions.model_name
         data = []
-        if engine is not None:
-            data.append({"id": engine.info.name, "object": "model", "created": 0, "owned_by": "meshllm"})
+        if name is not None:
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "meshllm"})
         return web.json_response({"object": "list", "data": data})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -112,7 +99,7 @@ class ApiHandlers:
             tokens.close()  # a client that went away (or a stop string) cancels the generation
             self._board.session_ended()
 
-    async def _whole_chat(self, prepared: PreparedChat, tokens: TokenStream[Token]) -> web.Response:
+    async def _whole_chat(self, prepared: PreparedChat, tokens: AnswerStream) -> web.Response:
         pieces: list[str] = []
         finished = Finished("cancelled", 0)
         served = Serving("mesh", prepared.model_name)
@@ -155,7 +142,7 @@ class ApiHandlers:
         )
 
     async def _stream_chat(self, request: web.Request, prepared: PreparedChat,
-                           tokens: TokenStream[Token]) -> web.StreamResponse:
+                           tokens: AnswerStream) -> web.StreamResponse:
         chat = prepared.request
         ident, created = _completion_id(), int(time.time())
         served = Serving("mesh", prepared.model_name)
@@ -184,7 +171,7 @@ class ApiHandlers:
         response = web.StreamResponse(headers=SSE_HEADERS)
         try:
             await response.prepare(request)
-            if not getattr(tokens, "announces", False):  # else the first item says who serves it
+            if not tokens.announces:  # else the first item says who serves it
                 await open_answer()
             finished = Finished("cancelled", 0)
             try:
@@ -201,19 +188,19 @@ class ApiHandlers:
                     else:
                         await send_event(response, chunk({"content": piece}))
             except WorkerStopped:
-                await send_event(response, {"error": _error_body("the daemon is stopping")})
+                await send_event(response, {"error": error_body("the daemon is stopping")})
                 return response
             except MeshllmError as error:  # the mesh cannot answer (too little memory, no plan)
                 self._hub.log("error", str(error))
-                await send_event(response, {"error": _error_body(str(error), 503)})
+                await send_event(response, {"error": error_body(str(error), 503)})
                 return response
             except Exception as error:  # the engine failed: end this stream with an error event
                 log.exception("generation failed")
                 self._hub.log("error", f"generation failed: {error}")
-                await send_event(response, {"error": _error_body(f"generation failed: {error}")})
+                await send_event(response, {"error": error_body(f"generation failed: {error}")})
                 return response
             if finished.reason == "cancelled":
-                await send_event(response, {"error": _error_body("the daemon is stopping")})
+                await send_event(response, {"error": error_body("the daemon is stopping")})
                 return response
             await send_event(response, chunk({}, finished.reason, token_ids=list(finished.token_ids)))
             if chat.include_usage:
@@ -264,7 +251,7 @@ class ApiHandlers:
         return response
 
 
-async def _text_pieces(tokens: TokenStream[Token], stops: tuple[str, ...]
+async def _text_pieces(tokens: AnswerStream, stops: tuple[str, ...]
                        ) -> AsyncIterator[str | StateChange | Serving | Finished]:
     """Visible text pieces of a generation, then one Finished. Honours stop strings. Mesh
     states and who serves the answer (`Serving`) pass through as they come."""
@@ -292,51 +279,6 @@ async def _text_pieces(tokens: TokenStream[Token], stops: tuple[str, ...]
             yield Finished(token.finish_reason, count, tuple(ids))
             return
     yield Finished("cancelled", count, tuple(ids))  # ended without a last token: the worker is stopping
-
-
-class BodyError(Exception):
-    """The request body cannot be read as JSON; answered with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-async def read_json_body(request: web.Request, *, allow_empty: bool = False,
-                         max_bytes: int = MAX_BODY_BYTES) -> object:
-    """The request's decoded JSON body; raises BodyError (415, 413 or 400)."""
-    if request.content_type != "application/json":
-        raise BodyError(415, "send the body as JSON with 'Content-Type: application/json'")
-    limit = min(max_bytes, request.client_max_size)
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyError(413, f"the request body is larger than {limit} bytes")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyError(413, f"the request body is larger than {limit} bytes") from None
-    if len(raw) > limit:
-        raise BodyError(413, f"the request body is larger than {limit} bytes")
-    if allow_empty and not raw.strip():
-        return None
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as error:
-        raise BodyError(400, f"the request body is not valid JSON: {error}") from None
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _error_body(message: str, status: int = 500) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"message": message, "type": kind, "param": None, "code": None}
-
-
-async def send_event(response: web.StreamResponse, data: dict[str, Any]) -> None:
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    await response.write(b"data: " + payload.encode() + b"\n\n")
 
 
 def _completion_id() -> str:

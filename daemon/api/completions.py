@@ -1,6 +1,7 @@
 """Glue between the HTTP API and the model engine: prompt building and generation streams.
 
-The engine is synchronous. Prompts are built on a small thread of their own (so a bad or
+What it needs of the node (the worker thread, the mesh, the local fallback) it names here as
+protocols; the node hands in its objects (daemon/node/node.py). The engine is synchronous. Prompts are built on a small thread of their own (so a bad or
 too-long prompt is answered at once, even while another request generates); generation runs
 on the single worker thread, one request after another in arrival order.
 """
@@ -15,18 +16,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from meshllm.errors import PromptTooLong
 
+from daemon.answer import AnswerStream, Serving
 from daemon.api.chat_request import ChatRequest, RequestError
-from daemon.node.fallback import Serving
-from daemon.node.worker import GenerationWorker, TokenStream
 
 if TYPE_CHECKING:
-    from meshllm.model.engine import ModelInfo, Token
-
     from meshllm.mesh.session import StateChange
-
-    from daemon.node.driver import MeshDriver
-    from daemon.node.fallback import Fallback
+    from meshllm.model.engine import ModelInfo, Token
     from meshllm.model.sampling import SamplingParams
+
+ShouldStop = Callable[[], bool]
 
 
 class ChatEngine(Protocol):
@@ -49,6 +47,32 @@ class ChatEngine(Protocol):
     def measure_ms_per_layer(self) -> float: ...
 
 
+class StreamRunner(Protocol):
+    """The node's worker thread (`daemon.node.worker.GenerationWorker`): runs a producer of
+    tokens there and streams them to the event loop."""
+
+    def stream(self, produce: Callable[[ShouldStop], Iterator[Token]]) -> AnswerStream: ...
+
+
+class MeshAnswers(Protocol):
+    """The mesh (`daemon.node.driver.MeshDriver`): answers typed on this node, across the mesh."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 should_stop: ShouldStop) -> AsyncIterator[Token | StateChange]: ...
+
+
+class FallbackAnswers(Protocol):
+    """The local fallback (`daemon.node.fallback.Fallback`): routes each answer to the mesh or
+    to the fallback model, and says which first (a `Serving`)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def answer(self, mesh_answer: Callable[[], AsyncIterator[Token | StateChange]], mesh_model: str,
+               messages: Sequence[Mapping[str, str]], params: SamplingParams,
+               should_stop: ShouldStop) -> AsyncIterator[Serving | Token | StateChange]: ...
+
+
 class NotReady(RuntimeError):
     """The model is not loaded yet (or the daemon is stopping)."""
 
@@ -66,15 +90,15 @@ class PreparedChat:
 class Completions:
     """Turns checked chat requests into token streams from the engine."""
 
-    def __init__(self, worker: GenerationWorker) -> None:
+    def __init__(self, worker: StreamRunner) -> None:
         self._worker = worker
         self._engine: ChatEngine | None = None
-        self._mesh: MeshDriver | None = None
-        self._fallback: Fallback | None = None
+        self._mesh: MeshAnswers | None = None
+        self._fallback: FallbackAnswers | None = None
         self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-prompt")
 
-    def attach(self, engine: ChatEngine, mesh: "MeshDriver | None" = None,
-               fallback: "Fallback | None" = None) -> None:
+    def attach(self, engine: ChatEngine, mesh: MeshAnswers | None = None,
+               fallback: FallbackAnswers | None = None) -> None:
         """Serve this engine from now on; with a mesh, answers run across the mesh, and with
         a fallback, the ones the mesh cannot serve are answered by the fallback model here."""
         self._engine = engine
@@ -82,8 +106,9 @@ class Completions:
         self._fallback = fallback
 
     @property
-    def engine(self) -> ChatEngine | None:
-        return self._engine
+    def model_name(self) -> str | None:
+        """The name of the model served (None: still loading)."""
+        return None if self._engine is None else self._engine.info.name
 
     def model_names(self) -> tuple[str, ...]:
         """Names a request's ``model`` field may use: the model's name and its id."""
@@ -129,7 +154,7 @@ class Completions:
         )
         return PreparedChat(request, prompt_ids, params, engine.info.name)
 
-    def generate(self, prepared: PreparedChat) -> TokenStream[Token] | MeshStream:
+    def generate(self, prepared: PreparedChat) -> AnswerStream:
         """Start the generation; close the stream to cancel it."""
         engine = self._engine
         if engine is None:
@@ -149,7 +174,7 @@ class Completions:
 
 
 class MeshStream:
-    """An answer generated across the mesh, with the interface of `TokenStream`.
+    """An answer generated across the mesh, an `AnswerStream` like the worker's token streams.
 
     Items are `Token`s and, between tokens, `StateChange`s ("replanning", "running"); with
     `announces`, a `Serving` comes first (mesh or fallback, decided before the first token).
@@ -159,7 +184,7 @@ class MeshStream:
 
     _closing: set[asyncio.Task[None]] = set()
 
-    def __init__(self, start: Callable[[Callable[[], bool]], AsyncIterator[Token | StateChange | Serving]],
+    def __init__(self, start: Callable[[ShouldStop], AsyncIterator[Token | StateChange | Serving]],
                  *, announces: bool = False) -> None:
         self.announces = announces
         """The first item says who serves the answer (a `Serving`)."""

@@ -66,10 +66,6 @@ class EventHub:
         self._history: deque[LogEvent] = deque(maxlen=history_size)
         self._closed = False
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
-
     def recent_logs(self) -> list[LogEvent]:
         return list(self._history)
 

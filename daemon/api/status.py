@@ -82,6 +82,11 @@ class StatusBoard:
             self._state = new
             self.refresh()
 
+    def model_id_changed(self, model_id: str) -> None:
+        """The node serves another model id now (a finished tune job's adapter)."""
+        if self._state.model is not None:
+            self.update(model=replace(self._state.model, model_id=model_id))
+
     def session_started(self) -> None:
         self.update(sessions=self._state.sessions + 1)
 

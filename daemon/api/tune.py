@@ -5,12 +5,13 @@ and stay on this node; the response streams the job's progress as server-sent ev
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from daemon.node.tune import TuneRunner
+from daemon.api.http import SSE_HEADERS, BodyError, error_response, read_json_body, send_event
+from daemon.tune_request import TuneRequest, parse_tune_request
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +19,28 @@ MAX_TUNE_BODY_BYTES = 32 << 20
 """Bound of a tune request (its examples); other requests keep the API's 1 MiB."""
 
 
+class TuneJobs(Protocol):
+    """What the routes need of the node's tune runner (`daemon.node.tune.TuneRunner`)."""
+
+    @property
+    def busy(self) -> bool:
+        """This node takes part in a local job now."""
+        ...
+
+    def run(self, request: TuneRequest, chats: list[list[dict[str, str]]]) -> AsyncIterator[dict[str, Any]]:
+        """Join (or start) a job with these examples; its progress events until it ends."""
+        ...
+
+    def status_view(self) -> dict[str, object]: ...
+
+
 class TuneEndpoint:
     """The routes' handlers; the node attaches its tune runner once the mesh is up."""
 
     def __init__(self) -> None:
-        self._runner: "TuneRunner | None" = None
+        self._runner: TuneJobs | None = None
 
-    def attach(self, runner: "TuneRunner") -> None:
+    def attach(self, runner: TuneJobs) -> None:
         self._runner = runner
 
     async def status(self, request: web.Request) -> web.Response:
@@ -33,8 +49,6 @@ class TuneEndpoint:
         return web.json_response(self._runner.status_view())
 
     async def start(self, request: web.Request) -> web.StreamResponse:
-        from daemon.api.app import SSE_HEADERS, BodyError, error_response, read_json_body, send_event
-        from daemon.node.tune import parse_tune_request
         from meshllm.tune.data import DataError
         from meshllm.tune.rounds import TuneError
 

@@ -2,8 +2,12 @@
 `meshllm.mesh.MeshCore`, which decides everything.
 
 - Links: what arrives (`on_message`, `on_link_up`, `on_link_down`) goes to the core; what the
-  core sends goes out through one ordered outbox per peer. `Links.send` raises `LinkError` for
-  a link that failed; the link layer reports the loss itself, so a failed send is only logged.
+  core sends goes out through one ordered outbox per peer. `Links.send` raises the link
+  layer's error (`link_error`, given by the node) for a link that failed; the link layer
+  reports the loss itself, so a failed send is only logged.
+- Peers: what discovery reports (`peer_seen`, `peer_gone`) and `--join` addresses are dialled
+  (the lower node id dials); an address that fails is dialled again with backoff
+  (`daemon.node.redial`), reported once, and reported again when it links.
 - Compute: each job goes to the worker thread the moment the core issues it, so jobs run in
   the core's order, back to back; each outcome comes back to the core on the event loop.
 - Timers: one task sleeps until the core's next timer.
@@ -23,7 +27,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from meshllm import wire
-from meshllm.errors import MeshUnavailable
+from meshllm.errors import MeshllmError, MeshUnavailable
 from meshllm.placement.linkstats import LinkStats
 from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, Send, SessionEnded,
@@ -37,17 +41,16 @@ from meshllm.placement.planner import ModelSpec
 from meshllm.mesh.session import StateChange, Token
 from meshllm.tune.rounds import TUNE_MESSAGES, TuneSettings
 
-from daemon.net.links import LinkError
+from daemon.answer import WorkerStopped
 from daemon.tasks import TaskSet
+from daemon.node.redial import DialBackoff
 from daemon.node.tune import TuneRunner
-from daemon.node.worker import GenerationWorker, WorkerStopped
+from daemon.node.worker import GenerationWorker
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from meshllm.model.adapter import Adapter
-
-    from daemon.net.links import LinkManager
 
 __all__ = ["Links", "MeshDriver", "MeshSettings", "MeshUnavailable", "incompatibility"]
 
@@ -58,11 +61,17 @@ EventLogger = Callable[[str, str], None]
 
 
 class Links(Protocol):
-    """What the driver needs from the link layer."""
+    """What the driver needs from the link layer (`daemon.net.links.LinkManager` has it)."""
 
     async def send(self, peer_id: str, msg: wire.Message, *, channel: str = "control") -> int:
-        """The encoded bytes sent. Raises `LinkError` when the link to `peer_id` is gone."""
+        """The encoded bytes sent. Raises the link error when the link to `peer_id` is gone."""
         ...
+
+    async def connect(self, address: str) -> str:
+        """Link to the node whose signaling is at HOST:PORT; its node id. Raises the link error."""
+        ...
+
+    def drop(self, peer_id: str, reason: str) -> None: ...
 
     def peers(self) -> dict[str, wire.Hello]: ...
 
@@ -76,9 +85,11 @@ class Links(Protocol):
 class _Outbox:
     """The messages for one peer, sent in order by one task."""
 
-    def __init__(self, peer_id: str, links: Links, sent: Callable[[Send, int], None], tasks: TaskSet) -> None:
+    def __init__(self, peer_id: str, links: Links, sent: Callable[[Send, int], None], tasks: TaskSet,
+                 link_error: type[Exception]) -> None:
         self.peer_id = peer_id
         self._links = links
+        self._link_error = link_error
         self._sent = sent
         self._queue: deque[Send] = deque()
         self._ready = asyncio.Event()
@@ -99,13 +110,15 @@ class _Outbox:
             send = self._queue.popleft()
             try:
                 nbytes = await self._links.send(self.peer_id, send.message, channel=send.channel)
-            except LinkError as e:  # the link layer reports the loss; the core re-plans then
+            except self._link_error as e:  # the link layer reports the loss; the core re-plans then
                 log.debug("%s to %s not sent: %s", type(send.message).__name__, self.peer_id, e)
                 continue
             self._sent(send, nbytes)
 
 
 class MeshDriver:
+    """The mesh logic of one node, driven: see the module doc."""
+
     def __init__(
         self,
         hello: wire.Hello,
@@ -118,8 +131,13 @@ class MeshDriver:
         log_event: EventLogger = lambda kind, message: None,
         state_dir: "Path | None" = None,
         tune_settings: TuneSettings = TuneSettings(),
-        on_model_id: Callable[[str], None] = lambda model_id: None,
+        on_model_id: Callable[[wire.Hello], None] = lambda hello: None,
+        link_error: type[Exception] = MeshllmError,
+        dial_backoff: DialBackoff | None = None,
     ) -> None:
+        """`on_model_id`: the node serves another model id now (an adapter), with this hello.
+        `link_error`: what `links` raises for a link that failed or cannot be made (the node
+        gives `daemon.net.links.LinkError`; by default any MeshllmError)."""
         self.hello = hello
         self.node_id = hello.node_id
         self.runtime = runtime
@@ -145,6 +163,11 @@ class MeshDriver:
         self._sleeping_until = float("-inf")
         self._changed = asyncio.Event()
         self._connecting: set[str] = set()
+        """Addresses being dialled now."""
+        self._dialling: set[str] = set()
+        """Advertised peers (node ids) that a task dials until they link or go."""
+        self._link_error = link_error
+        self._backoff = dial_backoff or DialBackoff()
         self._job_ms: dict[int, float] = {}
         """Wall time of the entry jobs (embed and/or head) run on the worker, by job id."""
         self._embed_ms: dict[str, float] = {}
@@ -176,7 +199,7 @@ class MeshDriver:
                 self._sleeping_until = float("-inf")
                 now = time.monotonic()
                 self.core.handle_timer(now)
-                self.tune.core.handle_timer(now)
+                self.tune.handle_timer(now)
                 self._pump()
         finally:
             self.core.stop("the daemon is stopping")
@@ -185,7 +208,7 @@ class MeshDriver:
             self.tune.close()
 
     def _next_timer(self) -> float | None:
-        timers = [t for t in (self.core.next_timer(), self.tune.core.next_timer()) if t is not None]
+        timers = [t for t in (self.core.next_timer(), self.tune.next_timer()) if t is not None]
         return min(timers) if timers else None
 
     async def _measure_links(self) -> None:
@@ -198,7 +221,7 @@ class MeshDriver:
 
     def _pump(self) -> None:
         """Carry out what the cores asked for: sends, jobs, events."""
-        core, tune = self.core, self.tune.core
+        core, tune = self.core, self.tune
         # an election in progress (no coordinator yet) does not end a tune job: the tune core
         # hears of a new coordinator only once one is elected
         last = self._tune_view[0] if self._tune_view else None
@@ -209,7 +232,8 @@ class MeshDriver:
         for send in (*core.sends(), *tune.sends()):
             outbox = self._outboxes.get(send.dest)
             if outbox is None:
-                outbox = self._outboxes[send.dest] = _Outbox(send.dest, self.links, self._sent, self._tasks)
+                outbox = self._outboxes[send.dest] = _Outbox(send.dest, self.links, self._sent, self._tasks,
+                                                             self._link_error)
             outbox.put(send)
         for job in core.jobs():
             self._submit(job)
@@ -223,11 +247,10 @@ class MeshDriver:
             elif isinstance(event, StatusChanged):
                 self._changed.set()
                 self._on_change()
-        tune_events = tune.events()
+        tune_events = tune.drain()
         for event in tune_events:
             if isinstance(event, Logged):
                 self._log_event(event.kind, event.message)
-        self.tune.handle(tune.jobs(), tune_events)
         if tune_events:
             self._on_change()
         nxt = self._next_timer()
@@ -322,22 +345,14 @@ class MeshDriver:
         self.core.link_down(peer_id, reason, time.monotonic())
         self._pump()
         if self.node_id < peer_id and peer_id in self._advertised:
-            # a link lost while discovery still sees the peer (a busy moment, a blip): discovery
-            # says nothing new, so the dialling side links again by itself
-            self._tasks.spawn(self._redial(peer_id), f"redial {peer_id}")
-
-    async def _redial(self, peer_id: str, every_s: float = 1.0, tries: int = 60) -> None:
-        for _ in range(tries):
-            await asyncio.sleep(every_s)
-            address = self._advertised.get(peer_id)
-            if address is None or peer_id in self.links.peers():
-                return
-            if await self._dial(address, self.links) == peer_id:
-                return
+            # a link lost while discovery still sees the peer (a blip, or a peer that died and
+            # whose record lingers): discovery says nothing new, so the dialling side links
+            # again by itself, with backoff
+            self._keep_dialling(peer_id, first_wait_s=self._backoff.first_delay_s)
 
     def on_message(self, sender: str, msg: wire.Message) -> None:
         if isinstance(msg, TUNE_MESSAGES):
-            self.tune.core.receive(sender, msg, time.monotonic())
+            self.tune.receive(sender, msg, time.monotonic())
         else:
             self.core.receive(sender, msg, time.monotonic())
         self._pump()
@@ -400,57 +415,100 @@ class MeshDriver:
         self._changed.clear()
         await self._changed.wait()
 
+    async def wait_active_plan(self) -> None:
+        """Until a plan is active: the mesh can answer."""
+        while self.core.active_plan is None:
+            await self.wait_changed()
+
+    def health(self) -> tuple[object | None, str | None]:
+        """The key of the active plan (None: none) and the planner's error (None: none): what
+        the local fallback follows (`daemon.node.fallback.MeshHealth`)."""
+        active = self.core.active_plan
+        return (active.key if active is not None else None, self.core.placement_error)
+
     # -- finding peers ------------------------------------------------------------------------------
 
-    def on_discovery(self, event: object, links: "LinkManager") -> None:
-        """A discovery event: link to compatible peers (the lower node id dials)."""
-        from daemon.net.discovery import BadRecord, PeerGone, PeerSeen, hello_from_txt
-
-        if isinstance(event, PeerGone):
-            self.incompatible.pop(event.name, None)
-            if event.node_id:
-                self._advertised.pop(event.node_id, None)
-            if event.node_id and event.node_id in self.core.members:
-                links.drop(event.node_id, "mdns goodbye")
-            self._on_change()
-            return
-        if not isinstance(event, PeerSeen) or event.node_id == self.node_id:
-            return
-        try:
-            theirs = hello_from_txt(event.txt, event.name)
-        except BadRecord as e:
-            log.info("ignoring discovered peer %s: %s", event.name, e)
+    def peer_seen(self, name: str, address: str, theirs: wire.Hello) -> None:
+        """Discovery sees a node: its instance `name`, its signaling HOST:PORT and the hello
+        its record carries. A compatible one is linked to (the lower node id dials)."""
+        if theirs.node_id == self.node_id:
             return
         reason = incompatibility(self.hello, theirs)
         if reason is not None:
-            if self.incompatible.get(event.name, {}).get("reason") != reason:
-                self._log_event("info", f"{event.name} is incompatible: {reason}")
-            self.incompatible[event.name] = {"name": event.name, "address": event.address, "reason": reason}
+            if self.incompatible.get(name, {}).get("reason") != reason:
+                self._log_event("info", f"{name} is incompatible: {reason}")
+            self.incompatible[name] = {"name": name, "address": address, "reason": reason}
             self._on_change()
             return
-        self.incompatible.pop(event.name, None)
-        self._advertised[event.node_id] = event.address
-        if self.node_id < event.node_id and event.node_id not in links.peers():
-            self._tasks.spawn(self._dial(event.address, links))
+        self.incompatible.pop(name, None)
+        self._advertised[theirs.node_id] = address
+        if self.node_id < theirs.node_id and theirs.node_id not in self.links.peers():
+            self._keep_dialling(theirs.node_id)
 
-    async def _dial(self, address: str, links: "LinkManager") -> str | None:
+    def peer_gone(self, name: str, node_id: str | None) -> None:
+        """Discovery no longer sees the node `name` (a goodbye, or its record expired)."""
+        self.incompatible.pop(name, None)
+        if node_id:
+            self._advertised.pop(node_id, None)
+        if node_id and node_id in self.core.members:
+            self.links.drop(node_id, "mdns goodbye")
+        self._on_change()
+
+    def _keep_dialling(self, peer_id: str, first_wait_s: float = 0.0) -> None:
+        """Dial an advertised peer until it links, or discovery no longer sees it (one task
+        per peer)."""
+        if peer_id in self._dialling:
+            return
+        self._dialling.add(peer_id)
+        self._tasks.spawn(self._dial_until_linked(peer_id, first_wait_s), f"dial {peer_id}")
+
+    async def _dial_until_linked(self, peer_id: str, wait_s: float) -> None:
+        """Dial, then wait out the backoff (at least its first delay: the address may be
+        dialled by another task right now), until linked or no longer advertised."""
+        try:
+            while True:
+                await asyncio.sleep(wait_s)
+                address = self._advertised.get(peer_id)
+                if address is None or peer_id in self.links.peers():
+                    return
+                if self._backoff.may_dial(address, time.monotonic()) and await self._dial(address) == peer_id:
+                    return
+                wait_s = max(self._backoff.first_delay_s, self._backoff.wait_s(address, time.monotonic()))
+        finally:
+            self._dialling.discard(peer_id)
+
+    async def _dial(self, address: str) -> str | None:
+        """Link to the node at `address`: its node id, or None (failed, or being dialled). A
+        failure is logged once per run of failures; the dial that ends a run is logged too."""
         if address in self._connecting:
             return None
         self._connecting.add(address)
         try:
-            return await links.connect(address)
-        except LinkError as e:
-            self._log_event("error", f"cannot link to {address}: {e.reason}")
+            peer = await self.links.connect(address)
+        except self._link_error as e:
+            backoff = self._backoff
+            if backoff.failed(address, time.monotonic()):
+                self._log_event("error", f"cannot link to {address}: {e}; trying again with backoff "
+                                         f"(at most every {backoff.max_delay_s:g} s)")
+            else:
+                log.debug("cannot link to %s again: %s", address, e)
             return None
         finally:
             self._connecting.discard(address)
+        failures = self._backoff.succeeded(address)
+        if failures:
+            self._log_event("info", f"linked to {address} again after {failures} failed "
+                                    f"{'try' if failures == 1 else 'tries'}")
+        return peer
 
-    async def keep_joined(self, address: str, links: "LinkManager", retry_s: float = 2.0) -> None:
-        """--join HOST:PORT: link to that peer, and again whenever the link is gone."""
+    async def keep_joined(self, address: str, retry_s: float = 2.0) -> None:
+        """--join HOST:PORT: link to that peer, and again whenever the link is gone (with
+        backoff while it cannot be reached)."""
         peer: str | None = None
         while True:
-            if peer is None or peer not in links.peers():
-                peer = await self._dial(address, links)
+            if (peer is None or peer not in self.links.peers()) \
+                    and self._backoff.may_dial(address, time.monotonic()):
+                peer = await self._dial(address)
             await asyncio.sleep(retry_s)
 
     # -- status --------------------------------------------------------------------------------------
@@ -476,7 +534,7 @@ class MeshDriver:
         if model_id != self.hello.model_id:
             self.hello = replace(self.hello, model_id=model_id)
             self.core.serving_model(self.hello)
-            self._on_model_id(model_id)
+            self._on_model_id(self.hello)
         self._log_event("info", f"serving {'the base model' if adapter is None else 'adapter ' + adapter.digest}"
                                 f" (model id {model_id})")
         self._on_change()

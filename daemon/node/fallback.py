@@ -27,12 +27,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshllm.errors import MeshllmError, MeshUnavailable, ModelSourceError
 from meshllm.mesh.session import StateChange, Token
 
-from daemon.node.worker import GenerationWorker, WorkerStopped
+from daemon.answer import Serving, WorkerStopped
+from daemon.node.worker import GenerationWorker
 
 if TYPE_CHECKING:
     from meshllm.model.engine import ModelInfo
@@ -240,14 +241,6 @@ class FallbackPolicy:
 # -- the daemon side ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Serving:
-    """The first item of an answer: who answers it, under which model name."""
-
-    by: Literal["mesh", "fallback"]
-    model: str
-
-
 class FallbackEngine(Protocol):
     """What the fallback needs of an engine (meshllm.model.engine.Engine has it)."""
 
@@ -266,17 +259,10 @@ class FallbackEngine(Protocol):
 
 
 MeshHealth = Callable[[], tuple[object | None, str | None]]
-"""The mesh's active plan key (None: none) and placement error, read when it changes."""
+"""The mesh's active plan key (None: none) and placement error, read when it changes
+(`daemon.node.driver.MeshDriver.health`)."""
 LogFn = Callable[[str, str], object]
 """(kind, message) into the event log."""
-
-
-def driver_health(mesh: Any) -> MeshHealth:
-    """`MeshHealth` of a `daemon.node.driver.MeshDriver`."""
-    def health() -> tuple[object | None, str | None]:
-        active = mesh.core.active_plan
-        return (active.key if active is not None else None, mesh.core.placement_error)
-    return health
 
 
 def engine_loader(choice: FallbackChoice, *, device: str = "cpu", cache_dir: Path | None = None,
@@ -323,6 +309,11 @@ class Fallback:
     @property
     def enabled(self) -> bool:
         return self.choice.enabled and not self._closing
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the fallback takes from the memory budget this node offers the mesh."""
+        return self.choice.reserved_bytes
 
     # -- the mesh's state ----------------------------------------------------------------------
 

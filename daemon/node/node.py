@@ -1,4 +1,8 @@
-"""The composition root of one daemon: API server, generation worker, model, signals.
+"""The composition root of one daemon: API server, generation worker, model, mesh, signals.
+
+This is the one module that wires the layers together: the HTTP API (daemon/api), the node's
+own parts (daemon/node) and the network (daemon/net) import none of each other's internals;
+each gets what it needs here, as objects or callbacks (tests/unit/test_layers.py).
 
 Start-up order: listen first (a port in use fails at once, before a slow model load), then
 load the model on the worker thread, measure its speed, and print the one ready line to
@@ -9,38 +13,36 @@ with a clear error, stops the server and the worker, and returns from ``run``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from collections.abc import Awaitable
-
 from aiohttp import web
 
+from meshllm import wire
 from meshllm.model.runtime import Runtime
+from meshllm.tune.rounds import TuneSettings
 from meshllm.wire import PROTOCOL_VERSION, Hello
 
 from daemon.api.app import LOOPBACK_HOSTS, ApiServer, create_app
 from daemon.api.completions import Completions
-from daemon.net.discovery import Discovery
-from daemon.net.links import LinkManager
-from daemon.node.driver import MeshDriver, MeshSettings, incompatibility
+from daemon.api.events import EventHub
+from daemon.api.status import ModelSummary, SelfState, StatusBoard
+from daemon.api.tune import TuneEndpoint
+from daemon.net.discovery import BadRecord, Discovery, DiscoveryEvent, PeerGone, hello_from_txt
+from daemon.net.links import LinkDown, LinkError, LinkManager, LinkUp
 from daemon.net.meshkey import MeshKeyError, load_mesh_key
 from daemon.net.signaling import SIGNAL_PATH
 from daemon.node.config import NodeConfig, client_url
-from daemon.api.events import EventHub
-from daemon.node.fallback import Fallback, FallbackError, choose_fallback, driver_health, engine_loader
+from daemon.node.driver import MeshDriver, MeshSettings, incompatibility
+from daemon.node.fallback import Fallback, FallbackError, choose_fallback, engine_loader
 from daemon.node.identity import load_or_create_node_id
 from daemon.node.measure import EntryCosts, measure_entry_costs
 from daemon.node.tune import adapters_dir, last_adapter
-from daemon.api.tune import TuneEndpoint
-from meshllm.tune.rounds import TuneSettings
-from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.node.worker import GenerationWorker
 
 if TYPE_CHECKING:
@@ -115,6 +117,72 @@ def ready_line(api_url: str, model_name: str, num_layers: int, weights: str, ker
     return f"meshllm ready: {api_url} (model {model_name}, {num_layers} layers, {weights} weights{on})"
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PendingRoute:
+    """An HTTP route whose handler comes later: the signaling server listens before the link
+    layer exists (its port is in the hello the link layer is made with), so it answers 503
+    until `serve_with` gives it the link layer's handler."""
+
+    def __init__(self) -> None:
+        self._handler: Handler | None = None
+
+    def serve_with(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._handler is None:
+            return web.json_response({"error": "starting up"}, status=503)
+        return await self._handler(request)
+
+
+class MeshInbox:
+    """What the link layer and discovery report, for the mesh driver. Both are made before the
+    driver (it sends through the links; its adapter changes re-advertise on discovery), so the
+    driver comes later: `deliver_to`. Nothing is reported before the links start, which is
+    after that."""
+
+    def __init__(self, hello: Hello) -> None:
+        self._hello = hello
+        self._mesh: MeshDriver | None = None
+
+    def deliver_to(self, mesh: MeshDriver) -> None:
+        self._mesh = mesh
+
+    def _driver(self) -> MeshDriver:
+        if self._mesh is None:
+            raise RuntimeError("a link event before the mesh driver exists")
+        return self._mesh
+
+    def message(self, peer_id: str, msg: wire.Message) -> None:
+        self._driver().on_message(peer_id, msg)
+
+    def link_up(self, event: LinkUp) -> None:
+        self._driver().on_link_up(event.peer_id, event.hello)
+
+    def link_down(self, event: LinkDown) -> None:
+        self._driver().on_link_down(event.peer_id, event.reason)
+
+    def incompatibility(self, other: Hello) -> str | None:
+        """Why `other` cannot join this node's mesh (None: it can), by this node's hello now."""
+        return incompatibility(self._hello if self._mesh is None else self._mesh.hello, other)
+
+    def discovered(self, event: DiscoveryEvent) -> None:
+        mesh = self._driver()
+        if isinstance(event, PeerGone):
+            mesh.peer_gone(event.name, event.node_id)
+            return
+        if event.node_id == mesh.node_id:
+            return
+        try:
+            theirs = hello_from_txt(event.txt, event.name)
+        except BadRecord as e:
+            log.info("ignoring discovered peer %s: %s", event.name, e)
+            return
+        mesh.peer_seen(event.name, event.address, theirs)
+
+
 class Node:
     """One daemon. ``await run()`` until stopped; ``request_stop()`` from the loop's thread."""
 
@@ -185,7 +253,7 @@ class Node:
         self._install_signal_handlers()
         try:
             async with asyncio.TaskGroup() as tasks:
-                loading = tasks.create_task(self._load(worker, completions, board, hub, tasks))
+                loading = tasks.create_task(self._load(node_id, worker, completions, board, hub, tasks))
                 await self._stop_requested.wait()
                 for cleanup in self._cleanup:  # say goodbye while the loop still runs
                     try:
@@ -208,7 +276,7 @@ class Node:
         if self._failure is not None:
             raise self._failure
 
-    async def _load(self, worker: GenerationWorker, completions: Completions,
+    async def _load(self, node_id: str, worker: GenerationWorker, completions: Completions,
                     board: StatusBoard, hub: EventHub, tasks: asyncio.TaskGroup) -> None:
         from meshllm.errors import ModelSourceError
 
@@ -247,19 +315,18 @@ class Node:
             return
         try:
             # the fallback's bytes come out of the budget this node offers the mesh
-            mesh = await self._start_mesh(runtime, worker, board, hub, tasks, key,
-                                          budget - fallback.choice.reserved_bytes, ms_per_layer,
+            mesh = await self._start_mesh(node_id, runtime, worker, board, hub, tasks, key,
+                                          budget - fallback.reserved_bytes, ms_per_layer,
                                           on_change=fallback.mesh_changed, costs=costs)
         except OSError as error:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             self._fail(f"cannot listen for peers on {config.signal_host}:{config.signal_port}: {reason}")
             return
-        fallback.watch(driver_health(mesh))
+        fallback.watch(mesh.health)
         self._cleanup.insert(0, fallback.close)  # answers not started yet go nowhere once stopping
         completions.attach(runtime.engine, mesh, fallback)
         self._tune.attach(mesh.tune)
-        while mesh.core.active_plan is None:  # ready to answer once a plan is active
-            await mesh.wait_changed()
+        await mesh.wait_active_plan()  # ready to answer once a plan is active
         board.update(state="ready")
         assert self.api_url is not None
         self._announce(ready_line(self.api_url, info.name, info.num_layers, info.weights, info.kernel))
@@ -287,7 +354,7 @@ class Node:
             hub.log("info", f"no fallback model ({choice.off_reason})")
         return fallback
 
-    async def _start_mesh(self, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
+    async def _start_mesh(self, node_id: str, runtime: Runtime, worker: GenerationWorker, board: StatusBoard,
                           hub: EventHub, tasks: asyncio.TaskGroup, key: bytes | None,
                           budget: int, ms_per_layer: float,
                           on_change: Callable[[], None] | None = None,
@@ -297,19 +364,12 @@ class Node:
         config = self.config
         info = runtime.engine.info
         signal_app = web.Application(client_max_size=64 * 1024)
-        holder: dict[str, LinkManager] = {}
-
-        async def signal(request: web.Request) -> web.StreamResponse:
-            if "links" not in holder:
-                return web.json_response({"error": "starting up"}, status=503)
-            return await holder["links"].signaling_routes()[0].handler(request)
-
-        signal_app.router.add_post(SIGNAL_PATH, signal)
+        signaling = PendingRoute()
+        signal_app.router.add_post(SIGNAL_PATH, signaling.handle)
         signal_server = await ApiServer.start(signal_app, config.signal_host, config.signal_port)
-        hello = Hello(board.state.node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
+        hello = Hello(node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
                       info.model_id, signal_server.port, budget, ms_per_layer, True)
-        mesh_ref: list[MeshDriver] = []
-        discovery_ref: list[Discovery] = []
+        inbox = MeshInbox(hello)
         links = LinkManager(
             hello,
             ice_servers=config.ice_servers,
@@ -317,13 +377,14 @@ class Node:
             mesh_key=key,
             lost_after_s=config.heartbeat_timeout_s,
             heartbeat_interval_s=min(0.2, config.heartbeat_timeout_s / 4),
-            on_message=lambda peer, msg: mesh_ref[0].on_message(peer, msg),
-            on_link_up=lambda e: mesh_ref[0].on_link_up(e.peer_id, e.hello),
-            on_link_down=lambda e: mesh_ref[0].on_link_down(e.peer_id, e.reason),
-            is_compatible=lambda other: incompatibility(mesh_ref[0].hello if mesh_ref else hello, other),
+            on_message=inbox.message,
+            on_link_up=inbox.link_up,
+            on_link_down=inbox.link_down,
+            is_compatible=inbox.incompatibility,
             debug_link_delay_ms=config.debug_link_delay_ms,
         )
-        holder["links"] = links
+        discovery = Discovery(hello, host=config.signal_host, port=signal_server.port,
+                              loopback=config.loopback, on_event=inbox.discovered)
         settings = MeshSettings(objective=config.objective,
                                 codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000,
                                 target_ms_per_token=config.target_ms_per_token, target_ttft_ms=config.target_ttft_ms,
@@ -334,28 +395,22 @@ class Node:
             hub.log("info", f"testing aid: every message to a peer waits {config.debug_link_delay_ms:g} ms "
                             "(--debug-link-delay-ms)")
 
-        def model_id_changed(model_id: str) -> None:
+        def model_id_changed(new: Hello) -> None:
             """A finished tune job's adapter is served now: peers and discovery see the new id."""
-            links.update_hello(mesh.hello)
-            if discovery_ref:
-                tasks.create_task(discovery_ref[0].update(mesh.hello))
-            model = board.state.model
-            if model is not None:
-                board.update(model=dataclasses.replace(model, model_id=model_id))
+            links.update_hello(new)
+            tasks.create_task(discovery.update(new))
+            board.model_id_changed(new.model_id)
 
         mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
                           on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),
                           log_event=hub.log, state_dir=config.state_dir,
                           tune_settings=TuneSettings(debug_update_scale=config.debug_tune_scale),
-                          on_model_id=model_id_changed)
-        mesh_ref.append(mesh)
+                          on_model_id=model_id_changed, link_error=LinkError)
+        inbox.deliver_to(mesh)
+        signaling.serve_with(links.signaling_routes()[0].handler)
         board.attach_mesh(mesh.status_view)
         await links.start()
         self._background.append(tasks.create_task(mesh.run()))
-        discovery = Discovery(hello, host=config.signal_host, port=signal_server.port,
-                              loopback=config.loopback,
-                              on_event=lambda event: mesh.on_discovery(event, links))
-        discovery_ref.append(discovery)
         try:
             await discovery.start()
         except OSError as error:  # no multicast here: --join still works
@@ -364,7 +419,7 @@ class Node:
         # link, stop answering signaling.
         self._cleanup += [mesh.leave, discovery.close, lambda: links.close("meshllm down"), signal_server.stop]
         for address in config.join:
-            self._background.append(tasks.create_task(mesh.keep_joined(address, links)))
+            self._background.append(tasks.create_task(mesh.keep_joined(address)))
         hub.log("info", f"mesh '{config.mesh_name}': peers reach this node at "
                         f"{config.signal_host}:{signal_server.port}")
         return mesh

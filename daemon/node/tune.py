@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,10 +29,14 @@ from meshllm.tune.rounds import (
     JobRequest, Train, TuneCore, TuneError, TuneFailed, TuneFinished, TuneProgress, TuneSettings,
 )
 
+from daemon.answer import WorkerStopped
 from daemon.tasks import TaskSet
-from daemon.node.worker import GenerationWorker, WorkerStopped
+from daemon.tune_request import TuneRequest
+from daemon.node.worker import GenerationWorker
 
 if TYPE_CHECKING:
+    from meshllm import wire
+    from meshllm.mesh.events import Send
     from meshllm.model.runtime import Runtime
     from meshllm.tune.data import Example
     from meshllm.tune.train import LocalTrainer
@@ -98,10 +102,35 @@ class TuneRunner:
     def close(self) -> None:
         self._tasks.cancel()
 
+    # -- the core, as the mesh driver drives it -------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        return self.core.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.core.handle_timer(now)
+
+    def receive(self, sender: str, msg: "wire.Message", now: float) -> None:
+        """A tune message from a peer (`meshllm.tune.rounds.TUNE_MESSAGES`)."""
+        self.core.receive(sender, msg, now)
+
+    def membership(self, coordinator_id: str | None, members: frozenset[str], now: float) -> None:
+        """The mesh's coordinator and the other members, whenever they change."""
+        self.core.membership(coordinator_id, members, now)
+
+    def sends(self) -> list[Send]:
+        """The core's messages to peers (the driver carries them with the mesh's own)."""
+        return self.core.sends()
+
+    def drain(self) -> list[object]:
+        """Run the core's new jobs and act on its events; the events (the driver logs them)."""
+        events = self.core.events()
+        self._handle(self.core.jobs(), events)
+        return events
+
     # -- the core's output -------------------------------------------------------------------
 
-    def handle(self, jobs: Sequence[Train], events: Sequence[object]) -> None:
-        """What the core drained (the driver hands the sends to the links itself)."""
+    def _handle(self, jobs: Sequence[Train], events: Sequence[object]) -> None:
         for job in jobs:
             self._tasks.spawn(self._train(job), name=f"tune-train-{job.round}")
         for event in events:
@@ -221,7 +250,7 @@ class TuneRunner:
     def busy(self) -> bool:
         return self._local is not None
 
-    async def run(self, request: "TuneRequest", chats: list[list[dict[str, str]]]) -> AsyncIterator[dict[str, Any]]:
+    async def run(self, request: TuneRequest, chats: list[list[dict[str, str]]]) -> AsyncIterator[dict[str, Any]]:
         """Join (or start) a job with this node's examples; yield its progress until it ends.
 
         Raises TuneError (or DataError) before the first item when the job cannot start."""
@@ -264,51 +293,3 @@ class TuneRunner:
             view["last_finished"] = {**last, "adapter": self.adapters[last["job_id"]]}
         view["saved"] = {job: str(path) for job, path in sorted(self.saved.items())}
         return view
-
-
-@dataclass(frozen=True)
-class TuneRequest:
-    """What ``POST /v1/tune`` asks for, checked (see `parse_tune_request`)."""
-
-    rounds: int = 3
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 10
-    aggregate: str = "mean"
-
-
-MAX_ROUNDS = 1000
-MAX_RANK = 256
-MAX_STEPS = 100_000
-
-
-def parse_tune_request(body: object) -> tuple[TuneRequest, list[list[dict[str, str]]]]:
-    """The request and its examples from a JSON body; raises ValueError with a clear message."""
-    from meshllm.tune.aggregate import AGGREGATES
-    from meshllm.tune.data import check_chats
-
-    if not isinstance(body, Mapping):
-        raise ValueError("the body must be a JSON object with 'examples'")
-    unknown = sorted(set(body) - {"examples", "rounds", "rank", "alpha", "steps_per_round", "aggregate"})
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-
-    def integer(name: str, default: int, top: int) -> int:
-        value = body.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-            raise ValueError(f"'{name}' must be an integer from 1 to {top}, not {value!r}")
-        return value
-
-    rank = integer("rank", TuneRequest.rank, MAX_RANK)
-    alpha = body.get("alpha", 2.0 * rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 4096:
-        raise ValueError(f"'alpha' must be a number above 0 and at most 4096, not {alpha!r}")
-    aggregate = body.get("aggregate", "mean")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"'aggregate' must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
-    if "examples" not in body:
-        raise ValueError("'examples' is missing: a list of chats, each {'messages': [...]}")
-    chats = check_chats(body["examples"])
-    request = TuneRequest(integer("rounds", TuneRequest.rounds, MAX_ROUNDS), rank, float(alpha),
-                          integer("steps_per_round", TuneRequest.steps, MAX_STEPS), str(aggregate))
-    return request, chats

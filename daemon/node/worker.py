@@ -6,18 +6,26 @@ were submitted; concurrent requests therefore queue behind each other (the mesh 
 interleave them later). A streamed job hands its items to the event loop with
 ``loop.call_soon_threadsafe`` into an ``asyncio.Queue``; closing the stream early (a client
 that disconnected) sets the job's stop flag, which the producer polls between items.
+
+The thread runs at a lower OS priority than the event loop's (Linux: its own nice value,
+`WORKER_NICE`): when the cores are busy, the loop's heartbeats and sends win the CPU over
+torch work. Alone on idle cores, nice changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from daemon.answer import WorkerStopped
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +34,22 @@ T = TypeVar("T")
 ShouldStop = Callable[[], bool]
 
 
-class WorkerStopped(RuntimeError):
-    """The worker was stopped before (or while) the job ran."""
+WORKER_NICE = 5
+"""How much lower the worker thread's priority is than the event loop's (Linux nice units)."""
+
+
+def lower_thread_priority(by: int) -> bool:
+    """Raise the calling thread's nice value by `by` (Linux: nice is per thread). True when
+    it did; elsewhere, or when the OS refuses, nothing changes (and False)."""
+    if by <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + by)
+    except (OSError, AttributeError) as error:
+        log.debug("cannot lower the worker thread's priority: %s", error)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -55,11 +77,14 @@ class GenerationWorker:
     factory there and yields its items on the event loop.
     """
 
-    def __init__(self, threads: int, *, name: str = "meshllm-worker") -> None:
+    def __init__(self, threads: int, *, name: str = "meshllm-worker", nice: int = WORKER_NICE) -> None:
+        """``nice``: how much lower the thread's OS priority is than the event loop's (0: the
+        same); torch's own threads, started from it, inherit it."""
         if threads < 1:
             raise ValueError("threads must be >= 1")
         self.threads = threads
         self._name = name
+        self._nice = nice
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -121,6 +146,7 @@ class GenerationWorker:
         self._jobs.put(job)
 
     def _main(self) -> None:
+        lower_thread_priority(self._nice)  # first: torch's threads started from here inherit it
         import torch  # imported here: the thread that runs torch sets it up
 
         torch.set_num_threads(self.threads)
@@ -162,7 +188,10 @@ class TokenStream(Generic[T]):
 
     Leaving the ``async for`` early (break, exception, cancellation) does not stop the
     producer by itself: call ``close()`` (or use ``async with``), which sets the stop flag.
+    A `daemon.answer.AnswerStream` (one that never announces who serves it).
     """
+
+    announces = False
 
     def __init__(self, loop: asyncio.AbstractEventLoop, worker_stopping: threading.Event) -> None:
         self._loop = loop

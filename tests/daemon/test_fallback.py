@@ -18,13 +18,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from daemon.answer import Serving
 from daemon.api.app import ApiServer, create_app
 from daemon.api.completions import Completions
 from daemon.api.events import EventHub
 from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.node.config import ConfigError, NodeConfig
 from daemon.node.fallback import (
-    BUILTIN, NONE, Fallback, FallbackChoice, FallbackError, FallbackPolicy, Serving, choose_fallback,
+    BUILTIN, NONE, Fallback, FallbackChoice, FallbackError, FallbackPolicy, choose_fallback,
     estimate_bytes,
 )
 from daemon.node.worker import GenerationWorker

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.node.tune import TuneRequest, parse_tune_request
+from daemon.tune_request import TuneRequest, parse_tune_request
 from tests.daemon.conftest import MakeApi
 from tui.tune_progress import TuneProgress
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from daemon.node.worker import GenerationWorker, WorkerStopped
+from daemon.answer import WorkerStopped
+from daemon.node.worker import WORKER_NICE, GenerationWorker, lower_thread_priority
 
 
 @pytest.fixture
@@ -88,3 +90,35 @@ async def test_stopped_worker_refuses_new_work() -> None:
     with pytest.raises(WorkerStopped):
         await w.call(lambda: 1)
     assert await asyncio.to_thread(w.join, 5.0)
+
+
+def _own_nice() -> int:
+    import os
+
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_the_worker_thread_runs_at_a_lower_priority_than_the_loop() -> None:
+    """Heartbeats and sends on the event loop win the CPU over torch work when cores are busy."""
+    w = GenerationWorker(threads=1, nice=WORKER_NICE)
+    w.start()
+    try:
+        loop_nice = _own_nice()
+        assert await w.call(_own_nice) == min(19, loop_nice + WORKER_NICE)
+        assert _own_nice() == loop_nice  # the loop's thread (and the process) keep theirs
+    finally:
+        w.stop()
+        await asyncio.to_thread(w.join, 5.0)
+
+
+async def test_nice_zero_leaves_the_worker_priority_alone() -> None:
+    w = GenerationWorker(threads=1, nice=0)
+    w.start()
+    try:
+        if sys.platform.startswith("linux"):
+            assert await w.call(_own_nice) == _own_nice()
+        assert lower_thread_priority(0) is False
+    finally:
+        w.stop()
+        await asyncio.to_thread(w.join, 5.0)

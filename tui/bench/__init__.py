@@ -1,6 +1,7 @@
 """``meshllm bench``: how fast this machine, a running mesh, or a mesh against one node is.
 
-One module per mode, and what they share (``daemon/cli.py`` parses the flags and dispatches):
+One module per mode, and what they share (``daemon/cli.py`` parses the flags, ``daemon/cli_bench.py``
+dispatches):
 
 - ``local``: ``--local``, the engine in this process, no daemon (``run_local_bench``);
 - ``formats``: ``--local --weights a,b,...`` (each format in a fresh process, alternating) and

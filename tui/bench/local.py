@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tui.bench.report import BenchError, key_value_table, mb, ratio_text
 
 if TYPE_CHECKING:
-    from daemon.api.completions import ChatEngine
+    from meshllm.model.engine import Engine
 
 _FILLER = (
     "A mesh of ordinary devices shares one language model: each holds a span of layers, "
@@ -56,7 +56,7 @@ class LocalBenchResult:
         return asdict(self)
 
 
-def bench_prompt_ids(engine: ChatEngine, prompt_tokens: int) -> list[int]:
+def bench_prompt_ids(engine: Engine, prompt_tokens: int) -> list[int]:
     """The first ``prompt_tokens`` tokens of a long chat prompt."""
     repeats = 1
     while True:
@@ -67,7 +67,7 @@ def bench_prompt_ids(engine: ChatEngine, prompt_tokens: int) -> list[int]:
 
 
 def run_local_bench(
-    engine: ChatEngine,
+    engine: Engine,
     *,
     threads: int,
     load_s: float,

@@ -272,6 +272,10 @@ class ChatView(Vertical):
     def watch_replanning(self, replanning: bool) -> None:
         self.query_one("#replanning").display = replanning
 
+    def show_mesh_summary(self, summary: str) -> None:
+        """The mesh in one line (model, nodes, who answers), under the chat."""
+        self.mesh_summary = summary
+
     def watch_mesh_summary(self) -> None:
         self._show_status_line()
 

@@ -1,0 +1,173 @@
+"""``meshllm bench``: decode speed, time to first token, weight formats and a mesh against
+one node (the measuring itself is in ``tui.bench``, imported once the command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+from daemon.cli_client import client_failure
+from daemon.cli_common import EXIT_OK, EXIT_USAGE, fail, setup_logging
+from daemon.node.config import WEIGHT_CHOICES, ConfigError, NodeConfig
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``meshllm bench``: check the flags, then run the one mode they name."""
+    formats = [w.strip() for w in (args.weights or "").split(",") if w.strip()]
+    if any(w not in WEIGHT_CHOICES for w in formats):
+        return fail(f"--weights must be a comma-separated list of {', '.join(WEIGHT_CHOICES)}", EXIT_USAGE)
+    if args.mesh is not None and len(formats) > 1:
+        return fail("--mesh takes one --weights format", EXIT_USAGE)
+    weights = formats[0] if len(formats) == 1 else None
+    for name in ("prompt_tokens", "decode_tokens", "ttft_runs", "agreement_tokens", "rounds"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
+    if args.threads is not None and args.threads < 1:
+        return fail("--threads must be at least 1", EXIT_USAGE)
+    if args.quality:
+        return _bench_quality(args, formats)
+    if args.local and len(formats) > 1:
+        return _bench_formats(args, formats)
+    if args.local:
+        return _bench_local(args, weights)
+    from tui.bench.api import measure_api
+    from tui.bench.mesh import CODECS, format_comparison, run_mesh_comparison
+    from tui.bench.report import BenchError, format_measure
+    from tui.client import DaemonError, DaemonUnavailable
+
+    def progress(message: str) -> None:
+        print(f"meshllm bench: {message}", file=sys.stderr, flush=True)
+
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if args.mesh is not None:
+        if args.mesh < 2:
+            return fail("--mesh needs at least 2 nodes (the single-node reference runs anyway)", EXIT_USAGE)
+        if not codecs or any(c not in CODECS for c in codecs):
+            return fail(f"--codecs must be a comma-separated list of {', '.join(CODECS)}", EXIT_USAGE)
+    options = dict(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                   ttft_runs=args.ttft_runs, agreement_tokens=args.agreement_tokens, progress=progress)
+    try:
+        if args.api:
+            measure = asyncio.run(measure_api(args.api, **options))  # type: ignore[arg-type]
+            print(json.dumps({"mode": "api", **measure.to_json()}, indent=2) if args.json
+                  else format_measure(measure))
+            return EXIT_OK
+        signal.signal(signal.SIGTERM, _interrupt)  # stop the local meshes on the way out
+        comparison = run_mesh_comparison(args.mesh, codecs=codecs, cores=args.threads, model=args.model,
+                                         cache_dir=args.cache_dir, weights=weights,
+                                         **options)  # type: ignore[arg-type]
+    except BenchError as error:
+        return fail(str(error))
+    except (DaemonUnavailable, DaemonError) as error:
+        return client_failure(error)
+    print(json.dumps(comparison.to_json(), indent=2) if args.json else format_comparison(comparison))
+    return EXIT_OK
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _bench_local(args: argparse.Namespace, weights: str | None) -> int:
+    """``meshllm bench --local``: the engine (every layer) in this process, no daemon."""
+    try:
+        config = NodeConfig.from_sources(
+            {"model": args.model, "cache_dir": args.cache_dir, "threads": args.threads,
+             "weights": weights}, os.environ
+        )
+    except ConfigError as error:
+        return fail(str(error), EXIT_USAGE)
+    setup_logging("warning")
+    import dataclasses
+
+    import torch
+
+    from meshllm.errors import ModelSourceError
+    from meshllm.model.cache import prepare
+    from meshllm.model.engine import Engine
+    from meshllm.model.lean import release_free_memory
+    from meshllm.model.sampling import SamplingParams
+    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.source import resolve
+    from meshllm.model.text import load_tokenizer
+    from tui.bench.local import format_bench, peak_rss_bytes, rss_bytes, run_local_bench
+    from tui.bench.report import BenchError
+
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    try:
+        prepared = prepare(resolve(config.model), config.cache_dir)
+        tokenizer = load_tokenizer(prepared.folder)
+        model_shape(load_config(prepared))  # the modelling code, imported before the baseline
+        release_free_memory()
+        baseline = rss_bytes()  # weights only from here: code and tokenizer are loaded
+        engine = Engine(prepared, weights=config.weights, tokenizer=tokenizer)
+    except (ModelSourceError, ValueError) as error:
+        return fail(str(error))
+    load_s = time.perf_counter() - started
+    with torch.inference_mode():  # touch every weight (file-backed f32 pages count once read)
+        for _ in engine.generate(engine.chat_prompt([{"role": "user", "content": "hi"}]), SamplingParams(max_tokens=2)):
+            pass
+    weight_rss = rss_bytes() - baseline
+    try:
+        with torch.inference_mode():
+            result = run_local_bench(engine, threads=config.threads, load_s=load_s,
+                                     prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+    except BenchError as error:
+        return fail(str(error), EXIT_USAGE)
+    result = dataclasses.replace(result, weight_rss_bytes=weight_rss, peak_rss_bytes=peak_rss_bytes())
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_bench(result))
+    return EXIT_OK
+
+
+def _bench_formats(args: argparse.Namespace, formats: list[str]) -> int:
+    """``meshllm bench --local --weights a,b``: each format in a fresh process, alternating."""
+    from tui.bench.formats import compare_formats, format_formats
+    from tui.bench.report import BenchError
+
+    passed = ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+    for flag, value in (("--model", args.model), ("--cache-dir", args.cache_dir), ("--threads", args.threads)):
+        if value is not None:
+            passed += [flag, str(value)]
+    try:
+        runs = compare_formats(formats, args.rounds, passed,
+                               progress=lambda m: print(f"meshllm bench: {m}", file=sys.stderr, flush=True))
+    except BenchError as error:
+        return fail(str(error))
+    print(json.dumps(runs, indent=2) if args.json else format_formats(runs))
+    return EXIT_OK
+
+
+def _bench_quality(args: argparse.Namespace, formats: list[str]) -> int:
+    """``meshllm bench --quality``: perplexity of each format on the shipped text."""
+    try:
+        config = NodeConfig.from_sources({"model": args.model, "cache_dir": args.cache_dir,
+                                          "threads": args.threads}, os.environ)
+    except ConfigError as error:
+        return fail(str(error), EXIT_USAGE)
+    setup_logging("warning")
+    import torch
+
+    from meshllm.errors import ModelSourceError
+    from meshllm.model.engine import Engine
+    from meshllm.model.quality import perplexity
+    from tui.bench.formats import format_quality
+
+    torch.set_num_threads(config.threads)
+    results = []
+    for weights in formats or ["f32", "auto"]:
+        print(f"meshllm bench: perplexity with {weights} weights", file=sys.stderr, flush=True)
+        try:
+            engine = Engine.load(config.model, cache_dir=str(config.cache_dir) if config.cache_dir else None,
+                                 weights=weights)
+            results.append(perplexity(engine, ctx=min(512, engine.info.max_positions)))
+        except (ModelSourceError, ValueError) as error:
+            return fail(str(error))
+        del engine
+    print(json.dumps([r.__dict__ for r in results], indent=2) if args.json else format_quality(results))
+    return EXIT_OK
