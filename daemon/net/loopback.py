@@ -6,7 +6,8 @@ mode:
 
 - ICE gathers exactly one host candidate, 127.0.0.1 (:func:`loopback_ice` swaps the host
   address list for code run inside it, and only there: the hook reads a context variable, so
-  other connections in the same process gather as usual);
+  other connections in the same process gather as usual; it lives with the other patches of
+  aiortc/aioice internals in :mod:`daemon.net.aiortc_tuning` and is re-exported here);
 - remote candidates other than 127.0.0.1 are removed from the peer's SDP before aiortc sees
   it (:func:`usable_candidates`), so ICE never sends a check anywhere else; candidates named
   by an mDNS host name are always removed, so aioice never starts mDNS resolution;
@@ -19,58 +20,20 @@ flag (see docs/networking.md). Nothing here changes system settings.
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
-import aioice.ice
+from daemon.net.aiortc_tuning import loopback_ice
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOST = "127.0.0.1"
 
-_loopback_ice_on: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "meshllm_loopback_ice", default=False
-)
-_original_get_host_addresses: Callable[[bool, bool], list[str]] | None = None
-
-
-def _get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-    """aioice's host address list, or just 127.0.0.1 inside :func:`loopback_ice`."""
-    if _loopback_ice_on.get():
-        return [LOOPBACK_HOST] if use_ipv4 else []
-    assert _original_get_host_addresses is not None
-    return _original_get_host_addresses(use_ipv4, use_ipv6)
-
-
-def _install_ice_hook() -> None:
-    global _original_get_host_addresses
-    if _original_get_host_addresses is None:
-        _original_get_host_addresses = aioice.ice.get_host_addresses
-        aioice.ice.get_host_addresses = _get_host_addresses
-
-
-@contextmanager
-def loopback_ice(enabled: bool = True) -> Iterator[None]:
-    """Inside this block (and in tasks started from it) ICE gathers 127.0.0.1 only.
-
-    Wrap ``RTCPeerConnection.setLocalDescription`` (where aiortc gathers) with it. With
-    ``enabled=False`` it does nothing, so callers need no branch.
-    """
-    if not enabled:
-        yield
-        return
-    _install_ice_hook()
-    token = _loopback_ice_on.set(True)
-    try:
-        yield
-    finally:
-        _loopback_ice_on.reset(token)
+__all__ = ["LOOPBACK_HOST", "accept_only_from_loopback", "is_loopback_host", "loopback_ice",
+           "usable_candidates"]
 
 
 def is_loopback_host(host: str) -> bool:

@@ -8,7 +8,7 @@ swap certificates (DTLS then checks the certificate against the fingerprint). Th
 carries a fresh nonce and a timestamp, so a captured offer cannot be replayed.
 
 This module is pure: no sockets, no clock (``now_s`` comes in as an argument). The HTTP side
-is in :mod:`daemon.net.links`. The body schema and the MAC layout are in docs/networking.md.
+is in :mod:`daemon.net.signaling_http`. The body schema and the MAC layout are in docs/networking.md.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from daemon.net.lifecycle import Link
 from daemon.net.links import LinkDown, LinkError, LinkManager, LinkUp, aiortc_tuned
 from daemon.net.loopback import loopback_ice, usable_candidates
 from daemon.net.signaling import (
@@ -93,6 +94,11 @@ class Node:
 
 
 MakeNode = Callable[..., Awaitable[Node]]
+
+
+def link_of(node: Node, peer: Node) -> Link:
+    """``node``'s link to ``peer`` (its internals, for the tests that look inside)."""
+    return node.lm._table.by_peer[peer.node_id]
 
 
 async def serve(routes: list[web.RouteDef]) -> tuple[web.AppRunner, str]:
@@ -244,7 +250,6 @@ async def test_two_nodes_link_and_talk_on_both_channels(make_node: MakeNode) -> 
 async def test_heartbeats_flow_and_measure_the_round_trip(make_node: MakeNode) -> None:
     a = await make_node(1, heartbeat_interval_s=0.05)
     b = await make_node(2, heartbeat_interval_s=0.05)
-    a.lm.set_term(7)
     await a.lm.connect(b.address)
 
     await wait_until(lambda: a.lm.rtt_ms(b.node_id) is not None and b.received(Heartbeat))
@@ -252,7 +257,7 @@ async def test_heartbeats_flow_and_measure_the_round_trip(make_node: MakeNode) -
     rtt_ms = a.lm.rtt_ms(b.node_id)
     assert rtt_ms is not None and 0.0 <= rtt_ms < 500.0
     heartbeat = b.received(Heartbeat)[-1]
-    assert heartbeat.node_id == a.node_id and heartbeat.term == 7
+    assert heartbeat.node_id == a.node_id and heartbeat.term == 0  # reserved, always 0
     assert a.lm.rtt_ms("n-unknown") is None
     assert a.downs == [] and b.downs == []
 
@@ -406,6 +411,43 @@ async def test_a_peer_that_stops_sending_heartbeats_is_lost(
     assert a.lm.peers() == {}
 
 
+async def test_a_peer_whose_heartbeats_come_irregularly_is_given_longer(
+    make_node: MakeNode, raw_peers: Callable[..., RawPeer],
+) -> None:
+    floor_s = 0.75
+    a = await make_node(1, heartbeat_interval_s=0.05, lost_after_s=floor_s)
+    busy = raw_peers(2)
+    await busy.link_to(a.address)
+    await wait_until(lambda: len(a.ups) == 1)
+    peer = busy.hello.node_id
+    detector = a.lm._table.by_peer[peer].heartbeat.detector
+
+    def beat() -> None:
+        busy.send(Heartbeat(node_id=peer, term=0, sent_at_s=time.monotonic()))
+
+    # A busy peer: its heartbeats come in pairs, with pauses that grow (each under the floor).
+    for pause_s in (0.05, 0.2, 0.35, 0.5, 0.55, 0.55):
+        beat()
+        await asyncio.sleep(0.05)
+        beat()
+        await asyncio.sleep(pause_s)
+    beat()
+    learnt_s = detector.lost_after_s()
+    assert learnt_s > floor_s + 0.3, (detector.mean_s, detector.std_s)
+
+    # A pause longer than the heartbeat timeout, shorter than what the detector learnt.
+    await asyncio.sleep((floor_s + learnt_s) / 2)
+    assert a.downs == []
+    beat()
+    silent_since = time.monotonic()
+    bound_s = detector.lost_after_s()  # the long pause taught it a little more patience
+
+    # Silence: lost all the same, in about what it learnt (far below the 10 s ceiling).
+    await wait_until(lambda: len(a.downs) == 1)
+    assert a.downs == [LinkDown(peer, "heartbeat timeout")]
+    assert floor_s < time.monotonic() - silent_since < bound_s + 2.0  # loaded machines lag
+
+
 async def test_garbage_frames_drop_only_that_link(
     make_node: MakeNode, raw_peers: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -415,7 +457,7 @@ async def test_garbage_frames_drop_only_that_link(
     hostile = raw_peers(2)
     await hostile.link_to(a.address)
     await wait_until(lambda: len(a.ups) == 2)
-    caplog.set_level(logging.WARNING, logger="daemon.net.links")
+    caplog.set_level(logging.WARNING, logger="daemon.net")
 
     hostile.send_raw(b"\x00\x01")                                  # shorter than a header
     hostile.send_raw(b"\x00\x00\x00\x09\x00\x05\x00\x02" + b"x")   # index beyond count
@@ -444,7 +486,7 @@ async def test_garbage_frames_drop_only_that_link(
 async def test_wrong_mesh_key_is_refused_on_both_sides(
     make_node: MakeNode, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="daemon.net.links")
+    caplog.set_level(logging.WARNING, logger="daemon.net")
     a = await make_node(1, mesh_key=OTHER_KEY)
     b = await make_node(2, mesh_key=KEY)
 
@@ -613,7 +655,7 @@ async def test_both_sides_dialling_at_once_leaves_one_link(make_node: MakeNode) 
 
 
 async def test_no_key_logs_a_warning(make_node: MakeNode, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="daemon.net.links")
+    caplog.set_level(logging.WARNING, logger="daemon.net")
     await make_node(1)
     assert any("no mesh key: anyone on this network can join this mesh" in r.getMessage()
                for r in caplog.records)
@@ -651,7 +693,7 @@ async def test_an_aiortc_failure_while_sending_raises_link_error_and_ends_the_li
     b = await make_node(2)
     await a.lm.connect(b.address)
     await wait_until(lambda: len(b.ups) == 1)
-    dc = a.lm._links[b.node_id].channels["activation"].dc
+    dc = link_of(a, b).channels["activation"].dc
 
     def broken_send(data: bytes | str) -> None:
         raise failure
@@ -674,7 +716,7 @@ async def test_a_transport_that_fails_under_send_raises_link_error(make_node: Ma
     await wait_until(lambda: len(b.ups) == 1)
     if not aiortc_tuned():  # known once a link has imported aiortc
         pytest.skip("stock aiortc hands pieces to SCTP in a task of its own")
-    sctp: Any = a.lm._links[b.node_id].channels["activation"].dc.transport
+    sctp: Any = link_of(a, b).channels["activation"].dc.transport
 
     async def broken_flush() -> None:
         raise ConnectionError("Cannot send encrypted data, not connected")
@@ -684,6 +726,38 @@ async def test_a_transport_that_fails_under_send_raises_link_error(make_node: Ma
     with pytest.raises(LinkError, match="send failed"):
         await a.lm.send(b.node_id, Error(code="x", message="y"), channel="activation")
     assert a.downs == [LinkDown(b.node_id, "send failed")]
+
+
+async def test_a_heartbeat_goes_ahead_of_queued_activations(make_node: MakeNode) -> None:
+    # Heartbeats far apart, and no backpressure: the whole message sits in aiortc's queue.
+    quiet = dict(heartbeat_interval_s=30.0, lost_after_s=60.0, probe_on_link_up=False)
+    a = await make_node(1, send_high_water_bytes=64 * 1024 * 1024, **quiet)
+    b = await make_node(2, **quiet)
+    await a.lm.connect(b.address)
+    await wait_until(lambda: len(b.ups) == 1)
+    if not aiortc_tuned():
+        pytest.skip("stock aiortc sends every channel's pieces first in, first out")
+    link = link_of(a, b)
+    control, activation = link.channels["control"].dc, link.channels["activation"].dc
+    sctp: Any = activation.transport
+
+    await a.lm.send(b.node_id, big_result(1024 * 1024), channel="activation")
+    queue = sctp._data_channel_queue
+    assert len(queue) >= 2 and all(item[0] is activation for item in queue)
+
+    link.heartbeat.beat(time.monotonic(), busy=True)
+    link.outbox.send_now("control", Error(code="plain", message="behind"))
+
+    # The heartbeat goes ahead of every queued activation piece; an ordinary control message
+    # waits its turn (and stays behind the heartbeat: one channel keeps its order).
+    owners = [item[0] for item in queue]
+    assert owners[0] is control and owners[-1] is control
+    assert all(owner is activation for owner in owners[1:-1])
+    assert isinstance(decode(Reassembler().feed(queue[0][2], 0.0) or b""), Heartbeat)
+    # (SCTP numbers them in this order; the peer may still deliver the control messages
+    # before the Result, or after: streams do not wait for one another.)
+    await wait_until(lambda: len(b.received(Error)) == 1 and len(b.received(Result)) == 1)
+    assert len(b.received(Heartbeat)) == 1
 
 
 def decode_step(seq: int, positions: int = 1) -> Forward:
@@ -724,7 +798,7 @@ async def test_a_burst_of_small_and_large_messages_arrives_in_order(make_node: M
     b = await make_node(2, heartbeat_interval_s=30.0, lost_after_s=60.0)
     await a.lm.connect(b.address)
     await wait_until(lambda: len(b.ups) == 1)
-    sctp: Any = a.lm._links[b.node_id].channels["activation"].dc.transport
+    sctp: Any = link_of(a, b).channels["activation"].dc.transport
 
     await a.lm.send(b.node_id, Error(code="lone", message="one packet"))
     await wait_until(lambda: len(b.received(Error)) == 1)
@@ -733,7 +807,7 @@ async def test_a_burst_of_small_and_large_messages_arrives_in_order(make_node: M
     sent = [decode_step(seq, positions=1 + seq % 40) for seq in range(60)]
     await asyncio.gather(*(a.lm.send(b.node_id, msg, channel="activation") for msg in sent))
     for seq in range(5):
-        a.lm._send_now(a.lm._links[b.node_id], "control", Error(code="lone", message=str(seq)))
+        link_of(a, b).outbox.send_now("control", Error(code="lone", message=str(seq)))
 
     await wait_until(lambda: len(b.received(Forward)) == 60 and len(b.received(Error)) == 6)
     assert b.received(Forward) == sent
@@ -792,7 +866,7 @@ async def test_delayed_sends_respect_the_high_water_mark(make_node: MakeNode) ->
     b = await make_node(2)
     await a.lm.connect(b.address)
     big = big_result(1024 * 1024)
-    ch = a.lm._links[b.node_id].channels["activation"]
+    ch = link_of(a, b).channels["activation"]
 
     most_queued = 0
     sending = asyncio.create_task(a.lm.send(b.node_id, big, channel="activation"))
@@ -845,9 +919,9 @@ async def test_a_delayed_link_is_probed_too(make_node: MakeNode) -> None:
 async def test_a_peer_without_the_probe_channel_leaves_the_rates_unmeasured(
     make_node: MakeNode, raw_peers: Callable[..., RawPeer], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import daemon.net.links as links
+    import daemon.net.probes as probes
 
-    monkeypatch.setattr(links, "PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(probes, "PROBE_TIMEOUT_S", 0.2)
     a = await make_node(1, probe_on_link_up=False)
     old = raw_peers(2)
     await old.link_to(a.address)
@@ -864,7 +938,7 @@ async def test_a_probe_whose_link_goes_down_returns_none(make_node: MakeNode) ->
     b = await make_node(2, probe_on_link_up=False)
     await a.lm.connect(b.address)
     probing = asyncio.create_task(a.lm.probe(b.node_id))
-    await wait_until(lambda: a.lm._links[b.node_id].probing > 0)
+    await wait_until(lambda: link_of(a, b).prober.probing > 0)
     a.lm.drop(b.node_id, "gone")
     assert await probing is None
     assert a.downs == [LinkDown(b.node_id, "gone")]
