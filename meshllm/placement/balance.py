@@ -54,6 +54,7 @@ from dataclasses import dataclass, replace
 from meshllm.errors import PlacementError
 from meshllm.placement.planner import (
     DEFAULT_HOP_MS,
+    DEFAULT_OBJECTIVE,
     HopCosts,
     ModelSpec,
     NodeCapacity,
@@ -137,7 +138,7 @@ class Balancer:
         self,
         spec: ModelSpec,
         *,
-        objective: Objective = "throughput",
+        objective: Objective = DEFAULT_OBJECTIVE,
         settings: BalanceSettings = BalanceSettings(),
     ) -> None:
         self.spec = spec

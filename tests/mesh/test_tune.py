@@ -4,8 +4,9 @@ real training and the real wire (every message is encoded and decoded on the way
 Each node brings its own examples: a made-up fact in a fixed answer format. What a user sees
 is checked: the job ends on every participant, the loss on each node's own examples falls,
 every member serves the same adapter afterwards (answers equal one node serving it), a node
-lost mid-round does not stop the round, a huge update is refused, and nothing but counts,
-a loss figure and adapter tensors leaves a node.
+lost mid-round does not stop the round, a coordinator lost mid-round does not end the job, a
+huge update is refused, and nothing but counts, a loss figure and adapter tensors leaves a
+node.
 """
 
 from __future__ import annotations
@@ -132,6 +133,30 @@ async def test_a_participant_lost_mid_round_does_not_stop_the_round(tiny_llama: 
         for events in results:
             result = done(events)
             assert result["rounds"] == 2 and result["participants"] == 2
+
+
+async def test_a_tune_job_survives_losing_its_coordinator(tiny_llama: Path, tmp_path: Path) -> None:
+    """The coordinator is killed mid-round: the mesh elects one of the two other participants,
+    which takes the job over at that round (same job id) and finishes it."""
+    async with memory_net() as net:
+        await start(net, tiny_llama, ["n1", "n2", "n3"], tmp_path)
+        request = TuneRequest(rounds=2, rank=4, alpha=8.0, steps=4)
+        jobs = {nid: asyncio.create_task(run_job(net.meshes[nid], request, chats(f)))
+                for nid, f in (("n1", "a"), ("n2", "b"), ("n3", "c"))}
+        coordinator = net.meshes["n1"].core.coordinator_id
+        assert coordinator is not None
+        rest = [nid for nid in ("n1", "n2", "n3") if nid != coordinator]
+        await async_wait_until(
+            lambda: all(net.meshes[nid].tune.core.status_view().get("state") == "training" for nid in rest), 120,
+            "the others train round 1")
+        job_id = net.meshes[rest[0]].tune.core.status_view()["job_id"]
+        jobs.pop(coordinator).cancel()
+        await net.kill(coordinator)
+        results = await asyncio.wait_for(asyncio.gather(*jobs.values()), 300)
+        for events in results:
+            result = done(events)
+            assert result["rounds"] == 2 and result["participants"] == 2 and result["job_id"] == job_id
+        assert done(results[0])["digest"] == done(results[1])["digest"]
 
 
 async def test_a_huge_update_is_refused_and_the_adapter_still_helps(tiny_llama: Path, tmp_path: Path) -> None:

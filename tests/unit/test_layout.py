@@ -14,8 +14,11 @@ from tests.conftest import REPO
 FORBIDDEN = ("aiortc", "aioice", "zeroconf", "textual", "aiohttp", "daemon", "tui")
 
 
-CHECKED_MODULES = ("meshllm.wire", "meshllm.placement.planner", "meshllm.mesh.election", "meshllm.mesh.session", "meshllm.mesh.plans",
-                   "meshllm.placement.balance", "meshllm.mesh", "meshllm.tune.rounds")
+CHECKED_MODULES = ("meshllm.wire", "meshllm.placement.planner", "meshllm.placement.cost", "meshllm.placement.search",
+                   "meshllm.placement.targets", "meshllm.mesh.election", "meshllm.mesh.session", "meshllm.mesh.plans",
+                   "meshllm.placement.balance", "meshllm.mesh", "meshllm.tune.rounds", "meshllm.tune.interface",
+                   "meshllm.tune.adapters", "meshllm.tune.coordinator", "meshllm.tune.participant",
+                   "meshllm.tune.member")
 """The core library's pure parts. Each must exist: a renamed module fails the test rather than
 escaping it."""
 
@@ -34,7 +37,8 @@ def test_import_meshllm_loads_no_networking_or_ui() -> None:
     assert bad == []
 
 
-SANS_IO = ("meshllm/mesh", "meshllm/wire", "meshllm/placement", "meshllm/tune/rounds.py",
+SANS_IO = ("meshllm/mesh", "meshllm/wire", "meshllm/placement", "meshllm/tune/rounds.py", "meshllm/tune/interface.py",
+           "meshllm/tune/adapters.py", "meshllm/tune/coordinator.py", "meshllm/tune/participant.py", "meshllm/tune/member.py",
            "meshllm/tune/aggregate.py")
 """State machines and pure functions: fed `now`, they never read the clock, sleep, spawn or
 touch a socket (design §4)."""

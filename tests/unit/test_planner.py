@@ -10,7 +10,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from meshllm.errors import PlacementError
+from meshllm.placement.balance import Balancer
 from meshllm.placement.planner import (
+    DEFAULT_OBJECTIVE,
     HopCosts,
     ModelSpec,
     NodeCapacity,
@@ -137,7 +139,7 @@ def test_plans_match_brute_force_over_all_orders_and_splits(problem, objective) 
 def test_latency_puts_everything_on_the_fastest_node_when_it_fits() -> None:
     spec = ModelSpec(30, 10 * MIB, 50 * MIB)
     nodes = [node("slow", 30, 2.0, spec), node("fast", 30, 1.0, spec)]
-    plan = plan_layers(spec, nodes, default_hop_ms=0.0)
+    plan = plan_layers(spec, nodes, default_hop_ms=0.0, objective="latency")
     assert plan.stages == (Stage("fast", 0, 30),)
     assert plan.est_ms_per_token == pytest.approx(30.0)
 
@@ -158,7 +160,7 @@ def test_throughput_gives_spans_in_proportion_to_speed() -> None:
 def test_memory_forces_a_split_even_for_latency() -> None:
     spec = ModelSpec(30, 10 * MIB, 50 * MIB)
     nodes = [node("fast", 12, 1.0, spec), node("mid", 30, 1.5, spec), node("slow", 30, 3.0, spec)]
-    plan = plan_layers(spec, nodes)
+    plan = plan_layers(spec, nodes, objective="latency")
     # the fast node fills up first; the rest goes to the next fastest; the slow one is left out
     assert {s.node_id: s.num_layers for s in plan.stages} == {"fast": 12, "mid": 18}
     assert "slow" not in plan.node_ids
@@ -168,8 +170,17 @@ def test_memory_forces_a_split_even_for_latency() -> None:
 def test_hops_are_worth_paying_only_when_compute_saves_more() -> None:
     spec = ModelSpec(10, 1, 0)
     nodes = [node("a", 10, 1.0, spec), node("b", 10, 1.0, spec)]
-    assert len(plan_layers(spec, nodes, default_hop_ms=0.5).stages) == 1
+    assert len(plan_layers(spec, nodes, default_hop_ms=0.5, objective="latency").stages) == 1
     assert len(plan_layers(spec, nodes, objective="throughput", default_hop_ms=0.5).stages) == 2
+
+
+def test_the_default_objective_is_the_one_mesh_default_throughput() -> None:
+    spec = ModelSpec(10, 1, 0)
+    nodes = [node("a", 10, 1.0, spec), node("b", 10, 1.0, spec)]
+    assert DEFAULT_OBJECTIVE == "throughput"
+    assert plan_layers(spec, nodes, default_hop_ms=0.5) == plan_layers(
+        spec, nodes, default_hop_ms=0.5, objective="throughput")
+    assert Balancer(spec).objective == DEFAULT_OBJECTIVE
 
 
 def test_with_link_latencies_the_ring_takes_the_cheap_links() -> None:
@@ -179,7 +190,7 @@ def test_with_link_latencies_the_ring_takes_the_cheap_links() -> None:
     hop_ms = {(a, b): slow for a in "abcd" for b in "abcd" if a != b}
     for a, b in [("a", "c"), ("c", "b"), ("b", "d"), ("d", "a")]:
         hop_ms[(a, b)] = hop_ms[(b, a)] = 1.0
-    plan = plan_layers(spec, nodes, hop_ms=hop_ms)
+    plan = plan_layers(spec, nodes, hop_ms=hop_ms, objective="latency")
     assert plan.est_ms_per_token == pytest.approx(4 + 4 * 1.0)
     ring = plan.node_ids
     for i in range(4):
@@ -223,9 +234,9 @@ def test_same_input_in_any_order_gives_the_same_plan(problem, objective, rnd) ->
 def test_ties_go_to_the_lower_node_id() -> None:
     spec = ModelSpec(8, 1, 0)
     twins = [node("n-b", 8, 1.0, spec), node("n-a", 8, 1.0, spec), node("n-c", 8, 1.0, spec)]
-    assert plan_layers(spec, twins).stages == (Stage("n-a", 0, 8),)
+    assert plan_layers(spec, twins, objective="latency").stages == (Stage("n-a", 0, 8),)
     halves = [node("n-b", 4, 1.0, spec), node("n-a", 4, 1.0, spec), node("n-c", 4, 1.0, spec)]
-    assert plan_layers(spec, halves).node_ids == ("n-a", "n-b")
+    assert plan_layers(spec, halves, objective="latency").node_ids == ("n-a", "n-b")
 
 
 # ---- not enough memory -----------------------------------------------------------------------
@@ -316,14 +327,15 @@ def test_losing_a_node_keeps_the_survivors_layers_where_they_are() -> None:
 def test_a_spare_node_takes_over_exactly_the_lost_nodes_span() -> None:
     spec = ModelSpec(80, 10 * MIB, 50 * MIB)
     nodes = [node(f"n{i}", 20, 1.0 + i / 100, spec) for i in range(5)]  # memory: 4 stages
-    before = plan_layers(spec, nodes)
+    before = plan_layers(spec, nodes, objective="latency")
     assert before.node_ids == ("n0", "n1", "n2", "n3")
     survivors = [n for n in nodes if n.node_id != "n1"]
-    after = plan_layers(spec, survivors, previous=before)
+    after = plan_layers(spec, survivors, previous=before, objective="latency")
     assert after.stages == (Stage("n0", 0, 20), Stage("n4", 20, 40), Stage("n2", 40, 60),
                             Stage("n3", 60, 80))
     assert layers_moved(before, after) == 20
-    assert layers_moved(before, plan_layers(spec, survivors)) > 20  # a fresh plan shifts more
+    fresh = plan_layers(spec, survivors, objective="latency")
+    assert layers_moved(before, fresh) > 20  # a fresh plan shifts more
 
 
 def test_an_unchanged_mesh_keeps_its_plan_even_if_a_slightly_better_one_exists() -> None:
@@ -331,9 +343,9 @@ def test_an_unchanged_mesh_keeps_its_plan_even_if_a_slightly_better_one_exists()
     nodes = [node("a", 20, 1.0, spec), node("b", 20, 1.02, spec)]
     previous = Plan((Stage("a", 0, 10), Stage("b", 10, 20)), 0.0)
     # the optimum holds all on a (20 ms); the previous plan costs 20.2 ms, within 5%
-    kept = plan_layers(spec, nodes, default_hop_ms=0.0, previous=previous, tolerance=0.05)
+    kept = plan_layers(spec, nodes, default_hop_ms=0.0, previous=previous, tolerance=0.05, objective="latency")
     assert kept.stages == previous.stages
-    moved = plan_layers(spec, nodes, default_hop_ms=0.0, previous=previous, tolerance=0.0)
+    moved = plan_layers(spec, nodes, default_hop_ms=0.0, previous=previous, tolerance=0.0, objective="latency")
     assert moved.stages == (Stage("a", 0, 20),)
 
 

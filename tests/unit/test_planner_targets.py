@@ -105,7 +105,8 @@ def problems(draw: st.DrawFn, max_nodes: int = 4, max_layers: int = 6, entries_g
 
 def plan_with(spec, nodes, hops, prefill_hops, entries, **kwargs) -> Plan:
     return plan_layers(spec, nodes, hop_ms=hops, prefill_hop_ms=prefill_hops, default_hop_ms=1.0,
-                       default_prefill_hop_ms=10.0, entry_ids=entries, **kwargs)
+                       default_prefill_hop_ms=10.0, entry_ids=entries,
+                       **{"objective": "latency", **kwargs})
 
 
 def check_plan(plan: Plan, spec, nodes, hops, prefill_hops, entries) -> tuple[float, float, float]:
@@ -242,7 +243,7 @@ def test_the_ring_visits_a_slowed_node_once_next_to_the_entry() -> None:
     nodes = [node(i, 3, 1.0, spec) for i in ("a", "b", "c", "slow")]
     hops = {(x, y): (31.0 if "slow" in (x, y) else 1.0) for x in "abc" for y in ("a", "b", "c", "slow") if x != y}
     hops.update({(y, x): ms for (x, y), ms in list(hops.items())})
-    plan = plan_layers(spec, nodes, hop_ms=hops, entry_ids=["b"])
+    plan = plan_layers(spec, nodes, hop_ms=hops, entry_ids=["b"], objective="latency")
     order = list(plan.node_ids)
     assert sorted(order) == ["a", "b", "c", "slow"]
     assert plan.predicted_ms_per_token == pytest.approx(12 + 31 + 31 + 1 + 1)
@@ -255,7 +256,7 @@ def test_the_ring_visits_a_slowed_node_once_next_to_the_entry() -> None:
 def test_a_target_nobody_meets_gives_the_best_plan_and_the_miss() -> None:
     spec = ModelSpec(10, 1, 0)
     nodes = [node("a", 10, 2.0, spec, head_ms=1.0), node("b", 10, 3.0, spec)]
-    plan = plan_layers(spec, nodes, target_ms_per_token=15.0, entry_ids=["a"])
+    plan = plan_layers(spec, nodes, target_ms_per_token=15.0, entry_ids=["a"], objective="latency")
     assert plan.node_ids == ("a",)
     assert plan.predicted_ms_per_token == pytest.approx(21.0)
     assert plan.miss_ms_per_token == pytest.approx(6.0) and not plan.meets_targets
@@ -268,9 +269,9 @@ def test_a_ttft_target_can_need_more_nodes_than_decode() -> None:
     # b decodes slowly but prefills fast (a GPU, say); a tight ttft target brings it in.
     spec = ModelSpec(10, 1, 0)
     nodes = [node("a", 10, 1.0, spec, prefill_ms=20.0), node("b", 10, 1.5, spec, prefill_ms=2.0)]
-    alone = plan_layers(spec, nodes, target_ms_per_token=20.0)
+    alone = plan_layers(spec, nodes, target_ms_per_token=20.0, objective="latency")
     assert alone.node_ids == ("a",)
-    both = plan_layers(spec, nodes, target_ms_per_token=20.0, target_ttft_ms=100.0)
+    both = plan_layers(spec, nodes, target_ms_per_token=20.0, target_ttft_ms=100.0, objective="latency")
     assert both.meets_targets and "b" in both.node_ids
     assert both.predicted_ttft_ms <= 100.0 and both.predicted_ms_per_token <= 20.0
 
@@ -278,7 +279,7 @@ def test_a_ttft_target_can_need_more_nodes_than_decode() -> None:
 def test_plans_without_targets_or_entries_carry_predictions_too() -> None:
     spec = ModelSpec(6, 1, 0)
     nodes = [node("a", 3, 1.0, spec, head_ms=2.0), node("b", 3, 1.0, spec)]
-    plan = plan_layers(spec, nodes, default_hop_ms=0.5)
+    plan = plan_layers(spec, nodes, default_hop_ms=0.5, objective="latency")
     assert plan.est_ms_per_token == pytest.approx(6 + 1.0)  # unchanged: no head
     first = plan.stages[0].node_id
     assert plan.predicted_ms_per_token == pytest.approx(6 + 1.0 + (2.0 if first == "a" else 0.0))
@@ -290,10 +291,11 @@ def test_bad_targets_are_refused() -> None:
     nodes = [node("a", 2, 1.0, spec)]
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="target_ms_per_token"):
-            plan_layers(spec, nodes, target_ms_per_token=bad)
+            plan_layers(spec, nodes, target_ms_per_token=bad, objective="latency")
     with pytest.raises(ValueError, match="head_ms"):
         NodeCapacity("a", 1, 1.0, head_ms=-1.0)
-    assert plan_layers(spec, nodes, entry_ids=["ghost"]).node_ids == ("a",)  # unknown: ignored
+    unknown = plan_layers(spec, nodes, entry_ids=["ghost"], objective="latency")
+    assert unknown.node_ids == ("a",)  # unknown: ignored
 
 
 @settings(max_examples=60 * STRESS, deadline=None)
@@ -327,7 +329,7 @@ def test_many_nodes_use_the_heuristic_and_still_route_around_a_slow_one() -> Non
     count = EXACT_PAIRWISE_MAX_NODES + 3
     spec, nodes, hops, prefill_hops = slowed_mesh(rng, fast=count - 1)
     plan = plan_layers(spec, nodes, hop_ms=hops, prefill_hop_ms=prefill_hops,
-                       target_ms_per_token=18.0, entry_ids=["f0", "f1"])
+                       target_ms_per_token=18.0, entry_ids=["f0", "f1"], objective="latency")
     assert "slow" not in plan.node_ids
     assert plan.meets_targets and len(plan.stages) == 2  # 8 layers each: two are enough
 
@@ -360,7 +362,8 @@ def test_possible_entries_count_on_average_so_a_lone_stage_goes_where_the_many_a
     spec = ModelSpec(num_layers=12, layer_bytes=1000, embed_head_bytes=500)
     nodes = [node(n, 12, 1.0, spec, head_ms=2.0) for n in "abc"]
     hops: Hops = {(x, y): (17.0 if "c" in (x, y) else 2.0) for x in "abc" for y in "abc" if x != y}
-    plan = plan_layers(spec, nodes, hop_ms=hops, entry_ids="abc", entry_mean=True, target_ms_per_token=20.0)
+    plan = plan_layers(spec, nodes, hop_ms=hops, entry_ids="abc", entry_mean=True, target_ms_per_token=20.0,
+                       objective="latency")
     assert len(plan.stages) == 1 and plan.node_ids != ("c",)
     alone = plan.node_ids[0]
     mean = (14.0 + 14.0 + 4.0 + 14.0 + 34.0) / 3  # head + compute from each entry, + its trip
@@ -368,5 +371,5 @@ def test_possible_entries_count_on_average_so_a_lone_stage_goes_where_the_many_a
     assert predict_plan(plan.stages, nodes, hop_ms=hops, entry_ids="abc", entry_mean=True)[0] == pytest.approx(mean)
     assert predict_plan(plan.stages, nodes, hop_ms=hops, entry_ids=alone)[0] == pytest.approx(14.0)
     # the worst entry is c whatever the plan: a lone c is as good as any
-    worst = plan_layers(spec, nodes, hop_ms=hops, entry_ids="abc", target_ms_per_token=20.0)
+    worst = plan_layers(spec, nodes, hop_ms=hops, entry_ids="abc", target_ms_per_token=20.0, objective="latency")
     assert worst.predicted_ms_per_token == pytest.approx(14.0 + 34.0)
