@@ -20,6 +20,7 @@ from daemon.cli_client import cmd_ask, cmd_chat, cmd_down, cmd_status, cmd_tune
 from daemon.cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
 from daemon.cli_up import cmd_up, up_with_tui
 from daemon.node.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES
+from meshllm.placement.planner import DEFAULT_OBJECTIVE, OBJECTIVES
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "fail", "main",
            "up_with_tui"]
@@ -186,12 +187,12 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         help="port peers use for signaling (default: API port + 1)")
     parser.add_argument("--mem-budget", type=_bytes_arg, default=None, metavar="BYTES",
                         help="weights this node offers, e.g. 2G or 500M (default: half the memory)")
-    parser.add_argument("--objective", default=None, choices=("throughput", "latency"),
-                        help="planner objective (default throughput: every node takes a share)")
+    parser.add_argument("--objective", default=None, choices=OBJECTIVES,
+                        help=f"planner objective (default {DEFAULT_OBJECTIVE}: every node takes a share)")
     parser.add_argument("--codec", default=None, choices=("f32", "f16", "bf16", "int8"),
                         help="hidden-state codec between stages (default f32, exact)")
     parser.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, default=None,
-                        metavar="S", help="silence that marks a peer lost (default 1.0 s)")
+                        metavar="S", help="the least silence that marks a peer lost (default 1.0 s; longer for a peer's jitter seen, at most 10 s)")
     parser.add_argument("--device", default=None, metavar="DEV",
                         help="where this node's layers run: cpu (default), cuda or cuda:N")
     parser.add_argument("--fallback-model", dest="fallback_model", default=None, metavar="PATH|builtin|none",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from daemon.hostport import parse_host_port
+from meshllm.placement.planner import DEFAULT_OBJECTIVE, OBJECTIVES
 
 WEIGHT_CHOICES = ("auto", "f32", "f16", "int8", "int4")
 """`--weights`: the same list as meshllm.model.quant.CHOICES (that module imports torch)."""
@@ -76,7 +77,7 @@ class NodeConfig:
     port + 1. It listens on 127.0.0.1 with --loopback, else on every address."""
     mem_budget: int = 0
     """Bytes of weights this node offers the mesh. 0: half of the machine's memory."""
-    objective: str = "throughput"
+    objective: str = DEFAULT_OBJECTIVE
     """Planner objective: ``throughput`` (balanced spans, every node works) or ``latency``."""
     codec: str = "f32"
     """Hidden-state codec between stages: f32 (exact), f16, bf16 or int8 (lossy, opt-in)."""
@@ -172,8 +173,8 @@ class NodeConfig:
             raise ConfigError(f"mesh port must be 0..65535, not {self.mesh_port}")
         if self.mem_budget < 0:
             raise ConfigError("mem budget must be >= 0 bytes")
-        if self.objective not in ("throughput", "latency"):
-            raise ConfigError(f"objective must be throughput or latency, not {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.codec not in ("f32", "f16", "bf16", "int8"):
             raise ConfigError(f"codec must be one of f32, f16, bf16, int8, not {self.codec!r}")
         if self.weights not in WEIGHT_CHOICES:
