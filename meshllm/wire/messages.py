@@ -82,11 +82,13 @@ class Hello(WireStruct):
 
 @dataclass(frozen=True)
 class Heartbeat(WireStruct):
-    """Sent on every link at a steady rate; a missed window marks the peer lost."""
+    """Sent on every link at a steady rate; its arrivals feed the receiver's failure detector
+    (daemon/net/failure_detector.py), which decides when silence means the peer is lost."""
 
     node_id: NodeId
     term: Term
-    """Highest term the sender has seen."""
+    """Reserved: always 0 (elections travel in their own messages); kept so that protocol 3
+    frames stay the same."""
     sent_at_s: Seconds
     """Sender's clock when sent (for RTT measurement; only the sender compares it)."""
 
