@@ -3,7 +3,9 @@ entry sessions' pause, replay and retry policy (design §7, §8).
 
 `MeshCore` is fed link events, messages, timers and the results of compute jobs, each with
 `now`; it is drained of messages to send, compute jobs and events, and says when it next
-needs `handle_timer`. It reads no clock and does no I/O: `daemon/` drives it.
+needs `handle_timer`. It reads no clock and does no I/O: `daemon/` drives it. Its work is
+split by role behind a port (`meshllm.mesh.port`): transition, coordinator, stage, entry and
+status, one module each.
 """
 
 from meshllm.mesh.core import MeshCore, MeshSettings, incompatibility

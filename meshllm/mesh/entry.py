@@ -12,12 +12,17 @@ meshllm.mesh.rebuild). When a stage cannot (its inputs are gone too), the sessio
 replayed from the start instead: `Session.restart()` repeats the same steps in the same
 chunking (merged into large steps where the numerics are invariant). Either way the answer
 does not change (design §8, docs/operations.md).
+
+Each answer is in one explicit state (`AnswerState`: a `Phase` and what the phase needs):
+running; replanning (its stream said so); due a rebuild, a whole rebuild or a full replay
+before its next step; or cancelled. The entry side talks to the core only through its port.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import enum
+import logging
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,13 +30,14 @@ from meshllm import wire
 from meshllm.errors import WireError
 from meshllm.mesh.events import SessionEnded, SessionOutput
 from meshllm.mesh.jobs import Compute, Computed, RebuildPart
+from meshllm.mesh.plans import PlanKey, PlanView
+from meshllm.mesh.port import PlanFollower, Port
 from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS
 from meshllm.mesh.rebuild import parts as rebuild_parts
-from meshllm.mesh.plans import PlanKey, PlanView
 from meshllm.mesh.session import Session, StateChange, Step
+from meshllm.mesh.stage import RebuildMeter, decode_hidden, encode_hidden
 
-if TYPE_CHECKING:
-    from meshllm.mesh.core import MeshCore
+log = logging.getLogger(__name__)
 
 MAX_STEP_RETRIES = 4
 """Consecutive failed steps of one session under one plan before the answer fails."""
@@ -41,6 +47,59 @@ STALE_RETRY_S = 0.5
 node has not heard of yet), how long to wait for that plan before retrying on the old one."""
 
 
+class Phase(enum.Enum):
+    """Where an answer stands with the mesh moving under it."""
+
+    RUNNING = "running"
+    """Its steps run as they come: the stages' caches match the session."""
+    REPLANNING = "replanning"
+    """"replanning" was said (no plan was active, or a step was lost); the stages' caches
+    match the session again (or it has none yet): the next token says "running"."""
+    REBUILD = "rebuild"
+    """Replanning, and a step was lost: the stages rebuild the session's caches from what
+    they kept and the logs before its next step (meshllm.mesh.rebuild)."""
+    WHOLE_REBUILD = "whole_rebuild"
+    """Replanning, and a stage could not rebuild for want of a log: the next rebuild is a
+    whole one (every stage without its log recomputes its whole span)."""
+    FULL_REPLAY = "full_replay"
+    """Replanning, and even a whole rebuild failed (or this node could not run its part):
+    every step is replayed from the start."""
+    CANCELLED = "cancelled"
+    """The user cancelled: the answer ends at the next step boundary."""
+    CANCELLED_REPLANNING = "cancelled_replanning"
+    """Cancelled while replanning: a last token, if one comes, says "running" first."""
+
+    @property
+    def replanning(self) -> bool:
+        """"replanning" was said, and "running" not since."""
+        return self not in (Phase.RUNNING, Phase.CANCELLED)
+
+    @property
+    def cancelled(self) -> bool:
+        return self in (Phase.CANCELLED, Phase.CANCELLED_REPLANNING)
+
+    @property
+    def recovering(self) -> bool:
+        """The stages' caches must be rebuilt (or the session replayed) before its next step."""
+        return self in _RECOVERY_LEVEL
+
+
+_RECOVERY_LEVEL = {Phase.REBUILD: 1, Phase.WHOLE_REBUILD: 2, Phase.FULL_REPLAY: 3}
+
+
+@dataclass(frozen=True)
+class AnswerState:
+    """An answer's phase, and what the phase needs to know of stale-plan refusals."""
+
+    phase: Phase = Phase.RUNNING
+    since: float | None = None
+    """Since when stages keep refusing this answer's steps as "stale_plan" (the mesh is
+    moving: elections, joins), with no token in between; such refusals count as failures
+    only once this has lasted `plan_wait_s`."""
+    retry_at: float | None = None
+    """After a "stale_plan" refusal: no retry on the same plan before then."""
+
+
 @dataclass
 class _RebuildRun:
     """A rebuild of the stages' caches for a session's `position` positions."""
@@ -48,6 +107,8 @@ class _RebuildRun:
     position: int
     prefill: int
     history: tuple[int, ...]
+    whole: bool
+    """Every stage without the log it needs recomputes its whole span."""
     jobs: dict[int, tuple[str, wire.Rebuild]]
     """This node's own jobs for parts of the rebuild, each with its role ("first": the first
     stage's layers, "embed": the embedding for a first stage elsewhere, "last": the last
@@ -75,48 +136,94 @@ class _InFlight:
 
 @dataclass
 class _Answer:
+    """One answer entered here: its session, the step in flight, and its state (the state's
+    transitions are here; their outputs are the entry side's)."""
+
     session: Session
     seq: int = 0
     plan_key: PlanKey | None = None
     failures: int = 0
-    paused: bool = False
     plan_deadline: float | None = None
     """While no plan is active: when the answer gives up waiting for one."""
-    cancel: bool = False
     step: _InFlight | None = None
-    retry_at: float | None = None
-    """After a "stale_plan" refusal: no retry on the same plan before then."""
-    needs_rebuild: bool = False
-    """The stages' caches may not match the session any more (a new plan, a lost step)."""
-    whole_rebuild: bool = False
-    """A stage could not rebuild for want of a log: the next rebuild is a whole one."""
-    moving_since: float | None = None
-    """Since when stages keep refusing this answer's steps as "stale_plan" (the mesh is
-    moving: elections, joins), with no token in between; such refusals count as failures
-    only once this has lasted `plan_wait_s`."""
-    full_replay: bool = False
-    """Even a whole rebuild failed: replay every step instead."""
+    state: AnswerState = field(default_factory=AnswerState)
+
+    def _set(self, phase: Phase) -> None:
+        self.state = replace(self.state, phase=phase)
+
+    def cancel(self) -> None:
+        self._set(Phase.CANCELLED_REPLANNING if self.state.phase.replanning else Phase.CANCELLED)
+
+    def pause(self) -> bool:
+        """Replanning from now on; True when that is news (then "replanning" is said)."""
+        phase = self.state.phase
+        if phase.replanning:
+            return False
+        self._set(Phase.CANCELLED_REPLANNING if phase.cancelled else Phase.REPLANNING)
+        return True
+
+    def token(self) -> bool:
+        """A new token: running again; True when that is news (then "running" is said)."""
+        self.failures = 0  # progress (replayed steps do not count)
+        self.state = replace(self.state, since=None)
+        phase = self.state.phase
+        if not phase.replanning:
+            return False
+        self._set(Phase.CANCELLED if phase.cancelled else Phase.RUNNING)
+        return True
+
+    def refused_as_stale(self, now: float, plan_wait_s: float) -> None:
+        """A stage refused the step in flight as "stale_plan": the mesh is moving. No retry on
+        the same plan for a moment, and not a failure of the step while it has not moved
+        for `plan_wait_s` (the caller's `lose` counts it back)."""
+        since = self.state.since if self.state.since is not None else now
+        self.state = replace(self.state, since=since, retry_at=now + STALE_RETRY_S)
+        if now - since < plan_wait_s:
+            self.failures -= 1
+
+    def lost(self, step: _InFlight, recovery: Phase) -> None:
+        """`step` was lost (and "replanning" said): the next step rebuilds the stages' caches
+        first, at least as `recovery` says, and whole again after a whole rebuild."""
+        if self.state.phase.cancelled:
+            return  # the answer ends at the next step boundary anyway
+        if step.rebuild is not None and step.rebuild.whole:
+            recovery = max(recovery, Phase.WHOLE_REBUILD, key=_RECOVERY_LEVEL.__getitem__)
+        self._set(recovery)
+
+    def recovery(self, plan: PlanView) -> Phase | None:
+        """About to step on `plan`: the recovery due first (REBUILD, WHOLE_REBUILD or
+        FULL_REPLAY; a rebuild too when the plan moved, as the caches live on the old plan's
+        stages), or None; the answer is no longer recovering once it is taken."""
+        phase = self.state.phase
+        moved = self.plan_key is not None and plan.key != self.plan_key
+        if moved:
+            self.failures = 0  # failures count up only while the plan stays the same
+        self.plan_key = plan.key
+        if not (phase.recovering or moved):
+            return None
+        self._set(Phase.REPLANNING if phase.replanning else Phase.RUNNING)
+        return phase if phase.recovering else Phase.REBUILD
 
 
-class EntrySessions:
-    """Every answer whose entry node this is."""
+class EntrySessions(PlanFollower):
+    """Every answer whose entry node this is. `meter` counts the rebuild parts this node runs
+    for its own answers (shared with the stage role, `meshllm.mesh.stage.RebuildMeter`)."""
 
-    def __init__(self, core: MeshCore) -> None:
-        self._core = core
+    def __init__(self, port: Port, meter: RebuildMeter) -> None:
+        self._port = port
+        self._meter = meter
         self._answers: dict[str, _Answer] = {}
         self._by_job: dict[int, str] = {}
         self._counter = 0
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._answers
-
-    def __len__(self) -> int:
-        return len(self._answers)
+    def state(self, session_id: str) -> AnswerState | None:
+        answer = self._answers.get(session_id)
+        return answer.state if answer is not None else None
 
     # -- from the driver -------------------------------------------------------------------
 
     def open(self, session: Session, now: float) -> str:
-        session.session_id = f"{self._core.node_id}/{self._counter}"
+        session.session_id = f"{self._port.node_id}/{self._counter}"
         self._counter += 1
         self._answers[session.session_id] = _Answer(session)
         self._advance(self._answers[session.session_id], now)
@@ -126,16 +233,16 @@ class EntrySessions:
         """Stop at the next step boundary; the answer ends with a "cancelled" token."""
         answer = self._answers.get(session_id)
         if answer is not None:
-            answer.cancel = True
+            answer.cancel()
             self._advance(answer, now)
 
     def close(self, session_id: str) -> None:
         """Nobody listens any more: forget the answer now, with no further output."""
         answer = self._answers.pop(session_id, None)
         if answer is not None:
-            self._core.drop_everywhere(session_id)
+            self._drop_everywhere(session_id)
 
-    # -- from the core -------------------------------------------------------------------------
+    # -- from the transition and the core -----------------------------------------------------
 
     def plan_changed(self, now: float) -> None:
         """A new plan was offered, or the plan in force went void: steps on the chain are lost."""
@@ -145,7 +252,7 @@ class EntrySessions:
             else:
                 self._advance(answer, now)
 
-    def plan_active(self, now: float) -> None:
+    def plan_active(self, plan: PlanView, now: float) -> None:
         for answer in list(self._answers.values()):
             self._advance(answer, now)
 
@@ -157,18 +264,16 @@ class EntrySessions:
 
     def step_failed(self, sender: str, msg: wire.StepFailed, now: float) -> None:
         answer = self._answers.get(msg.session_id)
-        if answer is not None and answer.step is not None and answer.step.seq == msg.seq:
-            if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
-                answer.retry_at = now + STALE_RETRY_S
-                if answer.moving_since is None:
-                    answer.moving_since = now
-                if now - answer.moving_since < self._core.settings.plan_wait_s:
-                    answer.failures -= 1  # not a failure of the step: _lose counts it back
-            if msg.code == "no_log" and answer.step.rebuild is not None:
-                if answer.whole_rebuild:  # even a whole rebuild failed: replay the session
-                    answer.full_replay = True
-                answer.whole_rebuild = True
-            self._lose(answer, f"{sender}: {msg.code}: {msg.message}", now)
+        if answer is None or answer.step is None or answer.step.seq != msg.seq:
+            return
+        recovery = Phase.REBUILD
+        if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
+            answer.refused_as_stale(now, self._port.settings.plan_wait_s)
+        rebuild = answer.step.rebuild
+        if msg.code == "no_log" and rebuild is not None:
+            # even a whole rebuild failed: replay the session; else rebuild whole
+            recovery = Phase.FULL_REPLAY if rebuild.whole else Phase.WHOLE_REBUILD
+        self._lose(answer, f"{sender}: {msg.code}: {msg.message}", now, recovery)
 
     def result(self, sender: str, msg: wire.Result, now: float) -> None:
         """The last stage's output for a step. Raises ValueError for a result that cannot be
@@ -181,7 +286,7 @@ class EntrySessions:
         if sender != step.plan.node_ids[-1]:
             raise ValueError(f"result for {msg.session_id} from {sender}, not from the last stage")
         try:
-            hidden = self._core.decode_hidden(msg.hidden, step.plan.codec, len(step.step.token_ids))
+            hidden = decode_hidden(self._port, msg.hidden, step.plan.codec, len(step.step.token_ids))
         except WireError as e:
             self._lose(answer, f"bad result from {sender}: {e}", now)
             return
@@ -194,7 +299,7 @@ class EntrySessions:
     def forward_is_final(self, session_id: str, route: tuple[str, ...]) -> bool:
         """A `Forward` whose last stage is this node, for an answer of its own: the layers
         are fused with the head and sampler."""
-        return route == (self._core.node_id,) and session_id in self._answers
+        return route == (self._port.node_id,) and session_id in self._answers
 
     def final_forward(self, msg: wire.Forward, hidden: np.ndarray, now: float) -> int | None:
         """Run this node's layers (the last stage) and the head for an answer of its own; the
@@ -223,8 +328,8 @@ class EntrySessions:
         step = answer.step
         step.job_id = None
         if step.ran_span:
-            self._core.stats.computed(len(step.step.token_ids), result.span_ms)
-        active = self._core.book.active
+            self._port.stats.computed(len(step.step.token_ids), result.span_ms)
+        active = self._port.plans.active
         if step.lost is not None:
             self._lose(answer, step.lost, now)
         elif result.hidden is not None and (active is None or active.key != step.plan.key):
@@ -243,8 +348,7 @@ class EntrySessions:
         if answer is None or answer.step is None:
             return True
         if answer.step.rebuild is not None and answer.step.rebuild.jobs.pop(job_id, None) is not None:
-            answer.full_replay = True  # this node could not run its part: replay instead
-            self._lose(answer, reason, now)
+            self._lose(answer, reason, now, Phase.FULL_REPLAY)  # this node could not run its part
         elif answer.step.job_id == job_id:
             answer.step.job_id = None
             self._lose(answer, reason, now)
@@ -254,13 +358,13 @@ class EntrySessions:
         for answer in list(self._answers.values()):
             step = answer.step
             if step is not None and step.deadline is not None and step.deadline <= now:
-                self._lose(answer, f"no result after {self._core.settings.step_timeout_s:.0f} s", now)
-            elif any(d is not None and d <= now for d in (answer.plan_deadline, answer.retry_at)):
+                self._lose(answer, f"no result after {self._port.settings.step_timeout_s:.0f} s", now)
+            elif any(d is not None and d <= now for d in (answer.plan_deadline, answer.state.retry_at)):
                 self._advance(answer, now)
 
     def next_timer(self) -> float | None:
         deadlines = [d for a in self._answers.values()
-                     for d in (a.plan_deadline, a.retry_at, a.step.deadline if a.step else None)
+                     for d in (a.plan_deadline, a.state.retry_at, a.step.deadline if a.step else None)
                      if d is not None]
         return min(deadlines, default=None)
 
@@ -273,96 +377,91 @@ class EntrySessions:
 
     def _advance(self, answer: _Answer, now: float) -> None:
         """Start the answer's next step if nothing is in flight and a plan allows it."""
-        core = self._core
+        port = self._port
         session = answer.session
         while answer.step is None:
             step = session.next_step()
             if step is None:
                 self._end(session.session_id, None)
                 return
-            if answer.cancel:
+            if answer.state.phase.cancelled:
                 self._output(answer, session.cancel())
                 self._end(session.session_id, None)
                 return
-            plan = core.book.active
+            plan = port.plans.active
             if plan is None:
-                if core.placement_error is not None:
-                    self._end(session.session_id, f"the mesh cannot hold the model: {core.placement_error}")
+                if port.placement_error is not None:
+                    self._end(session.session_id, f"the mesh cannot hold the model: {port.placement_error}")
                     return
                 if answer.plan_deadline is None:
-                    answer.plan_deadline = now + core.settings.plan_wait_s
+                    answer.plan_deadline = now + port.settings.plan_wait_s
                 elif answer.plan_deadline <= now:
                     self._end(session.session_id, "no active plan: the mesh is still forming or re-planning")
                     return
-                self._pause(answer)
+                if answer.pause():
+                    self._output(answer, StateChange("replanning"))
                 return
             answer.plan_deadline = None
-            if answer.retry_at is not None:
-                if plan.key == answer.plan_key and now < answer.retry_at:
+            if answer.state.retry_at is not None:
+                if plan.key == answer.plan_key and now < answer.state.retry_at:
                     return  # a stage refused this plan as stale: wait for the newer one
-                answer.retry_at = None
-            if answer.plan_key is not None and plan.key != answer.plan_key:
-                answer.failures = 0  # the caches live on the old plan's stages: rebuild them
-                answer.needs_rebuild = True
-            answer.plan_key = plan.key
-            if answer.needs_rebuild:
-                answer.needs_rebuild = False
-                if answer.full_replay:
-                    answer.full_replay = answer.whole_rebuild = False
-                    core.stats.full_replays += 1
-                    core.log_step_lost(session.session_id, answer.seq, "rebuild impossible: replaying every step")
-                    session.restart(INVARIANT_PART_POSITIONS if core.settings.batch_invariant else 0)
-                    continue
-                if session.position > 0:
-                    self._start_rebuild(answer, step, plan, now)
-                    return
+                answer.state = replace(answer.state, retry_at=None)
+            recovery = answer.recovery(plan)
+            if recovery is Phase.FULL_REPLAY:
+                port.stats.full_replays += 1
+                _log_lost(session.session_id, answer.seq, "rebuild impossible: replaying every step")
+                session.restart(INVARIANT_PART_POSITIONS if port.settings.batch_invariant else 0)
+                continue
+            if recovery is not None and session.position > 0:
+                self._start_rebuild(answer, step, plan, recovery is Phase.WHOLE_REBUILD, now)
+                return
             answer.step = _InFlight(answer.seq, step, plan)
             answer.seq += 1
-            first_is_here = plan.node_ids[0] == core.node_id
+            first_is_here = plan.node_ids[0] == port.node_id
             alone = first_is_here and len(plan.stages) == 1
             finish = ("discard" if step.replay else "sample") if alone else "send"
             self._run_job(answer, token_ids=step.token_ids, run_span=first_is_here, finish=finish)
 
     # -- rebuilds ------------------------------------------------------------------------------
 
-    def _start_rebuild(self, answer: _Answer, step: Step, plan: PlanView, now: float) -> None:
+    def _start_rebuild(self, answer: _Answer, step: Step, plan: PlanView, whole: bool, now: float) -> None:
         """Have every stage of `plan` hold the session's caches again: one rebuild, streamed
         down the chain in parts (meshllm.mesh.rebuild), instead of a replay step by step."""
-        core = self._core
+        port = self._port
         session = answer.session
         history, prefill = session.history()
-        if answer.whole_rebuild:
-            core.stats.whole_rebuilds += 1
-            core.log_step_lost(session.session_id, answer.seq, "a log is gone: every stage without it "
-                                                                "recomputes its whole span")
-        run = _RebuildRun(len(history), prefill, history, {})
+        if whole:
+            port.stats.whole_rebuilds += 1
+            _log_lost(session.session_id, answer.seq, "a log is gone: every stage without it "
+                                                      "recomputes its whole span")
+        run = _RebuildRun(len(history), prefill, history, whole, {})
         answer.step = _InFlight(answer.seq, step, plan, rebuild=run)
         answer.seq += 1
-        answer.step.deadline = now + core.settings.step_timeout_s
+        answer.step.deadline = now + port.settings.step_timeout_s
         ids = plan.node_ids
-        first_is_here = ids[0] == core.node_id
+        first_is_here = ids[0] == port.node_id
         route = ids[1:] if first_is_here else ids
-        for start, end in rebuild_parts(run.position, prefill, core.settings.batch_invariant):
+        for start, end in rebuild_parts(run.position, prefill, port.settings.batch_invariant):
             part = wire.Rebuild(session.session_id, answer.step.seq, plan.key[0], plan.key[1], run.position,
-                                prefill, start, end - start, (), route[1:] + (core.node_id,), answer.whole_rebuild)
-            job = RebuildPart(core.next_job_id(), session.session_id, answer.step.seq, run.position, prefill,
+                                prefill, start, end - start, (), route[1:] + (port.node_id,), whole)
+            job = RebuildPart(port.next_job_id(), session.session_id, answer.step.seq, run.position, prefill,
                               start, end - start, token_ids=history[start:end], run_span=first_is_here,
-                              whole=answer.whole_rebuild)
+                              whole=whole)
             run.jobs[job.job_id] = ("first" if first_is_here else "embed", part)
             self._by_job[job.job_id] = session.session_id
-            core.add_job(job)
+            port.add_job(job)
 
     def final_rebuild_part(self, msg: wire.Rebuild, hidden: np.ndarray | None, now: float) -> None:
         """A part of a rebuild of an answer of this node's own, which holds its last stage."""
         answer = self._answers.get(msg.session_id)
         if answer is None or answer.step is None or answer.step.seq != msg.seq or answer.step.rebuild is None:
             return
-        core = self._core
-        job = RebuildPart(core.next_job_id(), msg.session_id, msg.seq, msg.position, msg.prefill,
+        port = self._port
+        job = RebuildPart(port.next_job_id(), msg.session_id, msg.seq, msg.position, msg.prefill,
                           msg.start_pos, msg.positions, hidden=hidden, whole=msg.whole)
         answer.step.rebuild.jobs[job.job_id] = ("last", msg)
         self._by_job[job.job_id] = msg.session_id
-        core.add_job(job)
+        port.add_job(job)
 
     def rebuilt(self, sender: str, msg: wire.Rebuilt, now: float) -> None:
         answer = self._answers.get(msg.session_id)
@@ -370,59 +469,55 @@ class EntrySessions:
             return
         if sender != answer.step.plan.node_ids[-1]:
             raise ValueError(f"rebuild of {msg.session_id} reported done by {sender}, not by the last stage")
-        self._rebuild_done(answer, now)
+        answer.step = None
+        self._advance(answer, now)
 
     def _rebuild_part_done(self, answer: _Answer, role: str, part: wire.Rebuild, result: Computed,
                            now: float) -> None:
         """One of this node's own jobs of a rebuild (see `_RebuildRun.jobs`)."""
-        core = self._core
         step = answer.step
         assert step is not None and step.rebuild is not None
-        if role != "embed" and not core.rebuild_part_done(part, result):
+        if role != "embed" and not self._meter.part_done(part, result):
             return  # refused here: the entry side heard it as a "no_log" failure
         ids = step.plan.node_ids
         if role == "last" or (role == "first" and len(ids) == 1):  # this node held the whole chain
-            if part.start_pos + part.positions == part.position:
-                self._rebuild_done(answer, now)
+            if part.start_pos + part.positions == part.position:  # the rebuild is done
+                answer.step = None
+                self._advance(answer, now)
             return
-        hidden = () if result.hidden is None else (core.encode_hidden(result.hidden, step.plan.codec),)
-        core.send(ids[1 if role == "first" else 0], wire.Rebuild(
+        hidden = () if result.hidden is None else (encode_hidden(result.hidden, step.plan.codec),)
+        self._port.send(ids[1 if role == "first" else 0], wire.Rebuild(
             part.session_id, part.seq, part.term, part.epoch, part.position, part.prefill, part.start_pos,
             part.positions, hidden, part.route, part.whole), channel="activation", positions=part.positions)
-
-    def _rebuild_done(self, answer: _Answer, now: float) -> None:
-        answer.step = None
-        answer.whole_rebuild = False
-        self._advance(answer, now)
 
     def _run_job(self, answer: _Answer, *, token_ids: tuple[int, ...] | None = None,
                  hidden: np.ndarray | None = None, run_span: bool, finish: str) -> int:
         step = answer.step
         assert step is not None
-        job_id = self._core.next_job_id()
+        job_id = self._port.next_job_id()
         step.job_id = job_id
         step.ran_span = run_span
         self._by_job[job_id] = answer.session.session_id
-        self._core.add_job(Compute(job_id, answer.session.session_id, step.step.start_pos,
+        self._port.add_job(Compute(job_id, answer.session.session_id, step.step.start_pos,
                                    len(step.step.token_ids), token_ids, hidden, run_span,
                                    finish))  # type: ignore[arg-type]
         return job_id
 
     def _send_down_chain(self, answer: _Answer, hidden: np.ndarray, now: float) -> None:
         """This node's part of the step is done: hand the hidden state to the next stage."""
-        core = self._core
+        port = self._port
         step = answer.step
         assert step is not None
         plan = step.plan
         ids = plan.node_ids
-        first = 1 if ids[0] == core.node_id else 0  # this node ran the first stage already
+        first = 1 if ids[0] == port.node_id else 0  # this node ran the first stage already
         if first == len(ids):  # a single stage here, with finish "send": cannot happen
             raise AssertionError("a plan of one stage on the entry node runs as one job")
-        route = ids[first + 1:] + (core.node_id,)
+        route = ids[first + 1:] + (port.node_id,)
         msg = wire.Forward(answer.session.session_id, step.seq, plan.key[0], plan.key[1],
-                           step.step.start_pos, core.encode_hidden(hidden, plan.codec), route)
-        step.deadline = now + core.settings.step_timeout_s
-        core.send(ids[first], msg, channel="activation", positions=hidden.shape[0])
+                           step.step.start_pos, encode_hidden(hidden, plan.codec), route)
+        step.deadline = now + port.settings.step_timeout_s
+        port.send(ids[first], msg, channel="activation", positions=hidden.shape[0])
 
     def _finish_step(self, answer: _Answer, token_id: int | None, now: float) -> None:
         session = answer.session
@@ -434,15 +529,14 @@ class EntrySessions:
         else:
             if token_id is None:
                 raise AssertionError("a sampling step ended without a token")
-            answer.failures = 0  # progress: a new token (replayed steps do not count)
-            answer.moving_since = None
-            if answer.paused:
-                self._resume(answer)
+            if answer.token():
+                self._output(answer, StateChange("running"))
             self._output(answer, session.accept(token_id))
         self._advance(answer, now)
 
-    def _lose(self, answer: _Answer, reason: str, now: float) -> None:
-        """The step in flight is lost: replay the session (or give up after too many)."""
+    def _lose(self, answer: _Answer, reason: str, now: float, recovery: Phase = Phase.REBUILD) -> None:
+        """The step in flight is lost: rebuild the stages' caches (at least at `recovery`,
+        and whole again after a whole rebuild) and carry on, or give up after too many."""
         step = answer.step
         if step is None:
             return
@@ -451,28 +545,30 @@ class EntrySessions:
             return
         answer.step = None
         answer.failures += 1
-        self._core.log_step_lost(answer.session.session_id, step.seq, reason)
+        _log_lost(answer.session.session_id, step.seq, reason)
         if answer.failures > MAX_STEP_RETRIES:
             self._end(answer.session.session_id, f"steps keep failing: {reason}")
             return
-        self._pause(answer)
-        answer.needs_rebuild = True  # failures count up only while the plan stays the same
+        if answer.pause():
+            self._output(answer, StateChange("replanning"))
+        answer.lost(step, recovery)
         self._advance(answer, now)
 
-    def _pause(self, answer: _Answer) -> None:
-        if not answer.paused:
-            answer.paused = True
-            self._output(answer, StateChange("replanning"))
-
-    def _resume(self, answer: _Answer) -> None:
-        answer.paused = False
-        self._output(answer, StateChange("running"))
-
     def _output(self, answer: _Answer, item: object) -> None:
-        self._core.emit(SessionOutput(answer.session.session_id, item))  # type: ignore[arg-type]
+        self._port.emit(SessionOutput(answer.session.session_id, item))  # type: ignore[arg-type]
 
     def _end(self, session_id: str, error: str | None) -> None:
         if self._answers.pop(session_id, None) is None:
             return
-        self._core.emit(SessionEnded(session_id, error))
-        self._core.drop_everywhere(session_id)
+        self._port.emit(SessionEnded(session_id, error))
+        self._drop_everywhere(session_id)
+
+    def _drop_everywhere(self, session_id: str) -> None:
+        """Every stage of the plan in force frees the session's caches (this node too)."""
+        plan = self._port.plans.active
+        for node_id in plan.node_ids if plan is not None else ():
+            self._port.send(node_id, wire.DropSession(session_id))
+
+
+def _log_lost(session_id: str, seq: int, reason: str) -> None:
+    log.info("session %s step %d lost: %s", session_id, seq, reason)

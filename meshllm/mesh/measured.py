@@ -13,7 +13,6 @@ worker thread, the event loops), calibrated on the 3-node loopback mesh of docs/
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -272,14 +271,6 @@ def miss_ms(value: float | None, target: float | None) -> float | None:
     if value is None or target is None:
         return None
     return max(0.0, value - target)
-
-
-def ratio_to_targets(decode_ms: float, ttft_ms: float, target_ms_per_token: float | None,
-                     target_ttft_ms: float | None) -> float:
-    """The worst of predicted / target over the targets given (<= 1: meets them)."""
-    ratios = [value / target for value, target in ((decode_ms, target_ms_per_token), (ttft_ms, target_ttft_ms))
-              if target is not None]
-    return max(ratios) if ratios else math.nan
 
 
 def plan_summary(plan: Plan) -> str:

@@ -1,7 +1,8 @@
 """The mesh driver over an in-memory network, with the real model: exact answers.
 
 The mesh logic's scenarios (partitions, lost stages and coordinators, leaves, memory,
-late joiners, balancing) run as pure tests in tests/unit/test_mesh_core.py; these check the
+late joiners, balancing) run as pure tests, one file per role of the core:
+tests/unit/test_mesh_{transition,coordinator,stage,entry,status,core}.py; these check the
 driver, the worker and the model together."""
 
 from __future__ import annotations

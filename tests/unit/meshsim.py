@@ -4,6 +4,9 @@ without torch, sockets or an event loop (like the election tests' `Net`).
 The toy model has real KV-cache rules: a layer's output at a position depends on every
 earlier position's input to that layer, so a cache that is missing, stale or built in the
 wrong order changes the tokens. Every message is encoded and decoded on the way.
+
+Below the simulator: the scenarios the role tests share (`settled`, `kill_when`, ...), and a
+port stub (`PortStub`) for testing one role of the core on its own.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from meshllm import wire
 from meshllm.placement.linkstats import LinkStats
 from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, SessionEnded, SessionOutput,
+    StageStats, StatusChanged,
 )
 from meshllm.mesh.core import ModelLimits
 from meshllm.mesh.jobs import ImportCache, Loaded, RebuildPart
+from meshllm.mesh.plans import PlanBook
 from meshllm.mesh.rebuild import OutputLogs, Rebuilder
 from meshllm.placement.planner import ModelSpec
 from meshllm.mesh.session import Session, StateChange, Token
@@ -428,3 +433,155 @@ class Net:
             elif isinstance(event, SessionEnded):
                 answer = node.answers.setdefault(event.session_id, Answer())
                 answer.done, answer.error = True, event.error
+
+
+# -- scenarios the role tests share ----------------------------------------------------------------
+
+PROMPT = (5, 6, 7, 8, 9)
+OTHER_PROMPT = (11, 3, 42)
+
+
+def settled(names: str = "abc", **settings: object) -> Net:
+    """Nodes linked to each other, with one active plan; `settings` override MeshSettings."""
+    net = Net()
+    for n in names:
+        net.add(n, settings=MeshSettings(**{"election_timeout_s": 0.2, "plan_wait_s": 10.0, **settings}))  # type: ignore[arg-type]
+    net.connect_all()
+    net.settle()
+    return net
+
+
+def three_nodes() -> Net:
+    return settled("abc")
+
+
+def kill_when(net: Net, answer_node: str, victim_of: Callable[[Net], str], tokens: int,
+              max_tokens: int = 40) -> tuple[Answer, str]:
+    """Ask at `answer_node`; once `tokens` came, kill `victim_of(net)`; run to the end."""
+    answer = net.ask(answer_node, PROMPT, max_tokens)
+    net.run_until(lambda: len(answer.tokens) >= tokens)
+    victim = victim_of(net)
+    net.kill(victim)
+    net.run_until(lambda: answer.done)
+    return answer, victim
+
+
+def lose_one_step(net: Net, after_seq: int = -1) -> list[wire.Message]:
+    """The network loses the first step output that the last stage other than node a sends
+    after step `after_seq`; the list holds it once lost."""
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    last = plan.node_ids[-1] if plan.node_ids[-1] != "a" else plan.node_ids[-2]
+    dropped: list[wire.Message] = []
+
+    def lose(sender: str, dest: str, msg: wire.Message) -> bool:
+        if sender == last and not dropped and isinstance(msg, (wire.Result, wire.Forward)) and msg.seq > after_seq:
+            dropped.append(msg)
+            return True
+        return False
+
+    net.lose = lose
+    return dropped
+
+
+def forward(net: Net, sender: str, target: str, *, hidden: np.ndarray, session: str | None = None,
+            route: tuple[str, ...] | None = None) -> None:
+    """A `Forward` from `sender` straight into `target`'s core (not collected)."""
+    plan = net.nodes[target].core.book.active
+    assert plan is not None
+    msg = wire.Forward(session or f"{sender}/99", 0, plan.key[0], plan.key[1], 0,
+                       wire.encode_tensor(hidden, "f32"), route or (sender,))
+    net.nodes[target].core.receive(sender, msg, net.now)
+
+
+def rebuild_logs(net: Net) -> list[str]:
+    return [e.message for n in net.nodes.values() for e in n.log if e.message.startswith("rebuilt session")]
+
+
+SLOW_LINK_MS = 30.0
+
+
+def slow_links(slow: str) -> Callable[[str, str], LinkStats]:
+    """Loopback-like links, except that every link of ``slow`` has SLOW_LINK_MS more round trip
+    (what its peers and itself measure when it runs with --debug-link-delay-ms)."""
+    def stats(node: str, peer: str) -> LinkStats:
+        rtt = 1.0 + (SLOW_LINK_MS if slow in (node, peer) else 0.0)
+        return LinkStats(rtt_ms=rtt, small_mb_s=20.0, large_mb_s=40.0, samples=2, rtt_samples=16)
+    return stats
+
+
+def placed(target_ms_per_token: float | None) -> Net:
+    """Three nodes that can each hold 4 of the 6 layers (so at least two are needed); a's links
+    are slow, as the sim delivers them and as the links measure them. Before the first
+    measurement every pair looks alike, and the plan takes a."""
+    net = Net()
+    settings = MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0, target_ms_per_token=target_ms_per_token)
+    for n in "abc":
+        net.add(n, mem_budget_bytes=EMBED_HEAD_BYTES + 4 * LAYER_BYTES, settings=settings)
+    net.extra_latency_s = lambda sender, dest, msg: SLOW_LINK_MS / 2000 if "a" in (sender, dest) else 0.0
+    net.connect_all()
+    net.settle()
+    plan = net.nodes["b"].core.book.active
+    assert plan is not None and "a" in plan.node_ids
+    net.run_measuring(3.0, slow_links("a"))
+    net.settle()
+    return net
+
+
+# -- a port for one role alone ---------------------------------------------------------------------
+
+
+class PortStub:
+    """The port (`meshllm.mesh.port.Port`) for one role on its own: it records what the role
+    sends, runs, emits and logs, and its views are plain fields a test sets."""
+
+    def __init__(self, node_id: str = "a", members: tuple[str, ...] = ("a", "b", "c"),
+                 settings: MeshSettings | None = None) -> None:
+        self.node_id = node_id
+        self.settings = settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0)
+        self.spec = SPEC
+        self.limits = LIMITS
+        self.stats = StageStats()
+        self.now = 0.0
+        self.members: dict[str, wire.Hello] = {
+            n: wire.Hello(n, n, wire.PROTOCOL_VERSION, "sim", "toy-model", 8000, 10**6, 1.0, True) for n in members}
+        self.term = 1
+        self.coordinator_id: str | None = node_id
+        self.plans: PlanBook = PlanBook()
+        self.span = (0, 0)
+        self.placement_error: str | None = None
+        self.sent: list[tuple[str, wire.Message]] = []
+        self.jobs: list[Job] = []
+        self.events: list[object] = []
+        self._job_ids = 0
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.coordinator_id == self.node_id
+
+    def name_of(self, node_id: str) -> str:
+        return node_id
+
+    def send(self, dest: str, msg: wire.Message, *, channel: str = "control", positions: int = 0) -> None:
+        self.sent.append((dest, msg))
+
+    def add_job(self, job: Job) -> None:
+        self.jobs.append(job)
+
+    def emit(self, event: object) -> None:
+        self.events.append(event)
+
+    def log(self, kind: str, message: str) -> None:
+        self.events.append(Logged(kind, message))  # type: ignore[arg-type]
+
+    def changed(self) -> None:
+        self.events.append(StatusChanged())
+
+    def next_job_id(self) -> int:
+        self._job_ids += 1
+        return self._job_ids
+
+    def drain(self) -> tuple[list[tuple[str, wire.Message]], list[Job], list[object]]:
+        out = (self.sent, self.jobs, self.events)
+        self.sent, self.jobs, self.events = [], [], []
+        return out

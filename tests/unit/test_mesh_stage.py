@@ -1,0 +1,278 @@
+"""The stage role (meshllm.mesh.stage) on the simulator: the checks of every step a peer
+forwards, the bound on queued work, refusals told at once, the caches handed over to a stage,
+and rebuilds of lost layers from what the stages kept and logged (docs/operations.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshllm import wire
+from meshllm.mesh import Compute, DropSessions
+from meshllm.mesh.jobs import Computed, ImportCache, RebuildPart
+from tests.unit.meshsim import (
+    HIDDEN, LAYERS, PROMPT, Net, forward, kill_when, rebuild_logs, reference, settled, three_nodes,
+)
+
+
+def refusals(net: Net, node: str) -> list[wire.StepFailed]:
+    return [m for m in net.nodes[node].sent if isinstance(m, wire.StepFailed)]
+
+
+def test_bad_steps_from_a_peer_are_refused_and_the_mesh_carries_on() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage = plan.node_ids[1]
+    peer = next(n for n in "abc" if n != stage)
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN + 1), np.float32))  # wrong width
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), session="someone-else/1")
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), route=("intruder",))
+    net.nodes[stage].core.receive(peer, wire.Plan(0, 0, (wire.Stage(peer, 0, 2),), "f32"), net.now)  # short plan
+    refused = [s.message for s in net.nodes[stage].core.sends() if isinstance(s.message, wire.StepFailed)]
+    assert [m.code for m in refused] == ["bad_step", "bad_step"]  # nothing is sent to an unknown "intruder"
+    assert not [j for j in net.nodes[stage].core.jobs() if isinstance(j, Compute)]
+    for n in "abc":
+        assert net.answer(n, PROMPT, 10).tokens == reference(PROMPT, 10)
+
+
+def test_a_flood_of_steps_is_refused_as_busy_beyond_the_queue_bound() -> None:
+    net = settled("ab", max_queued_steps=4)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage, peer = plan.node_ids[-1], plan.node_ids[0]
+    assert stage != peer  # two equal nodes split the layers
+    for i in range(10):
+        forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), session=f"{peer}/{100 + i}")
+    sent = net.nodes[stage].core.sends()
+    busy = [s.message for s in sent if isinstance(s.message, wire.StepFailed) and s.message.code == "busy"]
+    assert len(busy) == 6
+    assert len([j for j in net.nodes[stage].core.jobs() if isinstance(j, Compute)]) == 4
+
+
+def test_an_entry_node_that_is_a_middle_stage_hears_its_own_refusal_at_once() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    middle = plan.node_ids[1]
+    node = net.nodes[middle]
+    original = node.shard.run
+    failed: list[Compute] = []
+
+    def fail_once(job: Compute):  # type: ignore[no-untyped-def]
+        if job.token_ids is None and job.finish == "send" and not failed:
+            failed.append(job)
+            raise ValueError("a cache out of step")
+        return original(job)
+
+    node.shard.run = fail_once  # type: ignore[method-assign]
+    start = net.now
+    answer = net.answer(middle, PROMPT, 8)
+    assert failed and answer.error is None and answer.tokens == reference(PROMPT, 8)
+    assert net.now - start < 5.0  # not after the 120 s step timeout
+
+
+def test_a_lost_stage_is_rebuilt_from_the_logs_only_for_the_lost_layers() -> None:
+    """Whatever stage is lost (not the entry node), the stages recompute only its layers,
+    from the logs, with no full replay."""
+    for victim_pick in (0, 1):
+        net = three_nodes()
+        plan = net.nodes["a"].core.book.active
+        assert plan is not None
+        victims = [n for n in plan.node_ids if n != "a"]
+        victim = victims[victim_pick % len(victims)]
+        answer, _ = kill_when(net, "a", lambda net: victim, 15)
+        assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+        new_plan = net.nodes["a"].core.book.active
+        assert new_plan is not None
+        stats = [n.core.stats for n in net.nodes.values()]
+        lost = plan.span_of(victim)
+        # layers that moved between live nodes were handed over: only the lost ones are recomputed
+        assert sum(s.rebuilt_layers for s in stats) == lost[1] - lost[0], rebuild_logs(net)
+        assert sum(s.kept_layers for s in stats) == LAYERS - (lost[1] - lost[0])
+        assert sum(s.full_replays for s in stats) == 0
+
+
+def test_an_unchanged_stage_keeps_its_caches_across_a_replan() -> None:
+    net = settled("abcd")
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    victim = next(n for n in plan.node_ids if n not in ("a", net.nodes["a"].core.coordinator_id))
+    answer, _ = kill_when(net, "a", lambda net: victim, 12)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    new_plan = net.nodes["a"].core.book.active
+    assert new_plan is not None
+    unchanged = [n for n in new_plan.node_ids if new_plan.span_of(n) == plan.span_of(n)]
+    for nid in unchanged:  # a stage whose span did not move recomputed nothing
+        stats = net.nodes[nid].core.stats
+        assert stats.rebuilds >= 1 and stats.rebuilt_layers == 0, nid
+
+
+def test_two_neighbouring_stages_lost_at_once_are_rebuilt_in_a_chain_exactly() -> None:
+    """The lost run of layers starts where a live stage's log is: the new owners rebuild it
+    one after the other, streaming parts."""
+    net = settled("abcd")
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    coordinator = net.nodes["a"].core.coordinator_id
+    ids = plan.node_ids
+    pairs = [(ids[i], ids[i + 1]) for i in range(len(ids) - 1) if not {ids[i], ids[i + 1]} & {"a", coordinator}]
+    assert pairs, ids
+    x, y = pairs[0]
+    answer = net.ask("a", PROMPT, 40)
+    net.run_until(lambda: len(answer.tokens) >= 14)
+    net.kill(x)
+    net.kill(y)
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert sum(n.core.stats.full_replays for n in net.nodes.values()) == 0
+
+
+def test_a_stage_lost_when_the_log_it_needs_is_gone_falls_back_to_a_whole_rebuild() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    coordinator = net.nodes["a"].core.coordinator_id
+    # a stage below the first: the first stage's input is the embedding, which needs no log
+    victim = next(n for n in plan.node_ids if plan.span_of(n)[0] > 0 and n not in (coordinator, "a"))
+    for node in net.nodes.values():  # logs over the memory cap are dropped
+        node.shard.logs.cap_bytes = 0
+    answer, _ = kill_when(net, "a", lambda net: victim, 14)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    # the stages without logs recomputed their whole spans, streamed from the embedding
+    assert net.nodes["a"].core.stats.whole_rebuilds == 1
+    assert net.nodes["a"].core.stats.full_replays == 0
+    assert answer.states == ["replanning", "running"]
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_a_rebuild_runs_in_one_pass_where_the_numerics_are_batch_invariant(invariant: bool) -> None:
+    """Kernels that give a position the same bits in any chunk (MeshSettings.batch_invariant,
+    from the runtime): the entry node sends the rebuild as one part and each stage recomputes
+    its lost layers in one call. Otherwise the original chunking: the prompt's step, then one
+    position at a time. The answer is the same either way."""
+    net = settled("abc", batch_invariant=invariant)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    coordinator = net.nodes["a"].core.coordinator_id
+    victim = next(n for n in plan.node_ids if n not in ("a", coordinator))
+    answer, _ = kill_when(net, "a", lambda net: victim, 15)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 40)
+    assert sum(n.core.stats.full_replays for n in net.nodes.values()) == 0
+    parts = [j for nid, n in net.nodes.items() if nid != victim for j in n.jobs_run if isinstance(j, RebuildPart)]
+    runs = [r for nid, n in net.nodes.items() if nid != victim for r in n.shard.rebuild_runs]
+    assert parts and runs, rebuild_logs(net)  # the lost layers were recomputed
+    position = parts[0].position
+    assert position >= len(PROMPT) + 14 and all(j.position == position for j in parts)
+    if invariant:
+        assert {(j.start_pos, j.positions) for j in parts} == {(0, position)}  # one part
+        assert {(start, n) for _sid, start, n, _lo, _hi in runs} == {(0, position)}  # one pass each
+        assert len(runs) <= 2 * len(plan.node_ids)  # at most a range below and one above the kept layers
+        assert any(" in 1 pass, in " in m or " in 2 passes, in " in m for m in rebuild_logs(net)), rebuild_logs(net)
+    else:
+        assert {(j.start_pos, j.positions) for j in parts} >= {(0, len(PROMPT)), (len(PROMPT), position - len(PROMPT))}
+        assert {(start, n) for _sid, start, n, _lo, _hi in runs if start == 0} == {(0, len(PROMPT))}
+        assert all(n == 1 for _sid, start, n, _lo, _hi in runs if start > 0)
+        assert len(runs) >= position - len(PROMPT) + 1
+
+
+def test_rebuild_parts_and_steps_follow_the_numerics() -> None:
+    from meshllm.mesh.rebuild import INVARIANT_PART_POSITIONS as BIG, PART_POSITIONS as SMALL, parts, steps
+
+    assert parts(70, 5) == [(0, 5), (5, 5 + SMALL), (5 + SMALL, 5 + 2 * SMALL), (5 + 2 * SMALL, 70)]
+    assert parts(70, 5, invariant=True) == [(0, 70)]
+    assert parts(BIG + 30, 5, invariant=True) == [(0, BIG), (BIG, BIG + 30)]
+    # the first part holds at least the prompt's chunk, which ran in one pass already
+    assert parts(BIG + 300, BIG + 100, invariant=True) == [(0, BIG + 100), (BIG + 100, BIG + 300)]
+    for position, prefill in ((1, 1), (300, 7), (3 * BIG + 1, 40), (BIG, BIG)):
+        for invariant in (False, True):
+            cut = parts(position, prefill, invariant)
+            assert cut[0][0] == 0 and cut[-1][1] == position and cut[0][1] >= prefill
+            assert all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+            assert all(e - s <= (BIG if invariant else SMALL) for s, e in cut[1:])
+    assert list(steps(0, 9, 5)) == [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]
+    assert list(steps(0, 9, 5, invariant=True)) == [(0, 9)]
+    assert list(steps(40, 72, 5, invariant=True)) == [(40, 72)]
+
+
+def test_a_step_whose_next_stage_went_away_while_it_ran_is_refused_at_once() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None and len(plan.node_ids) == 3
+    entry, middle, last = plan.node_ids
+    core = net.nodes[middle].core
+    forward(net, entry, middle, hidden=np.zeros((1, HIDDEN), np.float32), session=f"{entry}/77",
+            route=(last, entry))
+    (job,) = [j for j in core.jobs() if isinstance(j, Compute)]
+    core.link_down(last, "heartbeat timeout", net.now)
+    core.job_done(job.job_id, Computed(hidden=np.zeros((1, HIDDEN), np.float32), span_ms=1.0), net.now)
+    failed = [(s.dest, s.message) for s in core.sends() if isinstance(s.message, wire.StepFailed)]
+    assert failed == [(entry, wire.StepFailed(f"{entry}/77", 0, "stale_plan", f"no link from {middle} to {last}"))]
+
+
+def test_a_flood_of_rebuild_parts_is_refused_as_busy_beyond_the_queue_bound() -> None:
+    net = settled("ab", max_queued_rebuild_parts=3)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage, peer = plan.node_ids[-1], plan.node_ids[0]
+    core = net.nodes[stage].core
+    hidden = (wire.encode_tensor(np.zeros((4, HIDDEN), np.float32), "f32"),)
+    for i in range(10):
+        core.receive(peer, wire.Rebuild(f"{peer}/{100 + i}", 0, plan.key[0], plan.key[1], 4, 4, 0, 4, hidden,
+                                        (peer,), False), net.now)
+    sent = core.sends()
+    busy = [s.message for s in sent if isinstance(s.message, wire.StepFailed) and s.message.code == "busy"]
+    assert len(busy) == 7 and all(s.dest == peer for s in sent)
+    assert len([j for j in core.jobs() if isinstance(j, RebuildPart)]) == 3
+
+
+def test_only_a_sessions_entry_node_frees_its_caches_on_a_stage() -> None:
+    net = three_nodes()
+    answer = net.ask("a", PROMPT, 30)
+    net.run_until(lambda: len(answer.tokens) >= 4)
+    (session,) = net.nodes["a"].answers
+    stage = next(n for n in net.nodes["a"].core.book.active.node_ids if n != "a")  # type: ignore[union-attr]
+    other = next(n for n in "bc" if n != stage)
+    core = net.nodes[stage].core
+    assert session in core.stage.sessions
+    core.receive(other, wire.DropSession(session), net.now)
+    assert not [j for j in core.jobs() if isinstance(j, DropSessions)] and session in core.stage.sessions
+    core.receive("a", wire.DropSession(session), net.now)
+    assert [j.session_ids for j in core.jobs() if isinstance(j, DropSessions)] == [(session,)]
+    assert session not in core.stage.sessions
+
+
+def test_a_cache_hand_over_for_an_old_plan_or_outside_the_model_is_refused() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage, peer = plan.node_ids[1], plan.node_ids[0]
+    core = net.nodes[stage].core
+    term, epoch = plan.key
+
+    def handover(key: tuple[int, int], layer: int, positions: int = 3) -> wire.CacheHandover:
+        kv = wire.encode_tensor(np.ones((1, positions, HIDDEN), np.float32), "f32")
+        return wire.CacheHandover(f"{peer}/5", key[0], key[1], layer, kv, kv)
+
+    for bad in (handover((term, epoch - 1), 0), handover((term, epoch), LAYERS),
+                handover((term, epoch), 0, positions=net.nodes[stage].core.limits.max_positions + 1)):
+        core.receive(peer, bad, net.now)
+        assert not core.jobs()
+    core.receive(peer, handover((term, epoch), 1), net.now)
+    (job,) = core.jobs()
+    assert isinstance(job, ImportCache) and job.layer == 1 and f"{peer}/5" in core.stage.sessions
+
+
+def test_a_step_past_the_context_window_is_refused() -> None:
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    stage = plan.node_ids[1]
+    peer = next(n for n in "abc" if n != stage)
+    start = net.nodes[stage].core.limits.max_positions
+    msg = wire.Forward(f"{peer}/3", 0, plan.key[0], plan.key[1], start,
+                       wire.encode_tensor(np.zeros((1, HIDDEN), np.float32), "f32"), (peer,))
+    net.nodes[stage].core.receive(peer, msg, net.now)
+    net._collect(stage)
+    assert [(m.code, m.message) for m in refusals(net, stage)] == [
+        ("bad_step", "step runs past the model's context window")]
