@@ -30,6 +30,27 @@ from meshllm.placement.planner import NodeCapacity, Plan as PlannerPlan, plan_la
 
 log = logging.getLogger(__name__)
 
+VOID_STATE = "void"
+"""`NodeReport.state` of a member whose copy of the plan in force went void because its link to
+a node of the plan went down, while the coordinator may still see that node: ``void T.E``."""
+
+
+def void_state(key: tuple[int, int]) -> str:
+    return f"{VOID_STATE} {key[0]}.{key[1]}"
+
+
+def void_key(state: str) -> tuple[int, int] | None:
+    """The plan key of a ``void T.E`` report; None for any other state. ValueError when
+    malformed (the message is rejected)."""
+    word, _, key = state.partition(" ")
+    if word != VOID_STATE:
+        return None
+    term, dot, epoch = key.partition(".")
+    if not (dot and term.isdigit() and epoch.isdigit() and len(term) <= 20 and len(epoch) <= 20):
+        raise ValueError(f"bad void report {state!r}")
+    return int(term), int(epoch)
+
+
 PLAN_TOLERANCE = 0.05
 """A re-plan keeps what the nodes hold when that is within this fraction of the best plan."""
 
@@ -68,6 +89,8 @@ class Coordinator(PlanFollower):
         self._published: wire.Plan | None = None
         self._replan_due: float | None = None
         self._replan_soft = False
+        self._republish = False
+        """A member's copy of the plan in force went void: publish it again even unchanged."""
         """The re-plan due is for measurements only (see `schedule_replan`)."""
         self._next_report = 0.0
         self._reported = (0, 0.0)
@@ -238,8 +261,9 @@ class Coordinator(PlanFollower):
             broadcast(port, refusal, include_self=False)
             port.send(port.node_id, refusal)
             return
+        republish, self._republish = self._republish, False
         if previous is not None and planned.stages == previous.stages and current is not None \
-                and current.key[0] == self.election.term:
+                and current.key[0] == self.election.term and not republish:
             return  # the plan in force (made in this term) is still the best one
         self.publish(planned)
 
@@ -269,9 +293,18 @@ class Coordinator(PlanFollower):
     # -- balancing ---------------------------------------------------------------------------
 
     def on_report(self, sender: str, msg: wire.NodeReport, now: float) -> None:
-        """A node leaves (planned around), or a stage's measured speed (balanced)."""
+        """A node leaves (planned around), a member's copy of the plan in force went void (it
+        is published again), or a stage's measured speed (balanced)."""
         port = self._port
-        if msg.state == "leaving" and sender not in self.leaving:
+        void = void_key(msg.state)
+        if void is not None:
+            current = port.plans.active or port.plans.pending
+            if port.is_coordinator and current is not None and current.key == void:
+                port.log("replan", f"{port.name_of(sender)} lost a link of plan {void[0]}.{void[1]}: "
+                                   "publishing the plan again")
+                self._republish = True
+                self.schedule_replan(now)
+        elif msg.state == "leaving" and sender not in self.leaving:
             self.leaving.add(sender)
             port.log("leave", f"{port.name_of(sender)} is leaving: handing its layers over")
             self.schedule_replan(now, at_once=True)

@@ -27,7 +27,7 @@ from meshllm import wire
 from meshllm.errors import WireError
 from meshllm.mesh import election as el
 from meshllm.mesh import measured as ms
-from meshllm.mesh.coordinator import Coordinator
+from meshllm.mesh.coordinator import Coordinator, void_state
 from meshllm.mesh.entry import EntrySessions
 from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, SessionEnded, SessionOutput, StatusChanged
 from meshllm.mesh.jobs import Computed, Job, Loaded
@@ -190,8 +190,18 @@ class MeshCore:
         hello = self.members.pop(peer_id, None)
         if hello is None:
             return
+        plans = self.transition.book
+        current = plans.active or plans.pending
         plan_void = self.transition.peer_lost(peer_id)  # its caches are gone with it
         self.coordinator.peer_lost(peer_id, now)
+        coordinator = self.election.coordinator_id
+        if plan_void and current is not None and coordinator not in (None, self.node_id, peer_id) \
+                and coordinator in self.members:
+            # the coordinator may still see the peer and keep the plan: ask for it again, or this
+            # node would refuse every step until some other re-plan
+            self._port.send(coordinator, wire.NodeReport(
+                self.node_id, self.election.term, self.hello.mem_budget_bytes, self.hello.ms_per_layer,
+                *self.transition.span, void_state(current.key)))
         self._port.log("leave", f"{hello.name or peer_id} left ({reason})")
         self.entry.node_lost(peer_id, now)
         if plan_void:

@@ -108,6 +108,10 @@ class Stage(PlanFollower):
         self._rebuilds: dict[int, _StageStep] = {}
         self.sessions: set[str] = set()
         """Sessions of other entry nodes whose caches this node may hold."""
+        self._passed_on: dict[str, tuple[str, int, str]] = {}
+        """The last step (or rebuild part) of each session passed on to a next stage here:
+        (that stage, the step's seq, the entry node). If the link to that stage goes down, the
+        step may have gone down with it, unseen by the entry node: it is told at once."""
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -220,6 +224,7 @@ class Stage(PlanFollower):
             reply: wire.Message = wire.Result(msg.session_id, msg.seq, payload)
         else:
             reply = wire.Forward(msg.session_id, msg.seq, msg.term, msg.epoch, msg.start_pos, payload, msg.route[1:])
+            self._passed_on[msg.session_id] = (msg.route[0], msg.seq, msg.route[-1])
         port.send(msg.route[0], reply, channel="activation", positions=result.hidden.shape[0])
 
     def _rebuild_done(self, step: _StageStep, result: Computed) -> None:
@@ -233,6 +238,7 @@ class Stage(PlanFollower):
                 self._port.send(msg.route[0], wire.Rebuilt(msg.session_id, msg.seq))
             return
         hidden = () if result.hidden is None else (encode_hidden(result.hidden, step.plan.codec),)
+        self._passed_on[msg.session_id] = (msg.route[0], msg.seq, msg.route[-1])
         self._port.send(msg.route[0], wire.Rebuild(msg.session_id, msg.seq, msg.term, msg.epoch, msg.position,
                                                    msg.prefill, msg.start_pos, msg.positions, hidden,
                                                    msg.route[1:], msg.whole),
@@ -267,10 +273,22 @@ class Stage(PlanFollower):
 
     def drop(self, session_ids: tuple[str, ...]) -> None:
         self.sessions.difference_update(session_ids)
+        for session_id in session_ids:
+            self._passed_on.pop(session_id, None)
         self._port.add_job(DropSessions(self._port.next_job_id(), session_ids))
 
     def peer_lost(self, peer_id: str) -> None:
-        """Sessions whose entry node left: their user is gone."""
+        """Sessions whose entry node left: their user is gone. Steps passed on to the lost
+        peer may be lost with the link (still in this node's send queue, or on the wire): their
+        entry nodes hear of it now, not after the step timeout. A step that did get through
+        is not in flight at its entry node any more, which then ignores the word."""
+        port = self._port
+        for session_id, (hop, seq, entry) in list(self._passed_on.items()):
+            if hop == peer_id:
+                del self._passed_on[session_id]
+                if entry != peer_id:
+                    port.send(entry, wire.StepFailed(session_id, seq, "stale_plan",
+                                                     f"the link from {port.node_id} to {peer_id} went down"))
         prefix = f"{peer_id}/"
         orphans = tuple(sid for sid in self.sessions if sid.startswith(prefix))
         if orphans:
@@ -279,3 +297,4 @@ class Stage(PlanFollower):
     def span_loaded(self, span: tuple[int, int]) -> None:
         if span == (0, 0):
             self.sessions.clear()  # a node out of the plan holds no caches
+            self._passed_on.clear()

@@ -9,6 +9,8 @@ clear error, never a hang.
 
 from __future__ import annotations
 
+import pytest
+
 from meshllm import wire
 from meshllm.mesh import LoadSpan, MeshSettings
 from meshllm.placement.balance import BalanceSettings
@@ -304,3 +306,13 @@ def test_a_leaving_node_that_the_others_cannot_do_without_is_let_go_with_the_ref
     net.run_until(lambda: net.nodes[leaver].core.leave_settled)
     assert net.nodes[leaver].core.placement_error is not None  # settled by the refusal, not a plan
     assert any("is leaving" in e.message for n in net.nodes.values() for e in n.log)
+
+
+def test_void_reports_name_a_plan_key_and_anything_else_is_refused() -> None:
+    from meshllm.mesh.coordinator import void_key, void_state
+
+    assert void_key(void_state((3, 17))) == (3, 17)
+    assert void_key("ready") is None and void_key("leaving") is None
+    for bad in ("void", "void 3", "void 3.", "void .4", "void -1.2", "void 1.2.3", "void 9" * 5):
+        with pytest.raises(ValueError):
+            void_key(bad)

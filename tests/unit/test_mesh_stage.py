@@ -276,3 +276,65 @@ def test_a_step_past_the_context_window_is_refused() -> None:
     net._collect(stage)
     assert [(m.code, m.message) for m in refusals(net, stage)] == [
         ("bad_step", "step runs past the model's context window")]
+
+
+def _middle_hop(net: Net, entry: str) -> tuple[str, str]:
+    plan = net.nodes[entry].core.book.active
+    assert plan is not None
+    hops = [(x, y) for x, y in zip(plan.node_ids, plan.node_ids[1:]) if entry not in (x, y)]
+    assert hops, plan.node_ids
+    return hops[0]
+
+
+def _drop_link_with_a_step_on_it(net: Net, sender: str, dest: str) -> float:
+    """Run until `sender` has a step on its way to `dest`, then drop that one link (the two
+    nodes stay linked to everyone else, as when a link is re-made or fails on its own)."""
+    net.run_until(lambda: any(s == sender and d == dest for _, _, s, d, _ in net.in_flight))
+    net.disconnect(sender, dest)
+    return net.now
+
+
+@pytest.mark.parametrize("relink_after_s", [0.5, 3.0])
+def test_a_step_lost_with_a_link_between_two_stages_is_retried_at_once(relink_after_s: float) -> None:
+    """The chaos run's 120 s waits: a middle stage's link to the next stage went down with a
+    step on it, while both stayed linked to the entry node and the coordinator. The entry node
+    saw nothing and waited out the step timeout; the middle stage's copy of the plan was void,
+    and nobody re-planned. Now the middle stage tells the entry node at once, and asks the
+    coordinator for the plan again."""
+    net = three_nodes()
+    answer = net.ask("a", PROMPT, 30)
+    net.run_until(lambda: len(answer.tokens) >= 4)
+    middle, nxt = _middle_hop(net, "a")
+    lost_at = _drop_link_with_a_step_on_it(net, middle, nxt)
+    told = [m for m in net.nodes[middle].sent if isinstance(m, wire.StepFailed)]
+    assert told and "went down" in told[-1].message
+    net.run_for(relink_after_s)
+    net.connect(middle, nxt)
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 30)
+    assert net.now - lost_at < relink_after_s + 5.0  # not the 120 s step timeout
+    net.settle()
+    assert net.one_active_plan()
+
+
+def test_a_stage_whose_copy_of_the_plan_went_void_gets_the_plan_again() -> None:
+    """A link between two stages went down while the coordinator still sees both: the plan
+    in force stays the best one, so the coordinator would not re-plan, and the stage whose copy
+    went void would refuse every step. It asks; the coordinator publishes the plan again."""
+    net = settled("abcd")
+    coordinator = net.nodes["a"].core.coordinator_id
+    assert coordinator is not None
+    answer = net.ask(coordinator, PROMPT, 30)
+    net.run_until(lambda: len(answer.tokens) >= 4)
+    middle, nxt = _middle_hop(net, coordinator)
+    before = net.nodes[coordinator].core.book.active
+    assert before is not None
+    _drop_link_with_a_step_on_it(net, middle, nxt)
+    assert net.nodes[middle].core.book.active is None
+    net.run_for(1.0)
+    again = net.nodes[middle].core.book.active
+    assert again is not None and again.key > before.key and again.stages == before.stages
+    assert any("publishing the plan again" in e.message for e in net.nodes[coordinator].log)
+    net.connect(middle, nxt)
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 30)
