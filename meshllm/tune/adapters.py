@@ -18,7 +18,7 @@ import numpy as np
 from meshllm import wire
 from meshllm.errors import WireError
 from meshllm.tune.aggregate import Bounds, Update, check_update
-from meshllm.wire import messages as wm
+from meshllm.wire import tune_messages as wm
 
 
 def adapter_digest(tensors: Mapping[str, np.ndarray]) -> str:

@@ -34,7 +34,7 @@ from meshllm import wire
 from meshllm.tune.adapters import Assembly, adapter_digest, adapter_problem, frozen, tensor_messages
 from meshllm.tune.aggregate import Update, aggregate, check_update
 from meshllm.tune.interface import TuneContext, refusal
-from meshllm.wire import messages as wm
+from meshllm.wire import tune_messages as wm
 
 if TYPE_CHECKING:
     from meshllm.tune.member import Member

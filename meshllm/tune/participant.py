@@ -34,7 +34,7 @@ from meshllm.tune.adapters import Assembly, adapter_digest, assemble, frozen, te
 from meshllm.tune.interface import (
     PENDING_JOB_ID, JobRequest, Train, TuneContext, TuneError, TuneFailed, TuneProgress, refusal,
 )
-from meshllm.wire import messages as wm
+from meshllm.wire import tune_messages as wm
 
 if TYPE_CHECKING:
     from meshllm.tune.coordinator import Coordinator

@@ -98,3 +98,33 @@ def test_scripts_do_not_import_the_tests() -> None:
     offenders = {str(p.relative_to(REPO)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "tests")
                  for p in scripts}
     assert {path: mods for path, mods in offenders.items() if mods} == {}
+
+
+MAX_MODULE_LINES = 600
+MAX_CLASS_METHODS = 30
+"""One concept per module (issue 19): no production module over 600 lines, no class with
+more than 30 methods, and every module's docstring says what it is."""
+
+
+def _production_modules() -> list[Path]:
+    return sorted(p for pkg in ("meshllm", "daemon", "tui") for p in (REPO / pkg).rglob("*.py"))
+
+
+def test_every_production_module_is_small_and_says_what_it_is() -> None:
+    import ast
+
+    too_long, too_wide, silent = [], [], []
+    for path in _production_modules():
+        text = path.read_text()
+        name = str(path.relative_to(REPO))
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(name)
+        tree = ast.parse(text)
+        if text.strip() and ast.get_docstring(tree) is None:
+            silent.append(name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                methods = [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+                if len(methods) > MAX_CLASS_METHODS:
+                    too_wide.append(f"{name}:{node.name} ({len(methods)})")
+    assert too_long == [] and too_wide == [] and silent == []

@@ -20,7 +20,7 @@ def update(node: str, value: float, examples: int = 1) -> Update:
 
 
 def test_the_aggregates_are_the_wire_choices() -> None:
-    assert AGGREGATES == wire.messages.TUNE_AGGREGATES
+    assert AGGREGATES == wire.tune_messages.TUNE_AGGREGATES
     from meshllm.tune.rounds import TUNE_MESSAGES
 
     assert set(TUNE_MESSAGES) == {cls for cls in wire.MESSAGE_TAGS if cls.__name__.startswith("Tune")}
