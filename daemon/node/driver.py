@@ -259,7 +259,7 @@ class MeshDriver:
 
     def _sent(self, send: Send, nbytes: int) -> None:
         if send.positions:
-            self.core.stats.sent(send.positions, nbytes)
+            self.core.sent(send.positions, nbytes)
 
     # -- compute ---------------------------------------------------------------------------------
 

@@ -169,6 +169,10 @@ class MeshCore:
         h = self.members.get(node_id)
         return h.name if h and h.name else node_id
 
+    def sent(self, positions: int, nbytes: int) -> None:
+        """The driver sent a step's hidden states of `positions` positions in `nbytes` bytes."""
+        self.stats.sent(positions, nbytes)
+
     def status_view(self, rtt_ms: Callable[[str], float | None] = lambda _peer: None) -> dict[str, object]:
         """The mesh's part of GET /v1/status (docs/api.md)."""
         return self.status.view(rtt_ms)
