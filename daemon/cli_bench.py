@@ -92,7 +92,7 @@ def _bench_local(args: argparse.Namespace, weights: str | None) -> int:
     from meshllm.model.engine import Engine
     from meshllm.model.lean import release_free_memory
     from meshllm.model.sampling import SamplingParams
-    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
     from meshllm.model.text import load_tokenizer
     from tui.bench.local import format_bench, peak_rss_bytes, rss_bytes, run_local_bench

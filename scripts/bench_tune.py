@@ -127,7 +127,7 @@ def score(adapter_dir: str | None, args: argparse.Namespace) -> dict[str, float]
     from meshllm.model.adapter import AdapterSpec, load_adapter
     from meshllm.model.cache import prepare
     from meshllm.model.engine import Engine
-    from meshllm.model.shard import load_config
+    from meshllm.model.shape import load_config
     from meshllm.model.source import resolve
     from meshllm.tune.data import tokenize_chats
     from meshllm.tune.train import LocalTrainer

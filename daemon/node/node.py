@@ -95,7 +95,7 @@ def load_served_adapter(config: NodeConfig, folder: Path, prepared: "PreparedMod
     ModelSourceError with one line for the user."""
     from meshllm.errors import ModelSourceError
     from meshllm.model.adapter import AdapterError, load_adapter
-    from meshllm.model.shard import load_config
+    from meshllm.model.shape import load_config
 
     try:
         return load_adapter(folder, load_config(prepared))

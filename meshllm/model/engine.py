@@ -21,7 +21,8 @@ from meshllm.model.cache import PreparedModel, prepare
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.model.formats import resolve_format
 from meshllm.model.quant import kernel_description
-from meshllm.model.shard import ModelShape, load_config, model_shape, open_shard
+from meshllm.model.shard import open_shard
+from meshllm.model.shape import ModelShape, load_config, model_shape
 from meshllm.model.source import resolve
 from meshllm.model.span import ShardLike
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer

@@ -148,7 +148,7 @@ def _write_format(prepared: PreparedModel, fmt: str, path: Path) -> None:
     Written tensor by tensor (`TensorWriter`): memory stays in proportion to the largest
     tensor, not to the model."""
     from meshllm.model.allocator import map_large_allocations
-    from meshllm.model.shard import load_config
+    from meshllm.model.shape import load_config
     from meshllm.model.stwriter import TensorWriter, header_room
 
     map_large_allocations()  # each tensor's temporaries go back to the system when freed

@@ -7,7 +7,9 @@ weight cache, so memory grows with the span and nothing else is allocated.
 transformers' modelling code (the model classes, the cache and the mask builders: with them
 ``torch._dynamo`` and sympy, ~80 MB) is imported only where the f32 :class:`Shard` uses it. A
 node serving a quantized format runs :class:`meshllm.model.lean.LeanShard` and never loads it;
-:func:`load_config`, :func:`span_config` and :func:`model_shape` need only the config.
+:func:`span_config` needs only the config (the config itself and the sizes it implies are
+read in :mod:`meshllm.model.shape`). :func:`open_shard` opens the kind of shard a weight format
+needs.
 """
 
 from __future__ import annotations
@@ -15,23 +17,20 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from meshllm.errors import ModelSourceError
 from meshllm.model.adapter import TARGETS, Adapter, block_of, check_adapter
 from meshllm.model.allocator import map_large_allocations, release_free_memory
 from meshllm.model.cache import PreparedModel
-from meshllm.model.hfconfig import import_config_validators
-from meshllm.model.layer_shape import attention_shape, projection_dims
 from meshllm.model.lora import LoraLinear, base_of
-from meshllm.model.quant import bytes_per_weight
+from meshllm.model.shape import load_config
 from meshllm.model.span import ShardLike, SpanSessions
 
 if TYPE_CHECKING:
@@ -39,34 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral"})
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the planner and the wire need to know about a model, read from its config."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    max_positions: int
-    layer_bytes: int
-    """Bytes of one decoder layer's weights in the weight format in use."""
-    embed_head_bytes: int
-    """Bytes of embedding + final norm + lm_head (counted once when tied)."""
-
-
-def load_config(prepared: PreparedModel) -> PretrainedConfig:
-    import_config_validators()
-    config = AutoConfig.from_pretrained(prepared.folder)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelSourceError(
-            f"unsupported architecture {config.model_type!r}; "
-            f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
-    return config
 
 
 def span_config(config: PretrainedConfig, start_layer: int, end_layer: int) -> PretrainedConfig:
@@ -316,50 +288,6 @@ class Shard(SpanSessions["DynamicCache"]):
         """Hidden states (1, positions, hidden) -> logits of the last position (vocab,), on the CPU."""
         normed = self.norm(hidden.to(device=self.device, dtype=self.dtype))
         return self.lm_head(normed[:, -1, :])[0].float().cpu()
-
-
-def layer_parameters(config: PretrainedConfig) -> tuple[int, int]:
-    """(weights of the linear projections, every other parameter) of one decoder layer, counted
-    from the config as transformers' Llama, Qwen2 and Mistral layers hold them: q/k/v/o and
-    gate/up/down; biases on q/k/v for Qwen2, on all four attention projections (Llama's
-    ``attention_bias``) and on the MLP (``mlp_bias``) where a Llama config asks; two RMSNorm
-    weights. ``tests/model/test_shard_shape.py`` checks it against real transformers models."""
-    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
-    shape = attention_shape(config)
-    q, kv = shape.q_size, shape.kv_size
-    linear = sum(n_in * n_out for n_in, n_out in projection_dims(config).values())
-    other = 2 * hidden  # input_layernorm, post_attention_layernorm
-    if config.model_type == "qwen2":
-        other += q + 2 * kv
-    elif config.model_type == "llama":
-        if getattr(config, "attention_bias", False):
-            other += q + 2 * kv + hidden
-        if getattr(config, "mlp_bias", False):
-            other += 2 * inter + hidden
-    return linear, other
-
-
-def model_shape(config: PretrainedConfig, weights: str = "f32") -> ModelShape:
-    """Bytes per layer and for embed/norm/head in the weight format `weights`, from the config.
-
-    Linear weights count `bytes_per_weight(weights)` an element; norms and biases stay float32;
-    the embedding and head are int8 rows with a float32 scale (and a bfloat16 copy of it) a
-    row, except in f32.
-    """
-    linear, other = layer_parameters(config)
-    vocab, hidden = int(config.vocab_size), int(config.hidden_size)
-    tables = 1 if getattr(config, "tie_word_embeddings", False) else 2
-    norm = hidden
-    table_bytes = vocab * hidden * 4 if weights == "f32" else vocab * (hidden + 6)
-    return ModelShape(
-        model_type=config.model_type,
-        num_layers=int(config.num_hidden_layers),
-        hidden_size=hidden,
-        vocab_size=vocab,
-        max_positions=int(getattr(config, "max_position_embeddings", 2048)),
-        layer_bytes=int(linear * bytes_per_weight(weights)) + other * 4,
-        embed_head_bytes=tables * table_bytes + norm * 4,
-    )
 
 
 def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, weights: str = "f32",

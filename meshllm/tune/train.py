@@ -116,7 +116,7 @@ class LocalTrainer:
 
     def __init__(self, prepared: PreparedModel, weights: str, spec: AdapterSpec, *, device: str = "cpu",
                  lr: float = DEFAULT_LR, seed: int = 0) -> None:
-        from meshllm.model.shard import load_config
+        from meshllm.model.shape import load_config
 
         self.prepared = prepared
         self.weights = resolve_format(prepared, weights)

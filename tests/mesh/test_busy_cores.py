@@ -7,6 +7,7 @@ ended a tune job with "the mesh's coordinator changed"."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from tests.mesh.conftest import stream_chat, unique_mesh_name
 from tui.launcher import LocalMesh
 
 HOG = "while True: pass"
-BUSY_S = 60.0
-"""How long the answers run with both cores hogged."""
+BUSY_S = float(os.environ.get("MESHLLM_BUSY_S", "30"))
+"""How long the answers run with both cores hogged (``MESHLLM_BUSY_S=180`` for the few
+minutes of issue 19's check; 30 s in the suite)."""
 
 QUESTIONS = [
     [{"role": "user", "content": "Name three colours."}],

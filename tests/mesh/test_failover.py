@@ -31,7 +31,7 @@ def half_the_layers(model: Path) -> list[str]:
     """A memory budget of half the layers (and the embedding and head): no node can hold the
     whole model, any two nodes can."""
     from meshllm.model.cache import prepare
-    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
 
     shape = model_shape(load_config(prepare(resolve(model))))

@@ -33,7 +33,7 @@ def part_of_the_model(model: Path, fallback: Path) -> list[str]:
     """A budget for 4 of the 6 layers (with the embedding and head) plus the fallback: no
     node can hold the model alone, two can."""
     from meshllm.model.cache import prepare
-    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
 
     shape = model_shape(load_config(prepare(resolve(model))))

@@ -27,7 +27,7 @@ TOKENS = 12
 
 def budget_for_four_layers(model: Path) -> list[str]:
     from meshllm.model.cache import prepare
-    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
 
     shape = model_shape(load_config(prepare(resolve(model))))

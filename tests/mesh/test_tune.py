@@ -22,7 +22,7 @@ from meshllm import wire
 from meshllm.model.adapter import adapter_shapes, load_adapter
 from meshllm.model.engine import Engine
 from meshllm.model.cache import prepare
-from meshllm.model.shard import load_config
+from meshllm.model.shape import load_config
 from meshllm.model.source import resolve
 from meshllm.model.sampling import SamplingParams
 from meshllm.mesh.session import Token

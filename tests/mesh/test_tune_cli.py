@@ -15,7 +15,7 @@ from meshllm.model.adapter import load_adapter
 from meshllm.model.cache import prepare
 from meshllm.model.engine import Engine
 from meshllm.model.sampling import SamplingParams
-from meshllm.model.shard import load_config, model_shape
+from meshllm.model.shape import load_config, model_shape
 from meshllm.model.source import resolve
 from meshllm.mesh.session import Token
 from tests.mesh.conftest import chat, token_ids, unique_mesh_name

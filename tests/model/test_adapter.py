@@ -21,7 +21,7 @@ from meshllm.model.adapter import (
 from meshllm.model.cache import prepare
 from meshllm.model.engine import Engine
 from meshllm.model.runtime import Runtime
-from meshllm.model.shard import load_config
+from meshllm.model.shape import load_config
 from meshllm.model.source import resolve
 from tests.tinymodel import PROMPTS, chat_ids, reference_greedy
 

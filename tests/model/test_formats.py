@@ -14,7 +14,7 @@ from meshllm.model.cache import prepare
 from meshllm.model.engine import Engine
 from meshllm.model.formats import format_file, resolve_format
 from meshllm.model.sampling import SamplingParams
-from meshllm.model.shard import load_config, model_shape
+from meshllm.model.shape import load_config, model_shape
 from meshllm.model.source import resolve
 from tests.tinymodel import PROMPTS
 

@@ -15,7 +15,8 @@ _PROBE = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM
     from meshllm.model.cache import prepare
-    from meshllm.model.shard import Shard, load_config, model_shape, span_config
+    from meshllm.model.shard import Shard, span_config
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
 
     start, end = int(sys.argv[1]), int(sys.argv[2])
@@ -47,7 +48,8 @@ _INT4_PROBE = textwrap.dedent(
     import torch
     from meshllm.model.cache import prepare
     from meshllm.model.formats import format_file
-    from meshllm.model.shard import load_config, model_shape, open_shard
+    from meshllm.model.shard import open_shard
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
 
     prepared = prepare(resolve(None))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from meshllm.model.shard import layer_parameters, model_shape, span_config
+from meshllm.model.shard import span_config
+from meshllm.model.shape import layer_parameters, model_shape
 
 _COMMON = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -222,7 +222,7 @@ def test_bench_api_measures_a_running_mesh(tiny_llama: Path, tmp_path: Path,
 
     (tmp_path / "mesh").mkdir()
     from meshllm.model.cache import prepare
-    from meshllm.model.shard import load_config, model_shape
+    from meshllm.model.shape import load_config, model_shape
     from meshllm.model.source import resolve
 
     # room for 4 of the 6 layers each: the plan must use both nodes, however the start-up

@@ -233,3 +233,10 @@ def test_the_checker_finds_a_cycle(tmp_path: Path) -> None:
         "daemon.api.events": "",
     })
     assert cycles(graph) == [["daemon.api.app", "daemon.api.tune"]]
+
+
+def test_no_import_cycle_among_the_core_library_modules() -> None:
+    """The same rule for ``meshllm/``: its roles, rooms and the wire import in one direction
+    (a role of the mesh core never imports the core; the tune messages do not import the
+    other messages)."""
+    assert cycles(import_graph(packages=("meshllm",))) == []
