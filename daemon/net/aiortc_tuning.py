@@ -113,16 +113,8 @@ def install_aiortc_tuning() -> bool:
 
 async def send_piece(dc: RTCDataChannel, piece: bytes) -> None:
     """``dc.send(piece)``; when tuned, also hands the piece to SCTP now (patch 3)."""
-    if not _tuned:
-        dc.send(piece)
-        return
-    sctp: Any = dc.transport
-    sctp._meshllm_inline = True
-    try:
-        dc.send(piece)
-    finally:
-        sctp._meshllm_inline = False
-    await sctp._data_channel_flush()
+    if _send_flagged(dc, piece, "_meshllm_inline"):
+        await dc.transport._data_channel_flush()
 
 
 def send_urgent(dc: RTCDataChannel, piece: bytes) -> None:
@@ -134,15 +126,22 @@ def send_urgent(dc: RTCDataChannel, piece: bytes) -> None:
     holds; SCTP numbers a stream's messages when they leave this queue), and so waits at most
     for the piece SCTP is sending now. Nothing changes on the wire.
     """
+    _send_flagged(dc, piece, "_meshllm_urgent")
+
+
+def _send_flagged(dc: RTCDataChannel, piece: bytes, flag: str) -> bool:
+    """``dc.send(piece)`` with the patched SCTP transport's `flag` set meanwhile; False (a plain
+    send) when the tuning is not in force."""
     if not _tuned:
         dc.send(piece)
-        return
+        return False
     sctp: Any = dc.transport
-    sctp._meshllm_urgent = True
+    setattr(sctp, flag, True)
     try:
         dc.send(piece)
     finally:
-        sctp._meshllm_urgent = False
+        setattr(sctp, flag, False)
+    return True
 
 
 def sctp_pending_bytes(dc: RTCDataChannel) -> int:

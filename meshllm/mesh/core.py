@@ -187,6 +187,7 @@ class MeshCore:
         self._port.now = now
         self.members[peer_id] = hello
         self.coordinator.peer_up(peer_id, hello, now)
+        self.entry.node_linked(now)
         self._port.changed()
 
     def link_down(self, peer_id: str, reason: str, now: float) -> None:

@@ -256,6 +256,12 @@ class EntrySessions(PlanFollower):
         for answer in list(self._answers.values()):
             self._advance(answer, now)
 
+    def node_linked(self, now: float) -> None:
+        """A link came up: answers waiting for a link to a stage of the plan may go on."""
+        for answer in list(self._answers.values()):
+            if answer.step is None:
+                self._advance(answer, now)
+
     def node_lost(self, node_id: str, now: float) -> None:
         for answer in list(self._answers.values()):
             step = answer.step
@@ -397,6 +403,20 @@ class EntrySessions(PlanFollower):
                     answer.plan_deadline = now + port.settings.plan_wait_s
                 elif answer.plan_deadline <= now:
                     self._end(session.session_id, "no active plan: the mesh is still forming or re-planning")
+                    return
+                if answer.pause():
+                    self._output(answer, StateChange("replanning"))
+                return
+            unlinked = [n for n in plan.node_ids if n != port.node_id and n not in port.members]
+            if unlinked:
+                # the coordinator planned with a node this one has no link to (yet: it links
+                # with every member within a second or so of a join): its results and
+                # refusals could not come back here. Wait for the link, as for a plan.
+                if answer.plan_deadline is None:
+                    answer.plan_deadline = now + port.settings.plan_wait_s
+                elif answer.plan_deadline <= now:
+                    self._end(session.session_id, f"no link to {port.name_of(unlinked[0])}, "
+                                                  "a stage of the plan in force")
                     return
                 if answer.pause():
                     self._output(answer, StateChange("replanning"))

@@ -380,3 +380,50 @@ def test_an_answer_on_a_node_that_stops_ends_with_the_reason() -> None:
     net.nodes["a"].core.stop("the daemon is stopping")
     net._collect("a")
     assert answer.done and answer.error == "the daemon is stopping"
+
+
+def _join_unlinked_with(net: Net, newcomer: str, entry: str) -> None:
+    """`newcomer` joins, linked with every member but `entry` (its link to `entry` is still
+    being made), and takes the layers of a stage that leaves, in the coordinator's next plan
+    (with a little less memory, it does not win the election: as when a restarted node comes
+    back while another one goes)."""
+    coordinator = net.nodes[entry].core.coordinator_id
+    net.add(newcomer, mem_budget_bytes=9 * 10**5)
+    for other in list(net.nodes):
+        if other not in (newcomer, entry):
+            net.connect(newcomer, other)
+    net.kill(next(n for n in list(net.nodes) if n not in (newcomer, entry, coordinator)))
+    net.run_until(lambda: all(
+        (plan := n.core.book.active) is not None and newcomer in plan.node_ids
+        for nid, n in net.nodes.items() if nid != entry))
+
+
+def test_an_answer_waits_for_its_link_to_a_stage_the_coordinator_planned_with() -> None:
+    """The chaos run's last 120 s wait: a restarted node was linked with the coordinator but
+    not yet with the entry node when the plan took it in; its results could not come back."""
+    net = settled("abc")
+    coordinator = net.nodes["a"].core.coordinator_id
+    entry = next(n for n in "abc" if n != coordinator)
+    _join_unlinked_with(net, "d", entry)
+    answer = net.ask(entry, PROMPT, 20)
+    net.run_for(2.0)
+    assert answer.tokens == [] and answer.states == ["replanning"]
+    net.connect("d", entry)
+    linked_at = net.now
+    net.run_until(lambda: answer.done)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 20)
+    assert net.now - linked_at < 5.0
+
+
+def test_an_answer_that_never_links_with_a_stage_ends_with_a_clear_error() -> None:
+    net = settled("abc")
+    coordinator = net.nodes["a"].core.coordinator_id
+    entry = next(n for n in "abc" if n != coordinator)
+    _join_unlinked_with(net, "d", entry)
+    answer = net.ask(entry, PROMPT, 20)
+    asked = net.now
+    net.run_until(lambda: answer.done, max_s=60.0)
+    # the plan with d never becomes the entry node's, or it does and the link never comes:
+    # either way the answer ends with an error, within about `plan_wait_s` (10 s here)
+    assert answer.error is not None and answer.tokens == []
+    assert net.now - asked < 30.0
