@@ -283,10 +283,17 @@ class Election:
         self._observe_term(msg.term, now)
         claimant = self._peer_rank(sender_id)
         current = self._coordinator
-        if current is not None and current != sender_id and self._peer_rank(current) > claimant:
-            # Two claims for one term: keep the higher-ranked one; if that is us, say so.
-            if current == self.node_id:
-                self._send(sender_id, CoordinatorMsg(self._term, self.node_id))
+        if current is not None and current != sender_id:
+            if self._peer_rank(current) > claimant:
+                # Two claims for one term: keep the higher-ranked one; if that is us, say so.
+                if current == self.node_id:
+                    self._send(sender_id, CoordinatorMsg(self._term, self.node_id))
+                return
+            # A higher-ranked claim for a term that already has a coordinator here (a node that
+            # restarted and declared before it heard of it): the plans of the term so far
+            # would outrank the newcomer's, so a new term settles it, and the highest-ranked
+            # node wins it.
+            self._start_election(now)
             return
         if claimant < self.rank:
             # A lower-ranked claim and no higher coordinator: the bully takes over, in a new term.

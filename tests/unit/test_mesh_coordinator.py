@@ -316,3 +316,27 @@ def test_void_reports_name_a_plan_key_and_anything_else_is_refused() -> None:
     for bad in ("void", "void 3", "void 3.", "void .4", "void -1.2", "void 1.2.3", "void 9" * 5):
         with pytest.raises(ValueError):
             void_key(bad)
+
+
+def test_a_restarted_node_that_outranks_the_coordinator_of_the_first_term_takes_over_in_a_new_term() -> None:
+    """Seen in a chaos run: a node restarted (with a new, higher speed measurement) declared
+    itself coordinator of term 1 before it heard of anyone, while another node coordinated term
+    1. Its followers switched to it within term 1, and its plans, numbered from scratch, never
+    outranked the term's plans they had seen: no plan for 30 s. A new term settles it."""
+    net = settled("abc")
+    coordinator = net.nodes["a"].core.coordinator_id
+    assert coordinator is not None and net.nodes["a"].core.election.term == 1
+    follower, victim = [n for n in "abc" if n != coordinator]
+    net.kill(victim)
+    net.settle()
+    net.add(victim, mem_budget_bytes=4 * 10**6)  # back, and now the highest-ranked node
+    net.run_for(1.0)  # alone, it coordinates "term 1" by itself
+    assert net.nodes[victim].core.coordinator_id == victim and net.nodes[victim].core.election.term == 1
+    net.connect(victim, follower)
+    net.connect(victim, coordinator)
+    net.settle()
+    terms = {n.core.election.term for n in net.nodes.values()}
+    assert len(terms) == 1 and terms.pop() > 1
+    assert {n.core.coordinator_id for n in net.nodes.values()} == {victim}
+    answer = net.answer(follower, PROMPT, 12)
+    assert answer.error is None and answer.tokens == reference(PROMPT, 12)
