@@ -33,6 +33,10 @@ from typing import Final
 
 log = logging.getLogger(__name__)
 
+MAX_TERM = 2**53
+"""The highest term a node takes up. Terms grow by one an election; a claim beyond this is a
+hostile or broken peer's (taking it up, the next term would not even encode)."""
+
 BROADCAST: Final = "*"
 """Destination in :meth:`Election.outbox` meaning "every peer that is up"."""
 
@@ -221,10 +225,13 @@ class Election:
             self._start_election(now)
 
     def receive(self, sender_id: str, msg: Message, now: float) -> None:
-        """A message from ``sender_id``."""
+        """A message from ``sender_id``. A term above `MAX_TERM` is refused (ValueError): no
+        honest node gets there, one election at a time, and the next term must stay encodable."""
         if sender_id not in self._peers:
             log.debug("%s: ignoring %r from unknown peer %s", self.node_id, msg, sender_id)
             return
+        if msg.term > MAX_TERM:
+            raise ValueError(f"term {msg.term} is beyond {MAX_TERM}")
         if isinstance(msg, ElectionMsg):
             self._on_election(sender_id, msg, now)
         elif isinstance(msg, AnswerMsg):

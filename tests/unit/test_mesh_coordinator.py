@@ -340,3 +340,21 @@ def test_a_restarted_node_that_outranks_the_coordinator_of_the_first_term_takes_
     assert {n.core.coordinator_id for n in net.nodes.values()} == {victim}
     answer = net.answer(follower, PROMPT, 12)
     assert answer.error is None and answer.tokens == reference(PROMPT, 12)
+
+
+@pytest.mark.parametrize("kind", ["coordinator", "election"])
+def test_a_claim_for_the_last_possible_term_is_ignored_and_crashes_nobody(kind: str) -> None:
+    """A member claimed term 2^63-1: each receiver adopted it, then failed to build its own
+    election message for the next term (a WireError out of the timer: the daemon ended). Terms
+    grow by one an election; one that far off is refused."""
+    net = three_nodes()
+    coordinator = net.nodes["a"].core.coordinator_id
+    sender = next(n for n in "abc" if n != coordinator)
+    huge = 2**63 - 1
+    msg = wire.Coordinator(huge, sender) if kind == "coordinator" else wire.Election(huge, sender, 1e9)
+    for nid, node in net.nodes.items():
+        if nid != sender:
+            node.core.receive(sender, msg, net.now)
+    net.run_for(5.0)  # timers: elections would start here
+    assert {n.core.election.term for n in net.nodes.values()} == {1}
+    assert net.answer("a", PROMPT, 8).tokens == reference(PROMPT, 8)
