@@ -454,6 +454,11 @@ class MeshDriver:
             self.links.drop(node_id, "mdns goodbye")
         self._on_change()
 
+    @property
+    def dialling(self) -> frozenset[str]:
+        """The advertised peers a task is dialling now (until they link or go)."""
+        return frozenset(self._dialling)
+
     def _keep_dialling(self, peer_id: str, first_wait_s: float = 0.0) -> None:
         """Dial an advertised peer until it links, or discovery no longer sees it (one task
         per peer)."""

@@ -4,7 +4,6 @@ lingers."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -144,11 +143,9 @@ async def test_dialling_stops_once_discovery_no_longer_sees_the_peer() -> None:
     mesh = driver(links, logs)
     mesh.peer_seen("b-node", ADDRESS, hello("b"))
     await async_wait_until(lambda: links.dials >= 2, 10, "dials")
-    mesh.peer_gone("b-node", "b")  # its record expired
-    await asyncio.sleep(0.1)
-    dials = links.dials
-    await asyncio.sleep(0.2)
-    assert links.dials == dials
+    assert mesh.dialling == {"b"}
+    mesh.peer_gone("b-node", "b")  # its record expired: the task that dials it ends
+    await async_wait_until(lambda: not mesh.dialling, 10, "the dialling task ends")
 
 
 async def test_the_higher_node_id_waits_to_be_dialled() -> None:
@@ -156,5 +153,5 @@ async def test_the_higher_node_id_waits_to_be_dialled() -> None:
     mesh = MeshDriver(hello("c"), stand_in_runtime(), worker=None, links=links,  # type: ignore[arg-type]
                       link_error=Refused, dial_backoff=DialBackoff(first_delay_s=0.01, max_delay_s=0.04))
     mesh.peer_seen("b-node", ADDRESS, hello("b"))
-    await asyncio.sleep(0.1)
+    assert mesh.dialling == frozenset()  # no task dials "b": it dials "c"
     assert links.dials == 0

@@ -451,6 +451,21 @@ def settled(names: str = "abc", **settings: object) -> Net:
     return net
 
 
+NEED_BYTES = LAYERS * LAYER_BYTES + EMBED_HEAD_BYTES
+"""What one node needs to hold the whole toy model."""
+
+
+def short_of_memory() -> Net:
+    """Nodes a and b with a third of the model's bytes each, linked: the coordinator cannot
+    place the model, and every node has heard so."""
+    net = Net()
+    for n in "ab":
+        net.add(n, mem_budget_bytes=NEED_BYTES // 3)
+    net.connect_all()
+    net.run_until(lambda: all(n.core.placement_error for n in net.nodes.values()))
+    return net
+
+
 def three_nodes() -> Net:
     return settled("abc")
 

@@ -15,8 +15,8 @@ from meshllm import wire
 from meshllm.mesh import LoadSpan, MeshSettings
 from meshllm.placement.balance import BalanceSettings
 from tests.unit.meshsim import (
-    EMBED_HEAD_BYTES, LAYER_BYTES, LAYERS, OTHER_PROMPT, PROMPT, SLOW_LINK_MS, Net, kill_when, placed, reference,
-    settled, slow_links, three_nodes,
+    EMBED_HEAD_BYTES, LAYER_BYTES, LAYERS, NEED_BYTES, OTHER_PROMPT, PROMPT, SLOW_LINK_MS, Net, kill_when, placed,
+    reference, settled, short_of_memory, slow_links, three_nodes,
 )
 
 
@@ -124,15 +124,10 @@ def test_a_lone_node_with_nobody_to_hand_over_to_just_goes() -> None:
 
 
 def test_too_little_memory_fails_fast_with_the_shortfall_then_recovers_when_a_node_joins() -> None:
-    need = LAYERS * LAYER_BYTES + EMBED_HEAD_BYTES
-    net = Net()
-    net.add("a", mem_budget_bytes=need // 3)
-    net.add("b", mem_budget_bytes=need // 3)
-    net.connect_all()
-    net.run_until(lambda: all(n.core.placement_error for n in net.nodes.values()))
+    net = short_of_memory()
     answer = net.answer("a", PROMPT, 8)
     assert answer.error is not None and "bytes" in answer.error
-    net.add("c", mem_budget_bytes=need)
+    net.add("c", mem_budget_bytes=NEED_BYTES)
     net.connect_all()
     net.settle()
     assert net.answer("b", PROMPT, 8).tokens == reference(PROMPT, 8)
@@ -267,12 +262,7 @@ def test_election_messages_count_only_for_their_sender() -> None:
 
 
 def test_a_refusal_to_plan_reaches_every_node_and_fails_answers_at_once_everywhere() -> None:
-    need = LAYERS * LAYER_BYTES + EMBED_HEAD_BYTES
-    net = Net()
-    for n in "ab":
-        net.add(n, mem_budget_bytes=need // 3)
-    net.connect_all()
-    net.run_until(lambda: all(n.core.placement_error for n in net.nodes.values()))
+    net = short_of_memory()
     errors = {n.core.placement_error for n in net.nodes.values()}
     assert len(errors) == 1 and "bytes" in errors.pop()  # type: ignore[operator]
     for n in "ab":  # the coordinator's own answers too

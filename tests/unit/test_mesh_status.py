@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from meshllm.mesh import MeshSettings
 from tests.unit.meshsim import (
-    EMBED_HEAD_BYTES, LAYER_BYTES, LAYERS, PROMPT, Net, placed, slow_links, three_nodes,
+    EMBED_HEAD_BYTES, LAYER_BYTES, PROMPT, Net, placed, short_of_memory, slow_links, three_nodes,
 )
 
 
@@ -51,12 +51,7 @@ def test_status_shows_a_pending_plan_and_the_stages_still_loading() -> None:
 
 
 def test_status_shows_why_the_mesh_cannot_hold_the_model() -> None:
-    need = LAYERS * LAYER_BYTES + EMBED_HEAD_BYTES
-    net = Net()
-    net.add("a", mem_budget_bytes=need // 3)
-    net.add("b", mem_budget_bytes=need // 3)
-    net.connect_all()
-    net.run_until(lambda: all(n.core.placement_error for n in net.nodes.values()))
+    net = short_of_memory()
     for node in net.nodes.values():
         view = node.core.status_view()
         assert view["plan"] is None and "bytes" in view["placement_error"]  # type: ignore[operator]
