@@ -1,8 +1,9 @@
 """The ``meshllm`` command line: its parser, and the dispatch to one command.
 
 Commands: up (daemon/cli_up.py); ask, tune, status, down and chat (daemon/cli_client.py);
-bench (daemon/cli_bench.py). Every failure a user can cause (a bad model path, a port in use,
-no daemon running) ends with one line on stderr and a non-zero exit code, never a traceback.
+bench (daemon/cli_bench.py); invite (daemon/cli_invite.py). Every failure a user can cause (a bad
+model path, a port in use, no daemon running) ends with one line on stderr and a non-zero exit
+code, never a traceback.
 Options of ``up`` also come from ``MESHLLM_*`` environment variables (flags win); ``--api``
 defaults to ``$MESHLLM_API``. Heavy modules (torch, the model) are imported only by the
 commands that need them.
@@ -16,10 +17,11 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from daemon.cli_bench import cmd_bench
-from daemon.cli_client import cmd_ask, cmd_chat, cmd_down, cmd_status, cmd_tune
+from daemon.cli_client import add_api_key_option, cmd_ask, cmd_chat, cmd_down, cmd_status, cmd_tune
+from daemon.cli_invite import cmd_invite
 from daemon.cli_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
 from daemon.cli_up import cmd_up, up_with_tui
-from daemon.node.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES
+from daemon.node.config import DEFAULT_API_URL, LOG_LEVELS, WEIGHT_CHOICES, parse_bytes
 from meshllm.placement.planner import DEFAULT_OBJECTIVE, OBJECTIVES
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "fail", "main",
@@ -37,17 +39,11 @@ def _version() -> str:
 
 
 def _bytes_arg(text: str) -> int:
-    """``2G``, ``500M``, ``1.5GiB`` or a plain number of bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    """``2G``, ``500M``, ``1.5GiB`` or a plain number of bytes (as ``MESHLLM_MEM_BUDGET``)."""
     try:
-        value = int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2G or 500M)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("a size must be >= 0")
-    return value
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--json", action="store_true", help="print each progress event as a JSON line")
     tune.set_defaults(run=cmd_tune)
 
+    invite = commands.add_parser(
+        "invite", help="print the code another device joins this mesh with",
+        description="Print this device's mesh key as a one-word invite code; on another device, "
+                    "`meshllm up --invite CODE` joins the mesh. The code is the last word of the "
+                    "output (`meshllm invite | awk '{print $NF}'`). Anyone with it can join: share "
+                    "it only with your own devices. The key comes from where `meshllm up` takes "
+                    "it: --mesh-key-file, $MESHLLM_MESH_KEY, else the state dir.")
+    invite.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="the state dir of `meshllm up` (default: $MESHLLM_STATE_DIR or "
+                             "~/.local/state/meshllm)")
+    invite.add_argument("--mesh-key-file", default=None, metavar="FILE",
+                        help="the mesh key file `meshllm up` was given (default: $MESHLLM_MESH_KEY_FILE)")
+    invite.set_defaults(run=cmd_invite)
+
     chat = commands.add_parser("chat", help="attach the terminal UI to the local daemon",
                                description="Open the terminal UI on a running daemon.")
     chat.add_argument("--api", default=None, help=api_help)
     chat.set_defaults(run=cmd_chat)
+    for client in (ask, status, down, tune, chat):
+        add_api_key_option(client)
     return parser
 
 
@@ -164,6 +176,9 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         help="address the API listens on (default 127.0.0.1)")
     parser.add_argument("--api-port", type=int, default=None, metavar="PORT",
                         help="API port (default 8470; 0 picks a free one)")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help="file with the key (bearer token) clients must send when --api-host is beyond "
+                             "loopback (default: api.key in the state dir, made and printed on first need)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: all cores; split them between nodes on one machine)")
     parser.add_argument("--name", default=None, help="this node's name (default: the hostname)")
@@ -178,7 +193,13 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="stderr log level (default warning)")
     parser.add_argument("--mesh-name", default=None, help="join only meshes of this name (default 'default')")
     parser.add_argument("--mesh-key-file", default=None, metavar="FILE",
-                        help="file with the mesh key; without one anyone on the LAN can join")
+                        help="file with the mesh key (default: $MESHLLM_MESH_KEY, else the key in the "
+                             "state dir, made by the first start)")
+    parser.add_argument("--invite", default=None, metavar="CODE",
+                        help="join the mesh of this code (`meshllm invite` on one of its devices): its key "
+                             "is kept in the state dir")
+    parser.add_argument("--open", dest="open_mesh", action="store_true", default=None,
+                        help="an open mesh, with no key: anyone on this network can join (not recommended)")
     parser.add_argument("--join", action="append", default=None, metavar="HOST:PORT",
                         help="add a peer by hand (repeatable)")
     parser.add_argument("--ice-server", dest="ice_servers", action="append", default=None, metavar="URL",
@@ -198,6 +219,11 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-model", dest="fallback_model", default=None, metavar="PATH|builtin|none",
                         help="answer requests the mesh cannot serve with this model, on this node "
                              "(default builtin: the bundled SmolLM2; its memory comes out of --mem-budget)")
+    parser.add_argument("--private-layers", dest="private_layers", type=int, default=None, metavar="K",
+                        help="run the first and last K decoder layers of this node's own answers here, so "
+                             "that neither the prompt's embeddings nor the last hidden state cross the "
+                             "network (default 1; 0: the mesh may place every layer; every node of a mesh "
+                             "must use the same K)")
     parser.add_argument("--rebuild-log-mb", dest="rebuild_log_mb", type=int, default=None, metavar="MIB",
                         help="memory cap of the hidden-state logs that let a lost peer's layers be rebuilt "
                              "locally (default 256; 0: none, every loss replays the answers in progress)")
@@ -215,6 +241,9 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="PATH|last|none",
                         help="serve the model with this LoRA adapter (a peft folder), or `last`: the one "
                              "the last `meshllm tune` job finished on this node (default none)")
+    parser.add_argument("--accept-adapters", dest="accept_adapters", action="store_true", default=None,
+                        help="serve the adapter of every tune job the mesh finishes, also of jobs this node "
+                             "took no part in (default: only of jobs it joined; it leaves the others' mesh)")
     parser.add_argument("--debug-tune-scale", dest="debug_tune_scale", type=float, default=None,
                         metavar="X", help="testing aid: multiply the adapter update this node sends "
                                           "in a tune round by X (a faulty participant; default 1)")

@@ -1,5 +1,10 @@
 """The client commands of ``meshllm``: ask, tune, status, down and chat, each talking to a
-running daemon over its HTTP API (``tui.client``, imported once the command runs)."""
+running daemon over its HTTP API (``tui.client``, imported once the command runs).
+
+Each sends the daemon's API key when it has one (docs/api.md, "Access"): ``--api-key-file``,
+else ``$MESHLLM_API_KEY_FILE``, else, for a daemon on this device, ``api.key`` in its state
+dir (``tui.api_key``).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,34 @@ if TYPE_CHECKING:
     from tui.client import DaemonClient
 
 
-def _client(api: str) -> DaemonClient:
-    """The HTTP client of the daemon at ``api`` (tui.client: the client side, imported lazily)."""
+API_KEY_FILE_HELP = ("file with the daemon's API key, needed when its API is beyond loopback (default: "
+                     "$MESHLLM_API_KEY_FILE, else api.key in this device's state dir for a daemon on this device)")
+
+
+def add_api_key_option(parser: argparse.ArgumentParser) -> None:
+    """``--api-key-file`` of a client command."""
+    parser.add_argument("--api-key-file", default=None, metavar="FILE", help=API_KEY_FILE_HELP)
+
+
+def _api_key(api: str, args: argparse.Namespace) -> str | None:
+    """The key to send to the daemon at ``api``: ``--api-key-file``'s, else the one
+    ``tui.api_key.find_api_key`` finds. Raises DaemonError when a key file cannot be read."""
+    from tui.api_key import ApiKeyFileError, find_api_key
+    from tui.client import DaemonError
+
+    key_file = getattr(args, "api_key_file", None)
+    try:
+        return find_api_key(api, key_file=Path(key_file).expanduser() if key_file else None)
+    except ApiKeyFileError as error:
+        raise DaemonError(str(error)) from None
+
+
+def _client(api: str, args: argparse.Namespace) -> DaemonClient:
+    """The HTTP client of the daemon at ``api`` (tui.client: the client side, imported lazily),
+    with its key (``_api_key``)."""
     from tui.client import DaemonClient
 
-    return DaemonClient(api, connect_timeout_s=10.0, request_timeout_s=30.0)
+    return DaemonClient(api, connect_timeout_s=10.0, request_timeout_s=30.0, api_key=_api_key(api, args))
 
 
 def client_failure(error: Exception) -> int:
@@ -28,6 +56,8 @@ def client_failure(error: Exception) -> int:
     message = str(error)
     if message.startswith("cannot reach the daemon"):
         message += " (is `meshllm up` running?)"
+    if getattr(error, "status", None) == 401:
+        message += " (give the key with --api-key-file FILE or $MESHLLM_API_KEY_FILE)"
     return fail(message)
 
 
@@ -41,7 +71,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     async def ask() -> str:
         last = ""
-        async for delta in _client(args.api or default_api()).chat(
+        async for delta in _client(args.api or default_api(), args).chat(
                 messages, max_tokens=args.max_tokens, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed):
             if delta.text:
@@ -93,7 +123,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     progress = TuneProgress(sys.stderr, as_json=sys.stdout if args.json else None)
 
     async def follow() -> dict[str, Any] | None:
-        async for event in _client(api).tune(body):
+        async for event in _client(api, args).tune(body):
             progress.show(event)
             if event.get("type") in ("done", "error"):
                 return event
@@ -117,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tui.client import DaemonError, DaemonUnavailable
 
     try:
-        status = asyncio.run(_client(args.api or default_api()).status())
+        status = asyncio.run(_client(args.api or default_api(), args).status())
     except (DaemonUnavailable, DaemonError) as error:
         return client_failure(error)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -129,7 +159,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     api = args.api or default_api()
     try:
-        asyncio.run(_client(api).down())
+        asyncio.run(_client(api, args).down())
     except (DaemonUnavailable, DaemonError) as error:
         return client_failure(error)
     print(f"meshllm: the daemon at {api} is stopping", file=sys.stderr)
@@ -142,12 +172,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     api = args.api or default_api()
     try:
-        asyncio.run(_client(api).status())  # nothing answers: one line, as every client command
+        key = _api_key(api, args)
+        asyncio.run(_client(api, args).status())  # nothing answers: one line, as every client command
     except (DaemonUnavailable, DaemonError) as error:
         return client_failure(error)
     try:
         from tui.app import run_chat
     except ImportError as error:
         return fail(f"the terminal UI cannot start ({error}); use `meshllm ask` or the HTTP API")
-    run_chat(api)
+    run_chat(api, api_key=key)
     return EXIT_OK

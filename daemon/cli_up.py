@@ -12,18 +12,22 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from daemon.cli_common import EXIT_OK, EXIT_USAGE, fail, setup_logging
 from daemon.node.config import ConfigError, NodeConfig
+from daemon.node.identity import make_state_dir
 
 if TYPE_CHECKING:
     from daemon.node.node import RuntimeLoader
 
 log = logging.getLogger(__name__)
 
-TuiRunner = Callable[[str, Callable[[], None]], None]
-"""``tui.app.run_attached(api_url, on_quit)``: runs the TUI in this terminal until it quits."""
+class TuiRunner(Protocol):
+    """``tui.app.run_attached(api_url, on_quit, api_key=...)``: runs the TUI in this terminal
+    until it quits; ``api_key``: what the API needs (None on loopback)."""
+
+    def __call__(self, api_url: str, on_quit: Callable[[], None], *, api_key: str | None = None) -> None: ...
 
 
 def find_tui_runner() -> TuiRunner | None:
@@ -60,7 +64,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("meshllm: the terminal UI is not available yet; running headless "
                   "(--no-tui silences this)", file=sys.stderr, flush=True)
     if tui is not None:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            make_state_dir(config.state_dir)
+        except OSError as error:
+            return fail(f"cannot use state dir {config.state_dir}: {error.strerror or error}")
         setup_logging(config.log_level, config.state_dir / "meshllm.log")  # stderr would draw over the TUI
         return up_with_tui(config, tui)
     setup_logging(config.log_level)
@@ -80,8 +87,11 @@ def up_with_tui(config: NodeConfig, tui: TuiRunner, runtime_loader: RuntimeLoade
     from daemon.node.node import Node, StartupError, load_runtime
 
     log_file = config.state_dir / "meshllm.log"
-    node = Node(config, runtime_loader=runtime_loader or load_runtime, handle_signals=False,
-                announce=lambda line: log.info("%s", line))
+    def announce(line: str) -> None:
+        log.info("%s", line)
+        print(line, file=sys.stderr, flush=True)  # before the TUI draws: a new API key is shown once
+
+    node = Node(config, runtime_loader=runtime_loader or load_runtime, handle_signals=False, announce=announce)
     failure: list[StartupError] = []
 
     def serve() -> None:
@@ -97,7 +107,7 @@ def up_with_tui(config: NodeConfig, tui: TuiRunner, runtime_loader: RuntimeLoade
             if not thread.is_alive():
                 return fail(str(failure[0]) if failure else f"the daemon stopped; see {log_file}")
         assert node.api_url is not None
-        tui(node.api_url, node.request_stop_threadsafe)
+        tui(node.api_url, node.request_stop_threadsafe, api_key=node.api_key)
     finally:  # the TUI quit, failed, or Ctrl-C came before it started: the node stops too
         node.request_stop_threadsafe()
         thread.join()

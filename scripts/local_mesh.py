@@ -9,7 +9,8 @@ node. When a node exits (a crash, a kill -9, a clean `meshllm down`), the others
 running and the script says which node exited, how (exit code or signal) and where its log
 is; with --restart SECONDS it starts that node again after the delay (same ports, same
 options, same state dir) and says when it is back. Ctrl-C or SIGTERM stops every node
-cleanly. Each node gets its share of the cores.
+cleanly. Each node gets its share of the cores, and all share one new mesh key (given as
+MESHLLM_MESH_KEY; one already set in the environment is used instead).
 
 Try failover by hand: `kill -9 PID` of a node from its start line, then ask another node.
 """

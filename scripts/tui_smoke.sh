@@ -9,8 +9,9 @@
 #
 # 1. Starts node "smoke-b" headless (`meshllm up --no-tui`). It offers more memory, so it is
 #    the coordinator.
-# 2. Starts node "smoke-a" with `meshllm up` in tmux: the UI opens attached to its own node.
-#    Checks the mesh view shows both nodes and a layer map, asks the question once with
+# 2. Starts node "smoke-a" with `meshllm up --invite CODE` in tmux, CODE from `meshllm invite`
+#    on smoke-b (each node has a mesh key of its own otherwise, and they would not join). The UI
+#    opens attached to its own node. Checks the mesh view shows both nodes and a layer map, asks the question once with
 #    `meshllm ask` (greedy) for the expected answer, types the question in the chat view and
 #    checks that the same answer shows. Ctrl+Q quits: `meshllm up` must exit 0 and the
 #    coordinator's log must say that smoke-a is leaving and handing its layers over.
@@ -120,8 +121,10 @@ until grep -q "meshllm ready" "$WORK/b.out"; do
     sleep 0.5
 done
 
+CODE=$("${MESHLLM[@]}" invite --state-dir "$WORK/b" 2>/dev/null | awk '{print $NF}') \
+    || fail "meshllm invite found no key in smoke-b's state dir"
 up_a=$(printf '%q ' "${MESHLLM[@]}" up "${common[@]}" --name smoke-a --api-port "$PORT_A" \
-    --state-dir "$WORK/a" --mem-budget 1G)
+    --state-dir "$WORK/a" --mem-budget 1G --invite "$CODE")
 tmux new-session -d -s "$SESSION" -x 100 -y 30 \
     "env MESHLLM_CHAT_TEMPERATURE=0 MESHLLM_CHAT_MAX_TOKENS=$MAX_TOKENS $up_a; echo \"MESHLLM EXITED \$?\"; sleep 600"
 

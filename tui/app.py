@@ -258,9 +258,9 @@ class MeshApp(App[None]):
             self.push_screen(HelpScreen(self.HELP_KEYS, self.client.api_url))
 
 
-def _run(api_url: str, initial_view: View, on_quit: Callable[[], None] | None) -> None:
+def _run(api_url: str, initial_view: View, on_quit: Callable[[], None] | None, api_key: str | None = None) -> None:
     settings, notes = TuiSettings.from_env(os.environ)
-    app = MeshApp(DaemonClient(api_url), settings=settings, initial_view=initial_view, notes=notes)
+    app = MeshApp(DaemonClient(api_url, api_key=api_key), settings=settings, initial_view=initial_view, notes=notes)
     try:
         app.run()
     finally:
@@ -268,15 +268,16 @@ def _run(api_url: str, initial_view: View, on_quit: Callable[[], None] | None) -
             on_quit()
 
 
-def run_attached(api_url: str, on_quit: Callable[[], None] | None = None) -> None:
+def run_attached(api_url: str, on_quit: Callable[[], None] | None = None, *, api_key: str | None = None) -> None:
     """Run the UI on the daemon at ``api_url`` until the user quits, then call ``on_quit``.
 
     For ``meshllm up``: the node runs on another thread; ``on_quit`` stops it cleanly.
-    Opens on the mesh view.
+    Opens on the mesh view. ``api_key``: the key the API needs (None: the one
+    ``tui.api_key.find_api_key`` finds).
     """
-    _run(api_url, "mesh", on_quit)
+    _run(api_url, "mesh", on_quit, api_key)
 
 
-def run_chat(api_url: str) -> None:
+def run_chat(api_url: str, *, api_key: str | None = None) -> None:
     """Run the UI on a running daemon, opening on the chat (``meshllm chat [--api URL]``)."""
-    _run(api_url, "chat", None)
+    _run(api_url, "chat", None, api_key)

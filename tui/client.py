@@ -204,8 +204,19 @@ class DaemonClient:
         request_timeout_s: float = 30.0,
         idle_timeout_s: float = 15.0,
         chat_idle_timeout_s: float | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        """Sent as ``Authorization: Bearer``; None: the one ``tui.api_key.find_api_key`` finds."""
+        self._api_key_problem: str | None = None
+        if api_key is None:
+            from tui.api_key import ApiKeyFileError, find_api_key
+
+            try:
+                self._api_key = find_api_key(self.api_url)
+            except ApiKeyFileError as error:  # said on the first call, as a DaemonError
+                self._api_key_problem = str(error)
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
         """Whole requests: status, down, a non-streamed answer."""
@@ -306,6 +317,11 @@ class DaemonClient:
 
     # -- HTTP ------------------------------------------------------------------------------
 
+    def _headers(self) -> dict[str, str]:
+        if self._api_key_problem is not None:
+            raise DaemonError(self._api_key_problem)
+        return {} if self._api_key is None else {"Authorization": f"Bearer {self._api_key}"}
+
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[aiohttp.ClientSession]:
         import aiohttp
@@ -320,10 +336,11 @@ class DaemonClient:
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self._request_timeout_s, sock_connect=self._connect_timeout_s)
+        headers = self._headers()
         try:
             async with self._session() as session:
                 async with session.request(method, f"{self.api_url}{path}", json=json_body,
-                                           timeout=timeout) as response:
+                                           timeout=timeout, headers=headers) as response:
                     await _raise_for_status(response)
                     return await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -339,10 +356,11 @@ class DaemonClient:
 
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s,
                                         sock_read=idle_timeout_s)
+        headers = self._headers()
         try:
             async with self._session() as session:
                 async with session.request(method, f"{self.api_url}{path}", json=json_body,
-                                           timeout=timeout) as response:
+                                           timeout=timeout, headers=headers) as response:
                     await _raise_for_status(response)
                     yield response
         except (aiohttp.ClientError, TimeoutError) as error:

@@ -3,13 +3,15 @@
 `scripts/local_mesh.py` is its command line; the mesh tests and benchmarks use it too.
 Each node gets its own state dir, its own ports (API on `base_port + 2*i`, signaling on the
 next port) and its share of the cores (`--threads`), so the nodes do not slow each other
-down by fighting over threads.
+down by fighting over threads. The nodes share one mesh key, made for the mesh and given to
+each as `MESHLLM_MESH_KEY` (`shared_key=False`: each keeps its own, as strangers would).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +30,7 @@ from tui.client import DaemonClient, DaemonError, DaemonUnavailable, run_sync
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "meshllm ready: "
+MESH_KEY_VAR = "MESHLLM_MESH_KEY"
 
 
 def free_port_pair() -> int:
@@ -152,10 +155,13 @@ class LocalMesh:
         meshllm: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
         cwd: Path | str | None = None,
+        shared_key: bool = True,
     ) -> None:
         """``cwd``: the folder the daemons run in (default: this checkout), so that
         ``python -m daemon.cli`` there runs another checkout's daemons (a benchmark of an
-        older commit from a ``git worktree``)."""
+        older commit from a ``git worktree``). ``shared_key``: every node gets the same new
+        random mesh key as ``MESHLLM_MESH_KEY`` (one already in ``env`` or the environment is
+        kept); False: none is given, so each node uses the key of its own state dir."""
         if nodes < 1:
             raise ValueError("need at least one node")
         self._own_dir = work_dir is None
@@ -164,6 +170,11 @@ class LocalMesh:
         self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
         self._cmd = list(meshllm or [sys.executable, "-m", "daemon.cli"])
         self.env = {**os.environ, **(env or {})}
+        if MESH_KEY_VAR not in (env or {}):
+            if not shared_key:
+                self.env.pop(MESH_KEY_VAR, None)
+            elif not self.env.get(MESH_KEY_VAR, "").strip():
+                self.env[MESH_KEY_VAR] = secrets.token_urlsafe(24)
         self.cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent.parent
         self.nodes: list[LocalNode] = []
         for i in range(nodes):

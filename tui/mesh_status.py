@@ -16,6 +16,10 @@ class StatusFormatError(ValueError):
     """A status snapshot that does not have the shape docs/api.md gives it."""
 
 
+PRIVATE = "(private)"
+"""`MeshStatus.layer_owners` of a private layer: each entry node runs it for its own answers."""
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """One row of the mesh table."""
@@ -135,6 +139,12 @@ class MeshStatus:
     """The local fallback model; None when the daemon has none to say."""
     latency: LatencyInfo | None = None
     """Predicted and measured ms per token of the plan in force; None without an active plan."""
+    mesh_key_id: str | None = None
+    """The mesh key's public id; ``open`` for an open mesh; None: not known yet."""
+    invite: str | None = None
+    """The code another device joins this mesh with (``meshllm up --invite CODE``)."""
+    private_layers: int = 0
+    """K: every entry node runs the first and last K layers of its own answers (`PRIVATE`)."""
 
     def node(self, node_id: str) -> NodeInfo | None:
         return next((node for node in self.nodes if node.node_id == node_id), None)
@@ -144,13 +154,17 @@ class MeshStatus:
         return node.name if node is not None else (node_id or "nobody")
 
     def layer_owners(self) -> tuple[str | None, ...]:
-        """For each decoder layer, the id of the node holding it (None: nobody).
+        """For each decoder layer, the id of the node holding it (None: nobody; `PRIVATE`:
+        each entry node, for its own answers).
 
         From the plan's stages when there is a plan, else from the nodes' own spans.
         """
         if not self.num_layers:
             return ()
         owners: list[str | None] = [None] * self.num_layers
+        k = min(self.private_layers, self.num_layers // 2)
+        for layer in (*range(k), *range(self.num_layers - k, self.num_layers)):
+            owners[layer] = PRIVATE
         if self.plan is not None:
             spans = [(stage.node_id, stage.start_layer, stage.end_layer) for stage in self.plan.stages]
         else:
@@ -174,6 +188,7 @@ class MeshStatus:
             model_name=_optional(model_map, "name", str),
             model_id=_optional(model_map, "id", str),
             num_layers=_optional(model_map, "num_layers", int),
+            private_layers=_optional(model_map, "private_layers", int) or 0,
             weights=_optional(model_map, "weights", str),
             codec=_optional(body, "codec", str) or "?",
             term=_optional(body, "term", int) or 0,
@@ -191,6 +206,8 @@ class MeshStatus:
             sessions=_optional(body, "sessions", int) or 0,
             fallback=_fallback(body.get("fallback")),
             latency=_latency(body.get("latency")),
+            mesh_key_id=_optional(body, "mesh_key_id", str),
+            invite=_optional(body, "invite", str),
         )
 
 

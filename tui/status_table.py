@@ -126,6 +126,11 @@ def format_status(status: dict[str, Any]) -> str:
     tune = format_tune(status.get("tune"))
     if tune is not None:
         lines.append(f"tune:     {tune}")
+    key_id = status.get("mesh_key_id")
+    if key_id == "open":
+        lines.append("mesh key: none: an open mesh, anyone on this network can join (--open)")
+    elif isinstance(key_id, str):
+        lines.append(f"mesh key: id {key_id} (`meshllm invite` prints the code another device joins with)")
     lines += [
         "",
     ]

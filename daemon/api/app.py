@@ -2,7 +2,10 @@
 
 Handlers are thin: they check input, hand work to ``Completions`` and write OpenAI shapes.
 No request can crash the daemon: every failure becomes a JSON error (or an error event in a
-stream), and a client that disconnects cancels only its own generation.
+stream), and a client that disconnects cancels only its own generation. Who may call what, and
+how much at once, is `daemon.api.access`. A client that sends half a request and stalls is
+dropped: headers must arrive within HEADER_TIMEOUT_S, a body within BODY_TIMEOUT_S (both
+servers of a node, this API and the mesh's signaling, are started by ``ApiServer.start``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from typing import Any
 from aiohttp import web
 
 from daemon.answer import AnswerStream, Serving, WorkerStopped
+from daemon.api.access import DEFAULT_MAX_PER_CLIENT, AccessGuard, is_loopback_client
 from daemon.api.chat_request import RequestError, parse_chat_request
 from daemon.api.completions import Completions, NotReady, PreparedChat
 from daemon.api.events import EventHub
-from daemon.api.http import (MAX_BODY_BYTES, SSE_HEADERS, BodyError, error_body, error_response, read_json_body,
-                             send_event)
+from daemon.api.http import (BODY_TIMEOUT, BODY_TIMEOUT_S, MAX_BODY_BYTES, SSE_HEADERS, BodyError, error_body,
+                             error_response, read_json_body, send_event)
 from daemon.api.status import StatusBoard
 from daemon.api.stop_strings import StopScanner
 from daemon.api.tune import MAX_TUNE_BODY_BYTES, TuneEndpoint
@@ -34,6 +38,12 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
 SHUTDOWN_TIMEOUT_S = 5.0
+HEADER_TIMEOUT_S = 30.0
+"""A connection's request line and headers must arrive within this long of its opening (or of
+the end of its last response); then it is closed. Also how long an idle keep-alive lasts."""
+LINGER_S = 10.0
+"""After answering a request whose body did not all arrive (413, 408), the server reads and
+drops the rest for at most this long, so that the client sees the answer, then closes."""
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -215,14 +225,14 @@ class ApiHandlers:
     # -- control -------------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._board.snapshot())
+        return web.json_response(_for_client(self._board.snapshot(), request))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         subscription = self._hub.subscribe()
         response = web.StreamResponse(headers=SSE_HEADERS)
         try:
             await response.prepare(request)
-            await send_event(response, {"type": "status", "status": self._board.snapshot()})
+            await send_event(response, {"type": "status", "status": _for_client(self._board.snapshot(), request)})
             for past in self._hub.recent_logs():
                 await send_event(response, past.to_json())
             while True:
@@ -233,7 +243,10 @@ class ApiHandlers:
                 if event is None:
                     await response.write(b": ping\n\n")
                 else:
-                    await send_event(response, event.to_json())
+                    data = event.to_json()
+                    if data.get("type") == "status":
+                        data = {**data, "status": _for_client(data["status"], request)}
+                    await send_event(response, data)
             await response.write_eof()
         except ConnectionResetError:
             log.debug("event client went away")
@@ -299,7 +312,10 @@ def _error_middleware(allowed_hosts: frozenset[str] | None) -> Any:
         try:
             return await handler(request)
         except BodyError as error:
-            return error_response(error.status, error.message)
+            response = error_response(error.status, error.message)
+            if error.status == 408:  # the client stalled: it gets no second request on this connection
+                response.force_close()
+            return response
         except web.HTTPException as error:
             if error.status < 400:
                 raise
@@ -331,14 +347,22 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
     tune: TuneEndpoint | None = None,
+    api_key: str | None = None,
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> web.Application:
     """The aiohttp application. ``allowed_hosts`` guards against DNS rebinding (None: any).
-    Bodies are bounded by ``max_body_bytes``, a tune request's by MAX_TUNE_BODY_BYTES."""
+    ``api_key``: the bearer token every request needs (None: none, for an API on loopback).
+    ``max_per_client``: requests one client address may have in progress (429 beyond).
+    Bodies are bounded by ``max_body_bytes`` (a tune request's by MAX_TUNE_BODY_BYTES) and
+    must arrive within ``body_timeout_s``."""
     handlers = ApiHandlers(completions, board, hub, request_stop, keepalive_s=keepalive_s,
                            max_body_bytes=max_body_bytes)
     tune = tune or TuneEndpoint()
     app = web.Application(client_max_size=max(max_body_bytes, MAX_TUNE_BODY_BYTES),
-                          middlewares=[_error_middleware(allowed_hosts)])
+                          middlewares=[_error_middleware(allowed_hosts),
+                                       AccessGuard(api_key, max_per_client=max_per_client).middleware])
+    app[BODY_TIMEOUT] = body_timeout_s
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/status", handlers.status)
@@ -359,10 +383,14 @@ class ApiServer:
 
     @classmethod
     async def start(cls, app: web.Application, host: str, port: int, *,
-                    shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> ApiServer:
-        """Listen on host:port (0 = a free port). Raises OSError when it cannot listen."""
+                    shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+                    header_timeout_s: float = HEADER_TIMEOUT_S, lingering_s: float = LINGER_S) -> ApiServer:
+        """Listen on host:port (0 = a free port). Raises OSError when it cannot listen.
+        A connection whose request headers are not all there ``header_timeout_s`` after it
+        opened (or after its last response) is closed; others are served meanwhile."""
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s,
-                               access_log=logging.getLogger("daemon.access"))
+                               access_log=logging.getLogger("daemon.access"),
+                               keepalive_timeout=header_timeout_s, lingering_time=lingering_s)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         try:
@@ -375,3 +403,11 @@ class ApiServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+
+
+def _for_client(snapshot: dict[str, Any], request: web.Request) -> dict[str, Any]:
+    """The status as `request`'s client may see it: the invite code carries the mesh key, so
+    only a client on this device gets it (an API key admits other devices to chat, not to the mesh)."""
+    if snapshot.get("invite") is None or is_loopback_client(request.remote):
+        return snapshot
+    return {**snapshot, "invite": None}

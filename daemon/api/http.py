@@ -1,14 +1,19 @@
-"""The HTTP plumbing every route shares: JSON bodies in, OpenAI-shaped errors and server-sent
-events out."""
+"""The HTTP plumbing every route shares: JSON bodies in (bounded in size and in time),
+OpenAI-shaped errors and server-sent events out."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0
+"""A request body must arrive whole within this long (a client that stalls is answered 408)."""
+BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
+"""An app's own body timeout (create_app sets it); BODY_TIMEOUT_S without one."""
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -40,16 +45,20 @@ class BodyError(Exception):
 
 async def read_json_body(request: web.Request, *, allow_empty: bool = False,
                          max_bytes: int = MAX_BODY_BYTES) -> object:
-    """The request's decoded JSON body; raises BodyError (415, 413 or 400)."""
+    """The request's decoded JSON body; raises BodyError (415, 413, 408 or 400)."""
     if request.content_type != "application/json":
         raise BodyError(415, "send the body as JSON with 'Content-Type: application/json'")
     limit = min(max_bytes, request.client_max_size)
     if request.content_length is not None and request.content_length > limit:
         raise BodyError(413, f"the request body is larger than {limit} bytes")
+    timeout_s = request.config_dict.get(BODY_TIMEOUT, BODY_TIMEOUT_S)
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyError(413, f"the request body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise BodyError(408, f"the request body did not arrive within {timeout_s:g} s") from None
     if len(raw) > limit:
         raise BodyError(413, f"the request body is larger than {limit} bytes")
     if allow_empty and not raw.strip():

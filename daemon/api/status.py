@@ -26,6 +26,8 @@ class ModelSummary:
     kernel: str = ""
     """What computes the layers: meshllm's kernels (and their instruction set) or torch's."""
     batch_invariant: bool = False
+    private_layers: int = 0
+    """K: every entry node runs layers [0, K) and [num_layers - K, num_layers) of its own answers."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class SelfState:
     sessions: int = 0
     """Chat requests in progress (running or queued)."""
     codec: str = "f32"
+    mesh_key_id: str | None = None
+    """The mesh key's public id (``open``: an open mesh); None until the key is loaded."""
+    invite: str | None = None
+    """The invite code another device joins with (``meshllm up --invite``); None: open mesh or
+    not loaded yet. It carries the key: the status is for the owner's clients only."""
 
 
 class StatusBoard:
@@ -109,7 +116,7 @@ class StatusBoard:
         if s.model is not None:
             model = {"id": s.model.model_id, "name": s.model.name, "num_layers": s.model.num_layers,
                      "weights": s.model.weights, "kernel": s.model.kernel,
-                     "batch_invariant": s.model.batch_invariant}
+                     "batch_invariant": s.model.batch_invariant, "private_layers": s.model.private_layers}
         snap = {
             "self_id": s.node_id,
             "model": model,
@@ -135,6 +142,8 @@ class StatusBoard:
             "latency": None,
             "incompatible": [],
             "sessions": s.sessions,
+            "mesh_key_id": s.mesh_key_id,
+            "invite": s.invite,
             "fallback": self._fallback_view() if self._fallback_view is not None else None,
         }
         if self._mesh_view is not None:

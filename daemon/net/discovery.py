@@ -3,10 +3,18 @@
 Each node advertises one ``_meshllm._tcp.local.`` service whose TXT record says who it is
 (see :func:`txt_for`) and browses for the others. What it sees becomes events:
 :class:`PeerSeen` when a node appears or its record changes, :class:`PeerGone` when it says
-goodbye (or its record expires). The TXT record is public: it carries no secrets.
+goodbye (or its record expires). The TXT record is public: it carries no secrets. Nor is
+anything in mDNS authenticated, so these events only ever say where to dial: they never end
+or redirect a link that is up (the mesh driver, with :class:`daemon.node.redial.PeerAddresses`).
 
 Records from the network are checked and bounded (:func:`parse_peer`); a malformed one is
 logged and ignored. Our own record is ignored.
+
+The record also carries the node's mesh key id (``key``: 16 hex characters that reveal nothing
+about the key, or ``open``; daemon/invite.py). A node of another key is reported with
+``PeerSeen.key_mismatch`` set ("another mesh key"), so it shows as incompatible and is not
+dialled (its signaling would refuse us anyway). A record without ``key`` (an older meshllm)
+gets no verdict: the handshake decides.
 
 Loopback mode advertises 127.0.0.1, uses the 127.0.0.1 interface only (IPv4), and makes the
 wildcard mDNS socket accept datagrams from 127.0.0.1 only, so nothing is sent to or taken
@@ -28,6 +36,7 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from daemon.invite import OPEN_KEY_ID, is_key_id
 from daemon.net.loopback import LOOPBACK_HOST, accept_only_from_loopback
 from meshllm.errors import WireError
 from meshllm.wire import Hello
@@ -44,8 +53,12 @@ MAX_TXT_KEYS = 32
 MAX_TXT_VALUE_BYTES = 255
 MAX_MODEL_ID_CHARS = 128
 TXT_KEYS = ("pv", "id", "mesh", "port", "mem", "ms", "model", "coord")
-"""protocol version, node id, mesh name, control (API) port, memory budget for weights in
-bytes, ms per layer per token, model id, can-coordinate flag ("1" or "0")."""
+"""protocol version, node id, mesh name, signaling port (``--mesh-port``; not the API's),
+memory budget for weights in bytes, ms per layer per token, model id, can-coordinate flag
+("1" or "0")."""
+KEY_ID_TXT = "key"
+"""Optional TXT key: the mesh key id (daemon/invite.py)."""
+ANOTHER_MESH_KEY = "another mesh key"
 
 _SHORT_ID_CHARS = 6
 _MAX_LABEL_BYTES = 63
@@ -59,10 +72,13 @@ class PeerSeen:
     name: str
     """mDNS instance name (node name plus a short id)."""
     address: str
-    """``HOST:PORT`` of its HTTP API (where signaling goes)."""
+    """``HOST:PORT`` of its signaling server (``--mesh-port``), where link offers go."""
     node_id: str
     txt: dict[str, str]
     """Its checked TXT record (keys in :data:`TXT_KEYS`, and any others it carries)."""
+    key_mismatch: str | None = None
+    """Why its mesh key is not ours ("another mesh key ..."), from the key ids; None: the same
+    key, or it does not say."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +101,22 @@ def instance_name(hello: Hello) -> str:
     return f"{base}-{_LABEL_UNSAFE.sub('-', short)}"
 
 
-def txt_for(hello: Hello, port: int) -> dict[str, str]:
-    """The TXT record a node advertises (public: no secrets)."""
+def key_mismatch(ours: str, theirs: str | None) -> str | None:
+    """Why a node advertising key id ``theirs`` is not of our mesh (key id ``ours``); None when
+    the ids match or it advertises none."""
+    if theirs is None or theirs == ours:
+        return None
+    if theirs == OPEN_KEY_ID:
+        return f"{ANOTHER_MESH_KEY} (it runs an open mesh)"
+    if ours == OPEN_KEY_ID:
+        return f"{ANOTHER_MESH_KEY} (this node runs an open mesh)"
+    return ANOTHER_MESH_KEY
+
+
+def txt_for(hello: Hello, port: int, key_id: str = OPEN_KEY_ID) -> dict[str, str]:
+    """The TXT record a node advertises (public: no secrets; the key id reveals nothing)."""
     return {
+        KEY_ID_TXT: key_id,
         "pv": str(hello.protocol_version),
         "id": hello.node_id,
         "mesh": hello.mesh_name,
@@ -140,6 +169,8 @@ def parse_txt(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
         raise BadRecord(f"ms out of range: {ms}")
     if txt["coord"] not in ("0", "1"):
         raise BadRecord("coord must be 0 or 1")
+    if KEY_ID_TXT in txt and not is_key_id(txt[KEY_ID_TXT]):
+        raise BadRecord(f"bad key id {txt[KEY_ID_TXT][:40]!r}")
     return txt
 
 
@@ -175,10 +206,12 @@ class Discovery:
     """Advertise this node and report the others. ``await start()``; ``await close()``."""
 
     def __init__(self, hello: Hello, *, host: str, port: int, loopback: bool,
-                 on_event: Callable[[DiscoveryEvent], None]) -> None:
-        """``host``: the address peers should use for this node's API (``0.0.0.0`` or ``""``:
-        every IPv4 address of this machine but loopback); ``port``: the API port."""
+                 on_event: Callable[[DiscoveryEvent], None], key_id: str = OPEN_KEY_ID) -> None:
+        """``host``: the address peers should use for this node's signaling server (``0.0.0.0``
+        or ``""``: every IPv4 address of this machine but loopback); ``port``: its port; ``key_id``:
+        this node's mesh key id (daemon/invite.py)."""
         self._hello = hello
+        self._key_id = key_id
         self._port = port
         self._loopback = loopback
         self._addresses = [LOOPBACK_HOST] if loopback else _advertised_addresses(host)
@@ -246,7 +279,7 @@ class Discovery:
             f"{name}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(address) for address in self._addresses],
             port=self._port,
-            properties=txt_for(hello, self._port),
+            properties=txt_for(hello, self._port, self._key_id),
             server=f"{name}.local.",
         )
 
@@ -303,7 +336,7 @@ class Discovery:
             log.debug("ignoring %s: no usable address", name)
             return None
         return PeerSeen(name=_short(name), address=f"{addresses[0]}:{info.port}",
-                        node_id=txt["id"], txt=txt)
+                        node_id=txt["id"], txt=txt, key_mismatch=key_mismatch(self._key_id, txt.get(KEY_ID_TXT)))
 
     def _notify(self, event: DiscoveryEvent) -> None:
         try:

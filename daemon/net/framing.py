@@ -8,6 +8,14 @@ from the network goes through the channel's Reassembler and ``decode`` (:meth:`C
 and a link whose peer sends too many malformed pieces in a window is ended
 (:class:`BadFrameWindow`).
 
+What a peer can make this node hold is bounded per channel: one message of at most
+``max_message_bytes`` (4 MiB and a little, or the largest message the node's model sends:
+:func:`link_message_bytes`), and at most that much in messages still in progress (of which
+there are at most MAX_PARTIAL_MESSAGES). A piece beyond a bound is refused as a bad frame,
+never buffered. On the sending side ``send`` waits at the high-water mark, and a link whose
+peer lets what ``send_now``/``send_probe`` queue (its heartbeats' acks, its probes' echoes)
+grow past the high-water mark plus URGENT_BACKLOG_BYTES is closed: the peer is not reading.
+
 Sending (:class:`Outbox`): ``send`` waits while a channel has more than the high-water mark
 queued (backpressure); ``send_now`` queues a small message at once, ignoring it (heartbeats,
 acks, Byes), and an urgent one ahead of the other channels' queued pieces
@@ -24,6 +32,7 @@ under the high-water mark) yields no sample.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -34,10 +43,14 @@ from daemon.net.delay import DelayQueue
 from daemon.net.link_events import LinkError
 from meshllm.errors import WireError
 from meshllm.placement.linkstats import LinkMeter
+from meshllm.wire import DEFAULT_MAX_MESSAGE_BYTES as WIRE_MAX_MESSAGE_BYTES
 from meshllm.wire import Message, Reassembler, decode, encode, split_frames
+from meshllm.wire.tune_messages import MAX_TUNE_PART_BYTES
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel
+
+log = logging.getLogger(__name__)
 
 CHANNEL_IDS: dict[str, int] = {"control": 0, "activation": 1}
 """The data channels of every link (negotiated out of band, so both ends create them)."""
@@ -47,18 +60,49 @@ share one SCTP association, so this also bounds how long a control message can w
 activations: about high-water / throughput (0.1 s at 5 MB/s); heartbeats go ahead of them."""
 MIN_BULK_SAMPLE_BYTES = 64 * 1024
 """A backpressure wait that drained less than this yields no rate sample."""
+ENVELOPE_BYTES = 64 * 1024
+"""Room for what a message carries besides its tensors (ids, routes, tensor headers)."""
+DEFAULT_MAX_MESSAGE_BYTES = MAX_TUNE_PART_BYTES + ENVELOPE_BYTES
+"""The largest message a link takes from a peer unless told more (:func:`link_message_bytes`):
+a part of a tune job's adapter, 4 MiB and its envelope, which any model may send."""
+MAX_PARTIAL_MESSAGES = 2
+"""Messages in progress per channel. A sender finishes one message before the next on a
+channel (only single-piece ones slip between); the second is for one it gave up half sent."""
+URGENT_BACKLOG_BYTES = 2**20
+"""What ``send_now``/``send_probe`` may queue on a channel beyond the high-water mark."""
 DEFAULT_BAD_FRAME_LIMIT = 5
 DEFAULT_BAD_FRAME_WINDOW_S = 10.0
 _MESSAGE_ID_MASK = 0xFFFFFFFF
 
 
+def link_message_bytes(hidden_size: int, max_positions: int, kv_heads: int, head_dim: int) -> int:
+    """The largest message a mesh of this model sends legitimately, as float32 (the widest
+    codec), plus its envelope; at least DEFAULT_MAX_MESSAGE_BYTES, at most the wire's limit:
+
+    - a whole prompt's hidden states (``Forward``, ``Result``, a ``Rebuild`` part):
+      ``max_positions * hidden_size``;
+    - one layer's cache (``CacheHandover``): ``2 * kv_heads * max_positions * head_dim``;
+    - a tune part: MAX_TUNE_PART_BYTES, or one adapter tensor alone, ``rank * width``, with
+      rank at most 256 (the tune API's bound) and a projection at most 4 times the hidden size.
+    """
+    f32 = 4
+    largest = max(max_positions * hidden_size * f32,
+                  2 * kv_heads * max_positions * head_dim * f32,
+                  256 * 4 * hidden_size * f32)
+    return min(WIRE_MAX_MESSAGE_BYTES, max(DEFAULT_MAX_MESSAGE_BYTES, largest + ENVELOPE_BYTES))
+
+
 class Channel:
     """One data channel of a link, with its reassembly and send state."""
 
-    def __init__(self, name: str, dc: RTCDataChannel, low_water_bytes: int) -> None:
+    def __init__(self, name: str, dc: RTCDataChannel, low_water_bytes: int,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.name = name
         self.dc = dc
-        self.reassembler = Reassembler()
+        self.max_message_bytes = max_message_bytes
+        self.reassembler = Reassembler(max_message_bytes=max_message_bytes,
+                                       max_partial_messages=MAX_PARTIAL_MESSAGES,
+                                       max_buffered_bytes=max_message_bytes)
         self.send_lock = asyncio.Lock()
         self.drained = asyncio.Event()
         """Set when the queued bytes fall to the low-water mark (or the link ends)."""
@@ -84,7 +128,7 @@ class Channel:
         if not isinstance(data, bytes):
             raise WireError("a text message (only binary pieces are allowed)")
         whole = self.reassembler.feed(data, now_s)
-        return None if whole is None else decode(whole)
+        return None if whole is None else decode(whole, max_bytes=self.max_message_bytes)
 
 
 class BadFrameWindow:
@@ -167,10 +211,23 @@ class Outbox:
         if self.closed_reason is None and self.delayed is None and left >= MIN_BULK_SAMPLE_BYTES:
             self._meter.add_bulk(left, (time.monotonic() - start_s) * 1000.0)
 
+    def _backlogged(self, ch: Channel) -> bool:
+        """Whether ``ch`` holds more than a sender that waits at the high-water mark could
+        queue, plus URGENT_BACKLOG_BYTES: the peer is not reading. The link is then closed."""
+        queued = ch.queued()
+        if queued <= self._high_water_bytes + URGENT_BACKLOG_BYTES:
+            return False
+        log.warning("closing a link: %d bytes queued on %s; the peer is not reading", queued, ch.name)
+        self._fail("peer not reading")
+        return True
+
     def send_now(self, channel: str, msg: Message, *, urgent: bool = False) -> None:
         """Queue a small message at once, ignoring backpressure (heartbeats, acks, Byes);
-        ``urgent``: ahead of the pieces the other channels queued."""
+        ``urgent``: ahead of the pieces the other channels queued. Closes the link instead
+        when its peer let too much pile up (see :meth:`_backlogged`)."""
         ch = self.channels[channel]
+        if self.closed_reason is not None or self._backlogged(ch):
+            return
         try:
             for piece in split_frames(encode(msg), ch.take_message_id()):
                 if self.delayed is not None:
@@ -183,7 +240,9 @@ class Outbox:
             self._fail("channel closed")
 
     def send_probe(self, data: bytes) -> None:
-        """Queue raw bytes on the probe channel."""
+        """Queue raw bytes on the probe channel (or close the link, as ``send_now``)."""
+        if self.closed_reason is not None or self._backlogged(self.probe):
+            return
         if self.delayed is not None:
             self.delayed.put(self.probe, data)
             return

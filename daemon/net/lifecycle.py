@@ -8,7 +8,11 @@ reason) exactly once when it closes after that. A link that never came up is not
 Two links to the same peer never live together (:meth:`LinkTable.register`): when a second
 one appears (both sides dialled at once, or a peer restarted), the one initiated by the
 lower node id wins; between two initiated by the same node, the newer wins. Both ends apply
-the same rule. The table also bounds how many links exist, and how many are being set up.
+the same rule. A winner never tears down a link that is up before it is up itself (both
+channels open, so DTLS checked the certificate its signaling MAC covers): until then it
+waits beside it, and a newcomer that never opens (a replayed or half-done offer) times out
+and leaves the live link as it was. The table also bounds how many links exist, and how
+many are being set up.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class LinkTable:
         self._clock = clock
         self.by_peer: dict[str, Link] = {}
         """Links whose peer is known (at most one per peer), connecting or up."""
+        self.waiting: dict[str, Link] = {}
+        """A link (connecting) that replaces the peer's link in ``by_peer``, which is up,
+        once it is up itself (at most one per peer)."""
         self.every: set[Link] = set()
         """Every link not closed yet, including those still signaling."""
 
@@ -116,24 +123,43 @@ class LinkTable:
             raise SignalingRefused(429, "too many links; try again later")
 
     def register(self, link: Link) -> None:
-        """Make ``link`` its peer's link; the other one, if any, closes as ``replaced`` if
-        the new one wins (see :func:`wins`), else SignalingRefused(409)."""
-        assert link.peer_id is not None
-        existing = self.by_peer.get(link.peer_id)
-        if existing is not None and existing is not link:
-            if not wins(link, existing):
-                raise SignalingRefused(409, f"already linked with {link.peer_id}")
+        """Make ``link`` its peer's link if it wins (see :func:`wins`) over the one there,
+        else SignalingRefused(409). A loser still connecting closes as ``replaced`` now; one
+        that is up stays until ``link`` is up (:meth:`maybe_up`), with ``link`` waiting."""
+        peer = link.peer_id
+        assert peer is not None
+        existing = self.by_peer.get(peer)
+        if existing is None or existing is link:
+            self.by_peer[peer] = link
+            return
+        if not wins(link, existing):
+            raise SignalingRefused(409, f"already linked with {peer}")
+        if existing.state != "up":
             self.finish(existing, "replaced")
-        self.by_peer[link.peer_id] = link
+            self.by_peer[peer] = link
+            return
+        waiting = self.waiting.get(peer)
+        if waiting is not None and waiting is not link:
+            if not wins(link, waiting):
+                raise SignalingRefused(409, f"already linking with {peer}")
+            self.finish(waiting, "replaced")
+        self.waiting[peer] = link
 
     def maybe_up(self, link: Link) -> None:
-        """Mark the link up if everything it needs is there (called on every channel event)."""
+        """Mark the link up if everything it needs is there (called on every channel event);
+        a waiting link that is up replaces its peer's link (closed as ``replaced``) now."""
         if link.state != "connecting" or link.peer_id is None or link.hello is None:
             return
-        if self.by_peer.get(link.peer_id) is not link:
+        current = self.by_peer.get(link.peer_id)
+        if current is not link and self.waiting.get(link.peer_id) is not link:
             return
         if any(ch.dc.readyState != "open" for ch in link.channels.values()):
             return
+        if current is not link:
+            del self.waiting[link.peer_id]
+            if current is not None:
+                self.finish(current, "replaced")
+            self.by_peer[link.peer_id] = link
         link.state = "up"
         link.settled.set()
         log.info("link up: %s (%s)", link.peer_id, link.hello.name)
@@ -155,8 +181,14 @@ class LinkTable:
         link.state = "closed"
         link.down_reason = reason
         self.every.discard(link)
+        successor = None
         if link.peer_id is not None and self.by_peer.get(link.peer_id) is link:
             del self.by_peer[link.peer_id]
+            successor = self.waiting.pop(link.peer_id, None)
+            if successor is not None:
+                self.by_peer[link.peer_id] = successor
+        elif link.peer_id is not None and self.waiting.get(link.peer_id) is link:
+            del self.waiting[link.peer_id]
         link.settled.set()
         link.outbox.close(reason)
         link.prober.close()
@@ -167,3 +199,5 @@ class LinkTable:
             self._on_down(LinkDown(peer_id=link.peer_id, reason=reason))
         else:
             log.debug("link attempt with %s ended: %s", link.peer_id, reason)
+        if successor is not None and self._is_running():
+            self.maybe_up(successor)

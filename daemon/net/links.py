@@ -41,6 +41,7 @@ from daemon.net.framing import (
     CHANNEL_IDS,
     DEFAULT_BAD_FRAME_LIMIT,
     DEFAULT_BAD_FRAME_WINDOW_S,
+    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_SEND_HIGH_WATER_BYTES,
     BadFrameWindow,
     Channel,
@@ -91,6 +92,7 @@ class LinkManager:
         is_compatible: Callable[[Hello], str | None],
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         send_high_water_bytes: int = DEFAULT_SEND_HIGH_WATER_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         bad_frame_limit: int = DEFAULT_BAD_FRAME_LIMIT,
         bad_frame_window_s: float = DEFAULT_BAD_FRAME_WINDOW_S,
         debug_link_delay_ms: float = 0.0,
@@ -102,13 +104,17 @@ class LinkManager:
         (see :mod:`daemon.net.heartbeats`). ``debug_link_delay_ms``: delay every piece this
         node sends (testing aid; see :mod:`daemon.net.delay`). ``probe_on_link_up``: measure
         each new link's rates with a probe. ``probe_interval_s``: run the small probes again
-        this often (None: never)."""
+        this often (None: never). ``max_message_bytes``: the largest message taken from a
+        peer, and what each channel holds of messages in progress (more is refused as a bad
+        frame; a node passes :func:`daemon.net.framing.link_message_bytes` of its model)."""
         if loopback and ice_servers:
             raise ValueError("loopback mode uses no ICE servers (it never leaves 127.0.0.1)")
         if heartbeat_interval_s <= 0 or lost_after_s <= heartbeat_interval_s:
             raise ValueError("need 0 < heartbeat_interval_s < lost_after_s")
         if send_high_water_bytes < 1:
             raise ValueError("send_high_water_bytes must be positive")
+        if max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be positive")
         if not 0 <= debug_link_delay_ms <= MAX_DEBUG_LINK_DELAY_MS:
             raise ValueError(f"debug_link_delay_ms must be 0..{MAX_DEBUG_LINK_DELAY_MS:.0f}")
         if probe_interval_s is not None and not probe_interval_s > 0:
@@ -124,6 +130,7 @@ class LinkManager:
         self._connect_timeout_s = connect_timeout_s
         self._high_water_bytes = send_high_water_bytes
         self._low_water_bytes = send_high_water_bytes // 4
+        self._max_message_bytes = max_message_bytes
         self._bad_frame_limit = bad_frame_limit
         self._bad_frame_window_s = bad_frame_window_s
         self._delay_s = debug_link_delay_ms / 1000.0
@@ -235,16 +242,24 @@ class LinkManager:
         """``POST /v1/mesh/signal``, to mount on the node's HTTP app."""
         return [web.post(SIGNAL_PATH, self._signaling.handle)]
 
-    async def connect(self, address: str) -> str:
-        """Link to the node whose API listens at ``HOST:PORT``; return its node id once both
-        channels are open. Raises LinkError on refusal (wrong key, incompatible, ...), an
-        unauthenticated answer, an unreachable address or a timeout."""
+    async def connect(self, address: str, peer_id: str | None = None) -> str:
+        """Link to the node whose signaling server listens at ``HOST:PORT``; return its node
+        id once both channels are open. ``peer_id``: the node expected there (the offer is
+        signed for it, and only it can take it); None: whoever it is (one more round trip
+        learns its id). Raises LinkError on refusal (wrong key, incompatible, another node
+        than ``peer_id``, ...), an unauthenticated answer, an unreachable address or a
+        timeout. A peer already linked keeps its link until the new one is up (then the
+        rule of :mod:`daemon.net.lifecycle` decides which stays)."""
         if not self._running:
             raise LinkError("the link manager is not running")
-        return await self._signaling.connect(address)
+        return await self._signaling.connect(address, peer_id)
 
     def drop(self, peer_id: str, reason: str) -> None:
-        """Close the link to ``peer_id`` now; LinkDown(reason) is reported if it was up."""
+        """Close the link to ``peer_id`` now (and one waiting to replace it); LinkDown(reason)
+        is reported if it was up."""
+        waiting = self._table.waiting.get(peer_id)
+        if waiting is not None:
+            self._table.finish(waiting, reason)
         link = self._table.by_peer.get(peer_id)
         if link is not None:
             log.warning("dropping the link to %s: %s", peer_id, reason)
@@ -258,7 +273,7 @@ class LinkManager:
 
         def channel(name: str, channel_id: int) -> Channel:
             dc = pc.createDataChannel(name, negotiated=True, id=channel_id, ordered=True)
-            return Channel(name, dc, self._low_water_bytes)
+            return Channel(name, dc, self._low_water_bytes, self._max_message_bytes)
 
         def fail(reason: str) -> None:
             self._table.finish(link, reason)

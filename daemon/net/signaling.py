@@ -4,8 +4,9 @@ The initiator POSTs a JSON :class:`SignalOffer` to the other node's ``/v1/mesh/s
 answer comes back in the response body as a :class:`SignalAnswer`. With a mesh key, both
 carry an HMAC-SHA256 that binds the sender's Hello and the DTLS certificate fingerprints of
 its SDP to the key, so only key holders can link, and nobody in the middle of signaling can
-swap certificates (DTLS then checks the certificate against the fingerprint). The offer also
-carries a fresh nonce and a timestamp, so a captured offer cannot be replayed.
+swap certificates (DTLS then checks the certificate against the fingerprint). The offer names
+the node it is for (``to``, covered by the MAC), and carries a fresh nonce and a timestamp,
+so a captured offer can be used neither again nor at another node.
 
 This module is pure: no sockets, no clock (``now_s`` comes in as an argument). The HTTP side
 is in :mod:`daemon.net.signaling_http`. The body schema and the MAC layout are in docs/networking.md.
@@ -23,6 +24,7 @@ from typing import Any
 
 from meshllm.errors import WireError
 from meshllm.wire import Hello, encode
+from meshllm.wire.messages import MAX_ID_CHARS
 
 SIGNAL_PATH = "/v1/mesh/signal"
 MAX_BODY_BYTES = 64 * 1024
@@ -35,7 +37,7 @@ FRESHNESS_S = 60.0
 MAX_REMEMBERED_NONCES = 4096
 """Offers accepted within one freshness window; more are refused as a flood."""
 
-_OFFER_DOMAIN = b"meshllm/signal/offer/v1"
+_OFFER_DOMAIN = b"meshllm/signal/offer/v2"
 _ANSWER_DOMAIN = b"meshllm/signal/answer/v1"
 _HELLO_FIELDS = tuple(f.name for f in dataclasses.fields(Hello))
 
@@ -44,7 +46,8 @@ class SignalingRefused(Exception):
     """A signaling message is refused; ``status`` is the HTTP status that says why.
 
     400: malformed; 403: authentication (missing/wrong key, stale, replayed);
-    409: the peer may not link (incompatible, itself, already linked); 429: flood;
+    409: the peer may not link (incompatible, itself, already linked); 421: the offer is for
+    another node (or names none; the refusal's body says which node this is); 429: flood;
     503: the node is shutting down.
     """
 
@@ -74,6 +77,9 @@ class SignalOffer:
     sdp: str
     auth: OfferAuth | None
     """None when the initiator has no mesh key."""
+    to: str | None = None
+    """The node id of the node the offer is for (the responder); None: not known yet (the
+    responder refuses it with 421 and says who it is, and the initiator signs again)."""
 
 
 @dataclass(frozen=True)
@@ -114,14 +120,17 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return mac.digest()
 
 
-def offer_mac(key: bytes, nonce: bytes, timestamp_ms: int, hello: Hello, sdp: str) -> bytes:
-    """MAC of an offer: domain, nonce, timestamp, initiator id, its Hello, its fingerprints."""
+def offer_mac(key: bytes, nonce: bytes, timestamp_ms: int, hello: Hello, sdp: str,
+              to: str | None) -> bytes:
+    """MAC of an offer: domain, nonce, timestamp, initiator id, responder id (empty when
+    ``to`` is None), the initiator's Hello, its fingerprints."""
     return _mac(
         key,
         _OFFER_DOMAIN,
         nonce,
         str(timestamp_ms).encode(),
         hello.node_id.encode(),
+        (to or "").encode(),
         encode(hello),
         "\n".join(dtls_fingerprints(sdp)).encode(),
     )
@@ -188,17 +197,22 @@ class Authenticator:
     def has_key(self) -> bool:
         return self._key is not None
 
-    def sign_offer(self, hello: Hello, sdp: str, now_s: float) -> SignalOffer:
+    def sign_offer(self, hello: Hello, sdp: str, now_s: float, to: str | None = None) -> SignalOffer:
+        """An offer for the node ``to`` (None: not known yet; see :class:`SignalOffer`)."""
         if self._key is None:
-            return SignalOffer(hello, sdp, None)
+            return SignalOffer(hello, sdp, None, to)
         nonce = secrets.token_bytes(NONCE_BYTES)
         timestamp_ms = int(now_s * 1000)
-        mac = offer_mac(self._key, nonce, timestamp_ms, hello, sdp)
-        return SignalOffer(hello, sdp, OfferAuth(nonce, timestamp_ms, mac))
+        mac = offer_mac(self._key, nonce, timestamp_ms, hello, sdp, to)
+        return SignalOffer(hello, sdp, OfferAuth(nonce, timestamp_ms, mac), to)
 
-    def verify_offer(self, offer: SignalOffer, now_s: float) -> None:
-        """Raise SignalingRefused(403) unless the offer proves the same key (or neither has
-        one); remembers its nonce so that it cannot be used again."""
+    def verify_offer(self, offer: SignalOffer, now_s: float, node_id: str) -> None:
+        """Raise SignalingRefused unless the offer is for this node, ``node_id`` (421), and
+        proves the same key, or neither has one (403); remembers its nonce so that it cannot
+        be used again. A refused offer leaves no trace (its nonce stays unused)."""
+        if offer.to != node_id:
+            meant = "names no node" if offer.to is None else f"is for {offer.to}"
+            raise SignalingRefused(421, f"the offer {meant}; this is {node_id}")
         if self._key is None:
             if offer.auth is not None:
                 raise SignalingRefused(403, "the request carries a mesh key proof; this node has no mesh key")
@@ -207,7 +221,7 @@ class Authenticator:
         if auth is None:
             raise SignalingRefused(403, "missing mesh key: this mesh requires one")
         self._replay.check_fresh(auth.nonce, auth.timestamp_ms, now_s)
-        expected = offer_mac(self._key, auth.nonce, auth.timestamp_ms, offer.hello, offer.sdp)
+        expected = offer_mac(self._key, auth.nonce, auth.timestamp_ms, offer.hello, offer.sdp, offer.to)
         if not hmac.compare_digest(expected, auth.mac):
             raise SignalingRefused(403, "wrong mesh key (the request's HMAC does not match)")
         self._replay.remember(auth.nonce, now_s)
@@ -235,7 +249,8 @@ class Authenticator:
 
 
 def offer_to_json(offer: SignalOffer) -> dict[str, Any]:
-    body: dict[str, Any] = {"hello": _hello_to_json(offer.hello), "sdp": offer.sdp, "auth": None}
+    body: dict[str, Any] = {"hello": _hello_to_json(offer.hello), "to": offer.to, "sdp": offer.sdp,
+                            "auth": None}
     if offer.auth is not None:
         body["auth"] = {
             "nonce": offer.auth.nonce.hex(),
@@ -255,7 +270,12 @@ def answer_to_json(answer: SignalAnswer) -> dict[str, Any]:
 
 def offer_from_json(body: object) -> SignalOffer:
     """Validate a request body; SignalingRefused(400) naming the first bad field."""
-    obj = _object(body, "body", {"hello", "sdp", "auth"})
+    obj = _object(body, "body", {"hello", "to", "sdp", "auth"})
+    if "to" not in obj:
+        raise SignalingRefused(400, "missing field 'to' (the node id the offer is for, or null)")
+    to = obj["to"]
+    if to is not None and not _is_node_id(to):
+        raise SignalingRefused(400, "to must be a node id (1 to 64 printable characters) or null")
     auth_obj = obj.get("auth")
     auth = None
     if auth_obj is not None:
@@ -268,7 +288,7 @@ def offer_from_json(body: object) -> SignalOffer:
             timestamp_ms=timestamp_ms,
             mac=_hex(fields.get("mac"), "auth.mac", MAC_BYTES),
         )
-    return SignalOffer(_hello_from_json(obj.get("hello")), _sdp(obj.get("sdp")), auth)
+    return SignalOffer(_hello_from_json(obj.get("hello")), _sdp(obj.get("sdp")), auth, to)
 
 
 def answer_from_json(body: object) -> SignalAnswer:
@@ -292,6 +312,12 @@ def error_to_json(refused: SignalingRefused, node_id: str) -> dict[str, Any]:
     }
 
 
+def error_node_id(body: object) -> str | None:
+    """The refusing node's id in an error body, if it carries a well-formed one."""
+    node_id = body.get("node_id") if isinstance(body, dict) else None
+    return node_id if _is_node_id(node_id) else None
+
+
 def error_reason(body: object) -> str | None:
     """The message of an error body, if it is one."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
@@ -299,6 +325,10 @@ def error_reason(body: object) -> str | None:
         if isinstance(message, str):
             return message[:1024]
     return None
+
+
+def _is_node_id(obj: object) -> bool:
+    return isinstance(obj, str) and 1 <= len(obj) <= MAX_ID_CHARS and obj.isprintable()
 
 
 def _hello_to_json(hello: Hello) -> dict[str, Any]:

@@ -2,10 +2,17 @@
 
 The initiator POSTs its signed SDP offer (:mod:`daemon.net.signaling`, which is pure) to the
 peer's ``/v1/mesh/signal``; the answer comes back in the response (non-trickle ICE: every
-candidate is in the SDP). A refusal comes back as 400/403/409/429/503 with the reason, and
-the initiator raises it as LinkError. Either side checks the other's Hello (not itself,
+candidate is in the SDP). A refusal comes back as 400/403/409/421/429/503 with the reason,
+and the initiator raises it as LinkError. The offer is signed for the responder's node id;
+an initiator that does not know it (``--join HOST:PORT``) learns it from the 421 refusal of
+an offer that names none, and signs again. Either side checks the other's Hello (not itself,
 compatible) and registers the new link in the :class:`daemon.net.lifecycle.LinkTable`,
 which settles duplicates; the link then comes up when its channels open.
+
+The server answering offers listens only where the mesh does (127.0.0.1 in loopback mode;
+NodeConfig.signal_host). Its headers must arrive within the API's HEADER_TIMEOUT_S (it is
+started by ``daemon.api.app.ApiServer.start``), an offer's body within BODY_TIMEOUT_S, at most
+MAX_BODY_BYTES of it; a client that stalls is answered 408 and dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from daemon.net.signaling import (
     SignalingRefused,
     answer_from_json,
     answer_to_json,
+    error_node_id,
     error_reason,
     error_to_json,
     offer_from_json,
@@ -41,6 +49,9 @@ from meshllm.wire import Hello
 
 log = logging.getLogger(__name__)
 
+BODY_TIMEOUT_S = 10.0
+"""An offer (a few KiB) must arrive whole within this long."""
+
 
 class SignalingEndpoint:
     """Both sides of signaling for one node. ``new_link(initiator_id)`` makes a link (its
@@ -49,7 +60,8 @@ class SignalingEndpoint:
     def __init__(self, *, auth: Authenticator, hello: Callable[[], Hello],
                  is_compatible: Callable[[Hello], str | None], loopback: bool,
                  connect_timeout_s: float, table: LinkTable,
-                 new_link: Callable[[str], Link], is_running: Callable[[], bool]) -> None:
+                 new_link: Callable[[str], Link], is_running: Callable[[], bool],
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self._auth = auth
         self._hello = hello
         self._is_compatible = is_compatible
@@ -58,6 +70,7 @@ class SignalingEndpoint:
         self._table = table
         self._new_link = new_link
         self._is_running = is_running
+        self._body_timeout_s = body_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     def open(self) -> None:
@@ -71,7 +84,7 @@ class SignalingEndpoint:
 
     # --- the initiator --------------------------------------------------------------------
 
-    async def connect(self, address: str) -> str:
+    async def connect(self, address: str, peer_id: str | None = None) -> str:
         """See ``LinkManager.connect``."""
         try:
             host, port = parse_host_port(address)
@@ -86,7 +99,7 @@ class SignalingEndpoint:
         link = self._new_link(self._hello().node_id)
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                return await self._initiate(link, address, host, port)
+                return await self._initiate(link, address, host, port, peer_id)
         except TimeoutError:
             self._table.finish(link, "connect timeout")
             raise LinkError(f"timed out connecting to {address}", link.peer_id) from None
@@ -94,11 +107,17 @@ class SignalingEndpoint:
             self._table.finish(link, "connect failed")
             raise
 
-    async def _initiate(self, link: Link, address: str, host: str, port: int) -> str:
+    async def _initiate(self, link: Link, address: str, host: str, port: int,
+                        peer_id: str | None) -> str:
         with loopback_ice(self._loopback):
             await link.pc.setLocalDescription(await link.pc.createOffer())
-        offer = self._auth.sign_offer(self._hello(), link.pc.localDescription.sdp, time.time())
+        sdp = link.pc.localDescription.sdp
+        offer = self._auth.sign_offer(self._hello(), sdp, time.time(), to=peer_id)
         status, body = await self._post(address, host, port, offer_to_json(offer))
+        if status == 421 and peer_id is None and (responder := error_node_id(body)) is not None:
+            # the address's node id was not known (--join): the refusal says it; sign for it
+            offer = self._auth.sign_offer(self._hello(), sdp, time.time(), to=responder)
+            status, body = await self._post(address, host, port, offer_to_json(offer))
         if status != 200:
             reason = error_reason(body) or f"HTTP {status}"
             log.warning("%s refused a link: %s", address, reason)
@@ -106,6 +125,9 @@ class SignalingEndpoint:
         try:
             answer = answer_from_json(body)
             self._auth.verify_answer(answer, offer)
+            if answer.hello.node_id != offer.to:
+                raise SignalingRefused(403, f"the answer comes from {answer.hello.node_id}, "
+                                            f"not {offer.to}")
             self._check_peer(answer.hello)
         except SignalingRefused as exc:
             log.warning("refusing the answer of %s: %s", address, exc.reason)
@@ -150,17 +172,18 @@ class SignalingEndpoint:
     # --- the responder --------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.Response:
-        """Answer an offer, or refuse it with 400/403/409/429/503 and the reason."""
+        """Answer an offer, or refuse it with 400/403/409/421/429/503 and the reason."""
         link: Link | None = None
         try:
             if not self._is_running():
                 raise SignalingRefused(503, "this node is shutting down")
-            offer = offer_from_json(await _read_json(request))
+            offer = offer_from_json(await _read_json(request, self._body_timeout_s))
             peer = offer.hello.node_id
             try:
-                self._auth.verify_offer(offer, time.time())
+                self._auth.verify_offer(offer, time.time(), self._hello().node_id)
             except SignalingRefused as exc:
-                log.warning("refused a link from %s (%s): %s", peer, request.remote, exc.reason)
+                if exc.status != 421:  # 421: an initiator that did not know this node's id
+                    log.warning("refused a link from %s (%s): %s", peer, request.remote, exc.reason)
                 raise
             self._check_peer(offer.hello)
             sdp, candidates = usable_candidates(offer.sdp, loopback=self._loopback)
@@ -201,11 +224,21 @@ class SignalingEndpoint:
             raise SignalingRefused(409, f"incompatible: {reason}")
 
 
-async def _read_json(request: web.Request) -> object:
-    """The request's JSON body, at most MAX_BODY_BYTES; SignalingRefused(400/413) otherwise."""
+async def _read_json(request: web.Request, timeout_s: float) -> object:
+    """The request's JSON body, at most MAX_BODY_BYTES, whole within ``timeout_s``;
+    SignalingRefused(400/408/413) otherwise."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise SignalingRefused(413, f"body over {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(raw) <= MAX_BODY_BYTES:
+                chunk = await request.content.read(MAX_BODY_BYTES + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except TimeoutError:
+        raise SignalingRefused(408, f"the offer did not arrive within {timeout_s:g} s") from None
     if len(raw) > MAX_BODY_BYTES:
         raise SignalingRefused(413, f"body over {MAX_BODY_BYTES} bytes")
     try:

@@ -1,13 +1,18 @@
 """The daemon's configuration: one frozen object built from CLI flags and ``MESHLLM_*`` variables.
 
 Flags win over environment variables, which win over defaults. Every option of ``meshllm up``
-has a variable named after it: ``--api-port`` is ``MESHLLM_API_PORT``, ``--join`` is
-``MESHLLM_JOIN`` (comma-separated), booleans accept ``1/true/yes/on`` and ``0/false/no/off``.
+has a variable named after it (:func:`env_name`): ``--api-port`` is ``MESHLLM_API_PORT``,
+``--heartbeat-timeout`` is ``MESHLLM_HEARTBEAT_TIMEOUT``, ``--join`` is ``MESHLLM_JOIN`` and
+``--ice-server`` is ``MESHLLM_ICE_SERVER`` (comma-separated for repeatable options); a variable
+takes what its flag takes (``MESHLLM_MEM_BUDGET=2G``), booleans ``1/true/yes/on`` and
+``0/false/no/off``. Two older names still work, with a warning: ``MESHLLM_HEARTBEAT_TIMEOUT_S``
+and ``MESHLLM_ICE_SERVERS``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from daemon.hostport import parse_host_port
+from daemon.invite import InviteError, parse_invite
 from meshllm.placement.planner import DEFAULT_OBJECTIVE, OBJECTIVES
 
 WEIGHT_CHOICES = ("auto", "f32", "f16", "int8", "int4")
@@ -24,6 +30,8 @@ DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 8470
 DEFAULT_API_URL = f"http://{DEFAULT_API_HOST}:{DEFAULT_API_PORT}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger(__name__)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -49,6 +57,9 @@ class NodeConfig:
     """Address the HTTP API listens on. Loopback unless told otherwise."""
     api_port: int = DEFAULT_API_PORT
     """Port of the HTTP API; 0 picks a free one (the ready line says which)."""
+    api_key_file: Path | None = None
+    """File holding the bearer token an API beyond loopback needs (docs/api.md). None: the key
+    in ``<state dir>/api.key``, made on the first start that needs it."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     """torch intra-op threads of the generation worker. Several nodes on one machine must split cores."""
     name: str = field(default_factory=socket.gethostname)
@@ -67,10 +78,17 @@ class NodeConfig:
     mesh_name: str = "default"
     """Nodes join only meshes of the same name."""
     mesh_key_file: Path | None = None
-    """File holding the mesh key; without one anyone on the LAN can join."""
+    """File holding the mesh key. It wins over ``MESHLLM_MESH_KEY``, which wins over the key
+    kept in the state dir (made by the first start, or stored from ``--invite``)."""
+    invite: str | None = None
+    """An invite code (``meshllm invite`` on a device of the mesh): its key is stored in the
+    state dir and used from now on."""
+    open_mesh: bool = field(default=False, metadata={"flag": "open"})
+    """An open mesh, with no key: anyone on the network can join (warned about)."""
     join: tuple[str, ...] = ()
     """Peers added by hand, as ``HOST:PORT`` (mDNS does not cross subnets)."""
-    ice_servers: tuple[str, ...] = ()
+    ice_servers: tuple[str, ...] = field(default=(), metadata={"flag": "ice-server",
+                                                               "old_env": "MESHLLM_ICE_SERVERS"})
     """STUN/TURN URLs for meshes across NATs. Empty: a LAN mesh never reaches outside."""
     mesh_port: int = 0
     """Port where peers reach this node for signaling (advertised over mDNS). 0: the API
@@ -81,7 +99,8 @@ class NodeConfig:
     """Planner objective: ``throughput`` (balanced spans, every node works) or ``latency``."""
     codec: str = "f32"
     """Hidden-state codec between stages: f32 (exact), f16, bf16 or int8 (lossy, opt-in)."""
-    heartbeat_timeout_s: float = 1.0
+    heartbeat_timeout_s: float = field(default=1.0, metadata={"flag": "heartbeat-timeout",
+                                                              "old_env": "MESHLLM_HEARTBEAT_TIMEOUT_S"})
     """Silence on a link for this long marks the peer lost."""
     weights: str = "auto"
     """Weight format in memory: ``auto`` (the file's own: a 4-bit GGUF stays 4-bit), ``f32``
@@ -92,6 +111,10 @@ class NodeConfig:
     """Answers the mesh cannot serve come from this model on this node: ``builtin`` (the
     bundled SmolLM2; for the bundled model itself, only if this node can hold all of it),
     ``none``, or a PATH (Hugging Face folder or .gguf). Its bytes come out of --mem-budget."""
+    private_layers: int = 1
+    """K: this node runs the first and the last K decoder layers of its own answers itself, so
+    neither a prompt's embeddings nor the hidden state its head reads cross a link (every node
+    holds them; docs/security.md). 0 lets the plan place every layer."""
     rebuild_log_mb: int = 256
     """Memory cap of this node's output logs, in MiB (what a rebuild after a lost peer reads;
     docs/operations.md). 0 keeps none: every loss then replays the answers in progress."""
@@ -109,6 +132,10 @@ class NodeConfig:
     """A LoRA adapter to serve with the model (docs/fine-tuning.md): ``none``, ``last`` (the
     last tune job finished on this node, kept under the state dir) or the PATH of a peft
     adapter folder. Every node of a mesh must serve the same one: it is part of the model id."""
+    accept_adapters: bool = False
+    """Serve the adapter of a tune job this node took no part in (docs/fine-tuning.md). Off: the
+    node serves only the adapters of jobs its operator joined, and leaves the mesh of the nodes
+    that take another one up."""
     debug_tune_scale: float = 1.0
     """Testing aid: this node multiplies the adapter update it sends in a tune round by this
     (a faulty or malicious participant; the coordinator refuses or outvotes it)."""
@@ -142,10 +169,14 @@ class NodeConfig:
             if flag_value is not None:
                 values[option.name] = _from_flag(option.name, flag_value)
                 continue
-            env_name = ENV_PREFIX + option.name.upper()
-            env_text = env.get(env_name, "").strip()
+            name = env_name(option.name)
+            env_text = env.get(name, "").strip()
+            old = option.metadata.get("old_env")
+            if not env_text and old and env.get(old, "").strip():
+                log.warning("%s is deprecated; use %s", old, name)
+                name, env_text = old, env[old].strip()
             if env_text:
-                values[option.name] = _from_env(option.name, env_name, env_text)
+                values[option.name] = _from_env(option.name, name, env_text)
         config = cls(**values)  # type: ignore[arg-type]
         config.validate()
         return config
@@ -171,6 +202,17 @@ class NodeConfig:
                 raise ConfigError(str(exc)) from None
         if not 0 <= self.mesh_port <= 65535:
             raise ConfigError(f"mesh port must be 0..65535, not {self.mesh_port}")
+        if self.open_mesh and (self.mesh_key_file is not None or self.invite is not None):
+            raise ConfigError(f"--open runs a mesh without a key, but "
+                              f"{'--mesh-key-file' if self.mesh_key_file is not None else '--invite'} "
+                              "gives one: drop one of them")
+        if self.invite is not None and self.mesh_key_file is not None:
+            raise ConfigError("--invite and --mesh-key-file both give a mesh key: use one of them")
+        if self.invite is not None:
+            try:
+                parse_invite(self.invite)
+            except InviteError as error:
+                raise ConfigError(str(error)) from None
         if self.mem_budget < 0:
             raise ConfigError("mem budget must be >= 0 bytes")
         if self.objective not in OBJECTIVES:
@@ -187,6 +229,8 @@ class NodeConfig:
                               f"{self.fallback_model!r} does not exist")
         if not 0 <= self.debug_delay_ms <= 60_000:
             raise ConfigError("debug delay must be 0..60000 ms")
+        if not 0 <= self.private_layers <= 64:
+            raise ConfigError("private layers must be 0..64")
         if not 0 <= self.rebuild_log_mb <= 1_048_576:
             raise ConfigError("rebuild log cap must be 0..1048576 MiB")
         if not 0 <= self.debug_link_delay_ms <= 10_000:
@@ -214,6 +258,32 @@ class NodeConfig:
             return False
 
 
+def flag_name(field_name: str) -> str:
+    """The ``meshllm up`` flag of a NodeConfig field: ``--api-port`` for ``api_port``."""
+    meta = _FIELD_META.get(field_name, {})
+    return "--" + str(meta.get("flag", field_name.replace("_", "-")))
+
+
+def env_name(field_name: str) -> str:
+    """The variable of a NodeConfig field, derived from its flag: ``--heartbeat-timeout`` is
+    ``MESHLLM_HEARTBEAT_TIMEOUT``."""
+    return ENV_PREFIX + flag_name(field_name)[2:].upper().replace("-", "_")
+
+
+def parse_bytes(text: str) -> int:
+    """``2G``, ``500M``, ``1.5GiB`` or a plain number of bytes. Raises ValueError."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except (ValueError, OverflowError):
+        raise ValueError(f"not a size: {text!r} (try 2G or 500M)") from None
+    if value < 0:
+        raise ValueError("a size must be >= 0")
+    return value
+
+
 def client_url(host: str, port: int) -> str:
     """The URL a client on this machine uses to reach a server listening on host:port."""
     if host in ("0.0.0.0", ""):
@@ -225,11 +295,14 @@ def client_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-_INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "mem_budget", "rebuild_log_mb"})
+_FIELD_META = {option.name: option.metadata for option in fields(NodeConfig)}
+_BYTES_FIELDS = frozenset({"mem_budget"})
+_INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "rebuild_log_mb",
+                         "private_layers"})
 _FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms", "debug_link_delay_ms",
                            "target_ms_per_token", "target_ttft_ms", "debug_tune_scale"})
-_BOOL_FIELDS = frozenset({"loopback", "no_tui"})
-_PATH_FIELDS = frozenset({"state_dir", "cache_dir", "mesh_key_file"})
+_BOOL_FIELDS = frozenset({"accept_adapters", "loopback", "no_tui", "open_mesh"})
+_PATH_FIELDS = frozenset({"state_dir", "cache_dir", "api_key_file", "mesh_key_file"})
 _LIST_FIELDS = frozenset({"join", "ice_servers"})
 
 
@@ -249,6 +322,11 @@ def _from_env(name: str, env_name: str, text: str) -> object:
             return int(text)
         except ValueError:
             raise ConfigError(f"{env_name} must be an integer, not {text!r}") from None
+    if name in _BYTES_FIELDS:
+        try:
+            return parse_bytes(text)
+        except ValueError as error:
+            raise ConfigError(f"{env_name}: {error}") from None
     if name in _FLOAT_FIELDS:
         try:
             return float(text)

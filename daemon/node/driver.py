@@ -4,7 +4,10 @@
 - Links: what arrives (`on_message`, `on_link_up`, `on_link_down`) goes to the core; what the
   core sends goes out through one ordered outbox per peer. `Links.send` raises the link
   layer's error (`link_error`, given by the node) for a link that failed; the link layer
-  reports the loss itself, so a failed send is only logged.
+  reports the loss itself, so a failed send is only logged. No input from a peer ends the
+  daemon: what a handler raises is logged and counted against that peer's bad-frame budget
+  (`meshllm.mesh.checks.PeerFaults`: over it, the link is dropped); a timer or job outcome
+  that raises is logged, and the node carries on.
 - Peers: what discovery reports (`peer_seen`, `peer_gone`) and `--join` addresses are dialled
   (the lower node id dials); an address that fails is dialled again with backoff
   (`daemon.node.redial`), reported once, and reported again when it links.
@@ -33,6 +36,7 @@ from meshllm.mesh import (
     Compute, Computed, DropSessions, Job, LoadSpan, Logged, MeshCore, MeshSettings, Send, SessionEnded,
     SessionOutput, StatusChanged, incompatibility,
 )
+from meshllm.mesh.checks import PeerFaults
 from meshllm.mesh.core import ModelLimits
 from meshllm.mesh.jobs import ImportCache, RebuildPart
 from meshllm.model.runtime import Runtime
@@ -43,7 +47,7 @@ from meshllm.tune.rounds import TUNE_MESSAGES, TuneSettings
 
 from daemon.answer import WorkerStopped
 from daemon.tasks import TaskSet
-from daemon.node.redial import DialBackoff
+from daemon.node.redial import DialBackoff, PeerAddresses
 from daemon.node.tune import TuneRunner
 from daemon.node.worker import GenerationWorker
 
@@ -55,6 +59,9 @@ if TYPE_CHECKING:
 __all__ = ["Links", "MeshDriver", "MeshSettings", "MeshUnavailable", "incompatibility"]
 
 log = logging.getLogger(__name__)
+
+TIMER_RETRY_S = 0.5
+"""After a timer of the cores failed: how long before the next timer runs."""
 
 EventLogger = Callable[[str, str], None]
 """(kind, message): kind is join, leave, election, replan, error or info."""
@@ -134,10 +141,12 @@ class MeshDriver:
         on_model_id: Callable[[wire.Hello], None] = lambda hello: None,
         link_error: type[Exception] = MeshllmError,
         dial_backoff: DialBackoff | None = None,
+        peer_faults: PeerFaults | None = None,
     ) -> None:
         """`on_model_id`: the node serves another model id now (an adapter), with this hello.
         `link_error`: what `links` raises for a link that failed or cannot be made (the node
-        gives `daemon.net.links.LinkError`; by default any MeshllmError)."""
+        gives `daemon.net.links.LinkError`; by default any MeshllmError). `peer_faults`: the
+        budget of what a peer's messages may make a handler raise (default 5 in 10 s)."""
         self.hello = hello
         self.node_id = hello.node_id
         self.runtime = runtime
@@ -147,13 +156,14 @@ class MeshDriver:
         self._on_change = on_change
         self._log_event = log_event
         shape = runtime.engine.shape
-        self.core = MeshCore(hello, ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes),
+        self.core = MeshCore(hello, ModelSpec(shape.num_layers, shape.layer_bytes, shape.embed_head_bytes,
+                                              runtime.private_layers),
                              ModelLimits(runtime.hidden_size, runtime.engine.info.max_positions,
                                          *runtime.kv_shape), settings)
         self.incompatible: dict[str, dict[str, str]] = {}
         """Discovered peers that cannot join, by instance name: address and reason."""
-        self._advertised: dict[str, str] = {}
-        """Compatible peers that discovery sees, by node id: their signaling address."""
+        self._advertised = PeerAddresses()
+        """Compatible peers that discovery sees: their signaling addresses (daemon.node.redial)."""
         self._tasks = TaskSet("mesh")
         self._outboxes: dict[str, _Outbox] = {}
         self._answers: dict[str, asyncio.Queue[SessionOutput | SessionEnded]] = {}
@@ -173,8 +183,13 @@ class MeshDriver:
         self._embed_ms: dict[str, float] = {}
         """A session's last embedding job (its head job completes the token's entry work)."""
         self._on_model_id = on_model_id
+        self._faults = peer_faults or PeerFaults()
+        """What each peer's messages made a handler raise: the link layer's bad-frame budget
+        (5 in 10 s by default); a peer over it is dropped as one that sends bad frames."""
+        self._timer_failed_at = float("-inf")
         self.tune = TuneRunner(self.node_id, runtime, worker, state_dir=state_dir, settings=tune_settings,
-                               pump=self._pump, log_event=log_event, adapter_finished=self.serve_adapter)
+                               pump=self._pump, log_event=log_event, adapter_finished=self.serve_adapter,
+                               hello=lambda: self.hello)
         """Federated fine-tuning (docs/fine-tuning.md): its core runs beside the mesh core."""
         self._tune_view: tuple[str | None, frozenset[str]] | None = None
 
@@ -197,9 +212,7 @@ class MeshDriver:
                 except TimeoutError:
                     pass
                 self._sleeping_until = float("-inf")
-                now = time.monotonic()
-                self.core.handle_timer(now)
-                self.tune.handle_timer(now)
+                self._handle_timers(time.monotonic())
                 self._pump()
         finally:
             self.core.stop("the daemon is stopping")
@@ -209,7 +222,20 @@ class MeshDriver:
 
     def _next_timer(self) -> float | None:
         timers = [t for t in (self.core.next_timer(), self.tune.next_timer()) if t is not None]
-        return min(timers) if timers else None
+        if not timers:
+            return None
+        # after a timer that failed, not again at once (its deadline may still be due)
+        return max(min(timers), self._timer_failed_at + TIMER_RETRY_S)
+
+    def _handle_timers(self, now: float) -> None:
+        """The cores' timers. One that raises (a state a peer's input left behind) is logged,
+        and the node carries on."""
+        for handle in (self.core.handle_timer, self.tune.handle_timer):
+            try:
+                handle(now)
+            except Exception:  # noqa: BLE001 - no input from a peer may end the node
+                self._timer_failed_at = now
+                log.exception("a timer of the mesh failed; carrying on")
 
     async def _measure_links(self) -> None:
         """Hand the core what the links measured, every report interval."""
@@ -329,7 +355,10 @@ class MeshDriver:
         else:
             if isinstance(job, Compute) and job.job_id in self._job_ms:
                 self._entry_work(job, future.result())
-            self.core.job_done(job.job_id, future.result(), now)
+            try:
+                self.core.job_done(job.job_id, future.result(), now)
+            except Exception:  # noqa: BLE001 - what a peer sent may make its outcome fail
+                log.exception("the outcome of job %s failed here; carrying on", type(job).__name__)
         self._pump()
 
     # -- links -----------------------------------------------------------------------------------
@@ -344,6 +373,8 @@ class MeshDriver:
             outbox.close()
         self.core.link_down(peer_id, reason, time.monotonic())
         self._pump()
+        if reason == "bye":  # it left (its mDNS goodbye may have come while it was linked)
+            self._advertised.forget(peer_id)
         if self.node_id < peer_id and peer_id in self._advertised:
             # a link lost while discovery still sees the peer (a blip, or a peer that died and
             # whose record lingers): discovery says nothing new, so the dialling side links
@@ -351,10 +382,19 @@ class MeshDriver:
             self._keep_dialling(peer_id, first_wait_s=self._backoff.first_delay_s)
 
     def on_message(self, sender: str, msg: wire.Message) -> None:
-        if isinstance(msg, TUNE_MESSAGES):
-            self.tune.receive(sender, msg, time.monotonic())
-        else:
-            self.core.receive(sender, msg, time.monotonic())
+        """A message from a peer. Whatever a handler raises is logged and counted against the
+        peer's bad-frame budget, per message: no input from a peer ends the daemon."""
+        now = time.monotonic()
+        try:
+            if isinstance(msg, TUNE_MESSAGES):
+                self.tune.receive(sender, msg, now)
+            else:
+                self.core.receive(sender, msg, now)
+        except Exception as error:  # noqa: BLE001 - a peer's input must not end the node
+            if self._faults.failed(sender, type(msg).__name__, error, now):
+                self._log_event("error", f"dropping {self.core.name_of(sender)}: its messages keep failing here "
+                                         f"({type(error).__name__})")
+                self.links.drop(sender, "too many bad frames")
         self._pump()
 
     # -- answers typed here -------------------------------------------------------------------------
@@ -428,12 +468,13 @@ class MeshDriver:
 
     # -- finding peers ------------------------------------------------------------------------------
 
-    def peer_seen(self, name: str, address: str, theirs: wire.Hello) -> None:
+    def peer_seen(self, name: str, address: str, theirs: wire.Hello, refused: str | None = None) -> None:
         """Discovery sees a node: its instance `name`, its signaling HOST:PORT and the hello
-        its record carries. A compatible one is linked to (the lower node id dials)."""
+        its record carries. A compatible one is linked to (the lower node id dials). `refused`:
+        a reason found outside the hello (its record's mesh key id is another's)."""
         if theirs.node_id == self.node_id:
             return
-        reason = incompatibility(self.hello, theirs)
+        reason = refused or incompatibility(self.hello, theirs)
         if reason is not None:
             if self.incompatible.get(name, {}).get("reason") != reason:
                 self._log_event("info", f"{name} is incompatible: {reason}")
@@ -441,17 +482,16 @@ class MeshDriver:
             self._on_change()
             return
         self.incompatible.pop(name, None)
-        self._advertised[theirs.node_id] = address
+        self._advertised.seen(theirs.node_id, address, linked=theirs.node_id in self.links.peers())
         if self.node_id < theirs.node_id and theirs.node_id not in self.links.peers():
             self._keep_dialling(theirs.node_id)
 
     def peer_gone(self, name: str, node_id: str | None) -> None:
-        """Discovery no longer sees the node `name` (a goodbye, or its record expired)."""
+        """Discovery no longer sees the node `name` (a goodbye, or its record expired). A link
+        that is up stays (mDNS is unauthenticated): heartbeats and `Bye` end links."""
         self.incompatible.pop(name, None)
-        if node_id:
-            self._advertised.pop(node_id, None)
-        if node_id and node_id in self.core.members:
-            self.links.drop(node_id, "mdns goodbye")
+        if node_id and not self._advertised.gone(node_id, linked=node_id in self.links.peers()):
+            log.info("%s left mDNS while linked: its link decides whether it is gone", name)
         self._on_change()
 
     @property
@@ -473,10 +513,13 @@ class MeshDriver:
         try:
             while True:
                 await asyncio.sleep(wait_s)
-                address = self._advertised.get(peer_id)
-                if address is None or peer_id in self.links.peers():
+                if peer_id in self.links.peers():
+                    return
+                address = self._advertised.next_address(peer_id)
+                if address is None:
                     return
                 if self._backoff.may_dial(address, time.monotonic()) and await self._dial(address) == peer_id:
+                    self._advertised.reached(peer_id, address)
                     return
                 wait_s = max(self._backoff.first_delay_s, self._backoff.wait_s(address, time.monotonic()))
         finally:
@@ -535,7 +578,7 @@ class MeshDriver:
 
         runtime = self.runtime
         await self.worker.call(lambda: runtime.set_adapter(adapter))
-        model_id = runtime.engine.info.model_id
+        model_id = runtime.mesh_model_id
         if model_id != self.hello.model_id:
             self.hello = replace(self.hello, model_id=model_id)
             self.core.serving_model(self.hello)

@@ -28,14 +28,17 @@ from meshllm.model.runtime import Runtime
 from meshllm.tune.rounds import TuneSettings
 from meshllm.wire import PROTOCOL_VERSION, Hello
 
+from daemon.api.access import ApiKey, ApiKeyError, is_loopback_host, load_api_key
 from daemon.api.app import LOOPBACK_HOSTS, ApiServer, create_app
 from daemon.api.completions import Completions
 from daemon.api.events import EventHub
 from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.api.tune import TuneEndpoint
 from daemon.net.discovery import BadRecord, Discovery, DiscoveryEvent, PeerGone, hello_from_txt
+from daemon.net.framing import link_message_bytes
 from daemon.net.links import LinkDown, LinkError, LinkManager, LinkUp
-from daemon.net.meshkey import MeshKeyError, load_mesh_key
+from daemon.invite import invite_code, key_id
+from daemon.net.meshkey import NO_KEY_WARNING, MeshKeyError, resolve_mesh_key
 from daemon.net.signaling import SIGNAL_PATH
 from daemon.node.config import NodeConfig, client_url
 from daemon.node.driver import MeshDriver, MeshSettings, incompatibility
@@ -71,7 +74,7 @@ def load_runtime(config: NodeConfig) -> Runtime:
     folder = served_adapter_folder(config)  # before the slow part: a missing adapter fails at once
     prepared = prepare(resolve(config.model), config.cache_dir)
     return Runtime.load(prepared, device=config.device, weights=config.weights,
-                        log_cap_bytes=config.rebuild_log_mb * 1024 * 1024,
+                        log_cap_bytes=config.rebuild_log_mb * 1024 * 1024, private_layers=config.private_layers,
                         adapter=None if folder is None else load_served_adapter(config, folder, prepared))
 
 
@@ -180,7 +183,7 @@ class MeshInbox:
         except BadRecord as e:
             log.info("ignoring discovered peer %s: %s", event.name, e)
             return
-        mesh.peer_seen(event.name, event.address, theirs)
+        mesh.peer_seen(event.name, event.address, theirs, refused=event.key_mismatch)
 
 
 class Node:
@@ -206,6 +209,8 @@ class Node:
         self._failure: StartupError | None = None
         self.api_url: str | None = None
         """Set once the server listens (with the real port when ``api_port`` was 0)."""
+        self.api_key: str | None = None
+        """The key clients send when the API listens beyond loopback (None: on loopback)."""
         self.ready = threading.Event()
         """Set once the model is loaded and the ready line printed."""
 
@@ -240,7 +245,16 @@ class Node:
         completions = Completions(worker)
         self._tune = TuneEndpoint()
         allowed_hosts = LOOPBACK_HOSTS if config.is_loopback_only() else None
-        app = create_app(completions, board, hub, self.request_stop, allowed_hosts=allowed_hosts, tune=self._tune)
+        api_key: ApiKey | None = None
+        if not is_loopback_host(config.api_host):  # beyond loopback: a bearer token (docs/api.md)
+            try:
+                api_key = load_api_key(config.api_key_file, config.state_dir)
+            except ApiKeyError as error:
+                completions.close()
+                raise StartupError(str(error)) from None
+            self.api_key = api_key.value
+        app = create_app(completions, board, hub, self.request_stop, allowed_hosts=allowed_hosts, tune=self._tune,
+                         api_key=self.api_key)
         try:
             server = await ApiServer.start(app, config.api_host, config.api_port)
         except OSError as error:
@@ -249,6 +263,8 @@ class Node:
             raise StartupError(f"cannot listen on {config.api_host}:{config.api_port}: {reason}") from None
         self.api_url = client_url(config.api_host, server.port)
         board.update(address=f"{config.api_host}:{server.port}")
+        if api_key is not None:
+            self._announce(api_key.notice(f"http://{config.api_host}:{server.port}"))
         worker.start()
         self._install_signal_handlers()
         try:
@@ -284,7 +300,11 @@ class Node:
         board.update(state="loading")
         hub.log("info", f"loading model {config.model or '(default)'}")
         try:
-            key = load_mesh_key(config.mesh_key_file, os.environ)
+            key = resolve_mesh_key(config.mesh_key_file, os.environ, config.state_dir,
+                                   open_mesh=config.open_mesh, invite=config.invite)
+            board.update(mesh_key_id=key_id(key), invite=None if key is None else invite_code(key))
+            if key is None:
+                hub.log("info", f"warning: {NO_KEY_WARNING}")
             runtime = await worker.call(lambda: self._runtime_loader(config))
             ms_per_layer = await worker.call(runtime.measure_ms_per_layer)
         except (ModelSourceError, MeshKeyError) as error:
@@ -301,8 +321,8 @@ class Node:
             costs = EntryCosts(head_ms=0.0, prefill_ms_per_layer=0.0)
         info = runtime.engine.info
         budget = config.mem_budget or physical_memory_bytes() // 2
-        board.update(model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights, info.kernel,
-                                        info.batch_invariant),
+        board.update(model=ModelSummary(runtime.mesh_model_id, info.name, info.num_layers, info.weights, info.kernel,
+                                        info.batch_invariant, runtime.private_layers),
                      ms_per_layer=round(ms_per_layer, 4), mem_budget_bytes=budget)
         hub.log("info", f"model {info.name} loaded: {info.num_layers} layers, {info.weights} weights on "
                         f"{info.kernel}{' (batch-invariant)' if info.batch_invariant else ''}, "
@@ -368,7 +388,7 @@ class Node:
         signal_app.router.add_post(SIGNAL_PATH, signaling.handle)
         signal_server = await ApiServer.start(signal_app, config.signal_host, config.signal_port)
         hello = Hello(node_id, config.name[:64], PROTOCOL_VERSION, config.mesh_name,
-                      info.model_id, signal_server.port, budget, ms_per_layer, True)
+                      runtime.mesh_model_id, signal_server.port, budget, ms_per_layer, True)
         inbox = MeshInbox(hello)
         links = LinkManager(
             hello,
@@ -382,13 +402,16 @@ class Node:
             on_link_down=inbox.link_down,
             is_compatible=inbox.incompatibility,
             debug_link_delay_ms=config.debug_link_delay_ms,
+            max_message_bytes=link_message_bytes(runtime.hidden_size, info.max_positions, *runtime.kv_shape),
         )
         discovery = Discovery(hello, host=config.signal_host, port=signal_server.port,
-                              loopback=config.loopback, on_event=inbox.discovered)
+                              loopback=config.loopback, on_event=inbox.discovered, key_id=key_id(key))
         settings = MeshSettings(objective=config.objective,
                                 codec=config.codec, debug_delay_s=config.debug_delay_ms / 1000,
                                 target_ms_per_token=config.target_ms_per_token, target_ttft_ms=config.target_ttft_ms,
-                                head_ms=costs.head_ms if costs is not None else 0.0,
+                                # an entry node also runs its private layers for each of its tokens
+                                head_ms=(costs.head_ms if costs is not None else 0.0)
+                                + 2 * runtime.private_layers * ms_per_layer,
                                 prefill_ms_per_layer=costs.prefill_ms_per_layer if costs else None,
                                 batch_invariant=runtime.batch_invariant)
         if config.debug_link_delay_ms:
@@ -404,7 +427,8 @@ class Node:
         mesh = MeshDriver(hello, runtime, worker, links, settings=settings,
                           on_change=board.refresh if on_change is None else lambda: (board.refresh(), on_change()),
                           log_event=hub.log, state_dir=config.state_dir,
-                          tune_settings=TuneSettings(debug_update_scale=config.debug_tune_scale),
+                          tune_settings=TuneSettings(debug_update_scale=config.debug_tune_scale,
+                                                     accept_adapters=config.accept_adapters),
                           on_model_id=model_id_changed, link_error=LinkError)
         inbox.deliver_to(mesh)
         signaling.serve_with(links.signaling_routes()[0].handler)

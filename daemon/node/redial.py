@@ -1,10 +1,17 @@
-"""When to dial a peer's address again after a failed dial: exponential backoff per address.
+"""Where and when to dial a peer again: the addresses discovery gives, and backoff per address.
 
-A peer that died leaves its mDNS record behind for a while, and a `--join` address may point
-at a node that is down. Dialling such an address again after 1 s, then 2, 4, 8, 16 and at
-most every 30 s costs little; a success forgets the failures. Each run of failures is worth
-one line in the event log (the first), and the success that ends it another; the failures in
-between are only debug lines. Sans-IO: every input carries ``now``.
+`DialBackoff`: a peer that died leaves its mDNS record behind for a while, and a `--join`
+address may point at a node that is down. Dialling such an address again after 1 s, then 2,
+4, 8, 16 and at most every 30 s costs little; a success forgets the failures. Each run of
+failures is worth one line in the event log (the first), and the success that ends it
+another; the failures in between are only debug lines. Sans-IO: every input carries ``now``.
+
+`PeerAddresses`: mDNS is unauthenticated, so anyone on the LAN can send a goodbye or a record
+with another address for a node. Such a record never touches a link that is up (heartbeats
+and `Bye` decide when a link ends) and never redirects the dials to that peer while it is
+linked: an address seen then is only tried after the link is gone, in turn with the address
+that last linked, and becomes the peer's address only once a dial there reached that very
+node (the offer is signed for its node id, and with a mesh key the answer proves it).
 """
 
 from __future__ import annotations
@@ -59,3 +66,66 @@ class DialBackoff:
         if failures < 1:
             return 0.0
         return min(self.max_delay_s, self.first_delay_s * 2.0 ** min(failures - 1, 62))
+
+
+class PeerAddresses:
+    """The signaling address of each compatible peer that discovery sees, by node id.
+
+    ``linked`` in each call: whether the peer has a link that is up now."""
+
+    def __init__(self) -> None:
+        self._address: dict[str, str] = {}
+        """The address to dial: the last one seen while the peer was not linked, or the
+        last one a dial reached it at."""
+        self._other: dict[str, str] = {}
+        """An address seen while the peer was linked, not confirmed yet."""
+        self._turn: dict[str, int] = {}
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._address or peer_id in self._other
+
+    def seen(self, peer_id: str, address: str, *, linked: bool) -> None:
+        """Discovery reports the peer at ``address``."""
+        known = self._address.get(peer_id)
+        if known is None and not linked:
+            self._address[peer_id] = address
+        elif address == known:
+            self._other.pop(peer_id, None)
+        elif linked:
+            self._other[peer_id] = address  # tried only once the link is gone
+        else:
+            self._address[peer_id] = address
+            self._other.pop(peer_id, None)
+
+    def gone(self, peer_id: str, *, linked: bool) -> bool:
+        """Discovery says the peer left (a goodbye, or its record expired). Forgotten unless
+        it is linked (then the link decides); True when forgotten."""
+        if linked:
+            return False
+        self.forget(peer_id)
+        return True
+
+    def forget(self, peer_id: str) -> None:
+        """The peer left for sure (it said `Bye`): dial it no more until it is seen again."""
+        self._address.pop(peer_id, None)
+        self._other.pop(peer_id, None)
+        self._turn.pop(peer_id, None)
+
+    def next_address(self, peer_id: str) -> str | None:
+        """The address to dial the peer at now: the known one and an unconfirmed one in
+        turn, if there is one; None: discovery no longer sees the peer."""
+        candidates = [a for a in (self._address.get(peer_id), self._other.get(peer_id)) if a is not None]
+        if not candidates:
+            return None
+        turn = self._turn.get(peer_id, 0)
+        self._turn[peer_id] = turn + 1
+        return candidates[turn % len(candidates)]
+
+    def reached(self, peer_id: str, address: str) -> None:
+        """A dial of ``address`` linked to ``peer_id``: that is its address now."""
+        if peer_id not in self:
+            return
+        self._address[peer_id] = address
+        if self._other.get(peer_id) == address:
+            del self._other[peer_id]
+        self._turn.pop(peer_id, None)  # next time, this address first

@@ -7,8 +7,11 @@
   progress interleave with training.
 - A local job (``POST /v1/tune``, ``meshllm tune``) brings this node's examples. They are
   tokenized here and never leave the node: only the adapter's deltas do.
-- Every member saves each finished job's adapter under the state directory, in the peft
-  format, and serves it from then on (`Runtime.set_adapter`; the model id gains its digest).
+- A member that took part in a finished job, or runs with ``--accept-adapters``, saves its
+  adapter under the state directory (folders 0700, files 0600), in the peft format, and serves
+  it from then on (`Runtime.set_adapter`; the model id gains its digest); then it announces
+  its new hello to its peers, and the core closes the links to peers that serve another model
+  id (`meshllm.tune.serving`). The others keep serving what they served.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from meshllm import wire
 from meshllm.model.adapter import Adapter, AdapterSpec, init_adapter, save_adapter
 from meshllm.tune.rounds import (
     JobRequest, Train, TuneCore, TuneError, TuneFailed, TuneFinished, TuneProgress, TuneSettings,
@@ -35,7 +40,6 @@ from daemon.tune_request import TuneRequest
 from daemon.node.worker import GenerationWorker
 
 if TYPE_CHECKING:
-    from meshllm import wire
     from meshllm.mesh.events import Send
     from meshllm.model.runtime import Runtime
     from meshllm.tune.data import Example
@@ -50,6 +54,25 @@ LAST_ADAPTER_FILE = "last"
 
 def adapters_dir(state_dir: Path) -> Path:
     return state_dir / ADAPTERS_DIR
+
+
+def save_final(state_dir: Path, adapter: Adapter, base_model: str) -> Path:
+    """Save a finished job's adapter as ``adapters/<digest>/`` and record it as the last one.
+    Only this user can read them: the folders are 0700 and the files 0600, whatever the umask
+    (`save_adapter` writes each file through ``mkstemp``, which makes it 0600)."""
+    folder = adapters_dir(state_dir) / adapter.digest
+    for path in (adapters_dir(state_dir), folder):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.chmod(0o700)
+    save_adapter(adapter, folder, base_model=base_model)
+    last = adapters_dir(state_dir) / LAST_ADAPTER_FILE
+    tmp = last.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(adapter.digest + "\n")
+    tmp.replace(last)
+    return folder
 
 
 def last_adapter(state_dir: Path) -> Path | None:
@@ -80,7 +103,11 @@ class TuneRunner:
                  state_dir: Path | None, settings: TuneSettings = TuneSettings(),
                  pump: Callable[[], None] = lambda: None,
                  log_event: Callable[[str, str], None] = lambda kind, message: None,
-                 adapter_finished: Callable[[Adapter], Any] | None = None) -> None:
+                 adapter_finished: Callable[[Adapter], Any] | None = None,
+                 hello: Callable[[], wire.Hello] | None = None) -> None:
+        """`adapter_finished`: serve this adapter from now on (the driver's `serve_adapter`).
+        `hello`: this node's hello now (its model id); without it the node neither announces
+        what it serves nor hears its peers' announcements."""
         self.node_id = node_id
         self.runtime = runtime
         self.worker = worker
@@ -88,6 +115,7 @@ class TuneRunner:
         self._pump = pump
         self._log_event = log_event
         self._adapter_finished = adapter_finished
+        self._hello = hello
         config = runtime.shard.config
         self.core = TuneCore(node_id, lambda rank, alpha, seed: dict(
             init_adapter(config, AdapterSpec(rank, alpha), seed).tensors), settings)
@@ -111,7 +139,12 @@ class TuneRunner:
         self.core.handle_timer(now)
 
     def receive(self, sender: str, msg: "wire.Message", now: float) -> None:
-        """A tune message from a peer (`meshllm.tune.rounds.TUNE_MESSAGES`)."""
+        """A tune message from a peer (`meshllm.tune.rounds.TUNE_MESSAGES`); a ``Hello`` is
+        the peer announcing the model id it serves now."""
+        if isinstance(msg, wire.Hello):
+            if self._hello is not None:
+                self.core.announced(sender, msg, self._hello())
+            return
         self.core.receive(sender, msg, now)
 
     def membership(self, coordinator_id: str | None, members: frozenset[str], now: float) -> None:
@@ -199,22 +232,18 @@ class TuneRunner:
     async def _finished(self, event: TuneFinished) -> None:
         adapter = Adapter(AdapterSpec(event.rank, event.alpha), dict(event.tensors))
         self.adapters[event.job_id] = adapter.digest
-        path: Path | None = None
-        if self.state_dir is not None:
-            try:
-                path = await asyncio.to_thread(self._save, adapter)
-            except OSError as error:
-                self._log_event("error", f"cannot save the adapter of tune job {event.job_id}: {error}")
+        if not event.serve:
+            self._log_event("info", f"tune job {event.job_id} finished with adapter {adapter.digest}: not served "
+                                    "here (this node took no part in the job; --accept-adapters serves them)")
+            return
+        try:
+            path = await self._take_up(event, adapter)
+        finally:
+            if self._hello is not None:  # announce what this node serves now, even if loading failed
+                self.core.served(self._hello())
+                self._pump()
         if path is not None:
             self.saved[event.job_id] = path
-        self._log_event("info", f"tune job {event.job_id} finished after {event.rounds} rounds with "
-                                f"{len(event.participants)} participants: adapter {adapter.digest}"
-                                + (f" saved at {path}" if path else ""))
-        if self._adapter_finished is not None:
-            try:
-                await self._adapter_finished(adapter)
-            except Exception as error:  # noqa: BLE001 - serving goes on with the old weights
-                self._log_event("error", f"cannot serve the adapter {adapter.digest}: {error}")
         local = self._local
         if local is None or local.job_id not in (None, event.job_id):
             return
@@ -234,15 +263,25 @@ class TuneRunner:
                                 "adapter": str(path) if path else None, "base_loss": local.base_loss,
                                 "loss": final_loss})
 
-    def _save(self, adapter: Adapter) -> Path:
-        assert self.state_dir is not None
-        folder = adapters_dir(self.state_dir) / adapter.digest
-        save_adapter(adapter, folder, base_model=self.runtime.engine.info.name)
-        last = adapters_dir(self.state_dir) / LAST_ADAPTER_FILE
-        tmp = last.with_suffix(".tmp")
-        tmp.write_text(adapter.digest + "\n")
-        tmp.replace(last)
-        return folder
+    async def _take_up(self, event: TuneFinished, adapter: Adapter) -> Path | None:
+        """Save the adapter (when the node has a state dir) and serve it; where it was saved."""
+        job_id = event.job_id
+        path: Path | None = None
+        if self.state_dir is not None:
+            state_dir, name = self.state_dir, self.runtime.engine.info.name
+            try:
+                path = await asyncio.to_thread(save_final, state_dir, adapter, name)
+            except OSError as error:
+                self._log_event("error", f"cannot save the adapter of tune job {job_id}: {error}")
+        self._log_event("info", f"tune job {job_id} finished after {event.rounds} rounds with "
+                                f"{len(event.participants)} participants: adapter {adapter.digest}"
+                                + (f" saved at {path}" if path else ""))
+        if self._adapter_finished is not None:
+            try:
+                await self._adapter_finished(adapter)
+            except Exception as error:  # noqa: BLE001 - serving goes on with the old weights
+                self._log_event("error", f"cannot serve the adapter {adapter.digest}: {error}")
+        return path
 
     # -- a local job -----------------------------------------------------------------------------
 

@@ -85,7 +85,9 @@ class Coordinator(PlanFollower):
         self._seen_plan_key: tuple[int, int] = (0, 0)
         """The highest (term, epoch) of any plan seen, adopted or not."""
         self._seen_stages: tuple[wire.Stage, ...] | None = None
-        """The stages of that plan."""
+        """The stages of the highest plan seen from a node that claimed its term..."""
+        self._seen_key: tuple[int, int] = (0, 0)
+        """...and its key."""
         self._published: wire.Plan | None = None
         self._replan_due: float | None = None
         self._replan_soft = False
@@ -181,14 +183,23 @@ class Coordinator(PlanFollower):
 
     # -- planning ----------------------------------------------------------------------------
 
-    def plan_seen(self, msg: wire.Plan) -> None:
+    def plan_seen(self, sender: str, msg: wire.Plan) -> None:
         """Every plan that arrives, even one refused here, tells a future coordinator which
-        epochs this term used, and what the nodes hold (its first plan keeps that: nothing
-        moves for nothing)."""
-        if (msg.term, msg.epoch) > self._seen_plan_key and msg.stages[0].start_layer == 0 \
-                and msg.stages[-1].end_layer == self._port.spec.num_layers:
-            self._seen_stages = msg.stages
+        epochs this term used (up to `el.MAX_TERM`: the next epoch must stay encodable), and,
+        from a node that claimed to coordinate its term (`Election.claimed`), what the nodes
+        hold (its first plan keeps that: nothing moves for nothing)."""
+        if msg.term > el.MAX_TERM or msg.epoch > el.MAX_TERM:
+            return
+        if (msg.term, msg.epoch) > self._seen_key and self.election.claimed(sender) == msg.term \
+                and msg.stages[0].start_layer == self._port.spec.plan_start \
+                and msg.stages[-1].end_layer == self._port.spec.plan_end:
+            self._seen_key, self._seen_stages = (msg.term, msg.epoch), msg.stages
         self._seen_plan_key = max(self._seen_plan_key, (msg.term, msg.epoch))
+
+    @property
+    def seen_plan(self) -> tuple[tuple[int, int], tuple[wire.Stage, ...]] | None:
+        """The key and stages of the highest plan seen from a node that claimed its term."""
+        return None if self._seen_stages is None else (self._seen_key, self._seen_stages)
 
     def schedule_replan(self, now: float, at_once: bool = False, *, measured: bool = False) -> None:
         """A re-plan soon. ``measured``: only because measurements changed; such a re-plan
@@ -309,6 +320,9 @@ class Coordinator(PlanFollower):
             port.log("leave", f"{port.name_of(sender)} is leaving: handing its layers over")
             self.schedule_replan(now, at_once=True)
         elif msg.state == "ready" and port.is_coordinator and port.plans.active is not None:
+            if sender != port.node_id and (msg.span_start, msg.span_end) != port.plans.active.span_of(sender):
+                raise ValueError(f"a speed report for layers [{msg.span_start}, {msg.span_end}), which "
+                                 f"{sender} does not hold")
             layers = msg.span_end - msg.span_start
             self.balancer.observe(sender, msg.ms_per_layer * layers, layers,
                                   steps=port.settings.balance.min_steps, now=now)

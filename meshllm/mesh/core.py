@@ -14,7 +14,8 @@ implements (`CorePort`):
 - `entry` (meshllm.mesh.entry): the answers entered here, and their policy;
 - `status` (meshllm.mesh.status): the views.
 A message from a peer goes to its role by a table from message type to handler, after the
-checks of who may send it; a message this node sends itself, by a second table.
+checks of who may send it (each role checks the rest against the sender's role:
+meshllm.mesh.checks); a message this node sends itself, by a second table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from meshllm import wire
 from meshllm.errors import WireError
 from meshllm.mesh import election as el
 from meshllm.mesh import measured as ms
+from meshllm.mesh.checks import Refusals
 from meshllm.mesh.coordinator import Coordinator, void_state
 from meshllm.mesh.entry import EntrySessions
 from meshllm.mesh.events import Channel, Event, LogKind, Logged, Send, SessionEnded, SessionOutput, StatusChanged
@@ -72,11 +74,16 @@ class MeshCore:
         self.settings = settings
         self.members: dict[str, wire.Hello] = {self.node_id: hello}
         self.stats = StageStats()
+        self.refusals = Refusals(self.node_id)
+        """What peers sent that their role does not allow, by kind (each logged once per peer)."""
         self.election = el.Election(self.node_id, election_score(hello), timeout_s=settings.election_timeout_s)
         self._port = port = CorePort(self)
         meter = RebuildMeter(port)
         self.entry = EntrySessions(port, meter)
-        self.stage = Stage(port, self.entry, meter)
+        # caches of a layer come only from its giver: the transition knows who held what
+        self.stage = Stage(port, self.entry, meter,
+                           givers=lambda sender, key, layer: self.transition.check_handover(
+                               sender, key, layer, self.coordinator.seen_plan))
         self.coordinator = Coordinator(port, self.election, ms.Measurements(self.node_id), ms.TokenClock())
         self.transition = Transition(port, followers=(self.coordinator, self.entry, self.stage))
         self.book = self.transition.book
@@ -174,8 +181,11 @@ class MeshCore:
         self.stats.sent(positions, nbytes)
 
     def status_view(self, rtt_ms: Callable[[str], float | None] = lambda _peer: None) -> dict[str, object]:
-        """The mesh's part of GET /v1/status (docs/api.md)."""
-        return self.status.view(rtt_ms)
+        """The mesh's part of GET /v1/status (docs/api.md), with the messages refused here
+        for their sender's role (``refused``: counts by kind of message)."""
+        view = self.status.view(rtt_ms)
+        view["refused"] = self.refusals.as_json()
+        return view
 
     # -- inputs: lifecycle and links ---------------------------------------------------------
 
@@ -195,6 +205,7 @@ class MeshCore:
         hello = self.members.pop(peer_id, None)
         if hello is None:
             return
+        self.refusals.forget(peer_id)
         plans = self.transition.book
         current = plans.active or plans.pending
         plan_void = self.transition.peer_lost(peer_id)  # its caches are gone with it
@@ -252,7 +263,9 @@ class MeshCore:
     # -- inputs: messages ----------------------------------------------------------------------
 
     def receive(self, sender: str, msg: wire.Message, now: float) -> None:
-        """Everything that arrives from a peer. Never raises: bad input is logged and dropped."""
+        """Everything that arrives from a peer. A message its sender may not send (or that
+        does not fit) is refused: logged once per peer and kind, counted (`refusals`), and
+        dropped; anything else a handler raises is the driver's to catch."""
         self._port.now = now
         handler = self._remote.get(type(msg))
         if handler is None:
@@ -266,10 +279,10 @@ class MeshCore:
                 _check_from_coordinator(self.election, sender, msg.term, what)  # type: ignore[attr-defined]
             handler(sender, msg, now)
         except (WireError, ValueError) as e:
-            log.warning("rejected %s from %s: %s", type(msg).__name__, sender, e)
+            self.refusals.refused(sender, type(msg).__name__, str(e))
 
     def _on_plan(self, sender: str, msg: wire.Plan, now: float) -> None:
-        self.coordinator.plan_seen(msg)  # even a plan refused here: see `Coordinator.plan_seen`
+        self.coordinator.plan_seen(sender, msg)  # even a plan refused here: see `Coordinator.plan_seen`
         _check_from_coordinator(self.election, sender, msg.term, _FROM_COORDINATOR[wire.Plan])
         if sender == self.node_id:
             raise ValueError("a plan from this node's own id over a link")

@@ -7,7 +7,12 @@ One :class:`Election` per node. The daemon feeds it what happens (``start``, ``p
 
 Rules, in short (``docs/election.md`` has the long form):
 
-- Candidates are ranked by ``(score, node_id)``; higher wins.
+- Candidates are ranked by ``(score, node_id)``; higher wins. A peer's score is the one given
+  with ``peer_up`` (from its hello, bounded: ``meshllm.mesh.settings.election_score``), never
+  the one its messages carry.
+- A peer cannot push the terms far or fast: a term more than ``MAX_TERM_STEP`` above the
+  highest seen is refused, and so are its messages that would raise the term or start an
+  election here beyond ``MAX_ELECTIONS`` in ``ELECTION_WINDOW_S``.
 - A node with no coordinator (after a grace period at start, or when its coordinator is lost,
   or when no one claims the term it is waiting on) starts an election: ``term + 1``, an
   :class:`ElectionMsg` to every higher-ranked peer it knows.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -36,6 +42,23 @@ log = logging.getLogger(__name__)
 MAX_TERM = 2**53
 """The highest term a node takes up. Terms grow by one an election; a claim beyond this is a
 hostile or broken peer's (taking it up, the next term would not even encode)."""
+
+MAX_TERM_STEP = 2**16
+"""How far above the highest term this node has seen a message's term may be: honest terms
+grow by one or two an election, so only a mesh that held 65,536 elections since this node
+last heard of it sends more. With `MAX_ELECTIONS` a rogue member needs about 2,000 years to
+push the terms to `MAX_TERM`."""
+
+FAR_CLAIM_S = 10.0
+"""A claim to coordinate a term beyond `MAX_TERM_STEP` (but within twice that) that its sender
+keeps making for this long (its announcements) is taken up: a node that a rogue pushed to
+the bound, and whose next election went one beyond it, is not cut off for good."""
+
+MAX_ELECTIONS = 4
+ELECTION_WINDOW_S = 2.0
+"""A peer may make this node raise its term, or start an election, at most `MAX_ELECTIONS`
+times in any `ELECTION_WINDOW_S` (two elections a second); its messages beyond that are
+refused (ValueError), so that an election storm from one member leaves a stable coordinator."""
 
 BROADCAST: Final = "*"
 """Destination in :meth:`Election.outbox` meaning "every peer that is up"."""
@@ -51,7 +74,8 @@ class ElectionMsg:
     term: int
     candidate_id: str
     score: float
-    """The candidate's score, so the receiver can rank it."""
+    """The candidate's score as it says it; a receiver ranks it by the score it has for it
+    (from its hello) instead."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,45 @@ class _Timer(enum.Enum):
 Rank = tuple[float, str]
 
 
+class _PeerBounds:
+    """What each peer may make this node do: `MAX_ELECTIONS` in `ELECTION_WINDOW_S`, and a
+    far claim only once kept for `FAR_CLAIM_S`."""
+
+    def __init__(self) -> None:
+        self._elections: dict[str, deque[float]] = {}
+        """When each peer last made this node raise its term or start an election."""
+        self._far: dict[str, tuple[int, float]] = {}
+        """A peer's claim of a term beyond `MAX_TERM_STEP`, and since when it makes it."""
+
+    def charge(self, sender_id: str, now: float) -> None:
+        """`sender_id` makes this node raise its term or start an election: one of its
+        `MAX_ELECTIONS` in `ELECTION_WINDOW_S`; ValueError beyond them."""
+        seen = self._elections.setdefault(sender_id, deque())
+        while seen and now - seen[0] >= ELECTION_WINDOW_S:
+            seen.popleft()
+        if len(seen) >= MAX_ELECTIONS:
+            raise ValueError(f"more than {MAX_ELECTIONS} elections in {ELECTION_WINDOW_S:g} s from {sender_id}")
+        seen.append(now)
+
+    def far_claim_kept(self, sender_id: str, msg: Message, term: int, now: float) -> bool:
+        """A claim beyond `MAX_TERM_STEP` above `term` (within twice that) that its sender has
+        kept making for `FAR_CLAIM_S` (see there)."""
+        if not isinstance(msg, CoordinatorMsg) or msg.term > term + 2 * MAX_TERM_STEP:
+            return False
+        claimed, since = self._far.get(sender_id, (-1, now))
+        if claimed != msg.term:
+            self._far[sender_id] = (msg.term, now)
+            return False
+        if now - since < FAR_CLAIM_S:
+            return False
+        del self._far[sender_id]
+        return True
+
+    def forget(self, sender_id: str) -> None:
+        self._elections.pop(sender_id, None)
+        self._far.pop(sender_id, None)
+
+
 class Election:
     """The election state machine of one node."""
 
@@ -156,6 +219,9 @@ class Election:
         self._deadline: float | None = None
         self._outbox: list[tuple[str, Message]] = []
         self._events: list[Event] = []
+        self._bounds = _PeerBounds()
+        self._claims: dict[str, int] = {}
+        """The highest term each peer claimed to coordinate (claims overruled here included)."""
 
     # ---- what the daemon reads ---------------------------------------------------------------
 
@@ -181,6 +247,12 @@ class Election:
     def peers(self) -> dict[str, float]:
         """Peers that are up, with their scores (a copy)."""
         return dict(self._peers)
+
+    def claimed(self, node_id: str) -> int:
+        """The highest term `node_id` claimed to coordinate, as heard here (0: none)."""
+        if node_id == self.node_id:
+            return self._term if self._role is Role.COORDINATOR else 0
+        return self._claims.get(node_id, 0)
 
     def accepts_term(self, term: int) -> bool:
         """Whether something stamped with ``term`` (a plan) may be acted on: not below the max."""
@@ -220,18 +292,28 @@ class Election:
     def peer_lost(self, node_id: str, now: float) -> None:
         """A peer is gone; losing the coordinator starts an election."""
         self._peers.pop(node_id, None)
+        self._bounds.forget(node_id)
+        self._claims.pop(node_id, None)
         if node_id == self._coordinator and node_id != self.node_id:
             self._drop_coordinator()
             self._start_election(now)
 
     def receive(self, sender_id: str, msg: Message, now: float) -> None:
-        """A message from ``sender_id``. A term above `MAX_TERM` is refused (ValueError): no
-        honest node gets there, one election at a time, and the next term must stay encodable."""
+        """A message from ``sender_id``. Refused (ValueError): a term above `MAX_TERM` (no
+        honest node gets there, one election at a time, and the next term must stay
+        encodable), a term more than `MAX_TERM_STEP` above the highest seen here, and a
+        message that would raise the term, or start an election here, beyond the sender's
+        `MAX_ELECTIONS` in `ELECTION_WINDOW_S`. A candidate is ranked by the score this node
+        has for it (`peer_up`: from its hello), never by the score its message carries."""
         if sender_id not in self._peers:
             log.debug("%s: ignoring %r from unknown peer %s", self.node_id, msg, sender_id)
             return
         if msg.term > MAX_TERM:
             raise ValueError(f"term {msg.term} is beyond {MAX_TERM}")
+        if msg.term > self._term + MAX_TERM_STEP and not self._bounds.far_claim_kept(sender_id, msg, self._term, now):
+            raise ValueError(f"term {msg.term} is more than {MAX_TERM_STEP} above {self._term}, the highest seen here")
+        if msg.term > self._term:
+            self._bounds.charge(sender_id, now)
         if isinstance(msg, ElectionMsg):
             self._on_election(sender_id, msg, now)
         elif isinstance(msg, AnswerMsg):
@@ -258,9 +340,8 @@ class Election:
     # ---- message handlers --------------------------------------------------------------------
 
     def _on_election(self, sender_id: str, msg: ElectionMsg, now: float) -> None:
-        self._peers[sender_id] = msg.score
         self._observe_term(msg.term, now)
-        if (msg.score, msg.candidate_id) >= self.rank:
+        if self._peer_rank(sender_id) >= self.rank:
             return  # a higher-ranked candidate: it will win; nothing to answer
         self._send(sender_id, AnswerMsg(self._term, self.node_id))
         if self._role is Role.COORDINATOR:
@@ -287,6 +368,8 @@ class Election:
             if self._role is Role.COORDINATOR:  # tell the stale one the current term
                 self._send(sender_id, CoordinatorMsg(self._term, self.node_id))
             return
+        charged = msg.term > self._term  # `receive` counted it already
+        self._claims[sender_id] = max(self._claims.get(sender_id, 0), msg.term)
         self._observe_term(msg.term, now)
         claimant = self._peer_rank(sender_id)
         current = self._coordinator
@@ -300,10 +383,14 @@ class Election:
             # restarted and declared before it heard of it): the plans of the term so far
             # would outrank the newcomer's, so a new term settles it, and the highest-ranked
             # node wins it.
+            if not charged:
+                self._bounds.charge(sender_id, now)
             self._start_election(now)
             return
         if claimant < self.rank:
             # A lower-ranked claim and no higher coordinator: the bully takes over, in a new term.
+            if not charged:
+                self._bounds.charge(sender_id, now)
             self._start_election(now)
             return
         self._follow(sender_id)

@@ -272,6 +272,8 @@ class EntrySessions(PlanFollower):
         answer = self._answers.get(msg.session_id)
         if answer is None or answer.step is None or answer.step.seq != msg.seq:
             return
+        if sender != self._port.node_id and sender not in answer.step.plan.node_ids:
+            raise ValueError(f"a step of {msg.session_id} refused by {sender}, no stage of its route")
         recovery = Phase.REBUILD
         if msg.code == "stale_plan":  # the mesh is moving: wait a moment for its new plan
             answer.refused_as_stale(now, self._port.settings.plan_wait_s)
@@ -584,9 +586,11 @@ class EntrySessions(PlanFollower):
         self._drop_everywhere(session_id)
 
     def _drop_everywhere(self, session_id: str) -> None:
-        """Every stage of the plan in force frees the session's caches (this node too)."""
+        """Every stage of the plan in force frees the session's caches, and this node its own
+        (its private layers' too, also when it holds no stage)."""
         plan = self._port.plans.active
-        for node_id in plan.node_ids if plan is not None else ():
+        stages = plan.node_ids if plan is not None else ()
+        for node_id in (*stages, *(() if self._port.node_id in stages else (self._port.node_id,))):
             self._port.send(node_id, wire.DropSession(session_id))
 
 

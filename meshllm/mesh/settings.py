@@ -79,8 +79,19 @@ def incompatibility(ours: wire.Hello, theirs: wire.Hello) -> str | None:
     return None
 
 
+SCORE_MAX_BUDGET_BYTES = 2**42
+"""The most memory (4 TiB) a hello's budget counts for in its election score."""
+SCORE_MIN_MS_PER_LAYER = 0.01
+"""The least compute time per layer a hello's speed counts for in its election score."""
+MAX_ELECTION_SCORE = SCORE_MAX_BUDGET_BYTES / 1e9 / SCORE_MIN_MS_PER_LAYER
+"""The highest score any node can have (about 439,805): what an absurd claim comes to."""
+
+
 def election_score(hello: wire.Hello) -> float:
-    """Who should coordinate: memory per unit of compute time; -1 for a node that cannot."""
+    """Who should coordinate: memory per unit of compute time, from the hello's budget and
+    speed, each taken within sane ranges (at most `SCORE_MAX_BUDGET_BYTES`, at least
+    `SCORE_MIN_MS_PER_LAYER`): so at most `MAX_ELECTION_SCORE`; -1 for a node that cannot."""
     if not hello.can_coordinate:
         return -1.0
-    return hello.mem_budget_bytes / 1e9 / max(hello.ms_per_layer, 1e-3)
+    budget = min(max(hello.mem_budget_bytes, 0), SCORE_MAX_BUDGET_BYTES)
+    return budget / 1e9 / max(hello.ms_per_layer, SCORE_MIN_MS_PER_LAYER)

@@ -1,9 +1,10 @@
 """The stage role of one node: the steps and rebuild parts other nodes forward to its layers,
 sans-IO.
 
-Every step from a peer passes the same checks (`Stage._admit`: the plan is active and holds
-this node, the route and the session belong to their entry node, the hidden state fits the
-model and the plan's codec); a bounded number waits for compute (`max_queued_steps`,
+Every step from a peer passes the same checks (`Stage._admit`: it comes from the stage before
+this one, or to the first stage from the session's entry node, with the rest of the chain as
+its route (meshllm.mesh.checks); the plan is active and holds this node; the hidden state fits
+the model and the plan's codec); a bounded number waits for compute (`max_queued_steps`,
 `max_queued_rebuild_parts`; more are refused as "busy"). Once computed, a step goes on to
 the next stage (`Forward`) or back to its entry node (`Result`); a rebuild part goes on down
 the chain (meshllm.mesh.rebuild: the stage's store keeps the output logs a rebuild needs).
@@ -14,6 +15,7 @@ the caches handed over to it (`CacheHandover`) and frees the caches of sessions 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from meshllm import wire
 from meshllm.errors import WireError
+from meshllm.mesh.checks import session_entry, step_sources
 from meshllm.mesh.jobs import Compute, Computed, DropSessions, ImportCache, RebuildPart
 from meshllm.mesh.plans import PlanView
 from meshllm.mesh.port import PlanFollower, Port
@@ -100,10 +103,14 @@ class _StageStep:
 class Stage(PlanFollower):
     """Steps and rebuild parts of other nodes' answers (and of this node's own, as a middle stage)."""
 
-    def __init__(self, port: Port, own: OwnAnswers, meter: RebuildMeter) -> None:
+    def __init__(self, port: Port, own: OwnAnswers, meter: RebuildMeter,
+                 givers: Callable[[str, tuple[int, int], int], None] = lambda sender, key, layer: None) -> None:
+        """`givers(sender, plan key, layer)`: raises ValueError unless `sender` may hand over
+        the caches of `layer` under that plan (`meshllm.mesh.transition.Transition.check_handover`)."""
         self._port = port
         self._own = own
         self._meter = meter
+        self._givers = givers
         self._steps: dict[int, _StageStep] = {}
         self._rebuilds: dict[int, _StageStep] = {}
         self.sessions: set[str] = set()
@@ -115,24 +122,32 @@ class Stage(PlanFollower):
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _admit(self, msg: wire.Forward | wire.Rebuild, payload: wire.TensorPayload | None,
+    def _admit(self, sender: str, msg: wire.Forward | wire.Rebuild, payload: wire.TensorPayload | None,
                positions: int) -> tuple[PlanView, str, np.ndarray | None] | None:
         """The checks every step from a peer passes: (plan, entry node, hidden), or None
-        when it was refused (the entry node is told why)."""
+        when it was refused (the entry node is told why). A step that its sender may not
+        send is refused without a word to anyone (ValueError): it comes only from the stage
+        before this one under the active plan (to the first stage: from the session's entry
+        node, which the session id names), with the rest of the chain as its route."""
         port = self._port
         entry = msg.route[-1] if msg.route else None
+        if entry is None or session_entry(msg.session_id) != entry:
+            raise ValueError(f"a step of session {msg.session_id} whose route ends at {entry}")
         plan = port.plans.active
-        if plan is None or plan.key != (msg.term, msg.epoch):
-            refuse(port, msg, "stale_plan", f"plan {msg.term}.{msg.epoch} is not active here", entry)
+        if plan is None or plan.key != (msg.term, msg.epoch) or port.node_id not in plan.node_ids:
+            plans = [p for p in (plan, port.plans.pending) if p is not None]
+            known = {n for p in plans for n in p.node_ids} if plans else set(port.members)
+            if sender != entry and sender not in known:
+                raise ValueError(f"a step of {msg.session_id} from {sender}, no stage of a plan known here")
+            why = "this node holds no layers in the active plan" if plan is not None and plan.key == (
+                msg.term, msg.epoch) else f"plan {msg.term}.{msg.epoch} is not active here"
+            refuse(port, msg, "stale_plan", why, entry)
             return None
-        if port.node_id not in plan.node_ids:
-            refuse(port, msg, "stale_plan", "this node holds no layers in the active plan", entry)
-            return None
-        if entry is None or any(n not in plan.node_ids and n != entry for n in msg.route):
-            refuse(port, msg, "bad_step", "route names nodes outside the plan", entry)
-            return None
-        if not msg.session_id.startswith(f"{entry}/"):
-            refuse(port, msg, "bad_step", "session id does not belong to its entry node", entry)
+        sources = step_sources(plan, port.node_id, entry)
+        if sender not in sources:
+            raise ValueError(f"a step of {msg.session_id} from {sender}, not the stage before this one")
+        if msg.route != sources[sender]:
+            refuse(port, msg, "bad_step", "the route is not the rest of the plan's chain", entry)
             return None
         hidden = None
         if payload is not None:
@@ -149,7 +164,7 @@ class Stage(PlanFollower):
     def on_forward(self, sender: str, msg: wire.Forward, now: float) -> None:
         port = self._port
         rows = msg.hidden.shape[0] if msg.hidden.shape else 0
-        admitted = self._admit(msg, msg.hidden, rows)
+        admitted = self._admit(sender, msg, msg.hidden, rows)
         if admitted is None:
             return
         plan, entry, hidden = admitted
@@ -168,7 +183,7 @@ class Stage(PlanFollower):
     def on_rebuild(self, sender: str, msg: wire.Rebuild, now: float) -> None:
         """A part of a session's rebuild: run it here (meshllm.mesh.rebuild), pass it on."""
         port = self._port
-        admitted = self._admit(msg, msg.hidden[0] if msg.hidden else None, msg.positions)
+        admitted = self._admit(sender, msg, msg.hidden[0] if msg.hidden else None, msg.positions)
         if admitted is None:
             return
         plan, entry, hidden = admitted
@@ -219,7 +234,11 @@ class Stage(PlanFollower):
         port = self._port
         msg = step.msg
         port.stats.computed(result.hidden.shape[0], result.span_ms)
-        payload = encode_hidden(result.hidden, step.plan.codec)
+        try:
+            payload = encode_hidden(result.hidden, step.plan.codec)
+        except WireError as e:  # what came in made this span overflow (NaN, inf): no step to pass on
+            refuse(port, msg, "bad_step", f"the step's output cannot be sent: {e}")
+            return
         if len(msg.route) == 1:
             reply: wire.Message = wire.Result(msg.session_id, msg.seq, payload)
         else:
@@ -237,7 +256,11 @@ class Stage(PlanFollower):
             if last:
                 self._port.send(msg.route[0], wire.Rebuilt(msg.session_id, msg.seq))
             return
-        hidden = () if result.hidden is None else (encode_hidden(result.hidden, step.plan.codec),)
+        try:
+            hidden = () if result.hidden is None else (encode_hidden(result.hidden, step.plan.codec),)
+        except WireError as e:
+            refuse(self._port, msg, "no_log", f"the rebuild's output cannot be sent: {e}")
+            return
         self._passed_on[msg.session_id] = (msg.route[0], msg.seq, msg.route[-1])
         self._port.send(msg.route[0], wire.Rebuild(msg.session_id, msg.seq, msg.term, msg.epoch, msg.position,
                                                    msg.prefill, msg.start_pos, msg.positions, hidden,
@@ -249,6 +272,7 @@ class Stage(PlanFollower):
     def on_cache_handover(self, sender: str, msg: wire.CacheHandover, now: float) -> None:
         """The caches of one layer of a session, from the node that held the layer before."""
         port = self._port
+        self._givers(sender, (msg.term, msg.epoch), msg.layer)
         if (msg.term, msg.epoch) < port.plans.highest_key or msg.layer >= port.spec.num_layers:
             raise ValueError(f"cache hand-over for plan {msg.term}.{msg.epoch}, layer {msg.layer}: not wanted here")
         limits = port.limits
@@ -264,7 +288,7 @@ class Stage(PlanFollower):
 
     def on_drop_session(self, sender: str, msg: wire.DropSession, now: float) -> None:
         """A peer's answer ended: free its caches here."""
-        if msg.session_id.startswith(f"{sender}/") and msg.session_id in self.sessions:
+        if session_entry(msg.session_id) == sender and msg.session_id in self.sessions:
             self.drop((msg.session_id,))
 
     def drop_own(self, sender: str, msg: wire.DropSession, now: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 Caches = tuple[tuple[str, int, np.ndarray, np.ndarray], ...]
 """(session, layer, keys, values) of the layers a load gave up."""
+
+MAX_HEARD_PLANS = 4
+"""Plan keys this node has only heard of (a stage's `HandoverDone` that came before the plan)
+that it keeps; beyond them the highest is forgotten, so a peer cannot grow them."""
+
+RECENT_PLANS = 4
+"""The plans adopted last, whose stages tell who may hand this node the caches of a layer."""
 
 
 class Phase(enum.Enum):
@@ -111,6 +119,8 @@ class Transition:
         """How many times each peer's link went down: a peer that came back holds no caches."""
         self.loaded_links: dict[str, int] = {}
         """`links_down` when this node loaded `loaded`."""
+        self.adopted: deque[PlanView] = deque(maxlen=RECENT_PLANS)
+        """The plans this node adopted last, oldest first."""
 
     def state(self, key: PlanKey) -> PlanTransition | None:
         return self.states.get(key)
@@ -124,13 +134,15 @@ class Transition:
         """Adopt the plan when its key is new here, and load this node's span of it."""
         port = self._port
         view = PlanView(key=(msg.term, msg.epoch), stages=msg.stages, codec=msg.codec, coordinator_id=sender)
-        if view.stages[0].start_layer != 0 or view.stages[-1].end_layer != port.spec.num_layers:
-            raise ValueError(f"plan does not cover [0, {port.spec.num_layers})")
+        spec = port.spec
+        if view.stages[0].start_layer != spec.plan_start or view.stages[-1].end_layer != spec.plan_end:
+            raise ValueError(f"plan does not cover [{spec.plan_start}, {spec.plan_end})")
         before = self.book.active or self.book.pending
         if not self.book.offer(view, port.term):
             log.info("ignoring plan %s from %s (have seen %s)", view.key, sender, self.book.highest_key)
             return
         self.placement_error = None
+        self.adopted.append(view)
         for follower in self.followers:
             follower.plan_changed(now)
         self.states = {k: s for k, s in self.states.items() if k >= view.key}  # the others are superseded
@@ -260,12 +272,40 @@ class Transition:
     # -- hand-overs to this node ------------------------------------------------------------
 
     def on_handover_done(self, sender: str, msg: wire.HandoverDone, now: float) -> None:
-        """`sender` sent every cache it hands this node under the plan of that key."""
+        """`sender` sent every cache it hands this node under the plan of that key (kept for
+        at most `MAX_HEARD_PLANS` keys not adopted yet: the lowest, the next plans)."""
         key = (msg.term, msg.epoch)
         if key < self.book.highest_key:
             return
+        if key not in self.states:
+            heard = sorted(k for k, s in self.states.items() if s.phase is Phase.HEARD)
+            if len(heard) >= MAX_HEARD_PLANS:
+                if heard[-1] < key:
+                    raise ValueError(f"hand-over done for plan {key[0]}.{key[1]}: {len(heard)} plans to come "
+                                     "are heard of already")
+                del self.states[heard[-1]]
         self.states.setdefault(key, PlanTransition(key)).done.add(sender)
         self._maybe_ready()
+
+    def check_handover(self, sender: str, key: PlanKey, layer: int,
+                       seen: tuple[PlanKey, tuple[wire.Stage, ...]] | None = None) -> None:
+        """A cache hand-over under plan `key` comes only from a giver of its layer: a node that
+        held the layer under a plan before `key` that this node adopted (or `seen`: the plan
+        of a node that claimed to coordinate its term, which this node refused; a node that
+        joins a mesh as its new coordinator takes the caches of the plan it was refused); and,
+        once this node knows the plan of `key`, only for a layer it holds under it. ValueError
+        otherwise."""
+        before = [v.stages for v in (*self.adopted, self.loaded) if v is not None and v.key < key]
+        if seen is not None and seen[0] < key:
+            before.append(seen[1])
+        if not any(s.node_id == sender and s.start_layer <= layer < s.end_layer for stages in before for s in stages):
+            raise ValueError(f"cache hand-over of layer {layer} from {sender}, which held it under "
+                             "no plan before this one")
+        state = self.states.get(key)
+        mine = state.view.span_of(self._port.node_id) if state is not None and state.view is not None else None
+        if mine is not None and not mine[0] <= layer < mine[1]:
+            raise ValueError(f"cache hand-over of layer {layer} under plan {key[0]}.{key[1]}, which gives "
+                             "it to another node")
 
     def _maybe_ready(self) -> None:
         """Report the pending plan ready once it is loaded here and its givers' caches came."""

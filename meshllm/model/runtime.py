@@ -18,6 +18,7 @@ from meshllm.model.adapter import Adapter
 from meshllm.model.cache import PreparedModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.layer_shape import attention_shape
+from meshllm.model.private import PrivateLayers, private_layers_for
 from meshllm.model.sampling import Sampler
 from meshllm.model.shard import open_shard
 from meshllm.model.span import ShardLike
@@ -36,17 +37,27 @@ class Runtime:
     by the worker).
     """
 
-    def __init__(self, engine: Engine, log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES) -> None:
+    def __init__(self, engine: Engine, log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES, private_layers: int = 0) -> None:
         self.engine = engine
         self.prepared: PreparedModel = engine.prepared
         self.shard: ShardLike = engine.shards[0]
         self.hidden_size = engine.info.hidden_size
         self.num_layers = engine.info.num_layers
+        k = private_layers_for(self.num_layers, private_layers)
+        if k < private_layers:
+            log.warning("a model of %d layers keeps %d private layers at each end, not %d (one must be left "
+                        "for the mesh)", self.num_layers, k, private_layers)
+        self.private: PrivateLayers | None = None if k == 0 else PrivateLayers(
+            *(open_shard(self.prepared, lo, hi, weights=engine.weights, device=self.device, reuse=self.shard,
+                         adapter=self.adapter) for lo, hi in ((0, k), (self.num_layers - k, self.num_layers))))
+        """The first and last layers of this node's own answers (meshllm.model.private)."""
+        self.plan_end = self.num_layers - k
+        """One past the last layer a plan places: the last stage's output goes to the entry node."""
         self.logs = OutputLogs(log_cap_bytes)
         """What this node's span sent downstream, per session (meshllm.mesh.rebuild)."""
         self._imports: list[tuple[str, int, np.ndarray, np.ndarray]] = []
         """Layer caches handed over to this node, taken up by the next rebuild of their session."""
-        self.rebuilder = Rebuilder(self.shard, self.logs, self.num_layers, self._offers)
+        self.rebuilder = Rebuilder(self.shard, self.logs, self.plan_end, self._offers)
         self._given: tuple[tuple[str, int, np.ndarray, np.ndarray], ...] = ()
         """The caches of the layers this node gave up at its last re-plan: if the next plan
         gives them back (the node that took them is lost at once), they are taken up again."""
@@ -54,10 +65,26 @@ class Runtime:
 
     @classmethod
     def load(cls, prepared: PreparedModel, device: str = "cpu", weights: str = "f32",
-             log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES, adapter: Adapter | None = None) -> "Runtime":
-        """Start holding no layers: only what an entry node needs (embedding, norm, head).
+             log_cap_bytes: int = DEFAULT_LOG_CAP_BYTES, adapter: Adapter | None = None,
+             private_layers: int = 0) -> "Runtime":
+        """Start holding no layers of a plan: only what an entry node needs (embedding, norm,
+        head, and `private_layers` layers at each end: `private_layers_for`).
         `adapter`: a LoRA adapter the layers this node loads apply (see `set_adapter`)."""
-        return cls(Engine(prepared, spans=[], device=device, weights=weights, adapter=adapter), log_cap_bytes)
+        return cls(Engine(prepared, spans=[], device=device, weights=weights, adapter=adapter), log_cap_bytes,
+                   private_layers)
+
+    @property
+    def mesh_model_id(self) -> str:
+        """The model id peers must share to form one mesh with this node: the weights, format
+        and adapter served (`ModelInfo.model_id`), and the private layers, which decide the
+        layers a plan places."""
+        k = self.private_layers
+        return self.engine.info.model_id + (f"-private{k}" if k else "")
+
+    @property
+    def private_layers(self) -> int:
+        """K: the layers at each end this node runs for its own answers only."""
+        return 0 if self.private is None else self.private.count
 
     @property
     def adapter(self) -> Adapter | None:
@@ -73,6 +100,8 @@ class Runtime:
         self.engine.set_adapter(adapter)  # checks it first
         if all(self.shard is not s for s in self.engine.shards):
             self.shard.set_adapter(adapter)
+        if self.private is not None:
+            self.private.set_adapter(adapter)
 
     @property
     def kv_shape(self) -> tuple[int, int]:
@@ -114,7 +143,7 @@ class Runtime:
         else:
             shard.adopt_sessions(old)
         self.shard = shard
-        self.rebuilder = Rebuilder(shard, self.logs, self.num_layers, self._offers)
+        self.rebuilder = Rebuilder(shard, self.logs, self.plan_end, self._offers)
         installed = len(self._imports)
         # caches given up now, and those given up before whose layers this span holds again
         self._given = tuple(given) + tuple(kv for kv in self._given if start_layer <= kv[1] < end_layer)
@@ -146,6 +175,8 @@ class Runtime:
         their time."""
         if job.token_ids is not None:
             x = self.shard.embed(list(job.token_ids))  # (1, positions, hidden)
+            if self.private is not None:
+                x = self.private.into(job.session_id, x, job.start_pos)
         else:
             assert job.hidden is not None
             x = torch.from_numpy(job.hidden).unsqueeze(0)
@@ -156,6 +187,8 @@ class Runtime:
                 time.sleep(delay_s)
             x = self.shard.forward(job.session_id, x, job.start_pos)
             span_ms = (time.perf_counter() - t0) * 1000
+        if job.finish != "send" and self.private is not None:
+            x = self.private.out_of(job.session_id, x, job.start_pos)  # the plan's output, for the head
         if job.finish == "sample":
             if sampler is None:
                 raise RuntimeError(f"no sampler for session {job.session_id}: the answer is over")
@@ -163,7 +196,7 @@ class Runtime:
         if job.finish == "discard":
             return Computed(span_ms=span_ms)
         out = x[0].float().cpu().numpy().copy()
-        if job.run_span and self.shard.end_layer < self.num_layers:
+        if job.run_span and self.shard.end_layer < self.plan_end:
             self.logs.record(job.session_id, self.shard.end_layer, job.start_pos, out)
         return Computed(hidden=out, span_ms=span_ms)
 
@@ -173,11 +206,15 @@ class Runtime:
         x = job.hidden
         if job.token_ids is not None:
             x = self.shard.embed(list(job.token_ids))[0].float().cpu().numpy()
+            if self.private is not None:
+                x = self.private.rebuild_input(job.session_id, x, job.start_pos, job.position, job.prefill)
         out, report, error = self.rebuilder.run(job, x)
         return Computed(hidden=out, span_ms=(time.perf_counter() - t0) * 1000, rebuild=report, rebuild_error=error)
 
     def drop(self, session_id: str) -> None:
         self.shard.drop(session_id)
+        if self.private is not None:
+            self.private.drop(session_id)
         self._given = tuple(kv for kv in self._given if kv[0] != session_id)
         self._imports = [kv for kv in self._imports if kv[0] != session_id]
         self.logs.forget(session_id)

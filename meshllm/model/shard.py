@@ -94,8 +94,11 @@ class Shard(SpanSessions["DynamicCache"]):
         max_sessions: int = 64,
         device: str | torch.device = "cpu",
         adapter: Adapter | None = None,
+        share: Shard | None = None,
     ) -> None:
-        """`adapter`: a LoRA adapter applied to the span's layers (see `set_adapter`)."""
+        """`adapter`: a LoRA adapter applied to the span's layers (see `set_adapter`);
+        `share`: a shard of the same model, dtype and device whose embedding, final norm and
+        head this one uses rather than read its own copy."""
         from transformers import AutoModelForCausalLM
 
         config = load_config(prepared)
@@ -109,10 +112,18 @@ class Shard(SpanSessions["DynamicCache"]):
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self._local_config, dtype=dtype)
-        state = self._read_span_tensors(prepared)
+        if share is not None and (share.dtype != dtype or share.device != self.device):
+            share = None
+        state = self._read_span_tensors(prepared, layers_only=share is not None)
         missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         allowed_missing = {"lm_head.weight"} if tied else set()
+        if share is not None:
+            allowed_missing |= {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"}
+            skeleton.model.embed_tokens = share.embed_tokens
+            skeleton.model.norm = share.norm
+            skeleton.lm_head = share.lm_head
+            tied = False  # shared as they are
         if unexpected or set(missing) - allowed_missing:
             raise ModelSourceError(
                 f"weights do not match the {config.model_type} config: "
@@ -155,7 +166,7 @@ class Shard(SpanSessions["DynamicCache"]):
                 setattr(parent, target, base)
         self.adapter = adapter
 
-    def _read_span_tensors(self, prepared: PreparedModel) -> dict[str, torch.Tensor]:
+    def _read_span_tensors(self, prepared: PreparedModel, layers_only: bool = False) -> dict[str, torch.Tensor]:
         index = _tensor_index(prepared)
         wanted: dict[str, str] = {}
         for key in index:
@@ -164,7 +175,7 @@ class Shard(SpanSessions["DynamicCache"]):
                 layer = int(m.group(1))
                 if self.start_layer <= layer < self.end_layer:
                     wanted[key] = f"model.layers.{layer - self.start_layer}.{m.group(2)}"
-            elif key.startswith(("model.embed_tokens.", "model.norm.", "lm_head.")):
+            elif not layers_only and key.startswith(("model.embed_tokens.", "model.norm.", "lm_head.")):
                 wanted[key] = key
         state: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
@@ -305,7 +316,8 @@ def open_shard(prepared: PreparedModel, start_layer: int, end_layer: int, *, wei
     map_large_allocations()  # once per process
     shard: ShardLike
     if weights == "f32":
-        shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions, adapter=adapter)
+        shard = Shard(prepared, start_layer, end_layer, device=device, max_sessions=max_sessions, adapter=adapter,
+                      share=reuse if isinstance(reuse, Shard) else None)
     else:
         from meshllm.model.formats import format_file
         from meshllm.model.lean import LeanShard

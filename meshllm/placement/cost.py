@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshllm.wire.messages import Stage  # the one Stage type: plans, the wire, status
@@ -48,12 +48,37 @@ class ModelSpec:
     """Bytes of weights of one decoder layer."""
     embed_head_bytes: int
     """Bytes of embedding + final norm + lm_head, which every node holds."""
+    private_layers: int = 0
+    """K: every node runs decoder layers ``[0, K)`` and ``[num_layers - K, num_layers)`` of
+    its own answers itself (``--private-layers``), so the plan places only
+    ``[plan_start, plan_end) = [K, num_layers - K)``, and every node holds ``2K`` layers
+    besides its stage (docs/security.md)."""
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         if self.layer_bytes < 0 or self.embed_head_bytes < 0:
             raise ValueError("layer_bytes and embed_head_bytes must be >= 0")
+        if not 0 <= 2 * self.private_layers < self.num_layers:
+            raise ValueError(f"private_layers must leave a layer to place: 0 <= 2 * "
+                             f"{self.private_layers} < {self.num_layers}")
+
+    @property
+    def plan_start(self) -> int:
+        """The first layer a plan places."""
+        return self.private_layers
+
+    @property
+    def plan_end(self) -> int:
+        """One past the last layer a plan places."""
+        return self.num_layers - self.private_layers
+
+    @property
+    def placed(self) -> "ModelSpec":
+        """The part a plan places, counted from 0: its layers, and every node's fixed bytes
+        (embedding, norm, head and the private layers)."""
+        k = self.private_layers
+        return ModelSpec(self.num_layers - 2 * k, self.layer_bytes, self.embed_head_bytes + 2 * k * self.layer_bytes)
 
 
 @dataclass(frozen=True)
@@ -92,7 +117,8 @@ class NodeCapacity:
 
 @dataclass(frozen=True)
 class Plan:
-    """A chain of stages covering ``[0, num_layers)`` in order, and what it should cost."""
+    """A chain of stages covering ``[0, num_layers)`` in order (``[K, num_layers - K)`` with
+    K private layers: `ModelSpec.plan_start`), and what it should cost."""
 
     stages: tuple[Stage, ...]
     est_ms_per_token: float
@@ -121,6 +147,13 @@ class Plan:
     @property
     def num_layers(self) -> int:
         return self.stages[-1].end_layer if self.stages else 0
+
+    def shifted(self, by: int) -> "Plan":
+        """The same plan with every span moved by `by` layers."""
+        if by == 0:
+            return self
+        stages = tuple(Stage(s.node_id, s.start_layer + by, s.end_layer + by) for s in self.stages)
+        return replace(self, stages=stages)
 
     @property
     def node_ids(self) -> tuple[str, ...]:

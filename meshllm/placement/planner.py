@@ -2,7 +2,9 @@
 
 The coordinator calls :func:`plan_layers` with the model's sizes and every node's memory
 budget and measured speed; it gets back a :class:`Plan`, a chain of stages whose half-open
-spans cover ``[0, num_layers)`` exactly. Nothing here reads the clock or does I/O.
+spans cover ``[0, num_layers)`` exactly, or ``[K, num_layers - K)`` when every node keeps K
+private layers at each end for its own answers (`ModelSpec.private_layers`: the plan is made
+for the layers between, counted from 0, and shifted). Nothing here reads the clock or does I/O.
 
 The pieces: `meshllm.placement.cost` (the cost model and the types below),
 `meshllm.placement.search` (the ring search and sticky re-plans), `meshllm.placement.targets`
@@ -117,6 +119,16 @@ def plan_layers(
     ``target_ms_per_token`` / ``target_ttft_ms``: latency targets (module doc). The returned
     plan carries its predictions and how far it misses the targets.
     """
+    if spec.private_layers:
+        # the private layers stay on every entry node: place the rest, counted from 0
+        k = spec.private_layers
+        placed = plan_layers(spec.placed, nodes, objective=objective, hop_ms=hop_ms, default_hop_ms=default_hop_ms,
+                             previous=None if previous is None or not previous.stages or previous.stages[0].start_layer != k
+                             else previous.shifted(-k), tolerance=tolerance,
+                             prefill_hop_ms=prefill_hop_ms, default_prefill_hop_ms=default_prefill_hop_ms,
+                             entry_ids=entry_ids, target_ms_per_token=target_ms_per_token,
+                             target_ttft_ms=target_ttft_ms, entry_mean=entry_mean)
+        return placed.shifted(k)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     if tolerance < 0:

@@ -24,7 +24,6 @@ hash seed.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,8 +31,8 @@ import numpy as np
 
 from meshllm import wire
 from meshllm.tune.adapters import Assembly, adapter_digest, adapter_problem, frozen, tensor_messages
-from meshllm.tune.aggregate import Update, aggregate, check_update
-from meshllm.tune.interface import TuneContext, refusal
+from meshllm.tune.aggregate import Update, aggregate, check_update, clip_updates
+from meshllm.tune.interface import TuneContext, job_problem, job_seed, refusal
 from meshllm.wire import tune_messages as wm
 
 if TYPE_CHECKING:
@@ -181,10 +180,13 @@ class Coordinator:
             return f"{msg.examples} examples; a participant may bring at most {settings.bounds.max_examples}"
         job = self.job
         if job is None:
+            problem = job_problem(msg.rounds, msg.rank, msg.alpha, msg.steps)
+            if problem is not None:
+                return f"cannot start a tune job of {problem}"
             self._started += 1
             job_id = f"{ctx.node_id[:40]}/tune-{self._started}"
             try:
-                initial = ctx.initial(msg.rank, msg.alpha, zlib.crc32(job_id.encode("utf-8")))
+                initial = ctx.initial(msg.rank, msg.alpha, job_seed(job_id))
             except Exception as error:  # noqa: BLE001 - the model's own check (e.g. a rank too large)
                 return f"cannot make an adapter of rank {msg.rank}: {error}"
             problem = adapter_problem(initial)
@@ -301,7 +303,7 @@ class Coordinator:
         return True
 
     def _take_update(self, job: _Job, update: Update, loss: float) -> None:
-        reason = check_update(update, job.shapes, self.ctx.settings.bounds)
+        reason = check_update(update, job.shapes, self.ctx.settings.bounds, job.steps)
         if reason is not None:
             self._refuse(job, update.node_id, reason)
             return
@@ -328,16 +330,22 @@ class Coordinator:
             job = self.job if self.job is job else None
 
     def _finish_round(self, job: _Job, now: float) -> None:
+        settings = self.ctx.settings
         names = sorted(job.updates)
+        clipped: tuple[str, ...] = ()
         if names:
-            delta = aggregate([job.updates[n] for n in names], job.aggregate, self.ctx.settings.trim)
+            updates = [job.updates[n] for n in names]
+            delta = aggregate(updates, job.aggregate, settings.trim, settings.bounds.clip)
             job.tensors = frozen({name: job.tensors[name] + delta[name] for name in job.tensors})
-            weights = sum(job.updates[n].examples for n in names)
-            job.loss = sum(job.losses[n] * job.updates[n].examples for n in names) / weights
+            clipping = clip_updates(updates, settings.bounds.clip)
+            clipped, weights = clipping.clipped, clipping.weights
+            job.loss = sum(job.losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
             job.contributors.update(names)
         else:
             job.loss = None
         notes = [f"aggregated ({job.aggregate}) {', '.join(names) if names else 'no update: the adapter stays'}"]
+        if clipped:
+            notes.append(f"clipped to {settings.bounds.clip:g}x the round's median {', '.join(clipped)}")
         notes += [f"refused {n} ({job.refused[n]})" for n in sorted(job.refused)]
         notes += [f"dropped {n} ({job.dropped[n]})" for n in sorted(job.dropped)]
         if job.loss is not None:

@@ -10,6 +10,7 @@ or touches torch.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,8 +27,37 @@ control channel's heartbeats: an adapter part can take a second to cross a slow 
 
 TUNE_MESSAGES: tuple[type[wire.Message], ...] = (
     wire.TuneJoin, wire.TuneAccepted, wire.TuneQuit, wire.TuneRound, wire.TuneTensors, wire.TuneRefused, wire.TuneDone,
+    wire.Hello,
 )
-"""The messages `TuneCore.receive` takes (the driver routes these to it, the rest to the mesh core)."""
+"""The messages `TuneCore.receive` takes (the driver routes these to it, the rest to the mesh
+core). ``Hello`` over a link is a peer announcing the model id it serves now, after it took up
+a tune job's adapter (`meshllm.tune.serving`)."""
+
+MAX_JOB_ROUNDS = 1000
+MAX_JOB_RANK = 256
+MAX_JOB_STEPS = 100_000
+MAX_JOB_ALPHA = 4096.0
+"""A job's settings, at most: what ``POST /v1/tune`` accepts (`daemon.tune_request`). A
+coordinator refuses to start a bigger job, a participant to train for one, and a member to
+take up its adapter."""
+
+
+def job_problem(rounds: int, rank: int, alpha: float, steps: int | None = None) -> str | None:
+    """Why a job with these settings is out of bounds, or None."""
+    if not 1 <= rounds <= MAX_JOB_ROUNDS:
+        return f"{rounds} rounds; at most {MAX_JOB_ROUNDS}"
+    if not 1 <= rank <= MAX_JOB_RANK:
+        return f"rank {rank}; at most {MAX_JOB_RANK}"
+    if not 0 < alpha <= MAX_JOB_ALPHA:
+        return f"alpha {alpha:g}; above 0 and at most {MAX_JOB_ALPHA:g}"
+    if steps is not None and not 1 <= steps <= MAX_JOB_STEPS:
+        return f"{steps} steps a round; at most {MAX_JOB_STEPS}"
+    return None
+
+
+def job_seed(job_id: str) -> int:
+    """The seed of a job's initial adapter: every member can make it again from the job id."""
+    return zlib.crc32(job_id.encode("utf-8"))
 
 PENDING_JOB_ID = "pending"
 """What `TuneCore.join` returns while the coordinator has not answered yet."""
@@ -48,6 +78,10 @@ class TuneSettings:
     """Of the ``trimmed`` aggregate: the fraction dropped at each end."""
     debug_update_scale: float = 1.0
     """Testing aid: a participant multiplies its delta by this (a "malicious" node)."""
+    accept_adapters: bool = False
+    """Serve the adapter of a job this node took no part in (``--accept-adapters``). Off: only
+    the final adapter of a job this node's operator joined is served; the others are refused
+    and the node goes on serving what it served."""
     join_timeout_s: float = 30.0
     """A participant whose join the coordinator has not answered in this long gives up."""
     takeover_timeout_s: float = 30.0
@@ -119,8 +153,8 @@ class TuneProgress:
 
 @dataclass(frozen=True)
 class TuneFinished:
-    """A job ended: its final global adapter (float32 arrays, the driver's own copies). Emitted
-    once on every member (the coordinator too)."""
+    """A job ended: its final global adapter (float32 arrays, the driver's own copies), checked
+    against the job's bounds. Emitted once on every member (the coordinator too)."""
 
     job_id: str
     rank: int
@@ -130,6 +164,9 @@ class TuneFinished:
     """Nodes whose updates went into the adapter, sorted (after a coordinator change: the nodes
     named in the rounds before it, whose updates may have been refused)."""
     tensors: Mapping[str, np.ndarray]
+    serve: bool = True
+    """This node serves the adapter from now on: it took part in the job, or it accepts every
+    job's adapter (`TuneSettings.accept_adapters`). The driver reports with `TuneCore.served`."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from meshllm.errors import WireError
 from meshllm.mesh.events import LogKind
 from meshllm.tune.adapters import Assembly, adapter_digest, assemble, frozen, tensor_messages
 from meshllm.tune.interface import (
-    PENDING_JOB_ID, JobRequest, Train, TuneContext, TuneError, TuneFailed, TuneProgress, refusal,
+    PENDING_JOB_ID, JobRequest, Train, TuneContext, TuneError, TuneFailed, TuneProgress, job_problem, refusal,
 )
 from meshllm.wire import tune_messages as wm
 
@@ -295,6 +295,11 @@ class Participant:
         if part is None or sender != part.coordinator or part.job_id not in (None, msg.job_id):
             self.ctx.out.log("error", f"ignored a TuneAccepted from {sender} for tune job {msg.job_id}: not joining it")
             return
+        problem = job_problem(msg.rounds, msg.rank, msg.alpha, msg.steps)
+        if problem is not None:
+            self._withdraw(part, "job out of bounds")
+            self._fail(f"the coordinator {sender} runs a tune job of {problem}: this node does not take part")
+            return
         part.job_id = msg.job_id
         part.rounds, part.rank, part.alpha, part.steps, part.aggregate = (
             msg.rounds, msg.rank, msg.alpha, msg.steps, msg.aggregate)
@@ -322,6 +327,11 @@ class Participant:
         if part is None or not accepted:
             ctx.out.log("error", f"ignored a TuneRound from {sender} for tune job {msg.job_id} round {msg.round}: "
                                  "not expected")
+            return False
+        problem = job_problem(msg.rounds, msg.rank, msg.alpha, msg.steps)
+        if problem is not None:
+            self._withdraw(part, "job out of bounds")
+            self._fail(f"{sender} announced a round of a tune job of {problem}: this node does not take part")
             return False
         if resumed:
             part.orphaned_since = part.waiting_for = None
@@ -398,17 +408,25 @@ class Participant:
                             f"{msg.reason}")
             self._progress(part)
 
-    def job_ended(self, done: wire.TuneDone) -> None:
-        """Job ``done`` finished (its final adapter arrived): this node leaves it."""
+    def job_ended(self, done: wire.TuneDone) -> bool:
+        """Job ``done`` finished (its final adapter arrived): this node leaves it. True when it
+        took part in it (its operator joined it)."""
         part = self.part
         if part is not None and part.job_id == done.job_id:
             self._round_done(part, done.loss if done.loss > 0 else None)
             self.part = None
+            return True
+        return False
+
+    def steps_of(self, job_id: str) -> int | None:
+        """The steps a round of ``job_id``, if this node takes part in it."""
+        part = self.part
+        return part.steps if part is not None and part.job_id == job_id and part.steps > 0 else None
 
     def final_damaged(self, done: wire.TuneDone, problem: str) -> None:
         part = self.part
         if part is not None and part.job_id == done.job_id:
-            self._fail(f"the final adapter of tune job {done.job_id} arrived damaged: {problem}")
+            self._fail(f"the final adapter of tune job {done.job_id} was refused: {problem}")
 
     # -- training ----------------------------------------------------------------------------------
 

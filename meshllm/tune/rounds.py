@@ -12,7 +12,12 @@ It routes each input to the node's roles (one node may hold all three):
   rounds and aggregates the updates;
 - **participant** (`meshllm.tune.participant`): a node that joined with its own data trains
   each round and sends its delta;
-- **member** (`meshllm.tune.member`): every node takes up the final adapter of a finished job.
+- **member** (`meshllm.tune.member`): every node receives the final adapter of a finished job,
+  checks its bounds, and serves it only if it took part in the job or accepts every adapter
+  (`TuneSettings.accept_adapters`);
+- **serving** (`meshllm.tune.serving`): a node that took an adapter up announces its new model
+  id to its peers (`served`), and a node that hears a peer announce another one closes that
+  link, so that only nodes serving the same model id stay one mesh.
 
 A tune job survives an election: the coordinator pauses it while none is known, and whoever
 wins resumes it at the current round (the old coordinator, or a participant from the global
@@ -37,6 +42,7 @@ from meshllm.tune.interface import (
 )
 from meshllm.tune.member import Member
 from meshllm.tune.participant import Participant
+from meshllm.tune.serving import Serving
 
 __all__ = [
     "PENDING_JOB_ID", "TUNE_CHANNEL", "TUNE_MESSAGES", "JobRequest", "Train", "TuneCore", "TuneError", "TuneFailed",
@@ -54,7 +60,9 @@ class TuneCore:
         self._ctx = ctx = TuneContext(node_id, initial, settings, self._out)
         self._coordinator = Coordinator(ctx)
         self._participant = Participant(ctx)
-        self._member = Member(ctx, self._participant.job_ended, self._participant.final_damaged)
+        self._serving = Serving(ctx)
+        self._member = Member(ctx, self._participant.job_ended, self._participant.final_damaged,
+                              self._participant.steps_of, self._serving.switch)
         self._coordinator.local = self._participant
         self._coordinator.member = self._member
         self._participant.local = self._coordinator
@@ -128,7 +136,26 @@ class TuneCore:
         self._coordinator.membership(now)
         self._participant.membership(now)
         self._member.membership()
+        self._serving.membership()
         self._coordinator.check_round(now)
+
+    def served(self, hello: wire.Hello) -> None:
+        """The driver acted on a `TuneFinished` whose ``serve`` was set: this node serves
+        ``hello.model_id`` now (the new one, or the old one if the adapter failed to load)."""
+        self._serving.served(hello)
+
+    def announced(self, sender: str, hello: wire.Hello, own: wire.Hello) -> None:
+        """A linked peer announced the model id it serves (a ``Hello`` over its link); ``own``
+        is this node's. Never raises."""
+        if sender == self.node_id or sender not in self.members:
+            self._out.log("error", f"ignored a Hello from {sender}: not a linked peer")
+            return
+        self._serving.announced(sender, hello, own)
+
+    @property
+    def switching(self) -> str | None:
+        """The job whose adapter this node is taking up (until `served`), if any."""
+        return self._serving.switching
 
     def join(self, request: JobRequest, now: float) -> str:
         """This node joins the mesh's tune job with its own data (or starts one). Returns the job
@@ -167,6 +194,12 @@ class TuneCore:
                 participant.on_refused(sender, msg)
         elif isinstance(msg, wire.TuneDone):
             member.on_done(sender, msg)
+        elif isinstance(msg, wire.Hello):
+            own = self._serving.own
+            if own is None:  # the driver gives announcements to `announced`, with this node's hello
+                self._out.log("error", f"ignored a Hello from {sender}: this node's own model id is not known yet")
+            else:
+                self._serving.announced(sender, msg, own)
         else:
             self._out.log("error", f"ignored a {type(msg).__name__} from {sender}: not a tune message")
         coordinator.check_round(now)

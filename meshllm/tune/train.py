@@ -32,18 +32,20 @@ from meshllm.model.adapter import (
 from meshllm.model.cache import PreparedModel
 from meshllm.model.formats import resolve_format
 from meshllm.model.lora import LoraLinear, adapters_off
+from meshllm.tune.aggregate import TRAIN_BETAS, TRAIN_LR
 from meshllm.tune.data import IGNORE, Example
 
 __all__ = ["DEFAULT_LR", "FrozenQuantLinear", "LocalTrainer"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = 5e-4
+DEFAULT_LR = TRAIN_LR
 """AdamW learning rate for the LoRA matrices. Measured on the default model (rank 8, alpha 16,
 four phrasings of one made-up fact): alone, one node learns it within one round of 10 steps
 (loss 2.24 -> 0.04) and still answers unrelated questions as before; 2e-4 needs 3 rounds.
 The margin is for federated rounds, where the node holding a fact has its update averaged
-with the others'."""
+with the others'. The coordinator's bound on an update's norm follows from it
+(`meshllm.tune.aggregate.adamw_norm_bound`)."""
 MAX_GRAD_NORM = 1.0
 
 
@@ -254,7 +256,7 @@ class LocalTrainer:
         with torch.inference_mode(False), torch.enable_grad():
             params = list(self._params.values())
             if self._optimizer is None:
-                self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+                self._optimizer = torch.optim.AdamW(params, lr=self.lr, betas=TRAIN_BETAS, weight_decay=0.0)
             optimizer = self._optimizer
             for _ in range(steps):
                 example = examples[self._cursor % len(examples)]

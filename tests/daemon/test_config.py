@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 from pathlib import Path
 
 import pytest
 
-from daemon.node.config import ConfigError, NodeConfig
+from daemon.cli import build_parser
+from daemon.invite import invite_code
+from daemon.node.config import ConfigError, NodeConfig, env_name, flag_name
 
 
 def test_defaults() -> None:
@@ -83,3 +87,78 @@ def test_the_weights_choices_are_the_models_own() -> None:
     from meshllm.model.quant import CHOICES
 
     assert WEIGHT_CHOICES == CHOICES  # written twice: the config must not import torch
+
+
+# -- every option of `meshllm up` has its MESHLLM_ variable, which takes what the flag takes -----------
+
+SAMPLES: dict[str, tuple[str, ...]] = {
+    "--api-host": ("0.0.0.0",), "--log-level": ("debug",), "--join": ("10.0.0.2:8470", "[::1]:9001"),
+    "--ice-server": ("stun:a.example:3478", "turn:b.example:3478"), "--mem-budget": ("2G",),
+    "--heartbeat-timeout": ("2.5",), "--device": ("cuda:1",), "--fallback-model": ("none",),
+    "--adapter": ("last",), "--debug-link-delay-ms": ("30",), "--codec": ("int8",), "--weights": ("int8",),
+    "--invite": (invite_code(b"0123456789abcdef0123"),), "--state-dir": ("/tmp/meshllm-state",),
+}
+"""A value each option takes that differs from its default; the others get one by their kind."""
+
+
+def up_options() -> list[argparse.Action]:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in commands.choices["up"]._actions
+            if a.option_strings and a.option_strings[0].startswith("--") and a.dest != "help"]
+
+
+def sample(action: argparse.Action) -> tuple[str, ...]:
+    flag = action.option_strings[0]
+    if flag in SAMPLES:
+        return SAMPLES[flag]
+    if action.choices:
+        default = getattr(NodeConfig.from_sources({}, {}), action.dest)
+        return (next(str(c) for c in action.choices if c != default),)
+    if action.type is int:
+        return ("3",)
+    if action.type is float:
+        return ("2.5",)
+    return (f"/tmp/meshllm-{flag[2:]}",)
+
+
+def test_every_up_option_reads_its_derived_variable_and_takes_the_same_values() -> None:
+    default = NodeConfig.from_sources({}, {})
+    options = up_options()
+    assert len(options) >= 30
+    for action in options:
+        flag = action.option_strings[0]
+        assert flag_name(action.dest) == flag, f"{flag} sets {action.dest}: name the field after the flag"
+        variable = "MESHLLM_" + flag[2:].upper().replace("-", "_")
+        assert env_name(action.dest) == variable
+        if isinstance(action, argparse._StoreTrueAction):
+            argv, text = [flag], "1"
+        else:
+            values = sample(action)
+            argv = [word for value in values for word in (flag, value)]
+            text = ",".join(values)
+        from_flag = NodeConfig.from_sources(vars(build_parser().parse_args(["up", *argv])), {})
+        from_env = NodeConfig.from_sources({}, {variable: text})
+        assert from_env == from_flag, f"{variable}={text!r} is not {' '.join(argv)}"
+        assert from_flag != default, f"{' '.join(argv)} changed nothing: give {flag} a sample in SAMPLES"
+
+
+def test_sizes_and_the_renamed_variables() -> None:
+    assert NodeConfig.from_sources({}, {"MESHLLM_MEM_BUDGET": "2G"}).mem_budget == 2 << 30
+    assert NodeConfig.from_sources({}, {"MESHLLM_MEM_BUDGET": "500M"}).mem_budget == 500 << 20
+    with pytest.raises(ConfigError, match="MESHLLM_MEM_BUDGET: not a size: 'lots'"):
+        NodeConfig.from_sources({}, {"MESHLLM_MEM_BUDGET": "lots"})
+    assert NodeConfig.from_sources({}, {"MESHLLM_HEARTBEAT_TIMEOUT": "3"}).heartbeat_timeout_s == 3.0
+    assert NodeConfig.from_sources({}, {"MESHLLM_ICE_SERVER": "stun:a:1,stun:b:2"}).ice_servers == (
+        "stun:a:1", "stun:b:2")
+
+
+def test_the_old_variable_names_still_work_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="daemon.node.config"):
+        config = NodeConfig.from_sources({}, {"MESHLLM_HEARTBEAT_TIMEOUT_S": "3", "MESHLLM_ICE_SERVERS": "stun:a:1"})
+    assert config.heartbeat_timeout_s == 3.0 and config.ice_servers == ("stun:a:1",)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert "MESHLLM_HEARTBEAT_TIMEOUT_S is deprecated; use MESHLLM_HEARTBEAT_TIMEOUT" in warnings
+    assert "MESHLLM_ICE_SERVERS is deprecated; use MESHLLM_ICE_SERVER" in warnings
+    new_wins = {"MESHLLM_HEARTBEAT_TIMEOUT": "4", "MESHLLM_HEARTBEAT_TIMEOUT_S": "3"}
+    assert NodeConfig.from_sources({}, new_wins).heartbeat_timeout_s == 4.0

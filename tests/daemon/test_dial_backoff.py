@@ -116,7 +116,8 @@ def stand_in_runtime() -> Any:
     """What the driver reads of a runtime when it is made (no model: nothing is computed)."""
     shape = SimpleNamespace(num_layers=4, layer_bytes=1000, embed_head_bytes=500)
     engine = SimpleNamespace(shape=shape, info=SimpleNamespace(max_positions=128))
-    return SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), shard=SimpleNamespace(config=None))
+    return SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), shard=SimpleNamespace(config=None),
+                           private_layers=0)
 
 
 def driver(links: DeadPeerLinks, logs: list[tuple[str, str]]) -> MeshDriver:

@@ -1,4 +1,6 @@
-"""mDNS discovery in loopback mode: real zeroconf instances on 127.0.0.1 (multicast on lo).
+"""mDNS discovery in loopback mode: real zeroconf instances on 127.0.0.1 (multicast on lo);
+and what the mesh driver makes of what discovery reports, with a stand-in link layer: a
+goodbye or another address never touches a link that is up (daemon/node/redial.py).
 
 Other test runs on this machine may be announcing on lo at the same time, so node ids are
 random per run and the assertions look only at this run's nodes.
@@ -11,6 +13,8 @@ import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from zeroconf import IPVersion
@@ -29,6 +33,8 @@ from daemon.net.discovery import (
     txt_for,
 )
 from daemon.net.loopback import accept_only_from_loopback
+from daemon.node.driver import MeshDriver
+from daemon.node.redial import DialBackoff, PeerAddresses
 from meshllm.wire import Hello
 from tests.waiting import async_wait_until
 
@@ -89,6 +95,7 @@ async def test_two_nodes_see_each_other_and_a_goodbye(start_discovery) -> None:
     assert peer_b.txt == {
         "pv": "1", "id": hello_b.node_id, "mesh": "default", "port": "8402",
         "mem": "4000000000", "ms": "1.5", "model": "9f86d081884c7d65", "coord": "0",
+        "key": "open",  # no key_id given: the id of an open mesh
     }
     assert seen(events_b, hello_a.node_id)[-1].txt["coord"] == "1"
     # Nobody reports itself.
@@ -199,3 +206,137 @@ def test_the_loopback_socket_filter_drops_datagrams_from_other_sources() -> None
         receiver.close()
         for sender in senders:
             sender.close()
+
+
+# --- what a record may change: never a link that is up ----------------------------------------
+
+HOME = "192.0.2.7:8471"
+"""Where the peer really is."""
+ELSEWHERE = "192.0.2.66:8471"
+"""What a spoofed record says."""
+
+
+def test_addresses_seen_while_unlinked_are_used_at_once() -> None:
+    book = PeerAddresses()
+    book.seen("b", HOME, linked=False)
+    assert "b" in book and book.next_address("b") == HOME
+    book.seen("b", ELSEWHERE, linked=False)  # it moved while not linked: dial the new one
+    assert [book.next_address("b") for _ in range(2)] == [ELSEWHERE, ELSEWHERE]
+    assert book.gone("b", linked=False) and "b" not in book and book.next_address("b") is None
+
+
+def test_a_record_seen_while_linked_changes_nothing_until_a_dial_confirms_it() -> None:
+    book = PeerAddresses()
+    book.seen("b", HOME, linked=False)
+    book.seen("b", ELSEWHERE, linked=True)   # spoofed, or the peer moved
+    assert not book.gone("b", linked=True)   # a goodbye while linked: kept
+    # once the link is gone: the address that linked first, the new one in turn
+    assert [book.next_address("b") for _ in range(3)] == [HOME, ELSEWHERE, HOME]
+    book.reached("b", ELSEWHERE)  # a dial there reached b itself: its address now
+    assert [book.next_address("b") for _ in range(2)] == [ELSEWHERE, ELSEWHERE]
+    book.seen("b", HOME, linked=True)
+    book.forget("b")  # it said Bye
+    assert "b" not in book and book.next_address("b") is None
+
+
+def test_a_peer_first_seen_while_linked_is_dialled_there_only_after_the_link() -> None:
+    book = PeerAddresses()
+    book.seen("b", ELSEWHERE, linked=True)
+    assert "b" in book and book.next_address("b") == ELSEWHERE
+    book.reached("c", HOME)  # not a peer discovery sees: nothing to remember
+    assert "c" not in book
+
+
+class Unreachable(Exception):
+    """Stands for the link layer's error."""
+
+
+class StandInLinks:
+    """A link layer where the peer "b" answers at HOME only; records drops and dials."""
+
+    def __init__(self) -> None:
+        self.linked: dict[str, Hello] = {}
+        self.dialled: list[str] = []
+        self.dropped: list[tuple[str, str]] = []
+        self.on_up: Callable[[str, Hello], None] = lambda peer_id, hello: None
+
+    async def connect(self, address: str) -> str:
+        self.dialled.append(address)
+        if address != HOME:
+            raise Unreachable(f"nobody with the mesh key at {address}")
+        self.linked["b"] = peer_hello("b")
+        self.on_up("b", self.linked["b"])
+        return "b"
+
+    async def send(self, peer_id: str, msg: Any, *, channel: str = "control") -> int:
+        raise Unreachable("no link")
+
+    def drop(self, peer_id: str, reason: str) -> None:
+        self.dropped.append((peer_id, reason))
+        self.linked.pop(peer_id, None)
+
+    def peers(self) -> dict[str, Hello]:
+        return dict(self.linked)
+
+    def rtt_ms(self, peer_id: str) -> float | None:
+        return None
+
+    def link_stats(self, peer_id: str) -> None:
+        return None
+
+
+def peer_hello(node_id: str) -> Hello:
+    return Hello(node_id, node_id, 1, "test", "model0123", 8000, 10**9, 1.0, True)
+
+
+def stand_in_driver(links: StandInLinks) -> MeshDriver:
+    """A mesh driver of node "a" (it dials "b": the lower id dials) with no model."""
+    shape = SimpleNamespace(num_layers=4, layer_bytes=1000, embed_head_bytes=500)
+    engine = SimpleNamespace(shape=shape, info=SimpleNamespace(max_positions=128))
+    runtime = SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), private_layers=0,
+                              shard=SimpleNamespace(config=None))
+    mesh = MeshDriver(peer_hello("a"), runtime, worker=None, links=links,  # type: ignore[arg-type]
+                      link_error=Unreachable, dial_backoff=DialBackoff(first_delay_s=0.01, max_delay_s=0.04))
+    links.on_up = mesh.on_link_up  # a member of its mesh once linked
+    return mesh
+
+
+async def test_a_spoofed_goodbye_or_address_never_touches_a_link_that_is_up() -> None:
+    links = StandInLinks()
+    mesh = stand_in_driver(links)
+    mesh.peer_seen("b-node", HOME, peer_hello("b"))
+    await async_wait_until(lambda: "b" in links.linked and not mesh.dialling, 10, "a links to b")
+
+    mesh.peer_gone("b-node", "b")                           # a spoofed goodbye (TTL 0)
+    mesh.peer_seen("b-node", ELSEWHERE, peer_hello("b"))    # a spoofed record
+    assert links.dropped == [] and "b" in links.linked      # the link stays
+    assert mesh.dialling == frozenset() and links.dialled == [HOME]  # nothing dials elsewhere
+
+    # The link is lost (heartbeats decide): the address that linked is dialled first and links.
+    links.linked.pop("b")
+    mesh.on_link_down("b", "heartbeat timeout")
+    await async_wait_until(lambda: "b" in links.linked and not mesh.dialling, 10, "a links to b again")
+    assert links.dialled == [HOME, HOME]
+
+
+async def test_a_peer_that_moved_is_reached_at_its_new_address_once_its_link_is_gone() -> None:
+    links = StandInLinks()
+    mesh = stand_in_driver(links)
+    mesh.peer_seen("b-node", ELSEWHERE, peer_hello("b"))  # where it was
+    await async_wait_until(lambda: len(links.dialled) >= 2, 10, "a dials b where it was")
+    mesh.peer_gone("b-node", "b")
+    await async_wait_until(lambda: not mesh.dialling, 10, "dialling ends with the goodbye")
+    mesh.peer_seen("b-node", HOME, peer_hello("b"))       # not linked: the new record counts
+    await async_wait_until(lambda: "b" in links.linked, 10, "a links to b where it is")
+    assert links.dialled[-1] == HOME
+
+
+async def test_a_peer_that_said_bye_is_not_dialled_again_though_its_goodbye_came_first() -> None:
+    links = StandInLinks()
+    mesh = stand_in_driver(links)
+    mesh.peer_seen("b-node", HOME, peer_hello("b"))
+    await async_wait_until(lambda: "b" in links.linked and not mesh.dialling, 10, "a links to b")
+    mesh.peer_gone("b-node", "b")  # a stopping node says goodbye on mDNS first, then Bye
+    links.linked.pop("b")
+    mesh.on_link_down("b", "bye")
+    assert mesh.dialling == frozenset() and links.dialled == [HOME]

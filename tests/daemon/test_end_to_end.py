@@ -135,7 +135,8 @@ def test_status_command_shows_the_node(daemon: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["model"]["num_layers"] == 6
-    assert status["nodes"][0]["state"] == "ready" and status["nodes"][0]["span"] == [0, 6]
+    assert status["model"]["private_layers"] == 1  # the default: layers [0, 1) and [5, 6) stay on the entry node
+    assert status["nodes"][0]["state"] == "ready" and status["nodes"][0]["span"] == [1, 5]
     assert status["nodes"][0]["ms_per_layer"] > 0
 
 

@@ -69,7 +69,8 @@ async def test_ready_line_then_answers_like_the_reference_then_down_stops(
     assert status["self_id"] == (tmp_path / "state" / "node_id").read_text().strip()
     assert status["nodes"][0]["address"] == node.api_url.removeprefix("http://")
     assert status["plan"]["state"] == "active"
-    assert [(s["start_layer"], s["end_layer"]) for s in status["plan"]["stages"]] == [(0, 6)]
+    assert [(s["start_layer"], s["end_layer"]) for s in status["plan"]["stages"]] == [(1, 5)]
+    assert status["model"]["private_layers"] == 1
     assert status["stats"]["decode_steps"] >= 7  # the 7 tokens after the first
     assert status["model"]["kernel"].startswith("transformers") and status["model"]["batch_invariant"] is False
     await client.down()
@@ -136,7 +137,7 @@ def test_up_with_tui_runs_the_tui_on_a_serving_node(tmp_path: Path, tiny_llama: 
 
     seen: dict[str, object] = {}
 
-    def fake_tui(api_url: str, on_quit: Callable[[], None]) -> None:
+    def fake_tui(api_url: str, on_quit: Callable[[], None], *, api_key: str | None = None) -> None:
         seen["status"] = run_sync(DaemonClient(api_url).status())
         on_quit()
 
@@ -153,7 +154,7 @@ def test_up_with_tui_reports_a_start_up_failure(tmp_path: Path, tiny_llama: Path
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + b"\x00" * 32)
 
-    def never(api_url: str, on_quit: Callable[[], None]) -> None:
+    def never(api_url: str, on_quit: Callable[[], None], *, api_key: str | None = None) -> None:
         raise AssertionError("the TUI must not start")
 
     config = node_config(tmp_path, tiny_llama, model=str(bad))

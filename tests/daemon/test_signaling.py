@@ -19,6 +19,8 @@ from daemon.net.signaling import (
     answer_from_json,
     answer_to_json,
     dtls_fingerprints,
+    error_node_id,
+    error_to_json,
     offer_from_json,
     offer_to_json,
 )
@@ -50,15 +52,49 @@ def test_fingerprints_are_normalised_and_all_kept() -> None:
     assert refused.value.status == 400
 
 
+B = hello(2).node_id
+"""The node the offers of these tests are for."""
+
+
 def test_an_offer_signed_with_the_key_verifies_once() -> None:
     sender = Authenticator(KEY)
     receiver = Authenticator(KEY)
-    offer = sender.sign_offer(hello(1), SDP_A, NOW_S)
+    offer = sender.sign_offer(hello(1), SDP_A, NOW_S, to=B)
 
-    receiver.verify_offer(offer_from_json(offer_to_json(offer)), NOW_S + 1)
+    receiver.verify_offer(offer_from_json(offer_to_json(offer)), NOW_S + 1, B)
 
     with pytest.raises(SignalingRefused, match="replayed") as refused:
-        receiver.verify_offer(offer, NOW_S + 2)
+        receiver.verify_offer(offer, NOW_S + 2, B)
+    assert refused.value.status == 403
+
+
+@pytest.mark.parametrize("key", [KEY, None])
+def test_an_offer_for_one_node_is_refused_by_every_other(key: bytes | None) -> None:
+    """A recorded offer replayed to another node (finding 5): refused before anything else,
+    and its nonce stays unused at the node it was for."""
+    offer = Authenticator(key).sign_offer(hello(1), SDP_A, NOW_S, to=B)
+    node_c = hello(3).node_id
+    at_c = Authenticator(key)
+    with pytest.raises(SignalingRefused, match=f"the offer is for {B}; this is {node_c}") as refused:
+        at_c.verify_offer(offer, NOW_S, node_c)
+    assert refused.value.status == 421
+    Authenticator(key).verify_offer(offer, NOW_S, B)
+
+
+def test_an_offer_that_names_no_node_is_refused_with_the_nodes_id() -> None:
+    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S)
+    with pytest.raises(SignalingRefused, match=f"names no node; this is {B}") as refused:
+        Authenticator(KEY).verify_offer(offer, NOW_S, B)
+    assert refused.value.status == 421
+    body = error_to_json(refused.value, B)
+    assert error_node_id(body) == B and error_node_id({"node_id": "x" * 65}) is None
+
+
+def test_readdressing_an_offer_breaks_its_mac() -> None:
+    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S, to=B)
+    node_c = hello(3).node_id
+    with pytest.raises(SignalingRefused, match="wrong mesh key") as refused:
+        Authenticator(KEY).verify_offer(dataclasses.replace(offer, to=node_c), NOW_S, node_c)
     assert refused.value.status == 403
 
 
@@ -75,48 +111,49 @@ def test_an_offer_signed_with_the_key_verifies_once() -> None:
     ],
 )
 def test_changing_anything_the_mac_covers_is_refused(tamper) -> None:
-    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S)
+    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S, to=B)
     with pytest.raises(SignalingRefused, match="wrong mesh key") as refused:
-        Authenticator(KEY).verify_offer(tamper(offer), NOW_S)
+        Authenticator(KEY).verify_offer(tamper(offer), NOW_S, B)
     assert refused.value.status == 403
 
 
 def test_a_refused_offer_does_not_use_up_its_nonce() -> None:
     receiver = Authenticator(KEY)
-    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S)
+    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S, to=B)
     with pytest.raises(SignalingRefused):
-        receiver.verify_offer(dataclasses.replace(offer, sdp=SDP_B), NOW_S)
-    receiver.verify_offer(offer, NOW_S)
+        receiver.verify_offer(dataclasses.replace(offer, sdp=SDP_B), NOW_S, B)
+    receiver.verify_offer(offer, NOW_S, B)
 
 
 def test_wrong_missing_and_unexpected_keys_are_refused() -> None:
-    offer = Authenticator(b"another key of sixteen+ bytes").sign_offer(hello(1), SDP_A, NOW_S)
+    offer = Authenticator(b"another key of sixteen+ bytes").sign_offer(hello(1), SDP_A, NOW_S, to=B)
     with pytest.raises(SignalingRefused, match="wrong mesh key"):
-        Authenticator(KEY).verify_offer(offer, NOW_S)
+        Authenticator(KEY).verify_offer(offer, NOW_S, B)
+    keyless = Authenticator(None).sign_offer(hello(1), SDP_A, NOW_S, to=B)
     with pytest.raises(SignalingRefused, match="missing mesh key"):
-        Authenticator(KEY).verify_offer(Authenticator(None).sign_offer(hello(1), SDP_A, NOW_S), NOW_S)
+        Authenticator(KEY).verify_offer(keyless, NOW_S, B)
     with pytest.raises(SignalingRefused, match="this node has no mesh key"):
-        Authenticator(None).verify_offer(offer, NOW_S)
-    Authenticator(None).verify_offer(Authenticator(None).sign_offer(hello(1), SDP_A, NOW_S), NOW_S)
+        Authenticator(None).verify_offer(offer, NOW_S, B)
+    Authenticator(None).verify_offer(keyless, NOW_S, B)
 
 
 @pytest.mark.parametrize("skew_s", [-(FRESHNESS_S + 1), FRESHNESS_S + 1])
 def test_old_or_future_timestamps_are_refused(skew_s: float) -> None:
-    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S + skew_s)
+    offer = Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S + skew_s, to=B)
     with pytest.raises(SignalingRefused, match="stale"):
-        Authenticator(KEY).verify_offer(offer, NOW_S)
+        Authenticator(KEY).verify_offer(offer, NOW_S, B)
 
 
 def test_the_answer_is_bound_to_the_offer_and_the_responders_certificate() -> None:
     initiator = Authenticator(KEY)
     responder = Authenticator(KEY)
-    offer = initiator.sign_offer(hello(1), SDP_A, NOW_S)
-    responder.verify_offer(offer, NOW_S)
+    offer = initiator.sign_offer(hello(1), SDP_A, NOW_S, to=B)
+    responder.verify_offer(offer, NOW_S, B)
     answer = responder.sign_answer(offer, hello(2), SDP_B)
 
     initiator.verify_answer(answer_from_json(answer_to_json(answer)), offer)
 
-    other_offer = initiator.sign_offer(hello(1), SDP_A, NOW_S)
+    other_offer = initiator.sign_offer(hello(1), SDP_A, NOW_S, to=B)
     for forged, against in [
         (dataclasses.replace(answer, sdp=SDP_A), offer),        # certificate swapped
         (answer, other_offer),                                  # answer to another offer
@@ -146,9 +183,12 @@ def test_replay_guard_forgets_nonces_only_after_they_went_stale() -> None:
     [
         ("not an object", "body must be a JSON object"),
         ({"hello": {}, "sdp": SDP_A, "auth": None, "more": 1}, "unknown field 'more'"),
-        ({"sdp": SDP_A, "auth": None}, "hello must be a JSON object"),
-        ({"hello": "x", "sdp": SDP_A}, "hello must be a JSON object"),
-        ({"sdp": SDP_A, "hello": {"node_id": "n-1"}}, "missing field 'name'"),
+        ({"sdp": SDP_A, "auth": None}, "missing field 'to'"),
+        ({"sdp": SDP_A, "auth": None, "to": None}, "hello must be a JSON object"),
+        ({"hello": "x", "sdp": SDP_A, "to": None}, "hello must be a JSON object"),
+        ({"sdp": SDP_A, "hello": {"node_id": "n-1"}, "to": None}, "missing field 'name'"),
+        ({"sdp": SDP_A, "hello": {}, "to": 7}, "to must be a node id"),
+        ({"sdp": SDP_A, "hello": {}, "to": ""}, "to must be a node id"),
         ("hello.api_port", "api_port"),
         ("hello.ms_per_layer", "ms_per_layer"),
         ("sdp.long", "at most"),
@@ -159,7 +199,7 @@ def test_replay_guard_forgets_nonces_only_after_they_went_stale() -> None:
     ],
 )
 def test_malformed_offers_are_refused_with_the_field_named(body: object, fragment: str) -> None:
-    good = offer_to_json(Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S))
+    good = offer_to_json(Authenticator(KEY).sign_offer(hello(1), SDP_A, NOW_S, to=B))
     if body == "hello.api_port":
         good["hello"]["api_port"] = 70000
         body = good

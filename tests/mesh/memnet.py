@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class MemoryLinks:
         decoded = wire.decode(data)
         if self.net.record is not None:
             self.net.record.append((self.node_id, peer_id, decoded))
+        if isinstance(decoded, wire.Bye):  # as LinkManager does: a Bye closes the link on both sides
+            asyncio.get_running_loop().call_soon(self.net.disconnect, self.node_id, peer_id, "bye")
+            return len(data)
         target = self.net.meshes[peer_id]
         asyncio.get_running_loop().call_soon(target.on_message, self.node_id, decoded)
         return len(data)
@@ -61,14 +65,17 @@ class MemoryNet:
 
     async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
                   ms_per_layer: float = 1.0, settings: MeshSettings | None = None,
-                  state_dir: Path | None = None, tune_settings: TuneSettings | None = None) -> MeshDriver:
+                  state_dir: Path | None = None, tune_settings: TuneSettings | None = None,
+                  private_layers: int = 0) -> MeshDriver:
         worker = GenerationWorker(1, name=f"worker-{node_id}")
         worker.start()
         prepared = prepare(resolve(model))
-        runtime = await worker.call(lambda: Runtime.load(prepared))
+        runtime = await worker.call(lambda: Runtime.load(prepared, private_layers=private_layers))
         hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", prepared.model_id, 8000,
                            mem_budget_bytes, ms_per_layer, True)
         links = MemoryLinks(self, node_id)
+        if private_layers:
+            hello = dataclasses.replace(hello, model_id=runtime.mesh_model_id)
         mesh = MeshDriver(hello, runtime, worker, links,
                           settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0),
                           state_dir=state_dir, tune_settings=tune_settings or TuneSettings())

@@ -3,15 +3,17 @@ real training and the real wire (every message is encoded and decoded on the way
 
 Each node brings its own examples: a made-up fact in a fixed answer format. What a user sees
 is checked: the job ends on every participant, the loss on each node's own examples falls,
-every member serves the same adapter afterwards (answers equal one node serving it), a node
-lost mid-round does not stop the round, a coordinator lost mid-round does not end the job, a
-huge update is refused, and nothing but counts, a loss figure and adapter tensors leaves a
-node.
+the participants and the nodes that accept adapters serve the same adapter afterwards
+(answers equal one node serving it) while a node that took no part keeps the base model in a
+mesh of its own, a node lost mid-round does not stop the round, a coordinator lost mid-round
+does not end the job, a huge update is refused, and nothing but counts, a loss figure and
+adapter tensors leaves a node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,17 @@ async def start(net: MemoryNet, model: Path, ids: list[str], tmp_path: Path,
     await net.wait_active()
 
 
-async def test_two_nodes_tune_together_and_every_node_serves_the_adapter(tiny_llama: Path, tmp_path: Path) -> None:
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_two_nodes_tune_together_and_the_nodes_that_want_it_serve_the_adapter(
+        tiny_llama: Path, tmp_path: Path) -> None:
     async with memory_net() as net:
-        await start(net, tiny_llama, ["n1", "n2", "n3"], tmp_path)  # n3 takes no part: it serves the result
+        # n3 takes no part but accepts adapters: it serves the result; n4 neither: it keeps the base model
+        await start(net, tiny_llama, ["n1", "n2", "n3", "n4"], tmp_path,
+                    settings={"n3": TuneSettings(accept_adapters=True)})
+        base_id = net.meshes["n4"].hello.model_id
         net.record = []
         request = TuneRequest(rounds=3, rank=4, alpha=8.0, steps=6)
         a, b = await asyncio.wait_for(asyncio.gather(run_job(net.meshes["n1"], request, chats("a")),
@@ -83,15 +93,27 @@ async def test_two_nodes_tune_together_and_every_node_serves_the_adapter(tiny_ll
         rounds_seen = [e["round"] for e in a if e["type"] == "progress" and e["state"] == "round_done"]
         assert rounds_seen == [1, 2, 3]
 
-        # every member saved the same adapter and serves it: the model id carries its digest
+        # every member that wanted it saved the same adapter (only its user can read it) and serves
+        # it: the model id carries its digest
         prepared = prepare(resolve(tiny_llama))
         for nid in ("n1", "n2", "n3"):
             folder = last_adapter(tmp_path / nid)
             assert folder is not None and folder.name == ra["digest"]
             await async_wait_until(lambda: net.meshes[nid].runtime.engine.info.model_id.endswith(ra["digest"]),
                                    30, f"{nid} serves the adapter")
+            assert mode(folder) == mode(folder.parent) == 0o700
+            assert {mode(f) for f in folder.parent.rglob("*") if f.is_file()} == {0o600}
         adapter = load_adapter(last_adapter(tmp_path / "n3"), load_config(prepared))
         assert net.meshes["n3"].status_view()["tune"]["last_finished"]["adapter"] == ra["digest"]
+
+        # n4 took no part: it keeps serving the base model, saved nothing, and left the others' mesh
+        assert last_adapter(tmp_path / "n4") is None and net.meshes["n4"].hello.model_id == base_id
+        assert net.meshes["n4"].status_view()["tune"]["last_finished"]["served"] is False
+        await async_wait_until(lambda: not net.links["n4"].connected and "n4" not in net.links["n1"].connected, 30,
+                               "n4 closed its links to the nodes serving the adapter")
+        assert set(net.links["n1"].connected) == {"n2", "n3"}
+        await net.wait_active(nodes=["n1", "n2", "n3"])
+        await net.wait_active(nodes=["n4"])
 
         # answers from the mesh equal one node serving the same adapter
         prompt = net.meshes["n3"].runtime.engine.chat_prompt(chats("a")[0][:1])
@@ -100,7 +122,9 @@ async def test_two_nodes_tune_together_and_every_node_serves_the_adapter(tiny_ll
         alone = Engine(prepared, adapter=adapter)
         assert mesh_tokens == [t.id for t in alone.generate(prompt, params) if isinstance(t, Token)]
         base = Engine(prepared)
-        assert mesh_tokens != [t.id for t in base.generate(prompt, params) if isinstance(t, Token)]
+        base_tokens = [t.id for t in base.generate(prompt, params) if isinstance(t, Token)]
+        assert mesh_tokens != base_tokens
+        assert [t.id async for t in net.meshes["n4"].generate(prompt, params) if isinstance(t, Token)] == base_tokens
 
         # what crossed the mesh: only tune messages carried tensors, and only the adapter's
         shapes = adapter_shapes(load_config(prepared), adapter.spec)

@@ -1,7 +1,7 @@
 """`meshllm tune` as a user runs it: real daemons on loopback, each fed its own examples by
-the CLI; when the job ends every node serves the adapter, and a three-node mesh (no node can
-hold the model alone) answers exactly like one node serving the same adapter in the same
-weight format."""
+the CLI; when the job ends every node serves the adapter (the third one, which took no part,
+because it runs with --accept-adapters), and a three-node mesh (no node can hold the model
+alone) answers exactly like one node serving the same adapter in the same weight format."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_meshllm_tune_on_two_daemons_then_three_nodes_serve_the_adapter_exactly(
     budget = shape.embed_head_bytes + 2 * shape.layer_bytes  # 2 of 6 layers: the model needs all three
     mesh = LocalMesh(3, model=str(tiny_llama), threads=1, work_dir=tmp_path / "mesh",
                      extra_args=["--mesh-name", unique_mesh_name(), "--weights", "int8",
-                                 "--mem-budget", str(budget), "--fallback-model", "none"])
+                                 "--mem-budget", str(budget), "--fallback-model", "none", "--accept-adapters",
+                                 "--private-layers", "0"])  # every layer placed: the model needs all three
     data = {}
     for fact in ("a", "b"):
         data[fact] = tmp_path / f"{fact}.jsonl"

@@ -298,3 +298,39 @@ def wrapped(shard) -> int:  # type: ignore[no-untyped-def]
         return sum(any(isinstance(x, LoraLinear) for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
                    for layer in shard.layers)
     return sum(any(isinstance(m, LoraLinear) for m in layer.modules()) for layer in shard._inner.layers)
+
+
+# -- the coordinator's bound on a trained update (meshllm.tune.aggregate) -------------------------
+
+
+def _gradients(kind: str, steps: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    if kind == "constant":
+        return [np.full(size, 0.3)] * steps
+    if kind == "alternating":
+        return [np.full(size, (-1.0) ** t) for t in range(steps)]
+    if kind == "growing":
+        return [np.full(size, 1.5 ** t) for t in range(steps)]
+    if kind == "spike":
+        return [np.full(size, 1e-6)] * (steps - 1) + [np.full(size, 1e3)]
+    return [rng.normal(0, 10.0 ** rng.integers(-4, 3), size) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 50])
+@pytest.mark.parametrize("kind", ["constant", "alternating", "growing", "spike", "random"])
+def test_adamw_never_moves_an_adapter_past_the_coordinators_bound(steps: int, kind: str) -> None:
+    from meshllm.tune.aggregate import TRAIN_BETAS, TRAIN_LR, adamw_norm_bound, adamw_step_sum
+    from meshllm.tune.train import DEFAULT_LR
+
+    assert DEFAULT_LR == TRAIN_LR
+    size = 64
+    param = torch.nn.Parameter(torch.zeros(size, dtype=torch.float32))
+    optimizer = torch.optim.AdamW([param], lr=TRAIN_LR, betas=TRAIN_BETAS, weight_decay=0.0)
+    for grad in _gradients(kind, steps, size, np.random.default_rng(steps)):
+        param.grad = torch.tensor(grad, dtype=torch.float32)
+        optimizer.step()
+    moved = param.detach().double().numpy()
+    assert np.abs(moved).max() <= TRAIN_LR * adamw_step_sum(steps) * (1 + 1e-5)
+    assert np.linalg.norm(moved) <= adamw_norm_bound(steps, size)
+    if kind == "constant":  # one direction all along: lr a step, and the bound is not much more
+        np.testing.assert_allclose(moved, -steps * TRAIN_LR, rtol=1e-4)
+        assert adamw_step_sum(steps) <= 1.3 * steps

@@ -148,3 +148,21 @@ def test_log_lines_replayed_after_a_reconnect_are_shown_once() -> None:
     assert feed.on_log(event, NOW) is not None
     assert feed.on_log(dict(event), NOW) is None
     assert feed.on_log({**event, "ts": 6.0}, NOW) is not None  # the same words later: a new line
+
+
+def test_the_private_layers_belong_to_each_entry_node_in_the_layer_map() -> None:
+    from tui.mesh_status import PRIVATE
+    from tui.widgets.layer_map import LayerMap
+
+    snapshot = status([
+        node("n-laptop", "laptop", (1, 12), is_self=True, coordinator=True),
+        node("n-desktop", "desktop", (12, 29)),
+    ])
+    snapshot["model"]["private_layers"] = 1
+    mesh = MeshStatus.from_json(snapshot)
+    owners = mesh.layer_owners()
+    assert owners[0] == owners[29] == PRIVATE
+    assert owners[1:12] == ("n-laptop",) * 11 and owners[12:29] == ("n-desktop",) * 17
+    layer_map = LayerMap()
+    layer_map.status = mesh
+    assert "each entry node [0, 1)" in layer_map.render().plain and "nobody" not in layer_map.render().plain

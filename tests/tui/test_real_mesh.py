@@ -21,6 +21,7 @@ from tui.client import DaemonClient
 from tui.launcher import LocalMesh
 from tui.settings import TuiSettings
 from tui.widgets.chat_log import ChatLog
+from tui.mesh_status import PRIVATE
 from tui.widgets.layer_map import LayerMap
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,9 +57,12 @@ async def meshllm_ask(api_url: str, prompt: str) -> str:
 
 
 def owners(plan: dict) -> tuple[str, ...]:  # type: ignore[type-arg]
-    """The node holding each layer under `plan`."""
-    return tuple(stage["node_id"] for stage in plan["stages"]
-                 for _ in range(stage["start_layer"], stage["end_layer"]))
+    """The node holding each layer under `plan`, and each entry node its private layers
+    at both ends (the plan places the layers between)."""
+    stages = plan["stages"]
+    k = stages[0]["start_layer"]
+    return ((PRIVATE,) * k + tuple(stage["node_id"] for stage in stages
+                                   for _ in range(stage["start_layer"], stage["end_layer"])) + (PRIVATE,) * k)
 
 
 async def test_a_prompt_typed_in_the_chat_gets_the_answer_meshllm_ask_gives(mesh: LocalMesh) -> None:

@@ -9,13 +9,13 @@ import ast
 import sys
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshllm import wire
 from meshllm.mesh import LoadSpan
-from tests.fixtures.wire_strategies import messages
-from tests.unit.meshsim import LAYERS, PROMPT, reference, three_nodes
+from tests.fixtures.wire_strategies import mesh_messages, messages
+from tests.unit.meshsim import HIDDEN, LAYERS, OTHER_PROMPT, PROMPT, reference, three_nodes
 
 MESH = Path(__file__).resolve().parents[2] / "meshllm" / "mesh"
 ROLES = ("transition", "coordinator", "stage", "entry", "status")
@@ -97,3 +97,33 @@ def test_no_message_from_a_peer_breaks_a_node(batch: list[wire.Message], sender_
     net.run_for(2.0)
     net.settle()
     assert net.answer("a", PROMPT, 6).tokens == reference(PROMPT, 6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_no_message_from_a_member_in_its_role_breaks_a_node(data: st.DataObject) -> None:
+    """As above, with what a member of this mesh could send (mostly about itself, with its
+    node ids, the session of an answer in progress, the plan key in force, hidden states of
+    the model's width), from members to members, so that the handlers behind the first checks
+    run: none raises, nor do the timers and jobs after them. What the coordinator sends in its
+    role steers the mesh by right; a batch from the other members leaves it answering exactly."""
+    net = three_nodes()
+    coordinator = net.nodes["a"].core.coordinator_id
+    answer = net.ask("a", PROMPT, 12)
+    net.run_until(lambda: len(answer.tokens) >= 3)
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    sessions = list(net.nodes["a"].answers)
+
+    def sent(sender: str) -> st.SearchStrategy:
+        return st.tuples(st.just(sender), st.sampled_from([n for n in "abc" if n != sender]),
+                         mesh_messages(sender, list("abc"), sessions, [plan.key], LAYERS, HIDDEN))
+
+    batch = data.draw(st.lists(st.sampled_from("abc").flatmap(sent), min_size=1, max_size=8))
+    for sender, target, msg in batch:
+        net.nodes[target].core.receive(sender, msg, net.now)  # must not raise
+        net._collect(target)
+    net.run_for(6.0)  # what the handlers started: jobs, replies, timers (a coordinator's announcement too)
+    if all(sender != coordinator for sender, _, _ in batch):
+        net.settle()
+        assert net.answer("b", OTHER_PROMPT, 6).tokens == reference(OTHER_PROMPT, 6)

@@ -427,3 +427,21 @@ def test_an_answer_that_never_links_with_a_stage_ends_with_a_clear_error() -> No
     # either way the answer ends with an error, within about `plan_wait_s` (10 s here)
     assert answer.error is not None and answer.tokens == []
     assert net.now - asked < 30.0
+
+
+def test_an_entry_node_without_a_stage_frees_its_own_caches_when_its_answer_ends() -> None:
+    """Its private layers hold caches of its own answers even when the plan gives it none."""
+    from meshllm.mesh.jobs import DropSessions
+    from tests.unit.meshsim import EMBED_HEAD_BYTES, Net
+
+    net = Net()
+    for n in "ab":
+        net.add(n)
+    net.add("c", mem_budget_bytes=EMBED_HEAD_BYTES)  # room for no layer: never a stage
+    net.connect_all()
+    net.settle()
+    assert "c" not in net.nodes["a"].core.book.active.node_ids  # type: ignore[union-attr]
+    answer = net.ask("c", PROMPT, 6)
+    (sid,) = net.nodes["c"].answers
+    net.run_until(lambda: answer.done)
+    net.run_until(lambda: any(isinstance(j, DropSessions) and sid in j.session_ids for j in net.nodes["c"].jobs_run))

@@ -23,15 +23,17 @@ def test_bad_steps_from_a_peer_are_refused_and_the_mesh_carries_on() -> None:
     net = three_nodes()
     plan = net.nodes["a"].core.book.active
     assert plan is not None
-    stage = plan.node_ids[1]
-    peer = next(n for n in "abc" if n != stage)
-    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN + 1), np.float32))  # wrong width
-    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), session="someone-else/1")
-    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), route=("intruder",))
+    peer, stage, last = plan.node_ids  # the entry node `peer` holds the first stage
+    route = (last, peer)
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN + 1), np.float32), route=route)  # wrong width
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), route=("intruder", peer))
+    forward(net, peer, stage, hidden=np.zeros((1, HIDDEN), np.float32), session="someone-else/1", route=route)
     net.nodes[stage].core.receive(peer, wire.Plan(0, 0, (wire.Stage(peer, 0, 2),), "f32"), net.now)  # short plan
-    refused = [s.message for s in net.nodes[stage].core.sends() if isinstance(s.message, wire.StepFailed)]
-    assert [m.code for m in refused] == ["bad_step", "bad_step"]  # nothing is sent to an unknown "intruder"
+    refused = [(s.dest, s.message) for s in net.nodes[stage].core.sends() if isinstance(s.message, wire.StepFailed)]
+    # told to the entry node; nothing to "someone-else" or to an "intruder"
+    assert [(dest, m.code) for dest, m in refused] == [(peer, "bad_step"), (peer, "bad_step")]
     assert not [j for j in net.nodes[stage].core.jobs() if isinstance(j, Compute)]
+    assert net.nodes[stage].core.status_view()["refused"] == {"Forward": 1, "Plan": 1}
     for n in "abc":
         assert net.answer(n, PROMPT, 10).tokens == reference(PROMPT, 10)
 
@@ -242,7 +244,7 @@ def test_only_a_sessions_entry_node_frees_its_caches_on_a_stage() -> None:
     assert session not in core.stage.sessions
 
 
-def test_a_cache_hand_over_for_an_old_plan_or_outside_the_model_is_refused() -> None:
+def test_a_cache_hand_over_for_an_old_plan_outside_the_model_or_from_no_giver_is_refused() -> None:
     net = three_nodes()
     plan = net.nodes["a"].core.book.active
     assert plan is not None
@@ -254,24 +256,26 @@ def test_a_cache_hand_over_for_an_old_plan_or_outside_the_model_is_refused() -> 
         kv = wire.encode_tensor(np.ones((1, positions, HIDDEN), np.float32), "f32")
         return wire.CacheHandover(f"{peer}/5", key[0], key[1], layer, kv, kv)
 
-    for bad in (handover((term, epoch - 1), 0), handover((term, epoch), LAYERS),
-                handover((term, epoch), 0, positions=net.nodes[stage].core.limits.max_positions + 1)):
+    given = plan.stages[0].start_layer  # a layer `peer` holds now, handed over under the next plan
+    mine = plan.stages[1].start_layer
+    for bad in (handover((term, epoch - 1), given), handover((term, epoch + 1), LAYERS),
+                handover((term, epoch + 1), given, positions=net.nodes[stage].core.limits.max_positions + 1),
+                handover((term, epoch + 1), mine)):  # a layer `peer` never held
         core.receive(peer, bad, net.now)
         assert not core.jobs()
-    core.receive(peer, handover((term, epoch), 1), net.now)
+    core.receive(peer, handover((term, epoch + 1), given), net.now)
     (job,) = core.jobs()
-    assert isinstance(job, ImportCache) and job.layer == 1 and f"{peer}/5" in core.stage.sessions
+    assert isinstance(job, ImportCache) and job.layer == given and f"{peer}/5" in core.stage.sessions
 
 
 def test_a_step_past_the_context_window_is_refused() -> None:
     net = three_nodes()
     plan = net.nodes["a"].core.book.active
     assert plan is not None
-    stage = plan.node_ids[1]
-    peer = next(n for n in "abc" if n != stage)
+    peer, stage, last = plan.node_ids  # the entry node `peer` holds the first stage
     start = net.nodes[stage].core.limits.max_positions
     msg = wire.Forward(f"{peer}/3", 0, plan.key[0], plan.key[1], start,
-                       wire.encode_tensor(np.zeros((1, HIDDEN), np.float32), "f32"), (peer,))
+                       wire.encode_tensor(np.zeros((1, HIDDEN), np.float32), "f32"), (last, peer))
     net.nodes[stage].core.receive(peer, msg, net.now)
     net._collect(stage)
     assert [(m.code, m.message) for m in refusals(net, stage)] == [
@@ -338,3 +342,18 @@ def test_a_stage_whose_copy_of_the_plan_went_void_gets_the_plan_again() -> None:
     net.connect(middle, nxt)
     net.run_until(lambda: answer.done)
     assert answer.error is None and answer.tokens == reference(PROMPT, 30)
+
+
+def test_a_step_whose_output_cannot_be_sent_is_refused_and_the_stage_carries_on() -> None:
+    """What a peer forwarded made the stage's layers overflow (NaN): the step is refused to
+    its entry node instead of raising out of the job's outcome."""
+    net = three_nodes()
+    plan = net.nodes["a"].core.book.active
+    assert plan is not None
+    entry, middle, last = plan.node_ids
+    core = net.nodes[middle].core
+    forward(net, entry, middle, hidden=np.zeros((1, HIDDEN), np.float32), session=f"{entry}/77", route=(last, entry))
+    (job,) = [j for j in core.jobs() if isinstance(j, Compute)]
+    core.job_done(job.job_id, Computed(hidden=np.full((1, HIDDEN), np.nan, np.float32), span_ms=1.0), net.now)
+    failed = [(s.dest, s.message.code) for s in core.sends() if isinstance(s.message, wire.StepFailed)]
+    assert failed == [(entry, "bad_step")]

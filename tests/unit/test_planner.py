@@ -407,3 +407,33 @@ def test_bad_input_is_refused() -> None:
         ModelSpec(0, 1, 0)
     with pytest.raises(ValueError):
         NodeCapacity("a", 10, -1.0)
+
+
+# -- private layers -----------------------------------------------------------------------------
+
+
+def test_private_layers_are_left_out_of_the_plan_and_counted_on_every_node() -> None:
+    spec = ModelSpec(num_layers=10, layer_bytes=10 * MIB, embed_head_bytes=50 * MIB, private_layers=2)
+    # every node holds its 2 + 2 private layers besides its stage: room for 3 more each
+    nodes = [NodeCapacity(n, spec.embed_head_bytes + 7 * spec.layer_bytes, 1.0) for n in ("a", "b")]
+    plan = plan_layers(spec, nodes)
+    assert (plan.stages[0].start_layer, plan.stages[-1].end_layer) == (2, 8)
+    assert all(stage.num_layers <= 3 for stage in plan.stages)
+    assert sum(stage.num_layers for stage in plan.stages) == 6
+    # one node less: 6 layers do not fit in room for 3
+    with pytest.raises(PlacementError):
+        plan_layers(spec, nodes[:1])
+
+
+def test_a_replan_with_private_layers_is_sticky_to_the_plan_in_force() -> None:
+    spec = ModelSpec(num_layers=12, layer_bytes=MIB, embed_head_bytes=MIB, private_layers=1)
+    nodes = [NodeCapacity(n, 100 * MIB, 1.0) for n in ("a", "b", "c")]
+    first = plan_layers(spec, nodes)
+    again = plan_layers(spec, nodes, previous=first)
+    assert again.stages == first.stages
+
+
+@pytest.mark.parametrize("private_layers", [-1, 5, 6])
+def test_private_layers_must_leave_a_layer_to_place(private_layers: int) -> None:
+    with pytest.raises(ValueError):
+        ModelSpec(num_layers=10, layer_bytes=1, embed_head_bytes=1, private_layers=private_layers)

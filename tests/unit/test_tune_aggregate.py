@@ -23,15 +23,24 @@ def test_the_aggregates_are_the_wire_choices() -> None:
     assert AGGREGATES == wire.tune_messages.TUNE_AGGREGATES
     from meshllm.tune.rounds import TUNE_MESSAGES
 
-    assert set(TUNE_MESSAGES) == {cls for cls in wire.MESSAGE_TAGS if cls.__name__.startswith("Tune")}
+    assert set(TUNE_MESSAGES) == {cls for cls in wire.MESSAGE_TAGS if cls.__name__.startswith("Tune")} | {wire.Hello}
 
 
 def test_mean_is_fedavg_weighted_by_examples() -> None:
-    out = aggregate([update("a", 1.0, 10), update("b", 4.0, 30)], "mean")
+    out = aggregate([update("a", 1.0, 10), update("b", 4.0, 30)], "mean", clip=None)
     assert set(out) == {A, B}
     for name in out:
         assert out[name].dtype == np.float32 and out[name].shape == SHAPES[name]
         np.testing.assert_allclose(out[name], (1.0 * 10 + 4.0 * 30) / 40, rtol=1e-6)
+
+
+def test_the_default_mean_is_fedavg_while_every_update_is_within_three_times_the_median() -> None:
+    updates = [update("a", 1.0, 10), update("b", 2.9, 30), update("c", -0.5, 20)]
+    default = aggregate(updates, "mean")
+    plain = aggregate(updates, "mean", clip=None)
+    for name in SHAPES:
+        assert default[name].tobytes() == plain[name].tobytes()
+        np.testing.assert_allclose(default[name], (1.0 * 10 + 2.9 * 30 - 0.5 * 20) / 60, rtol=1e-6)
 
 
 def test_mean_is_per_coordinate() -> None:
@@ -47,7 +56,7 @@ def test_median_outvotes_one_huge_update() -> None:
     out = aggregate(updates, "median")
     for name in out:
         np.testing.assert_allclose(out[name], 0.2, rtol=1e-6)
-    assert np.abs(aggregate(updates, "mean")[A]).max() > 1e5  # the mean is dragged away
+    assert np.abs(aggregate(updates, "mean", clip=None)[A]).max() > 1e5  # the plain mean is dragged away
 
 
 def test_median_of_an_even_count_is_the_middle_mean_unweighted() -> None:
@@ -99,7 +108,7 @@ def test_aggregate_refuses_what_it_cannot_combine(args: tuple, words: str) -> No
 
 
 def test_a_good_update_passes() -> None:
-    assert check_update(update("a", 0.5, 10), SHAPES, Bounds()) is None
+    assert check_update(update("a", 0.5, 10), SHAPES, Bounds(max_norm=1000.0)) is None
 
 
 @pytest.mark.parametrize("tensors, examples, words", [
@@ -114,13 +123,13 @@ def test_a_good_update_passes() -> None:
     ({A: np.zeros((2, 3), np.float32), B: np.full((3, 2), np.inf, np.float32)}, 1, f"{B}: non-finite values"),
     ({A: np.zeros((2, 3), np.float32), B: [[0.0] * 2] * 3}, 1, f"{B}: list, not an array"),
     ({A: np.full((2, 3), 5e5, np.float32), B: np.zeros((3, 2), np.float32)}, 1, r"norm 1.22e\+06 > 1000"),
-    ({A: np.zeros((2, 3), np.float32), B: np.zeros((3, 2), np.float32)}, 0, r"examples 0 is outside \[1, 1000000\]"),
-    ({A: np.zeros((2, 3), np.float32), B: np.zeros((3, 2), np.float32)}, 1_000_001, "examples 1000001 is outside"),
+    ({A: np.zeros((2, 3), np.float32), B: np.zeros((3, 2), np.float32)}, 0, r"examples 0 is outside \[1, 10000\]"),
+    ({A: np.zeros((2, 3), np.float32), B: np.zeros((3, 2), np.float32)}, 10_001, "examples 10001 is outside"),
     ({A: np.zeros((2, 3), np.float32), B: np.zeros((3, 2), np.float32)}, 2.5, "examples is float"),
     ({A: np.zeros((2, 3), np.float32), B: np.zeros((3, 2), np.float32)}, True, "examples is bool"),
 ])
 def test_every_kind_of_bad_update_is_refused_with_its_reason(tensors: dict, examples: int, words: str) -> None:  # type: ignore[type-arg]
-    reason = check_update(Update("x", examples, tensors), SHAPES, Bounds())
+    reason = check_update(Update("x", examples, tensors), SHAPES, Bounds(max_norm=1000.0))
     assert reason is not None and re.search(words, reason), reason
 
 

@@ -87,14 +87,26 @@ class Node:
         return "\n".join(e.message for e in self.of(Logged))
 
 
+FAKE_MAX_NORM = 1000.0
+"""The fake trainer is no AdamW: unless a test asks for the AdamW bound, this one stands in."""
+
+
+def with_fake_bound(settings: TuneSettings) -> TuneSettings:
+    if settings.bounds.max_norm is not None:
+        return settings
+    return replace(settings, bounds=replace(settings.bounds, max_norm=FAKE_MAX_NORM))
+
+
 class TuneNet:
     def __init__(self, names: str, coordinator: str, settings: dict[str, TuneSettings] | None = None,
-                 delta: Delta = default_delta, layers: int = LAYERS) -> None:
+                 delta: Delta = default_delta, layers: int = LAYERS, adamw_bound: bool = False) -> None:
         self.now = 0.0
         self.coordinator: str | None = coordinator
         self.delta = delta
-        self.nodes = {n: Node(TuneCore(n, lambda r, a, s: initial(r, a, s, layers),
-                                       (settings or {}).get(n, TuneSettings()))) for n in names}
+        chosen = {n: (settings or {}).get(n, TuneSettings()) for n in names}
+        if not adamw_bound:
+            chosen = {n: with_fake_bound(s) for n, s in chosen.items()}
+        self.nodes = {n: Node(TuneCore(n, lambda r, a, s: initial(r, a, s, layers), chosen[n])) for n in names}
         self.alive = set(names)
         self.queue: deque[tuple[str, str, bytes]] = deque()
         self.sent: list[tuple[str, str, wire.Message]] = []
@@ -736,7 +748,7 @@ def test_every_message_of_a_job_is_a_tune_message_carrying_only_counts_loss_name
             assert set(msg.participants) <= set("abcd")
         if isinstance(msg, wire.TuneRefused):
             assert SECRET not in msg.reason
-    assert kinds == set(TUNE_MESSAGES) - {wire.TuneQuit}
+    assert kinds == set(TUNE_MESSAGES) - {wire.TuneQuit, wire.Hello}  # Hello: only after `served`
     assert not any(SECRET.encode() in frame for frame in net.frames)
     assert all(s.channel == "activation" for n in net.nodes.values() for s in n.core.sends())
 

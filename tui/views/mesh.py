@@ -14,6 +14,8 @@ from tui.widgets.layer_map import LayerMap
 from tui.widgets.nodes_table import NodesTable
 
 PLAN_STYLES = {"active": "green", "pending": "yellow"}
+ANOTHER_MESH_KEY = "another mesh key"
+"""The daemon's reason for a node of another mesh key (daemon/net/discovery.py)."""
 
 
 def format_facts(status: MeshStatus) -> Text:
@@ -40,9 +42,23 @@ def format_facts(status: MeshStatus) -> Text:
             facts.append(f": {fallback.mesh_trouble or 'the mesh cannot serve'}", style="yellow")
         else:
             facts.append(f"{fallback.model} ({fallback.state})")
+    facts.append_text(format_invite(status))
     for other in status.incompatible:
         facts.append(f"\nnot joined: {other.name} {other.address} ({other.reason})", style="dim")
+        if other.reason == ANOTHER_MESH_KEY:
+            facts.append(" — to join it: `meshllm invite` there, `meshllm up --invite CODE` here", style="dim")
     return facts
+
+
+def format_invite(status: MeshStatus) -> Text:
+    """How another device joins: the invite code (one line at 100 columns: it is the key, and
+    docs/tui.md says to give it only to one's own devices), or a warning for an open mesh;
+    nothing while the key is not known yet."""
+    if status.mesh_key_id == "open":
+        return Text("\nopen mesh: anyone on this network can join (started with --open)", style="bold red")
+    if status.invite is None:
+        return Text()
+    return Text.assemble(("\ninvite ", "dim"), ("meshllm up --invite ", "dim"), (status.invite, "bold"))
 
 
 def _ms(value: float | None) -> str:

@@ -9,10 +9,12 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui.mesh_events import format_span
-from tui.mesh_status import MeshStatus
+from tui.mesh_status import PRIVATE, MeshStatus
 
 NODE_COLOURS = ("#5fafff", "#ffaf5f", "#87d75f", "#ff5f87", "#af87ff", "#ffd75f", "#5fd7d7", "#d7875f")
 UNASSIGNED_COLOUR = "#585858"
+PRIVATE_COLOUR = "#a8a8a8"
+"""The private layers: run by each entry node for its own answers (docs/security.md)."""
 FULL_BLOCK = "█"
 EMPTY_BLOCK = "░"
 
@@ -82,7 +84,8 @@ class LayerMap(Widget):
             if owner is None:
                 bar.append(EMPTY_BLOCK, style=UNASSIGNED_COLOUR)
             else:
-                bar.append(FULL_BLOCK, style=colours.get(owner, UNASSIGNED_COLOUR))
+                bar.append(FULL_BLOCK, style=PRIVATE_COLOUR if owner == PRIVATE
+                           else colours.get(owner, UNASSIGNED_COLOUR))
         legend = Text()
         for node_id, start, end in _runs(owners):
             if legend:
@@ -90,6 +93,9 @@ class LayerMap(Widget):
             if node_id is None:
                 legend.append(EMPTY_BLOCK, style=UNASSIGNED_COLOUR)
                 legend.append(f" nobody {format_span((start, end))}", style="dim")
+            elif node_id == PRIVATE:
+                legend.append(FULL_BLOCK, style=PRIVATE_COLOUR)
+                legend.append(f" each entry node {format_span((start, end))}", style="dim")
             else:
                 legend.append(FULL_BLOCK, style=colours.get(node_id, UNASSIGNED_COLOUR))
                 legend.append(f" {status.node_name(node_id)} {format_span((start, end))}")
