@@ -364,6 +364,9 @@ class MeshDriver:
     # -- links -----------------------------------------------------------------------------------
 
     def on_link_up(self, peer_id: str, hello: wire.Hello) -> None:
+        # linked, so compatible: what an older record of it said (another key, say) is stale
+        for name in [n for n, entry in self.incompatible.items() if entry["id"] == peer_id]:
+            del self.incompatible[name]
         self.core.link_up(peer_id, hello, time.monotonic())
         self._pump()
 
@@ -475,10 +478,12 @@ class MeshDriver:
         if theirs.node_id == self.node_id:
             return
         reason = refused or incompatibility(self.hello, theirs)
+        if reason is not None and theirs.node_id in self.links.peers():
+            return  # an old (or spoofed) record of a member: its link is authenticated, mDNS is not
         if reason is not None:
             if self.incompatible.get(name, {}).get("reason") != reason:
                 self._log_event("info", f"{name} is incompatible: {reason}")
-            self.incompatible[name] = {"name": name, "address": address, "reason": reason}
+            self.incompatible[name] = {"name": name, "address": address, "reason": reason, "id": theirs.node_id}
             self._on_change()
             return
         self.incompatible.pop(name, None)

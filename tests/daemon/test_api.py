@@ -312,7 +312,7 @@ async def test_status_describes_a_single_node(api: Served) -> None:
         status = await response.json()
     assert status["self_id"] == "n-test"
     assert status["model"] == {"id": "fake0123456789ab", "name": "fake-model", "num_layers": 4, "weights": "f32",
-                               "kernel": "", "batch_invariant": False}
+                               "kernel": "", "batch_invariant": False, "private_layers": 0}
     assert status["coordinator_id"] == "n-test"
     assert status["plan"] == {"term": 0, "state": "active",
                               "stages": [{"node_id": "n-test", "start_layer": 0, "end_layer": 4}]}

@@ -340,3 +340,23 @@ async def test_a_peer_that_said_bye_is_not_dialled_again_though_its_goodbye_came
     links.linked.pop("b")
     mesh.on_link_down("b", "bye")
     assert mesh.dialling == frozenset() and links.dialled == [HOME]
+
+
+async def test_a_node_listed_as_of_another_key_is_no_longer_listed_once_it_links() -> None:
+    """It came back with the mesh's key (an invite), and dialled this node before its new
+    record reached it: a link proves the key, the old record's reason is stale."""
+    links = StandInLinks()
+    mesh = stand_in_driver(links)
+    mesh.peer_seen("b-node", HOME, peer_hello("b"), refused="another mesh key")
+    assert [e["reason"] for e in mesh.status_view()["incompatible"]] == ["another mesh key"]
+    mesh.on_link_up("b", peer_hello("b"))
+    assert mesh.status_view()["incompatible"] == []
+
+
+async def test_a_stale_record_of_a_linked_member_does_not_list_it_as_incompatible() -> None:
+    links = StandInLinks()
+    mesh = stand_in_driver(links)
+    mesh.peer_seen("b-node", HOME, peer_hello("b"))
+    await async_wait_until(lambda: "b" in links.linked and not mesh.dialling, 10, "a links to b")
+    mesh.peer_seen("b-old", HOME, peer_hello("b"), refused="another mesh key")  # its record before an invite
+    assert mesh.status_view()["incompatible"] == [] and "b" in links.linked

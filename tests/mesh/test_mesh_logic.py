@@ -122,8 +122,9 @@ async def test_bad_tensors_from_a_peer_are_refused_and_the_mesh_carries_on(tiny_
         await net.wait_active()
         plan = net.meshes["a"].core.book.active
         assert plan is not None
-        stage = plan.node_ids[1]
-        sender = next(n for n in ("a", "b", "c") if n != stage)
+        # from the stage before it, for an answer of its own: in its role, with bad tensors
+        stage, sender = plan.node_ids[1], plan.node_ids[0]
+        route = plan.node_ids[2:] + (sender,)
         seen: list[wire.Message] = []
         original = net.meshes[sender].on_message
         net.meshes[sender].on_message = lambda peer, msg: (seen.append(msg), original(peer, msg))  # type: ignore[method-assign]
@@ -133,10 +134,10 @@ async def test_bad_tensors_from_a_peer_are_refused_and_the_mesh_carries_on(tiny_
             np.zeros((3, 64, 2), np.float32),  # wrong rank
         ]
         for i, hidden in enumerate(bad):
-            fwd = wire.Forward(f"{sender}/bad{i}", 0, term, epoch, 0, wire.encode_tensor(hidden, "f32"), (sender,))
+            fwd = wire.Forward(f"{sender}/{900 + i}", 0, term, epoch, 0, wire.encode_tensor(hidden, "f32"), route)
             await net.links[sender].send(stage, fwd, channel="activation")
-        wrong_codec = wire.Forward(f"{sender}/bad9", 0, term, epoch, 0,
-                                   wire.encode_tensor(np.zeros((1, 64), np.float32), "f16"), (sender,))
+        wrong_codec = wire.Forward(f"{sender}/909", 0, term, epoch, 0,
+                                   wire.encode_tensor(np.zeros((1, 64), np.float32), "f16"), route)
         await net.links[sender].send(stage, wrong_codec, channel="activation")
         def refusals() -> list[wire.StepFailed]:
             return [m for m in seen if isinstance(m, wire.StepFailed)]
