@@ -67,6 +67,11 @@ class Coordinator(PlanFollower):
         """Times between the tokens of the answers entered here."""
         self.leaving: set[str] = set()
         """Nodes that asked to leave; planned around, then let go."""
+        self.unready: dict[str, float] = {}
+        """Stages that did not load their span in time (`_ready_timer`): planned around until
+        then (ten times `stage_ready_s`), or until they report a stage ready or link again."""
+        self._published_at: float | None = None
+        """When the plan published here is due to be ready (`MeshSettings.stage_ready_s`)."""
         self.balancer = Balancer(port.spec, objective=port.settings.objective,  # type: ignore[arg-type]
                                  settings=port.settings.balance)
         self.planning_stopped = False
@@ -119,6 +124,7 @@ class Coordinator(PlanFollower):
 
     def peer_lost(self, peer_id: str, now: float) -> None:
         self.leaving.discard(peer_id)
+        self.unready.pop(peer_id, None)
         self.balancer.forget(peer_id)
         self.measurements.forget(peer_id)
         self._trips_seen.pop(peer_id, None)
@@ -159,12 +165,18 @@ class Coordinator(PlanFollower):
                 port.log("election", f"{port.name_of(event.node_id)} is coordinator (term {event.term})")
                 if event.node_id == port.node_id:
                     self.schedule_replan(now, at_once=True)
+                elif port.plans.highest_key[0] < event.term:
+                    # no plan of its term here (its plans may have been refused while a storm of
+                    # claims made it look like one): ask for the one it has published, if any
+                    port.send(event.node_id, wire.NodeReport(
+                        port.node_id, event.term, port.hello.mem_budget_bytes, port.hello.ms_per_layer,
+                        *port.span, void_state((event.term, 0))))
             port.changed()
 
     # -- timers ------------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        deadlines = [self.election.next_timer(), self._replan_due]
+        deadlines = [self.election.next_timer(), self._replan_due, self._published_at]
         span = self._port.span
         if self._port.plans.active is not None and span[1] > span[0]:
             deadlines.append(self._next_report)
@@ -178,6 +190,8 @@ class Coordinator(PlanFollower):
         if self._replan_due is not None and self._replan_due <= now:
             self._replan_due = None
             self._replan(now)
+        if self._published_at is not None and self._published_at <= now:
+            self._ready_timer(now)
         if self._next_report <= now:
             self._report_speed(now)
 
@@ -217,9 +231,36 @@ class Coordinator(PlanFollower):
 
     def _advertised(self) -> list[NodeCapacity]:
         """Every member that stays: its budget, its advertised speed and the entry costs it
-        reported."""
-        return [self.measurements.capacity(NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer))
+        reported (without the members that did not load their span in time, where the others
+        can hold the model: `_ready_timer`)."""
+        caps = [self.measurements.capacity(NodeCapacity(nid, h.mem_budget_bytes, h.ms_per_layer))
                 for nid, h in sorted(self._port.members.items()) if nid not in self.leaving]
+        now = self._port.now
+        self.unready = {n: until for n, until in self.unready.items() if until > now}
+        trusted = [c for c in caps if c.node_id not in self.unready]
+        fixed = self._port.spec.placed.embed_head_bytes
+        room = sum(max(0, c.mem_budget_bytes - fixed) // max(1, self._port.spec.layer_bytes) for c in trusted)
+        return trusted if self.unready and room >= self._port.spec.placed.num_layers else caps
+
+    def _ready_timer(self, now: float) -> None:
+        """The plan published here is still pending after `stage_ready_s`: plan without the
+        stages that did not report ready."""
+        pending = self._port.plans.pending
+        published, self._published_at = self._published, None
+        if not self._port.is_coordinator or pending is None or published is None \
+                or pending.key != (published.term, published.epoch):
+            return
+        late = [n for n in pending.node_ids if n != self._port.node_id and n not in self._port.plans.ready]
+        if late:
+            self.unready.update({n: now + 10 * self._port.settings.stage_ready_s for n in late})
+            self._port.log("replan", f"{', '.join(self._port.name_of(n) for n in late)} did not load its layers "
+                                     f"within {self._port.settings.stage_ready_s:g} s: planning without it")
+            self.schedule_replan(now, at_once=True)
+
+    def stage_ready_heard(self, sender: str, now: float) -> None:
+        """A stage reported ready: one left out for being late is planned with again."""
+        if self.unready.pop(sender, None) is not None:
+            self.schedule_replan(now)
 
     def planning(self, targets: tuple[float | None, float | None] | None = None) -> ms.Planning:
         """The planner's inputs from what the members measured: hop tables (none before the
@@ -287,6 +328,7 @@ class Coordinator(PlanFollower):
         self._epoch = max(self._epoch, seen_epoch if term == self.election.term else 0) + 1
         msg = wire.Plan(self.election.term, self._epoch, tuple(planned.stages), port.settings.codec)
         self._published = msg
+        self._published_at = port.now + port.settings.stage_ready_s
         spans = ", ".join(f"{port.name_of(s.node_id)} [{s.start_layer}, {s.end_layer})" for s in msg.stages)
         summary = ms.plan_summary(planned) if self._planned_hops or (
             port.settings.target_ms_per_token or port.settings.target_ttft_ms) else ""
@@ -308,7 +350,14 @@ class Coordinator(PlanFollower):
         is published again), or a stage's measured speed (balanced)."""
         port = self._port
         void = void_key(msg.state)
-        if void is not None:
+        if void is not None and void[1] == 0:  # a follower of this term without its plan
+            published = self._published
+            if port.is_coordinator and published is not None and void[0] == published.term == self.election.term:
+                port.send(sender, published)
+                active = port.plans.active
+                if active is not None and active.key == (published.term, published.epoch):
+                    port.send(sender, wire.PlanActive(*active.key))
+        elif void is not None:
             current = port.plans.active or port.plans.pending
             if port.is_coordinator and current is not None and current.key == void:
                 port.log("replan", f"{port.name_of(sender)} lost a link of plan {void[0]}.{void[1]}: "

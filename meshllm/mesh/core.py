@@ -100,7 +100,9 @@ class MeshCore:
             wire.Answer: election_msg,
             wire.Coordinator: election_msg,
             wire.Plan: self._on_plan,
-            wire.StageReady: self.transition.on_stage_ready,
+            # the coordinator plans again with a stage it left out for being late
+            wire.StageReady: lambda sender, msg, now: (self.transition.on_stage_ready(sender, msg, now),
+                                                       self.coordinator.stage_ready_heard(sender, now)),
             wire.PlanActive: self.transition.on_plan_active,
             wire.DropSession: self.stage.on_drop_session,
             wire.NodeReport: self.coordinator.on_report,
@@ -350,6 +352,10 @@ class CorePort:
         self.local: dict[type, Handler] = {}
         """The role each message this node sends itself is for (the core fills it in)."""
         self._job_ids = 0
+
+    @property
+    def hello(self) -> wire.Hello:
+        return self._core.hello
 
     @property
     def members(self) -> Mapping[str, wire.Hello]:

@@ -44,12 +44,22 @@ class PlansView(Protocol):
     @property
     def highest_key(self) -> PlanKey: ...
 
+    @property
+    def ready(self) -> set[str]:
+        """Coordinator side: the stages of the pending plan that reported ready."""
+        ...
+
 
 class Port(Protocol):
     """The core as a role sees it."""
 
     @property
     def node_id(self) -> str: ...
+
+    @property
+    def hello(self) -> wire.Hello:
+        """What this node tells its peers about itself."""
+        ...
 
     @property
     def settings(self) -> MeshSettings: ...

@@ -29,6 +29,11 @@ class MeshSettings:
     """Forwarded steps waiting for this node's compute; more are refused ("busy")."""
     max_queued_rebuild_parts: int = 1024
     """Rebuild parts waiting for this node's compute; more are refused ("busy")."""
+    stage_ready_s: float = 15.0
+    """Coordinator: a plan whose stages are not all ready this long after it was published is
+    made again without the ones that are not (a member that claims room it does not load
+    stalls no one), when the others can hold the model; such a node is planned with again
+    once it reports a stage ready, links again, or after ten times this."""
     handover_wait_s: float = 5.0
     """How long a node that takes over layers from a live node waits for their caches
     before it reports ready without them (they are then rebuilt, or replayed)."""

@@ -4,8 +4,6 @@ lingers."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -13,6 +11,7 @@ from daemon.node.driver import MeshDriver
 from daemon.node.redial import DialBackoff
 from meshllm import wire
 from tests.waiting import async_wait_until
+from tests.daemon.stand_ins import hello, stand_in_runtime
 
 ADDRESS = "192.0.2.7:8471"
 
@@ -106,18 +105,6 @@ class DeadPeerLinks:
 
     def link_stats(self, peer_id: str) -> None:
         return None
-
-
-def hello(node_id: str) -> wire.Hello:
-    return wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", "model0123", 8000, 10**9, 1.0, True)
-
-
-def stand_in_runtime() -> Any:
-    """What the driver reads of a runtime when it is made (no model: nothing is computed)."""
-    shape = SimpleNamespace(num_layers=4, layer_bytes=1000, embed_head_bytes=500)
-    engine = SimpleNamespace(shape=shape, info=SimpleNamespace(max_positions=128))
-    return SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), shard=SimpleNamespace(config=None),
-                           private_layers=0)
 
 
 def driver(links: DeadPeerLinks, logs: list[tuple[str, str]]) -> MeshDriver:

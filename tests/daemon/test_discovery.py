@@ -13,7 +13,6 @@ import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,6 +35,7 @@ from daemon.net.loopback import accept_only_from_loopback
 from daemon.node.driver import MeshDriver
 from daemon.node.redial import DialBackoff, PeerAddresses
 from meshllm.wire import Hello
+from tests.daemon.stand_ins import stand_in_runtime
 from tests.waiting import async_wait_until
 
 
@@ -291,11 +291,7 @@ def peer_hello(node_id: str) -> Hello:
 
 def stand_in_driver(links: StandInLinks) -> MeshDriver:
     """A mesh driver of node "a" (it dials "b": the lower id dials) with no model."""
-    shape = SimpleNamespace(num_layers=4, layer_bytes=1000, embed_head_bytes=500)
-    engine = SimpleNamespace(shape=shape, info=SimpleNamespace(max_positions=128))
-    runtime = SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), private_layers=0,
-                              shard=SimpleNamespace(config=None))
-    mesh = MeshDriver(peer_hello("a"), runtime, worker=None, links=links,  # type: ignore[arg-type]
+    mesh = MeshDriver(peer_hello("a"), stand_in_runtime(), worker=None, links=links,  # type: ignore[arg-type]
                       link_error=Unreachable, dial_backoff=DialBackoff(first_delay_s=0.01, max_delay_s=0.04))
     links.on_up = mesh.on_link_up  # a member of its mesh once linked
     return mesh

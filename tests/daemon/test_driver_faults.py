@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ from daemon.node.driver import MeshDriver
 from meshllm import wire
 from meshllm.mesh.checks import PeerFaults
 from tests.waiting import async_wait_until
+from tests.daemon.stand_ins import hello, stand_in_runtime
 
 
 class Refused(Exception):
@@ -45,18 +45,6 @@ class RecordingLinks:
 
     def link_stats(self, peer_id: str) -> None:
         return None
-
-
-def hello(node_id: str) -> wire.Hello:
-    return wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", "model0123", 8000, 10**9, 1.0, True)
-
-
-def stand_in_runtime() -> Any:
-    """What the driver reads of a runtime when it is made (no model: nothing is computed)."""
-    shape = SimpleNamespace(num_layers=4, layer_bytes=1000, embed_head_bytes=500)
-    engine = SimpleNamespace(shape=shape, info=SimpleNamespace(max_positions=128, model_id="model0123"))
-    return SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), shard=SimpleNamespace(config=None),
-                           private_layers=0, mesh_model_id="model0123")
 
 
 class IdleWorker:

@@ -228,9 +228,9 @@ class Net:
         """A further delay for some messages (a link with a backlog)."""
 
     def add(self, node_id: str, *, mem_budget_bytes: int = 10**6, ms_per_layer: float = 1.0,
-            settings: MeshSettings | None = None) -> SimNode:
+            settings: MeshSettings | None = None, can_coordinate: bool = True) -> SimNode:
         hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "sim", "toy-model", 8000,
-                           mem_budget_bytes, ms_per_layer, True)
+                           mem_budget_bytes, ms_per_layer, can_coordinate)
         core = MeshCore(hello, SPEC, LIMITS, settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0))
         node = SimNode(core, ms_per_layer)
         node.shard.batch_invariant = core.settings.batch_invariant  # as the daemon's runtime tells its core

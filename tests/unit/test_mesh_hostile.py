@@ -20,13 +20,13 @@ from tests.unit.meshsim import HIDDEN, LAYERS, PROMPT, Net, reference
 ROGUE = "r"
 
 
-def with_rogue() -> Net:
+def with_rogue(can_coordinate: bool = True) -> Net:
     """Honest a, b and c with one active plan, and a member `r` that holds no layers (no
     memory to offer) and has no part in anyone's answer."""
     net = Net()
     for n in "abc":
         net.add(n)
-    net.add(ROGUE, mem_budget_bytes=0)
+    net.add(ROGUE, mem_budget_bytes=0, can_coordinate=can_coordinate)
     net.connect_all()
     net.settle()
     plan = net.nodes["a"].core.book.active
@@ -121,6 +121,39 @@ def test_an_election_storm_from_one_member_leaves_a_stable_coordinator() -> None
     net.settle()
     assert coordinators(net) == {"c"}
     assert net.answer("b", PROMPT, 8).tokens == reference(PROMPT, 8)
+
+
+def test_a_burst_of_claims_leaves_every_node_with_the_plan_in_force() -> None:
+    """100 elections and claims at once, each a term higher: the honest coordinator answers
+    them with terms of its own, which its peers charge to it and refuse for a while, plans
+    included. Once they follow it again, each asks for the plan of its term and gets it."""
+    net = with_rogue(can_coordinate=False)
+    term = net.nodes["a"].core.election.term
+    for d, dest in enumerate("abc"):  # one daemon after the other, as over three links
+        for i in range(100):
+            inject(net, dest, wire.Election(term + 1 + i, ROGUE, float(i)), delay_s=d * 0.01 + i * 0.0002)
+            inject(net, dest, wire.Coordinator(term + 1 + i, ROGUE), delay_s=d * 0.01 + i * 0.0002 + 0.0001)
+    net.run_until(lambda: len(coordinators(net)) == 1 and None not in coordinators(net)
+                  and all(net.nodes[n].core.book.active is not None
+                          and net.nodes[n].core.book.active.key[0] == net.nodes[n].core.election.term
+                          for n in "abc"), max_s=60)
+    assert net.answer("b", PROMPT, 8).tokens == reference(PROMPT, 8)
+
+
+def test_a_member_that_claims_room_and_speed_it_never_loads_stalls_no_one() -> None:
+    """It gets every layer of the next plan (its hello says so) and never reports ready: the
+    coordinator plans again without it, and answers go on; it is planned with again once it
+    does report a stage ready."""
+    net = with_rogue()
+    boaster = net.add("z", mem_budget_bytes=10**12, ms_per_layer=0.001, can_coordinate=False)
+    boaster.frozen = True  # its jobs never run: it loads nothing
+    for n in ("a", "b", "c", ROGUE):
+        net.connect(n, "z")
+    net.run_until(lambda: any("did not load its layers" in e.message for n in "abc" for e in net.nodes[n].log),
+                  max_s=60)
+    net.run_until(lambda: all(net.nodes[n].core.book.active is not None
+                              and "z" not in net.nodes[n].core.book.active.node_ids for n in "abc"), max_s=60)
+    assert net.answer("a", PROMPT, 8).tokens == reference(PROMPT, 8)
 
 
 # -- other members' answers ------------------------------------------------------------------------
