@@ -26,7 +26,7 @@ from meshllm.mesh.port import PlanFollower, Port, broadcast
 from meshllm.mesh.settings import election_score
 from meshllm.placement.balance import Balancer
 from meshllm.placement.linkstats import LinkStats
-from meshllm.placement.planner import NodeCapacity, Plan as PlannerPlan, plan_layers
+from meshllm.placement.planner import NodeCapacity, Plan as PlannerPlan, layer_capacity, plan_layers
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,9 @@ class Coordinator(PlanFollower):
         now = self._port.now
         self.unready = {n: until for n, until in self.unready.items() if until > now}
         trusted = [c for c in caps if c.node_id not in self.unready]
-        fixed = self._port.spec.placed.embed_head_bytes
-        room = sum(max(0, c.mem_budget_bytes - fixed) // max(1, self._port.spec.layer_bytes) for c in trusted)
-        return trusted if self.unready and room >= self._port.spec.placed.num_layers else caps
+        placed = self._port.spec.placed
+        room = sum(layer_capacity(placed, c) for c in trusted)
+        return trusted if self.unready and room >= placed.num_layers else caps
 
     def _ready_timer(self, now: float) -> None:
         """The plan published here is still pending after `stage_ready_s`: plan without the

@@ -79,13 +79,13 @@ from meshllm.placement.cost import (
     layers_moved,
     predict_plan,
 )
-from meshllm.placement.search import EXACT_PAIRWISE_MAX_NODES, Problem
+from meshllm.placement.search import EXACT_PAIRWISE_MAX_NODES, Problem, layer_capacity
 from meshllm.placement.targets import Judge, Targets
 
 __all__ = [
     "DEFAULT_HOP_MS", "DEFAULT_OBJECTIVE", "EXACT_PAIRWISE_MAX_NODES", "OBJECTIVES", "PREFILL_POSITIONS",
-    "HopCosts", "ModelSpec", "NodeCapacity", "Objective", "Plan", "Stage", "chain_cost_ms", "layers_moved",
-    "plan_layers", "predict_plan",
+    "HopCosts", "ModelSpec", "NodeCapacity", "Objective", "Plan", "Stage", "chain_cost_ms", "layer_capacity",
+    "layers_moved", "plan_layers", "predict_plan",
 ]
 
 

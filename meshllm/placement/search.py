@@ -65,7 +65,7 @@ class Problem:
         for a, b in itertools.pairwise(ordered):
             if a.node_id == b.node_id:
                 raise ValueError(f"node {a.node_id!r} is listed twice")
-        caps = {node.node_id: _layer_capacity(spec, node) for node in ordered}
+        caps = {node.node_id: layer_capacity(spec, node) for node in ordered}
         room = sum(caps.values())
         if room < spec.num_layers:
             raise _placement_error(spec, ordered, room)
@@ -215,7 +215,7 @@ class Problem:
         return orders
 
 
-def _layer_capacity(spec: ModelSpec, node: NodeCapacity) -> int:
+def layer_capacity(spec: ModelSpec, node: NodeCapacity) -> int:
     """Whole layers ``node`` can hold besides the embedding and head (capped at the model's)."""
     room = node.mem_budget_bytes - spec.embed_head_bytes
     if room < 0:
