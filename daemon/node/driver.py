@@ -11,8 +11,9 @@
 - Peers: what discovery reports (`peer_seen`, `peer_gone`) and `--join` addresses are dialled
   (the lower node id dials); an address that fails is dialled again with backoff
   (`daemon.node.redial`), reported once, and reported again when it links.
-- Compute: each job goes to the worker thread the moment the core issues it, so jobs run in
-  the core's order, back to back; each outcome comes back to the core on the event loop.
+- Compute: the core's jobs go to the worker thread one run at a time, in the core's order;
+  the steps of several sessions that wait together run as one batched forward
+  (`daemon.node.compute`); each job's outcome comes back to the core on the event loop.
 - Timers: one task sleeps until the core's next timer.
 - Measurements: every `report_interval_s`, what the links measured goes to the core
   (`links_measured`), which shares it with the mesh (docs/placement.md).
@@ -26,7 +27,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from meshllm import wire
@@ -38,15 +38,14 @@ from meshllm.mesh import (
 )
 from meshllm.mesh.checks import PeerFaults
 from meshllm.mesh.core import ModelLimits
-from meshllm.mesh.jobs import ImportCache, RebuildPart
 from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.placement.planner import ModelSpec
 from meshllm.mesh.session import StateChange, Token
 from meshllm.tune.rounds import TUNE_MESSAGES, TuneSettings
 
-from daemon.answer import WorkerStopped
 from daemon.tasks import TaskSet
+from daemon.node.compute import ComputeRunner
 from daemon.node.redial import DialBackoff, PeerAddresses
 from daemon.node.tune import TuneRunner
 from daemon.node.worker import GenerationWorker
@@ -178,10 +177,10 @@ class MeshDriver:
         """Advertised peers (node ids) that a task dials until they link or go."""
         self._link_error = link_error
         self._backoff = dial_backoff or DialBackoff()
-        self._job_ms: dict[int, float] = {}
-        """Wall time of the entry jobs (embed and/or head) run on the worker, by job id."""
-        self._embed_ms: dict[str, float] = {}
-        """A session's last embedding job (its head job completes the token's entry work)."""
+        self.compute = ComputeRunner(runtime, worker, self._samplers, settings.debug_delay_s,
+                                     on_outcome=self._job_finished, after_run=self._pump,
+                                     entry_work=lambda ms: self.core.entry_work_measured(ms))
+        """The core's jobs, run on the worker one run (a batch of steps) at a time."""
         self._on_model_id = on_model_id
         self._faults = peer_faults or PeerFaults()
         """What each peer's messages made a handler raise: the link layer's bad-frame budget
@@ -262,7 +261,8 @@ class MeshDriver:
                                                              self._link_error)
             outbox.put(send)
         for job in core.jobs():
-            self._submit(job)
+            self.compute.add(job)
+        self.compute.run_next()
         for event in core.events():
             if isinstance(event, (SessionOutput, SessionEnded)):
                 queue = self._answers.get(event.session_id)
@@ -289,77 +289,18 @@ class MeshDriver:
 
     # -- compute ---------------------------------------------------------------------------------
 
-    def _submit(self, job: Job) -> None:
-        runtime = self.runtime
-        if isinstance(job, Compute):
-            sampler = self._samplers.get(job.session_id)
-            delay_s = self.settings.debug_delay_s if job.run_span else 0.0
-            run: Callable[[], Computed | None] = lambda: runtime.compute(job, sampler, delay_s)
-            if job.positions == 1 and (job.token_ids is not None or job.finish == "sample"):
-                run = self._timed(job.job_id, run)
-        elif isinstance(job, RebuildPart):
-            run = lambda: runtime.rebuild_part(job)
-        elif isinstance(job, LoadSpan):
-            run = lambda: runtime.load_span(job.start_layer, job.end_layer)
-        elif isinstance(job, ImportCache):
-            run = lambda: runtime.import_cache(job)
-        else:
-            run = lambda: _drop(runtime, job)
-        try:
-            future = self.worker.submit(run)
-        except WorkerStopped:
-            return  # the node is stopping: nothing waits for this job any more
-        loop = self._loop or asyncio.get_running_loop()
-
-        def finished(f: Future[Computed | None]) -> None:
-            try:
-                loop.call_soon_threadsafe(self._job_finished, job, f)
-            except RuntimeError:  # the loop has closed: the node has stopped
-                pass
-
-        future.add_done_callback(finished)
-
-    def _timed(self, job_id: int, run: Callable[[], Computed | None]) -> Callable[[], Computed | None]:
-        def timed() -> Computed | None:
-            t0 = time.perf_counter()
-            try:
-                return run()
-            finally:
-                self._job_ms[job_id] = (time.perf_counter() - t0) * 1000
-        return timed
-
-    def _entry_work(self, job: Compute, result: object) -> None:
-        """One decode token's own work on this entry node (embedding, final norm, lm_head,
-        sampling), measured on the worker: the job's time less its layers'."""
-        elapsed = self._job_ms.pop(job.job_id, None)
-        if elapsed is None or not isinstance(result, Computed):
-            return
-        own = max(0.0, elapsed - result.span_ms)
-        if job.finish != "sample":  # embedded for a first stage elsewhere: the head comes later
-            self._embed_ms[job.session_id] = own
-            return
-        embed = self._embed_ms.pop(job.session_id, 0.0) if job.token_ids is None else 0.0
-        self.core.entry_work_measured(embed + own)
-
-    def _job_finished(self, job: Job, future: Future[Computed | None]) -> None:
-        now = time.monotonic()
-        error = future.exception()
-        if isinstance(error, WorkerStopped):
-            return
-        if error is not None:
+    def _job_finished(self, job: Job, outcome: object, now: float) -> None:
+        if isinstance(outcome, BaseException):
             # the model refused the step (a cache out of step, too many sessions) or failed:
             # the core decides (refuse the step, replay the answer); the node carries on
-            log.info("job %s failed: %s: %s", type(job).__name__, type(error).__name__, error,
-                     exc_info=not isinstance(error, (ValueError, RuntimeError)))
-            self.core.job_failed(job.job_id, f"{type(error).__name__}: {error}", now)
-        else:
-            if isinstance(job, Compute) and job.job_id in self._job_ms:
-                self._entry_work(job, future.result())
-            try:
-                self.core.job_done(job.job_id, future.result(), now)
-            except Exception:  # noqa: BLE001 - what a peer sent may make its outcome fail
-                log.exception("the outcome of job %s failed here; carrying on", type(job).__name__)
-        self._pump()
+            log.info("job %s failed: %s: %s", type(job).__name__, type(outcome).__name__, outcome,
+                     exc_info=None if isinstance(outcome, (ValueError, RuntimeError)) else outcome)
+            self.core.job_failed(job.job_id, f"{type(outcome).__name__}: {outcome}", now)
+            return
+        try:
+            self.core.job_done(job.job_id, outcome, now)
+        except Exception:  # noqa: BLE001 - what a peer sent may make its outcome fail
+            log.exception("the outcome of job %s failed here; carrying on", type(job).__name__)
 
     # -- links -----------------------------------------------------------------------------------
 
@@ -434,7 +375,7 @@ class MeshDriver:
                 self._pump()
             self._answers.pop(session_id, None)
             self._samplers.pop(session_id, None)
-            self._embed_ms.pop(session_id, None)
+            self.compute.forget(session_id)
 
     # -- leaving -----------------------------------------------------------------------------------
 
@@ -571,6 +512,7 @@ class MeshDriver:
         view = self.core.status_view(self.links.rtt_ms)
         view["incompatible"] = sorted(self.incompatible.values(), key=lambda d: d["name"])
         view["tune"] = self.tune.status_view()
+        view["compute"] = self.compute.status_view()
         return view
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -591,8 +533,3 @@ class MeshDriver:
         self._log_event("info", f"serving {'the base model' if adapter is None else 'adapter ' + adapter.digest}"
                                 f" (model id {model_id})")
         self._on_change()
-
-
-def _drop(runtime: Runtime, job: DropSessions) -> None:
-    for session_id in job.session_ids:
-        runtime.drop(session_id)

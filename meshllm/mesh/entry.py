@@ -299,10 +299,10 @@ class EntrySessions(PlanFollower):
             self._lose(answer, f"bad result from {sender}: {e}", now)
             return
         step.deadline = None
-        if step.step.replay:
+        if step.step.replay:  # only the plan's caches are being refilled (the private ones hold it)
             self._finish_step(answer, None, now)
-        else:
-            self._run_job(answer, hidden=hidden, run_span=False, finish="sample")
+        else:  # a prompt chunk before its last still fills this node's private layers' caches
+            self._run_job(answer, hidden=hidden, run_span=False, finish="sample" if step.step.sample else "discard")
 
     def forward_is_final(self, session_id: str, route: tuple[str, ...]) -> bool:
         """A `Forward` whose last stage is this node, for an answer of its own: the layers
@@ -318,7 +318,7 @@ class EntrySessions(PlanFollower):
             return None
         answer.step.deadline = None
         return self._run_job(answer, hidden=hidden, run_span=True,
-                             finish="discard" if answer.step.step.replay else "sample")
+                             finish="sample" if answer.step.step.sample else "discard")
 
     def job_done(self, job_id: int, result: Computed, now: float) -> bool:
         """True when the job was one of the entry side's."""
@@ -441,7 +441,7 @@ class EntrySessions(PlanFollower):
             answer.seq += 1
             first_is_here = plan.node_ids[0] == port.node_id
             alone = first_is_here and len(plan.stages) == 1
-            finish = ("discard" if step.replay else "sample") if alone else "send"
+            finish = ("sample" if step.sample else "discard") if alone else "send"
             self._run_job(answer, token_ids=step.token_ids, run_span=first_is_here, finish=finish)
 
     # -- rebuilds ------------------------------------------------------------------------------
@@ -546,7 +546,7 @@ class EntrySessions(PlanFollower):
         step = answer.step
         assert step is not None
         answer.step = None
-        if step.step.replay:
+        if not step.step.sample:
             session.step_done()
         else:
             if token_id is None:

@@ -26,7 +26,7 @@ from meshllm.model.shape import ModelShape, load_config, model_shape
 from meshllm.model.source import resolve
 from meshllm.model.span import ShardLike
 from meshllm.model.text import Detokenizer, chat_prompt_ids, load_tokenizer
-from meshllm.mesh.session import Session, Token, run_local
+from meshllm.mesh.session import PREFILL_CHUNK_POSITIONS, Session, Token, run_local
 
 __all__ = ["Engine", "ModelInfo", "Token"]
 
@@ -203,7 +203,8 @@ class Engine:
         return self.shards[-1].head(hidden)  # (vocab,)
 
     def new_session(self, prompt_ids: list[int], params: SamplingParams) -> Session:
-        """A session for `prompt_ids`; `max_tokens` is cut to what the context window leaves."""
+        """A session for `prompt_ids`; `max_tokens` is cut to what the context window leaves.
+        With batch-invariant kernels its prompt runs in chunks (`PREFILL_CHUNK_POSITIONS`)."""
         self.check_prompt(len(prompt_ids))
         detok = Detokenizer(self.tokenizer, frozenset(self.info.eos_token_ids))
         return Session(
@@ -212,6 +213,7 @@ class Engine:
             max_tokens=min(params.max_tokens, self.info.max_positions - len(prompt_ids)),
             eos_token_ids=frozenset(self.info.eos_token_ids),
             detokenize=detok.push,
+            prefill_chunk=PREFILL_CHUNK_POSITIONS if self.info.batch_invariant else 0,
         )
 
     def generate(

@@ -59,6 +59,14 @@ class PrivateLayers:
         """The plan's output `x` through layers ``[L - K, L)``, for the head."""
         return _step(self.tail_end, session_id, x, start_pos)
 
+    def into_batch(self, steps: list[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """`into` for the steps (session id, x, start) of several sessions, in one forward."""
+        return _batch(self.head_end, steps)
+
+    def out_of_batch(self, steps: list[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """`out_of` for the steps of several sessions, in one forward."""
+        return _batch(self.tail_end, steps)
+
     def rebuild_input(self, session_id: str, x: np.ndarray, start_pos: int, position: int, prefill: int) -> np.ndarray:
         """Layers ``[0, K)`` over the embedded positions ``[start_pos, start_pos + len(x))`` of
         a rebuild of `position` positions whose first step ran `prefill`: recomputed in a scratch
@@ -89,6 +97,16 @@ def _step(shard: ShardLike, session_id: str, x: torch.Tensor, start_pos: int) ->
     """One step of a session's own: a step sent again after it was lost further on (its
     rebuild, or a retry) ran here already, and runs again on the caches as they were before
     it, which gives the same bits."""
+    _rewind(shard, session_id, start_pos)
+    return shard.forward(session_id, x, start_pos)
+
+
+def _batch(shard: ShardLike, steps: list[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor]:
+    for session_id, _x, start_pos in steps:
+        _rewind(shard, session_id, start_pos)
+    return shard.forward_batch(steps)
+
+
+def _rewind(shard: ShardLike, session_id: str, start_pos: int) -> None:
     if 0 < start_pos < shard.cache_length(session_id):
         shard.keep_layers(session_id, 0, shard.num_span_layers, start_pos)
-    return shard.forward(session_id, x, start_pos)

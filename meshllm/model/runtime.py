@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -195,10 +196,98 @@ class Runtime:
             return Computed(token_id=sampler.sample(self.shard.head(x)), span_ms=span_ms)
         if job.finish == "discard":
             return Computed(span_ms=span_ms)
+        return Computed(hidden=self._sent(job, x), span_ms=span_ms)
+
+    def compute_batch(self, jobs: Sequence[Compute], samplers: Mapping[str, Sampler],
+                      delay_s: float = 0.0) -> list[Computed | Exception]:
+        """Several sessions' steps (meshllm.mesh.batching): each job's outcome, in order, as
+        `compute` gives it, or the error it raises.
+
+        With batch-invariant kernels the steps run as one: one embedding lookup each, then
+        the private layers, the span, the private layers again and the head each see every
+        step's rows at once (each weight is read once per run, not once per session); each
+        position gets the bits it gets alone. A step that cannot run as it stands (its caches
+        are out of step, its answer is over) runs alone, for its own error. Otherwise (f32:
+        transformers' GEMMs change their blocking with the shape) the steps run one by one."""
+        together = [j for j in jobs if self._fits(j, samplers)] if self.batch_invariant and len(jobs) > 1 else []
+        outcomes: dict[int, Computed | Exception] = {}
+        if len(together) > 1:
+            try:
+                outcomes.update(zip((j.job_id for j in together), self._batched(together, samplers, delay_s)))
+            except Exception:  # noqa: BLE001 - each step alone then, for its own outcome
+                log.debug("a batch of %d steps failed; running them one by one", len(together), exc_info=True)
+        for job in jobs:
+            if job.job_id not in outcomes:
+                try:
+                    outcomes[job.job_id] = self.compute(job, samplers.get(job.session_id), delay_s)
+                except Exception as error:  # noqa: BLE001 - the step's own outcome
+                    outcomes[job.job_id] = error
+        return [outcomes[j.job_id] for j in jobs]
+
+    def _fits(self, job: Compute, samplers: Mapping[str, Sampler]) -> bool:
+        """Whether the step can run in a batch: its caches hold what it continues (a step
+        sent again may rewind the private layers' caches, `meshllm.model.private`)."""
+        def holds(shard: ShardLike, exact: bool) -> bool:
+            have = shard.cache_length(job.session_id)
+            return job.start_pos == 0 or (have == job.start_pos if exact else 0 <= job.start_pos <= have)
+
+        if job.finish == "sample" and job.session_id not in samplers:
+            return False
+        if job.run_span and not holds(self.shard, exact=True):
+            return False
+        if self.private is not None:
+            if job.token_ids is not None and not holds(self.private.head_end, exact=False):
+                return False
+            if job.finish != "send" and not holds(self.private.tail_end, exact=False):
+                return False
+        return True
+
+    def _batched(self, jobs: Sequence[Compute], samplers: Mapping[str, Sampler], delay_s: float) -> list[Computed]:
+        """`compute` for every job, as one forward at each stage of the node's work."""
+        xs = [self.shard.embed(list(j.token_ids)) if j.token_ids is not None
+              else torch.from_numpy(j.hidden).unsqueeze(0) for j in jobs]  # type: ignore[arg-type]
+
+        def through(run: object, which: list[int]) -> None:
+            if which:
+                outs = run([(jobs[i].session_id, xs[i], jobs[i].start_pos) for i in which])  # type: ignore[operator]
+                for i, out in zip(which, outs):
+                    xs[i] = out
+
+        private = self.private
+        if private is not None:
+            through(private.into_batch, [i for i, j in enumerate(jobs) if j.token_ids is not None])
+        span = [i for i, j in enumerate(jobs) if j.run_span]
+        span_ms = 0.0
+        if span:
+            t0 = time.perf_counter()
+            if delay_s:
+                time.sleep(delay_s)
+            through(self.shard.forward_batch, span)
+            span_ms = (time.perf_counter() - t0) * 1000
+        if private is not None:
+            through(private.out_of_batch, [i for i, j in enumerate(jobs) if j.finish != "send"])
+        sampled = [i for i, j in enumerate(jobs) if j.finish == "sample"]
+        logits = self.shard.logits_all(torch.cat([xs[i][:, -1:, :] for i in sampled], dim=1)) if sampled else None
+        span_positions = sum(jobs[i].positions for i in span) or 1
+        results = []
+        for i, job in enumerate(jobs):
+            ms = span_ms * job.positions / span_positions if job.run_span else 0.0
+            if job.finish == "sample":
+                assert logits is not None
+                token = samplers[job.session_id].sample(logits[sampled.index(i)])
+                results.append(Computed(token_id=token, span_ms=ms))
+            elif job.finish == "discard":
+                results.append(Computed(span_ms=ms))
+            else:
+                results.append(Computed(hidden=self._sent(job, xs[i]), span_ms=ms))
+        return results
+
+    def _sent(self, job: Compute, x: torch.Tensor) -> np.ndarray:
+        """The step's output for the next stage, logged where a rebuild may need it."""
         out = x[0].float().cpu().numpy().copy()
         if job.run_span and self.shard.end_layer < self.plan_end:
             self.logs.record(job.session_id, self.shard.end_layer, job.start_pos, out)
-        return Computed(hidden=out, span_ms=span_ms)
+        return out
 
     def rebuild_part(self, job: RebuildPart) -> Computed:
         """One part of a session's rebuild on a new plan (meshllm.mesh.rebuild)."""

@@ -68,6 +68,11 @@ class ShardLike(Protocol):
 
     def forward(self, session_id: str, hidden: torch.Tensor, start_pos: int) -> torch.Tensor: ...
 
+    def forward_batch(self, steps: list[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """`forward` for the steps (session id, hidden states, start) of several sessions at
+        once, each output in order (one forward where the shard batches, else one by one)."""
+        ...
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last position (vocab,), on the CPU."""
         ...
@@ -153,6 +158,10 @@ class SpanSessions(Generic[CacheT]):
     def drop(self, session_id: str) -> None:
         """Free a session's KV caches. Unknown ids are ignored."""
         self._caches.pop(session_id, None)
+
+    def forward_batch(self, steps: list[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """The steps of several sessions, one by one (a shard whose kernels batch overrides it)."""
+        return [self.forward(session_id, hidden, start) for session_id, hidden, start in steps]  # type: ignore[attr-defined]
 
     # -- the rebuild's view (meshllm.mesh.rebuild.LayerStore) --------------------------------
 

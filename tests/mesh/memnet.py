@@ -66,15 +66,16 @@ class MemoryNet:
     async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
                   ms_per_layer: float = 1.0, settings: MeshSettings | None = None,
                   state_dir: Path | None = None, tune_settings: TuneSettings | None = None,
-                  private_layers: int = 0) -> MeshDriver:
+                  private_layers: int = 0, weights: str = "f32") -> MeshDriver:
         worker = GenerationWorker(1, name=f"worker-{node_id}")
         worker.start()
         prepared = prepare(resolve(model))
-        runtime = await worker.call(lambda: Runtime.load(prepared, private_layers=private_layers))
+        runtime = await worker.call(lambda: Runtime.load(prepared, weights=weights,
+                                                                 private_layers=private_layers))
         hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", prepared.model_id, 8000,
                            mem_budget_bytes, ms_per_layer, True)
         links = MemoryLinks(self, node_id)
-        if private_layers:
+        if private_layers or weights != "f32":
             hello = dataclasses.replace(hello, model_id=runtime.mesh_model_id)
         mesh = MeshDriver(hello, runtime, worker, links,
                           settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0),

@@ -24,7 +24,7 @@ def _drive(engine_for_step, session, sampler, n_replan_at: set[int], merge: int 
     out: list[int] = []
     with torch.inference_mode():
         while (step := session.next_step()) is not None:
-            if not step.replay and len(session.generated) in n_replan_at:
+            if step.sample and len(session.generated) in n_replan_at:
                 n_replan_at.discard(len(session.generated))
                 for shard in engine.shards:
                     shard.drop(session.session_id)
@@ -33,7 +33,7 @@ def _drive(engine_for_step, session, sampler, n_replan_at: set[int], merge: int 
                 session.restart(merge)
                 continue
             logits = engine._run_chain(session.session_id, list(step.token_ids), step.start_pos)
-            if step.replay:
+            if not step.sample:
                 session.step_done()
                 continue
             out.append(session.accept(sampler.sample(logits)).id)
