@@ -73,3 +73,42 @@ async def test_concurrent_f32_answers_are_transformers_generate(tiny_qwen2: Path
         got = await asyncio.gather(*(answer(mesh, p) for mesh, p in zip(entries, prompts)))
         assert got == [reference_greedy(tiny_qwen2, p, TOKENS) for p in prompts]
         assert all(m.status_view()["compute"]["largest_batch"] == 1 for m in net.meshes.values())  # type: ignore[index]
+
+
+async def test_a_stage_lost_with_four_answers_in_flight_all_four_finish_unchanged(tiny_llama: Path) -> None:
+    """Recovery under load: a middle stage dies while 4 answers decode; the 4 answers finish,
+    each token for token what it is alone (one node, same format)."""
+    async with memory_net() as net:
+        alone = await net.add("solo", tiny_llama, weights="int4")
+        await net.wait_active(nodes=["solo"])
+        prompts = six_prompts(alone.runtime.engine)[:4]
+        want = [await answer(alone, p) for p in prompts]
+
+    async with memory_net() as net:
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_llama, weights="int4", private_layers=1)
+        net.connect_all()
+        await net.wait_active()
+        entry = net.meshes["a"]
+        victim = next(n for n in ("b", "c") if n != entry.core.coordinator_id)
+        killed = asyncio.Event()
+
+        async def streamed(prompt: list[int], first: bool) -> tuple[list[int], list[str]]:
+            got: list[int] = []
+            states: list[str] = []
+            async for item in entry.generate(prompt, SamplingParams(max_tokens=TOKENS)):
+                if isinstance(item, Token):
+                    got.append(item.id)
+                    if first and len(got) == 8 and not killed.is_set():
+                        killed.set()
+                        await net.kill(victim)
+                else:
+                    states.append(item.state)
+            return got, states
+
+        results = await asyncio.gather(*(streamed(p, i == 0) for i, p in enumerate(prompts)))
+        assert killed.is_set()
+        assert [got for got, _ in results] == want
+        assert any("replanning" in states for _, states in results)
+        plan = entry.core.book.active
+        assert plan is not None and victim not in plan.node_ids
