@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "stats, the entry node first); --mesh N starts a single-node reference and an "
                     "N-node local mesh per codec on this machine and compares them in one run. "
                     "--local with several --weights compares weight formats (speed, memory "
-                    "against the file); --quality gives each format's perplexity.",
+                    "against the file); --quality gives each format's perplexity. --concurrency "
+                    "1,2,4,8 sends that many answers at once (a local node started for the run, or "
+                    "--api) and reports aggregate decode tokens/s per level (docs/benchmarks.md).",
     )
-    where = bench.add_mutually_exclusive_group(required=True)
+    where = bench.add_mutually_exclusive_group()  # one of them, or --concurrency (checked in cmd_bench)
     where.add_argument("--local", action="store_true", help="benchmark this machine alone, in-process")
     where.add_argument("--api", action="append", default=None, metavar="URL",
                        help="a running mesh's node (repeatable; the first is the entry node)")
@@ -113,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", default=None, metavar="FMT[,FMT...]",
                        help="weight format(s): auto (default), f32, f16, int8, int4; with several, "
                             "--local runs each in a fresh process, alternating, --rounds times")
-    bench.add_argument("--rounds", type=int, default=3, help="--local with several formats: rounds (3)")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="--local with several formats, --concurrency: rounds (3)")
     bench.add_argument("--threads", type=int, default=None,
-                       help="--local: torch threads; --mesh: total cores to share (default: all cores)")
+                       help="--local, --concurrency: torch threads; --mesh: total cores to share (default: all cores)")
     bench.add_argument("--codecs", default=",".join(("f32", "f16", "bf16", "int8")),
                        help="--mesh: codecs to compare (default f32,f16,bf16,int8)")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token (512)")
@@ -123,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttft-runs", type=int, default=3, help="--api/--mesh: TTFT runs, median kept (3)")
     bench.add_argument("--agreement-tokens", type=int, default=32,
                        help="--api/--mesh: greedy tokens per agreement prompt (32)")
+    bench.add_argument("--concurrency", default=None, metavar="N[,N...]",
+                       help="answers at once per level, e.g. 1,2,4,8: aggregate decode tokens/s, time between "
+                            "tokens and TTFT per level, --rounds rounds in alternating order; alone (or with "
+                            "--local) on one node started for the run with --threads, or with --api (answers "
+                            "go to the given URLs in turn)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.set_defaults(run=cmd_bench)
 
@@ -208,6 +216,10 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         help="port peers use for signaling (default: API port + 1)")
     parser.add_argument("--mem-budget", type=_bytes_arg, default=None, metavar="BYTES",
                         help="weights this node offers, e.g. 2G or 500M (default: half the memory)")
+    parser.add_argument("--max-sessions", dest="max_sessions", type=int, default=None, metavar="N",
+                        help="answers this node serves at once; more wait in a queue (4 per slot), then "
+                             "get a 429 (default: as many full-context KV caches as a quarter of the "
+                             "memory budget holds, 1..16)")
     parser.add_argument("--objective", default=None, choices=OBJECTIVES,
                         help=f"planner objective (default {DEFAULT_OBJECTIVE}: every node takes a share)")
     parser.add_argument("--codec", default=None, choices=("f32", "f16", "bf16", "int8"),

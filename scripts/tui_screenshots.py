@@ -41,7 +41,7 @@ def mesh(term: int, with_phone: bool) -> dict:
     if with_phone:
         nodes.append(node("n-phone", "phone", (24, 30), mem_gib=2.0, ms_per_layer=6.3, rtt_ms=4.25))
     snapshot = status(nodes, term=term)
-    snapshot["sessions"] = 1
+    snapshot["sessions"] = {"running": 1, "queued": 0, "max": 4, "queue_max": 16}
     return snapshot
 
 

@@ -51,7 +51,7 @@ def status(nodes: Sequence[dict[str, Any]], *, term: int = 1, num_layers: int = 
         "plan": {"term": term, "state": plan_state, "stages": stages} if stages else None,
         "nodes": list(nodes),
         "incompatible": [],
-        "sessions": 0,
+        "sessions": {"running": 0, "queued": 0, "max": 4, "queue_max": 16},
     }
 
 

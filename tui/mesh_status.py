@@ -120,6 +120,19 @@ class FallbackInfo:
 
 
 @dataclass(frozen=True)
+class SessionsInfo:
+    """The answers of the node the UI is attached to (docs/api.md, ``sessions``)."""
+
+    running: int = 0
+    queued: int = 0
+    """Waiting for a slot."""
+    max_sessions: int | None = None
+    """Answers it serves at once (``--max-sessions``); None: not known yet."""
+    queue_max: int | None = None
+    """Requests that may wait; one more gets a 429."""
+
+
+@dataclass(frozen=True)
 class MeshStatus:
     self_id: str
     model_name: str | None
@@ -131,8 +144,8 @@ class MeshStatus:
     plan: PlanInfo | None
     nodes: tuple[NodeInfo, ...]
     incompatible: tuple[IncompatibleNode, ...]
-    sessions: int
-    """Chat requests in progress on this node."""
+    sessions: SessionsInfo
+    """Chat requests in progress on this node: running and waiting."""
     weights: str | None = None
     """The mesh's weight format in memory (f32, f16, int8, int4)."""
     fallback: FallbackInfo | None = None
@@ -203,7 +216,7 @@ class MeshStatus:
                 )
                 for item_map in (_mapping(item, "incompatible[]") for item in _list(body, "incompatible"))
             ),
-            sessions=_optional(body, "sessions", int) or 0,
+            sessions=_sessions(body.get("sessions")),
             fallback=_fallback(body.get("fallback")),
             latency=_latency(body.get("latency")),
             mesh_key_id=_optional(body, "mesh_key_id", str),
@@ -231,6 +244,14 @@ def _node(data: object, coordinator_id: str | None) -> NodeInfo:
         predicted_ms_per_token=_optional(body, "predicted_ms_per_token", float),
         measured_ms_per_token=_optional(body, "measured_ms_per_token", float),
     )
+
+
+def _sessions(data: object) -> SessionsInfo:
+    if data is None:
+        return SessionsInfo()
+    body = _mapping(data, "sessions")
+    return SessionsInfo(running=_optional(body, "running", int) or 0, queued=_optional(body, "queued", int) or 0,
+                        max_sessions=_optional(body, "max", int), queue_max=_optional(body, "queue_max", int))
 
 
 def _link(data: object) -> LinkInfo | None:

@@ -76,6 +76,17 @@ def format_latency(latency: dict[str, Any] | None) -> str | None:
     return "\n          ".join(lines)
 
 
+def format_sessions(sessions: object) -> str:
+    """Answers running and waiting on this node, with their limits."""
+    if not isinstance(sessions, dict):
+        return "-"
+    running, queued = sessions.get("running", 0), sessions.get("queued", 0)
+    most, queue_max = sessions.get("max"), sessions.get("queue_max")
+    if most is None:
+        return f"{running} running, {queued} waiting"
+    return f"{running} running (at most {most} at once), {queued} waiting (at most {queue_max})"
+
+
 def format_fallback(fallback: dict[str, Any]) -> str:
     """The local fallback model in one line: off, standing by, or answering (and why)."""
     if fallback.get("state") == "off" or not fallback.get("model"):
@@ -112,7 +123,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"model:    {model_text}",
         f"plan:     {plan_text}; codec {status.get('codec', '-')}",
-        f"sessions: {status.get('sessions', 0)}",
+        f"sessions: {format_sessions(status.get('sessions'))}",
     ]
     if isinstance(model, dict) and model.get("kernel"):
         invariant = ", batch-invariant" if model.get("batch_invariant") else ""

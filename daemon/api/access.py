@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from daemon.api.http import error_response
+from daemon.api.http import error_response, too_many_requests
 from daemon.private_files import make_private_dir, write_private
 
 log = logging.getLogger(__name__)
@@ -164,11 +164,9 @@ class AccessGuard:
             return _unauthorized(request)
         count = self._in_progress.get(remote, 0)
         if count >= self._max_per_client:
-            response = error_response(
-                429, f"too many requests in progress from {remote} (at most {self._max_per_client} "
-                     f"at a time); retry after {RETRY_AFTER_S} s", code="too_many_requests")
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-            return response
+            return too_many_requests(
+                f"too many requests in progress from {remote} (at most {self._max_per_client} "
+                f"at a time); retry after {RETRY_AFTER_S} s", code="too_many_requests", retry_after_s=RETRY_AFTER_S)
         self._in_progress[remote] = count + 1
         try:
             return await handler(request)

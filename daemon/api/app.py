@@ -3,7 +3,8 @@
 Handlers are thin: they check input, hand work to ``Completions`` and write OpenAI shapes.
 No request can crash the daemon: every failure becomes a JSON error (or an error event in a
 stream), and a client that disconnects cancels only its own generation. Who may call what, and
-how much at once, is `daemon.api.access`. A client that sends half a request and stalls is
+how much at once, is `daemon.api.access`; how many answers this node serves at once, and who
+waits, is `daemon.api.admission`. A client that sends half a request and stalls is
 dropped: headers must arrive within HEADER_TIMEOUT_S, a body within BODY_TIMEOUT_S (both
 servers of a node, this API and the mesh's signaling, are started by ``ApiServer.start``).
 """
@@ -22,11 +23,12 @@ from aiohttp import web
 
 from daemon.answer import AnswerStream, Serving, WorkerStopped
 from daemon.api.access import DEFAULT_MAX_PER_CLIENT, AccessGuard, is_loopback_client
+from daemon.api.admission import Admission, Busy
 from daemon.api.chat_request import RequestError, parse_chat_request
 from daemon.api.completions import Completions, NotReady, PreparedChat
 from daemon.api.events import EventHub
 from daemon.api.http import (BODY_TIMEOUT, BODY_TIMEOUT_S, MAX_BODY_BYTES, SSE_HEADERS, BodyError, error_body,
-                             error_response, read_json_body, send_event)
+                             error_response, read_json_body, send_event, too_many_requests)
 from daemon.api.status import StatusBoard
 from daemon.api.stop_strings import StopScanner
 from daemon.api.tune import MAX_TUNE_BODY_BYTES, TuneEndpoint
@@ -68,12 +70,14 @@ class ApiHandlers:
         board: StatusBoard,
         hub: EventHub,
         request_stop: Callable[[], None],
+        admission: Admission,
         *,
         keepalive_s: float = KEEPALIVE_S,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._completions = completions
+        self._admission = admission
         self._board = board
         self._hub = hub
         self._request_stop = request_stop
@@ -97,17 +101,20 @@ class ApiHandlers:
         except NotReady as error:
             return error_response(503, str(error))
         try:
-            tokens = self._completions.generate(prepared)
-        except (NotReady, WorkerStopped):
-            return error_response(503, "the daemon is stopping")
-        self._board.session_started()
-        try:
-            if prepared.request.stream:
-                return await self._stream_chat(request, prepared, tokens)
-            return await self._whole_chat(prepared, tokens)
-        finally:
-            tokens.close()  # a client that went away (or a stop string) cancels the generation
-            self._board.session_ended()
+            slot = await self._admission.acquire()  # a client that goes away meanwhile leaves the queue
+        except Busy as busy:
+            return too_many_requests(busy.message, code=busy.code, retry_after_s=busy.retry_after_s)
+        with slot:  # given back as the answer ends, fails, or its client goes away
+            try:
+                tokens = self._completions.generate(prepared)
+            except (NotReady, WorkerStopped):
+                return error_response(503, "the daemon is stopping")
+            try:
+                if prepared.request.stream:
+                    return await self._stream_chat(request, prepared, tokens)
+                return await self._whole_chat(prepared, tokens)
+            finally:
+                tokens.close()  # a client that went away (or a stop string) cancels the generation
 
     async def _whole_chat(self, prepared: PreparedChat, tokens: AnswerStream) -> web.Response:
         pieces: list[str] = []
@@ -350,13 +357,19 @@ def create_app(
     api_key: str | None = None,
     max_per_client: int = DEFAULT_MAX_PER_CLIENT,
     body_timeout_s: float = BODY_TIMEOUT_S,
+    admission: Admission | None = None,
 ) -> web.Application:
     """The aiohttp application. ``allowed_hosts`` guards against DNS rebinding (None: any).
     ``api_key``: the bearer token every request needs (None: none, for an API on loopback).
     ``max_per_client``: requests one client address may have in progress (429 beyond).
     Bodies are bounded by ``max_body_bytes`` (a tune request's by MAX_TUNE_BODY_BYTES) and
-    must arrive within ``body_timeout_s``."""
-    handlers = ApiHandlers(completions, board, hub, request_stop, keepalive_s=keepalive_s,
+    must arrive within ``body_timeout_s``. ``admission``: the node's answer slots and queue
+    (default: MAX_DEFAULT_SESSIONS slots); the status shows them."""
+    if admission is None:
+        admission = Admission()
+    admission.watch(board.refresh)
+    board.attach_sessions(admission.view)
+    handlers = ApiHandlers(completions, board, hub, request_stop, admission, keepalive_s=keepalive_s,
                            max_body_bytes=max_body_bytes)
     tune = tune or TuneEndpoint()
     app = web.Application(client_max_size=max(max_body_bytes, MAX_TUNE_BODY_BYTES),

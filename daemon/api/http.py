@@ -28,6 +28,13 @@ def error_response(status: int, message: str, *, param: str | None = None,
     return web.json_response(body, status=status)
 
 
+def too_many_requests(message: str, *, code: str, retry_after_s: int) -> web.Response:
+    """A 429 in OpenAI's shape whose ``Retry-After`` says when to try again, in seconds."""
+    response = error_response(429, message, code=code)
+    response.headers["Retry-After"] = str(retry_after_s)
+    return response
+
+
 def error_body(message: str, status: int = 500) -> dict[str, Any]:
     """The ``error`` object of OpenAI's shape (also an error event in a stream)."""
     kind = "invalid_request_error" if status < 500 else "server_error"

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from daemon.api.events import EventHub, StatusEvent
 
 NodeState = Literal["starting", "loading", "ready", "lost"]
+NO_SESSIONS = {"running": 0, "queued": 0, "max": None, "queue_max": None}
+"""The ``sessions`` object before the node's admission is attached."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,6 @@ class SelfState:
     state: NodeState = "starting"
     model: ModelSummary | None = None
     ms_per_layer: float | None = None
-    sessions: int = 0
-    """Chat requests in progress (running or queued)."""
     codec: str = "f32"
     mesh_key_id: str | None = None
     """The mesh key's public id (``open``: an open mesh); None until the key is loaded."""
@@ -60,6 +60,7 @@ class StatusBoard:
         self._hub = hub
         self._mesh_view: Callable[[], dict[str, Any]] | None = None
         self._fallback_view: Callable[[], dict[str, Any]] | None = None
+        self._sessions_view: Callable[[], dict[str, Any]] | None = None
         self._last: dict[str, Any] | None = None
 
     def attach_mesh(self, mesh_view: Callable[[], dict[str, Any]]) -> None:
@@ -70,6 +71,12 @@ class StatusBoard:
     def attach_fallback(self, fallback_view: Callable[[], dict[str, Any]]) -> None:
         """From now on the local fallback model supplies the ``fallback`` object."""
         self._fallback_view = fallback_view
+        self.refresh()
+
+    def attach_sessions(self, sessions_view: Callable[[], dict[str, Any]]) -> None:
+        """From now on the node's admission supplies the ``sessions`` object (running, queued
+        and their limits)."""
+        self._sessions_view = sessions_view
         self.refresh()
 
     def refresh(self) -> None:
@@ -93,12 +100,6 @@ class StatusBoard:
         """The node serves another model id now (a finished tune job's adapter)."""
         if self._state.model is not None:
             self.update(model=replace(self._state.model, model_id=model_id))
-
-    def session_started(self) -> None:
-        self.update(sessions=self._state.sessions + 1)
-
-    def session_ended(self) -> None:
-        self.update(sessions=self._state.sessions - 1)
 
     def snapshot(self) -> dict[str, Any]:
         """The body of ``GET /v1/status`` (docs/api.md)."""
@@ -141,7 +142,7 @@ class StatusBoard:
             ],
             "latency": None,
             "incompatible": [],
-            "sessions": s.sessions,
+            "sessions": self._sessions_view() if self._sessions_view is not None else dict(NO_SESSIONS),
             "mesh_key_id": s.mesh_key_id,
             "invite": s.invite,
             "fallback": self._fallback_view() if self._fallback_view is not None else None,

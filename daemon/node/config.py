@@ -95,6 +95,10 @@ class NodeConfig:
     port + 1. It listens on 127.0.0.1 with --loopback, else on every address."""
     mem_budget: int = 0
     """Bytes of weights this node offers the mesh. 0: half of the machine's memory."""
+    max_sessions: int | None = None
+    """Answers this node serves at once; more wait in a queue of 4 per slot, then get a 429
+    (docs/operations.md, "Admission"). None: as many as the KV cache of a full context fits in a
+    quarter of the memory budget, 1..16."""
     objective: str = DEFAULT_OBJECTIVE
     """Planner objective: ``throughput`` (balanced spans, every node works) or ``latency``."""
     codec: str = "f32"
@@ -215,6 +219,8 @@ class NodeConfig:
                 raise ConfigError(str(error)) from None
         if self.mem_budget < 0:
             raise ConfigError("mem budget must be >= 0 bytes")
+        if self.max_sessions is not None and self.max_sessions < 1:
+            raise ConfigError(f"max sessions must be at least 1, not {self.max_sessions}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.codec not in ("f32", "f16", "bf16", "int8"):
@@ -298,7 +304,7 @@ def client_url(host: str, port: int) -> str:
 _FIELD_META = {option.name: option.metadata for option in fields(NodeConfig)}
 _BYTES_FIELDS = frozenset({"mem_budget"})
 _INT_FIELDS = frozenset({"api_port", "threads", "mesh_port", "rebuild_log_mb",
-                         "private_layers"})
+                         "private_layers", "max_sessions"})
 _FLOAT_FIELDS = frozenset({"heartbeat_timeout_s", "debug_delay_ms", "debug_link_delay_ms",
                            "target_ms_per_token", "target_ttft_ms", "debug_tune_scale"})
 _BOOL_FIELDS = frozenset({"accept_adapters", "loopback", "no_tui", "open_mesh"})

@@ -29,6 +29,7 @@ from meshllm.tune.rounds import TuneSettings
 from meshllm.wire import PROTOCOL_VERSION, Hello
 
 from daemon.api.access import ApiKey, ApiKeyError, is_loopback_host, load_api_key
+from daemon.api.admission import Admission, kv_bytes_per_session, session_limits
 from daemon.api.app import LOOPBACK_HOSTS, ApiServer, create_app
 from daemon.api.completions import Completions
 from daemon.api.events import EventHub
@@ -244,6 +245,8 @@ class Node:
         worker = GenerationWorker(config.threads)
         completions = Completions(worker)
         self._tune = TuneEndpoint()
+        # until the model is loaded (no answer starts before): the flag's limit, or one slot
+        self._admission = Admission(config.max_sessions or 1)
         allowed_hosts = LOOPBACK_HOSTS if config.is_loopback_only() else None
         api_key: ApiKey | None = None
         if not is_loopback_host(config.api_host):  # beyond loopback: a bearer token (docs/api.md)
@@ -254,7 +257,7 @@ class Node:
                 raise StartupError(str(error)) from None
             self.api_key = api_key.value
         app = create_app(completions, board, hub, self.request_stop, allowed_hosts=allowed_hosts, tune=self._tune,
-                         api_key=self.api_key)
+                         api_key=self.api_key, admission=self._admission)
         try:
             server = await ApiServer.start(app, config.api_host, config.api_port)
         except OSError as error:
@@ -321,6 +324,11 @@ class Node:
             costs = EntryCosts(head_ms=0.0, prefill_ms_per_layer=0.0)
         info = runtime.engine.info
         budget = config.mem_budget or physical_memory_bytes() // 2
+        limits = session_limits(config.max_sessions, mem_budget_bytes=budget, kv_bytes=kv_bytes_per_session(
+            info.num_layers, *runtime.kv_shape, info.max_positions))
+        self._admission.set_limits(limits.max_sessions, limits.queue_max)
+        log.info("admission: %s", limits.describe())
+        hub.log("info", limits.describe())
         board.update(model=ModelSummary(runtime.mesh_model_id, info.name, info.num_layers, info.weights, info.kernel,
                                         info.batch_invariant, runtime.private_layers),
                      ms_per_layer=round(ms_per_layer, 4), mem_budget_bytes=budget)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
 
 from daemon.api.app import ApiServer, create_app
-from daemon.api.completions import Completions
+from daemon.api.completions import Completions, MeshAnswers
 from daemon.api.events import EventHub
 from daemon.api.status import ModelSummary, SelfState, StatusBoard
 from daemon.node.worker import GenerationWorker
@@ -36,7 +37,9 @@ async def make_api() -> AsyncIterator[MakeApi]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
     async def make(engine: FakeEngine | None = None, *, keepalive_s: float = 5.0,
-                   loaded: bool = True) -> Served:
+                   loaded: bool = True, mesh: MeshAnswers | None = None, **app_options: Any) -> Served:
+        """``mesh``: answers come from it (as on a node), not from the engine on the worker;
+        ``app_options`` go to create_app."""
         engine = engine if engine is not None else FakeEngine()
         hub = EventHub()
         board = StatusBoard(
@@ -48,12 +51,12 @@ async def make_api() -> AsyncIterator[MakeApi]:
         worker.start()
         completions = Completions(worker)
         if loaded:
-            completions.attach(engine)
+            completions.attach(engine, mesh)
             info = engine.info
             board.update(state="ready", model=ModelSummary(info.model_id, info.name, info.num_layers, info.weights),
                          ms_per_layer=engine.measure_ms_per_layer())
         stop_requested = asyncio.Event()
-        app = create_app(completions, board, hub, stop_requested.set, keepalive_s=keepalive_s)
+        app = create_app(completions, board, hub, stop_requested.set, keepalive_s=keepalive_s, **app_options)
         server = await ApiServer.start(app, "127.0.0.1", 0, shutdown_timeout_s=1.0)
         session = aiohttp.ClientSession()
 

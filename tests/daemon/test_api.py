@@ -319,7 +319,8 @@ async def test_status_describes_a_single_node(api: Served) -> None:
     [node] = status["nodes"]
     assert node["is_self"] and node["role"] == "coordinator" and node["state"] == "ready"
     assert node["span"] == [0, 4] and node["ms_per_layer"] == 1.5
-    assert status["incompatible"] == [] and status["sessions"] == 0
+    assert status["incompatible"] == []
+    assert status["sessions"] == {"running": 0, "queued": 0, "max": 16, "queue_max": 64}
 
 
 async def test_status_while_loading_has_no_plan(make_api: MakeApi) -> None:
@@ -349,10 +350,10 @@ async def test_events_start_with_status_then_logs_and_pings(make_api: MakeApi) -
 async def test_events_follow_session_count(api: Served) -> None:
     async with api.session.get(f"{api.url}/v1/events") as response:
         items = sse_items(response)
-        assert (await anext(items))["status"]["sessions"] == 0
+        assert (await anext(items))["status"]["sessions"]["running"] == 0
         await post_chat(api, {"messages": HELLO})
-        assert (await anext(items))["status"]["sessions"] == 1
-        assert (await anext(items))["status"]["sessions"] == 0
+        assert (await anext(items))["status"]["sessions"]["running"] == 1
+        assert (await anext(items))["status"]["sessions"]["running"] == 0
 
 
 async def test_down_answers_then_stops(api: Served) -> None:

@@ -121,9 +121,10 @@ def test_status_table() -> None:
                    "state": "ready", "mem_budget_bytes": 8_000_000_000, "ms_per_layer": 1.94,
                    "span": [0, 6], "weight_bytes": 2_500_000, "rtt_ms": None, "address": "127.0.0.1:8470"}],
         "incompatible": [{"name": "other", "address": "127.0.0.1:9000", "reason": "mesh name 'x' != 'default'"}],
-        "sessions": 1,
+        "sessions": {"running": 2, "queued": 3, "max": 2, "queue_max": 8},
     }
     text = format_status(status)
+    assert "sessions: 2 running (at most 2 at once), 3 waiting (at most 8)" in text
     assert "Tiny (6 layers, int4 weights, id abcdef012345)" in text
     assert "term 2, active, 1 stage(s)" in text
     header, row = [line for line in text.splitlines() if "coordinator" in line or "ROLE" in line]

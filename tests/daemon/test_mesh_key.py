@@ -241,7 +241,8 @@ def test_the_mdns_record_carries_the_key_id_and_another_key_is_named() -> None:
 
 def status_json(**changes: object) -> dict[str, object]:
     base: dict[str, object] = {"self_id": "n-1", "model": None, "codec": "f32", "term": 0, "coordinator_id": "n-1",
-                               "plan": None, "nodes": [], "incompatible": [], "sessions": 0}
+                               "plan": None, "nodes": [], "incompatible": [],
+                               "sessions": {"running": 0, "queued": 0, "max": 1, "queue_max": 4}}
     return {**base, **changes}
 
 

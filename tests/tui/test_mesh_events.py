@@ -57,9 +57,10 @@ def test_the_single_node_daemon_snapshot_reads() -> None:
                "plan": None, "nodes": [{"id": "n-1", "name": "box", "is_self": True, "role": "coordinator",
                                         "state": "loading", "mem_budget_bytes": 10**9, "ms_per_layer": None,
                                         "span": None, "rtt_ms": None, "address": "127.0.0.1:8470"}],
-               "incompatible": [], "sessions": 0}
+               "incompatible": [], "sessions": {"running": 0, "queued": 0, "max": 1, "queue_max": 4}}
     mesh = MeshStatus.from_json(loading)
     assert mesh.num_layers is None and mesh.layer_owners() == () and mesh.nodes[0].state == "loading"
+    assert (mesh.sessions.running, mesh.sessions.queued, mesh.sessions.max_sessions) == (0, 0, 1)
 
 
 @pytest.mark.parametrize("breakage", [

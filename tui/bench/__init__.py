@@ -12,6 +12,11 @@ dispatches):
 - ``mesh``: ``--mesh N``, one run that starts a single-node reference and then an N-node
   local mesh per codec on this machine, measures each the same way and compares them
   (``run_mesh_comparison``, ``compare``);
+- ``concurrency``: ``--concurrency 1,2,4,8``, the pure arithmetic and table of N answers at
+  once (aggregate decode tokens/s, time between tokens, TTFT, TTFT under load);
+- ``streams``: the measuring of concurrent answers through the API, and the loopback nodes
+  it starts (one for ``--concurrency`` without ``--api``; nodes pinned to cores for the
+  two-devices script);
 - ``report``: ``BenchError``, the tables, and the pure arithmetic of a measure.
 
 What is measured through the API:

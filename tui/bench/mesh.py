@@ -194,7 +194,7 @@ class _LocalSetup:
                          extra_args=[*extra, "--mesh-name", f"{self.mesh_name}-{label}"])
         await asyncio.to_thread(mesh.start)
         try:
-            await asyncio.to_thread(_wait_for_stages, mesh, count, self.start_timeout_s)
+            await asyncio.to_thread(wait_for_stages, mesh, count, self.start_timeout_s)
         except BaseException:
             await asyncio.to_thread(mesh.stop)
             raise
@@ -242,7 +242,7 @@ async def _compare(setup: _LocalSetup, nodes: int, codecs: Sequence[str], cores:
     return pooled.result(), references, meshes
 
 
-def _wait_for_stages(mesh: Any, count: int, timeout_s: float) -> None:
+def wait_for_stages(mesh: Any, count: int, timeout_s: float) -> None:
     """Until every node agrees on one active plan with ``count`` stages."""
     deadline = time.monotonic() + timeout_s
     while True:

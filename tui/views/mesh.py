@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from tui.mesh_events import LogLine
-from tui.mesh_status import LatencyInfo, MeshStatus
+from tui.mesh_status import LatencyInfo, MeshStatus, SessionsInfo
 from tui.widgets.event_log import EventLog
 from tui.widgets.layer_map import LayerMap
 from tui.widgets.nodes_table import NodesTable
@@ -29,7 +29,7 @@ def format_facts(status: MeshStatus) -> Text:
         ("  codec ", "dim"), status.codec,
         ("  term ", "dim"), str(status.term),
         ("  plan ", "dim"), (plan_state, PLAN_STYLES.get(plan_state, "bold red")),
-        ("  sessions ", "dim"), str(status.sessions),
+        ("  sessions ", "dim"), format_sessions(status.sessions),
     )
     if status.latency is not None:
         facts.append("\n")
@@ -48,6 +48,17 @@ def format_facts(status: MeshStatus) -> Text:
         if other.reason == ANOTHER_MESH_KEY:
             facts.append(" — to join it: `meshllm invite` there, `meshllm up --invite CODE` here", style="dim")
     return facts
+
+
+def format_sessions(sessions: SessionsInfo) -> Text:
+    """Answers running (of the most at once) and waiting (of the most that may wait)."""
+    def of(most: int | None) -> str:
+        return "" if most is None else f"/{most}"
+    text = Text(f"{sessions.running}{of(sessions.max_sessions)} running")
+    if sessions.queued or sessions.queue_max is not None:
+        text.append(f", {sessions.queued}{of(sessions.queue_max)} waiting",
+                    style="yellow" if sessions.queued else "")
+    return text
 
 
 def format_invite(status: MeshStatus) -> Text:
