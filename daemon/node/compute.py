@@ -62,7 +62,7 @@ class ComputeRunner:
         self._embed_ms.pop(session_id, None)
 
     def status_view(self) -> dict[str, object]:
-        """`/v1/status`'s "mesh.compute" (docs/api.md)."""
+        """`/v1/status`'s "compute" (docs/api.md)."""
         return {**self._counts, "queued_jobs": len(self._queue), "batching": self._queue.batching}
 
     def run_next(self) -> None:
