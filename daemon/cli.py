@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "--local with several --weights compares weight formats (speed, memory "
                     "against the file); --quality gives each format's perplexity. --concurrency "
                     "1,2,4,8 sends that many answers at once (a local node started for the run, or "
-                    "--api) and reports aggregate decode tokens/s per level (docs/benchmarks.md).",
+                    "--api) and reports aggregate decode tokens/s per level (docs/benchmarks.md). "
+                    "--speculate off,ngram,auto starts nodes (one, or --mesh N) for each mode and "
+                    "compares their greedy answers over the shipped prompt sets: decode tokens/s, "
+                    "acceptance, tokens per trip, and identity with off.",
     )
     where = bench.add_mutually_exclusive_group()  # one of them, or --concurrency (checked in cmd_bench)
     where.add_argument("--local", action="store_true", help="benchmark this machine alone, in-process")
@@ -118,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3,
                        help="--local with several formats, --concurrency: rounds (3)")
     bench.add_argument("--threads", type=int, default=None,
-                       help="--local, --concurrency: torch threads; --mesh: total cores to share (default: all cores)")
+                       help="--local, --concurrency: torch threads; --mesh: total cores to share (default: all cores); "
+                            "--speculate: threads of each node (default: cores / nodes)")
     bench.add_argument("--codecs", default=",".join(("f32", "f16", "bf16", "int8")),
                        help="--mesh: codecs to compare (default f32,f16,bf16,int8)")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token (512)")
@@ -131,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokens and TTFT per level, --rounds rounds in alternating order; alone (or with "
                             "--local) on one node started for the run with --threads, or with --api (answers "
                             "go to the given URLs in turn)")
+    bench.add_argument("--speculate", default=None, metavar="MODE[,MODE...]",
+                       help="speculative decoding: off,ngram,draft,auto (off is always measured): nodes "
+                            "started per mode (one, or --mesh N each), greedy answers over the prompt sets, "
+                            "the modes in turns, --rounds rounds (docs/benchmarks.md)")
+    bench.add_argument("--prompt-set", dest="prompt_set", default=None, metavar="SET[,SET...]",
+                       help="--speculate: repetitive, open, or a JSONL file of your own (default: both sets)")
+    bench.add_argument("--prompts", type=int, default=None, metavar="N",
+                       help="--speculate: only the first N prompts of each set (default: all)")
+    bench.add_argument("--answer-tokens", dest="answer_tokens", type=int, default=None, metavar="N",
+                       help="--speculate: max_tokens of each answer (128)")
+    bench.add_argument("--draft-model", dest="draft_model", default=None, metavar="PATH|builtin|none",
+                       help="--speculate: the draft model of the draft and auto nodes")
+    bench.add_argument("--debug-link-delay-ms", dest="debug_link_delay_ms", type=float, default=None,
+                       metavar="MS", help="--speculate: passed to every node (a Wi-Fi-like hop)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.set_defaults(run=cmd_bench)
 
@@ -236,6 +254,10 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                              "that neither the prompt's embeddings nor the last hidden state cross the "
                              "network (default 1; 0: the mesh may place every layer; every node of a mesh "
                              "must use the same K)")
+    parser.add_argument("--speculate", default=None, choices=("auto", "ngram", "draft", "off"),
+                        help="speculative decoding of this node's answers: drafted tokens checked several "
+                             "per trip through the mesh, the same answer (default auto: prompt lookup, or "
+                             "the draft model; off where it does not pay; docs/speculation.md)")
     parser.add_argument("--rebuild-log-mb", dest="rebuild_log_mb", type=int, default=None, metavar="MIB",
                         help="memory cap of the hidden-state logs that let a lost peer's layers be rebuilt "
                              "locally (default 256; 0: none, every loss replays the answers in progress)")

@@ -133,6 +133,17 @@ class SessionsInfo:
 
 
 @dataclass(frozen=True)
+class SpeculationInfo:
+    """Speculative decoding of the node's own answers (docs/api.md, ``speculation``)."""
+
+    mode: str = "off"
+    acceptance: float | None = None
+    """Share of the drafted tokens that stood, over the last answers that drafted."""
+    tokens_per_trip: float | None = None
+    """Tokens each verify step through the mesh gave."""
+
+
+@dataclass(frozen=True)
 class MeshStatus:
     self_id: str
     model_name: str | None
@@ -158,6 +169,8 @@ class MeshStatus:
     """The code another device joins this mesh with (``meshllm up --invite CODE``)."""
     private_layers: int = 0
     """K: every entry node runs the first and last K layers of its own answers (`PRIVATE`)."""
+    speculation: SpeculationInfo = SpeculationInfo()
+    """How this node's answers draft, and how well (the last answers)."""
 
     def node(self, node_id: str) -> NodeInfo | None:
         return next((node for node in self.nodes if node.node_id == node_id), None)
@@ -217,6 +230,7 @@ class MeshStatus:
                 for item_map in (_mapping(item, "incompatible[]") for item in _list(body, "incompatible"))
             ),
             sessions=_sessions(body.get("sessions")),
+            speculation=_speculation(body.get("speculation")),
             fallback=_fallback(body.get("fallback")),
             latency=_latency(body.get("latency")),
             mesh_key_id=_optional(body, "mesh_key_id", str),
@@ -252,6 +266,14 @@ def _sessions(data: object) -> SessionsInfo:
     body = _mapping(data, "sessions")
     return SessionsInfo(running=_optional(body, "running", int) or 0, queued=_optional(body, "queued", int) or 0,
                         max_sessions=_optional(body, "max", int), queue_max=_optional(body, "queue_max", int))
+
+
+def _speculation(data: object) -> SpeculationInfo:
+    if data is None:
+        return SpeculationInfo()
+    body = _mapping(data, "speculation")
+    return SpeculationInfo(mode=_optional(body, "mode", str) or "off", acceptance=_optional(body, "acceptance", float),
+                           tokens_per_trip=_optional(body, "tokens_per_trip", float))
 
 
 def _link(data: object) -> LinkInfo | None:

@@ -87,6 +87,17 @@ def format_sessions(sessions: object) -> str:
     return f"{running} running (at most {most} at once), {queued} waiting (at most {queue_max})"
 
 
+def format_speculation(spec: object) -> str:
+    """Speculative decoding of this node's answers: the mode, and the last answers' figures."""
+    if not isinstance(spec, dict):
+        return "-"
+    mode = spec.get("mode", "off")
+    acceptance, per_trip = spec.get("acceptance"), spec.get("tokens_per_trip")
+    if mode == "off" or acceptance is None or per_trip is None:
+        return str(mode)
+    return f"{mode}, {acceptance:.0%} of drafted tokens kept, {per_trip:.1f} tokens a trip (last {spec.get('answers')} answers)"
+
+
 def format_fallback(fallback: dict[str, Any]) -> str:
     """The local fallback model in one line: off, standing by, or answering (and why)."""
     if fallback.get("state") == "off" or not fallback.get("model"):
@@ -124,6 +135,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"model:    {model_text}",
         f"plan:     {plan_text}; codec {status.get('codec', '-')}",
         f"sessions: {format_sessions(status.get('sessions'))}",
+        f"drafting: {format_speculation(status.get('speculation'))}",
     ]
     if isinstance(model, dict) and model.get("kernel"):
         invariant = ", batch-invariant" if model.get("batch_invariant") else ""

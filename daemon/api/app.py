@@ -59,6 +59,16 @@ class Finished:
     completion_tokens: int
     token_ids: tuple[int, ...] = ()
     """The generated token ids (EOS included), reported as the `meshllm.token_ids` extension."""
+    speculation: tuple[int, int, int] | None = None
+    """(drafted, accepted, verify steps) when the answer drafted (meshllm.mesh.speculate)."""
+
+    def extension(self) -> dict[str, Any]:
+        """The `meshllm` object's figures of the answer."""
+        out: dict[str, Any] = {"token_ids": list(self.token_ids)}
+        if self.speculation is not None:
+            drafted, accepted, trips = self.speculation
+            out["speculation"] = {"drafted": drafted, "accepted": accepted, "trips": trips}
+        return out
 
 
 class ApiHandlers:
@@ -154,7 +164,7 @@ class ApiHandlers:
                     }
                 ],
                 "usage": _usage(len(prepared.prompt_ids), finished.completion_tokens),
-                "meshllm": {"token_ids": list(finished.token_ids), "served_by": served.by},
+                "meshllm": {**finished.extension(), "served_by": served.by},
             }
         )
 
@@ -219,7 +229,7 @@ class ApiHandlers:
             if finished.reason == "cancelled":
                 await send_event(response, {"error": error_body("the daemon is stopping")})
                 return response
-            await send_event(response, chunk({}, finished.reason, token_ids=list(finished.token_ids)))
+            await send_event(response, chunk({}, finished.reason, **finished.extension()))
             if chat.include_usage:
                 usage = _usage(len(prepared.prompt_ids), finished.completion_tokens)
                 await send_event(response, {**chunk({}), "choices": [], "usage": usage})
@@ -278,10 +288,12 @@ async def _text_pieces(tokens: AnswerStream, stops: tuple[str, ...]
     scanner = StopScanner(stops)
     count = 0
     ids: list[int] = []
+    drafting: tuple[int, int, int] | None = None
     async for token in tokens:
         if not isinstance(token, Token):  # a mesh state change between tokens, or who serves
             yield token
             continue
+        drafting = token.speculation or drafting
         if token.id >= 0:
             count += 1
             ids.append(token.id)
@@ -290,15 +302,15 @@ async def _text_pieces(tokens: AnswerStream, stops: tuple[str, ...]
             yield text
         if stopped:
             tokens.close()
-            yield Finished("stop", count, tuple(ids))
+            yield Finished("stop", count, tuple(ids), drafting)
             return
         if token.finish_reason is not None:
             rest = scanner.flush()
             if rest:
                 yield rest
-            yield Finished(token.finish_reason, count, tuple(ids))
+            yield Finished(token.finish_reason, count, tuple(ids), drafting)
             return
-    yield Finished("cancelled", count, tuple(ids))  # ended without a last token: the worker is stopping
+    yield Finished("cancelled", count, tuple(ids), drafting)  # ended without a last token: the worker is stopping
 
 
 def _completion_id() -> str:

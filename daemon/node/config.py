@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from daemon.hostport import parse_host_port
+from meshllm.mesh.speculate import MODES as SPECULATE_MODES
 from daemon.invite import InviteError, parse_invite
 from meshllm.placement.planner import DEFAULT_OBJECTIVE, OBJECTIVES
 
@@ -119,6 +120,11 @@ class NodeConfig:
     """K: this node runs the first and the last K decoder layers of its own answers itself, so
     neither a prompt's embeddings nor the hidden state its head reads cross a link (every node
     holds them; docs/security.md). 0 lets the plan place every layer."""
+    speculate: str = "auto"
+    """Speculative decoding of this node's own answers (docs/speculation.md): ``auto`` (drafts
+    by prompt lookup, or by the draft model when one is loaded; stops for an answer where it
+    does not pay), ``ngram`` (prompt lookup), ``draft`` (the draft model) or ``off``. Only with
+    batch-invariant kernels (not f32): the answer is then token for token the same."""
     rebuild_log_mb: int = 256
     """Memory cap of this node's output logs, in MiB (what a rebuild after a lost peer reads;
     docs/operations.md). 0 keeps none: every loss then replays the answers in progress."""
@@ -235,6 +241,8 @@ class NodeConfig:
                               f"{self.fallback_model!r} does not exist")
         if not 0 <= self.debug_delay_ms <= 60_000:
             raise ConfigError("debug delay must be 0..60000 ms")
+        if self.speculate not in SPECULATE_MODES:
+            raise ConfigError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, not {self.speculate!r}")
         if not 0 <= self.private_layers <= 64:
             raise ConfigError("private layers must be 0..64")
         if not 0 <= self.rebuild_log_mb <= 1_048_576:

@@ -38,6 +38,7 @@ from meshllm.mesh import (
 )
 from meshllm.mesh.checks import PeerFaults
 from meshllm.mesh.core import ModelLimits
+from meshllm.mesh.speculate import policy_for
 from meshllm.model.runtime import Runtime
 from meshllm.model.sampling import Sampler, SamplingParams
 from meshllm.placement.planner import ModelSpec
@@ -141,12 +142,17 @@ class MeshDriver:
         link_error: type[Exception] = MeshllmError,
         dial_backoff: DialBackoff | None = None,
         peer_faults: PeerFaults | None = None,
+        speculate: str = "auto",
     ) -> None:
         """`on_model_id`: the node serves another model id now (an adapter), with this hello.
         `link_error`: what `links` raises for a link that failed or cannot be made (the node
         gives `daemon.net.links.LinkError`; by default any MeshllmError). `peer_faults`: the
         budget of what a peer's messages may make a handler raise (default 5 in 10 s)."""
         self.hello = hello
+        self.speculate = speculate
+        """`--speculate` (meshllm.mesh.speculate): how this node's own answers draft."""
+        self._drafting: deque[tuple[int, int, int]] = deque(maxlen=32)
+        """(drafted, accepted, verify steps) of the last answers here that drafted."""
         self.node_id = hello.node_id
         self.runtime = runtime
         self.worker = worker
@@ -351,12 +357,15 @@ class MeshDriver:
         Raises MeshUnavailable when the mesh cannot answer (no plan in time, too little
         memory, steps that keep failing)."""
         session = self.runtime.engine.new_session(prompt_ids, params)
+        if self.runtime.batch_invariant:  # a verify step's positions then have the bits of single steps
+            session.drafting = policy_for(self.speculate, has_draft_model=False)
         queue: asyncio.Queue[SessionOutput | SessionEnded] = asyncio.Queue()
         session_id = self.core.open_session(session, time.monotonic())
         self._answers[session_id] = queue
         self._samplers[session_id] = Sampler(params)
         self._pump()
         ended = False
+        drafting: tuple[int, int, int] | None = None
         try:
             while True:
                 if should_stop():
@@ -368,8 +377,12 @@ class MeshDriver:
                     if event.error is not None:
                         raise MeshUnavailable(event.error)
                     return
+                if isinstance(event.item, Token) and event.item.speculation is not None:
+                    drafting = event.item.speculation
                 yield event.item
         finally:
+            if drafting is not None:
+                self._drafting.append(drafting)
             if not ended:  # the listener left: forget the answer everywhere
                 self.core.close_session(session_id)
                 self._pump()
@@ -513,7 +526,17 @@ class MeshDriver:
         view["incompatible"] = sorted(self.incompatible.values(), key=lambda d: d["name"])
         view["tune"] = self.tune.status_view()
         view["compute"] = self.compute.status_view()
+        view["speculation"] = self._speculation_view()
         return view
+
+    def _speculation_view(self) -> dict[str, object]:
+        """`/v1/status`'s "speculation": the mode in force and the last answers' figures."""
+        drafted, accepted, trips = (sum(d[i] for d in self._drafting) for i in range(3))
+        return {"mode": self.speculate if self.runtime.batch_invariant else "off",
+                "answers": len(self._drafting),
+                "acceptance": round(accepted / drafted, 3) if drafted else None,
+                "tokens_per_trip": round((accepted + trips) / trips, 2) if trips else None,
+                "draft_ms_per_token": None}
 
     # -- adapters ----------------------------------------------------------------------------------
 

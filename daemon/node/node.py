@@ -437,7 +437,7 @@ class Node:
                           log_event=hub.log, state_dir=config.state_dir,
                           tune_settings=TuneSettings(debug_update_scale=config.debug_tune_scale,
                                                      accept_adapters=config.accept_adapters),
-                          on_model_id=model_id_changed, link_error=LinkError)
+                          on_model_id=model_id_changed, link_error=LinkError, speculate=config.speculate)
         inbox.deliver_to(mesh)
         signaling.serve_with(links.signaling_routes()[0].handler)
         board.attach_mesh(mesh.status_view)

@@ -6,7 +6,7 @@ computed in one forward that reads each weight once (`meshllm.model.runtime.Runt
 
 A batch takes, from the jobs waiting at the head of the queue up to the first job that is not a
 `Compute` (a span load, a cache import, a drop, a rebuild part: those keep their place):
-- every one-position step (a decode step), and
+- every decode step (one position, or the last token and its drafts), and
 - at most one step of several positions (a chunk of a prompt), the one that waited longest:
   a long prompt is read one chunk a run, and the running answers keep streaming meanwhile.
 
@@ -21,6 +21,11 @@ from __future__ import annotations
 from collections import deque
 
 from meshllm.mesh.jobs import Compute, Job
+from meshllm.mesh.speculate import MAX_DRAFT
+
+WIDE_POSITIONS = MAX_DRAFT + 1
+"""A step of more positions is a prompt chunk; up to this many, a decode step (the last token
+and its drafts: meshllm.mesh.speculate), which batches with the others."""
 
 MAX_BATCH_STEPS = 64
 """Decode steps one run carries at most (the rest wait for the next run, oldest first)."""
@@ -54,7 +59,7 @@ class JobQueue:
         while self._jobs and isinstance(self._jobs[0], Compute):
             job = self._jobs.popleft()
             assert isinstance(job, Compute)
-            wide = job.positions > 1
+            wide = job.positions > WIDE_POSITIONS
             if job.session_id in seen or len(run) >= self.max_steps or (wide and chunk):
                 kept.append(job)
             else:

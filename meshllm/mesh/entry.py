@@ -300,7 +300,7 @@ class EntrySessions(PlanFollower):
             return
         step.deadline = None
         if step.step.replay:  # only the plan's caches are being refilled (the private ones hold it)
-            self._finish_step(answer, None, now)
+            self._finish_step(answer, (), now)
         else:  # a prompt chunk before its last still fills this node's private layers' caches
             self._run_job(answer, hidden=hidden, run_span=False, finish="sample" if step.step.sample else "discard")
 
@@ -345,7 +345,8 @@ class EntrySessions(PlanFollower):
         elif result.hidden is not None:
             self._send_down_chain(answer, result.hidden, now)
         else:
-            self._finish_step(answer, result.token_id, now)
+            self._finish_step(answer, result.token_ids or ((result.token_id,) if result.token_id is not None else ()),
+                              now)
         return True
 
     def job_failed(self, job_id: int, reason: str, now: float) -> bool:
@@ -522,7 +523,7 @@ class EntrySessions(PlanFollower):
         self._by_job[job_id] = answer.session.session_id
         self._port.add_job(Compute(job_id, answer.session.session_id, step.step.start_pos,
                                    len(step.step.token_ids), token_ids, hidden, run_span,
-                                   finish))  # type: ignore[arg-type]
+                                   finish, step.step.drafts if finish == "sample" else ()))  # type: ignore[arg-type]
         return job_id
 
     def _send_down_chain(self, answer: _Answer, hidden: np.ndarray, now: float) -> None:
@@ -541,7 +542,7 @@ class EntrySessions(PlanFollower):
         step.deadline = now + port.settings.step_timeout_s
         port.send(ids[first], msg, channel="activation", positions=hidden.shape[0])
 
-    def _finish_step(self, answer: _Answer, token_id: int | None, now: float) -> None:
+    def _finish_step(self, answer: _Answer, token_ids: tuple[int, ...], now: float) -> None:
         session = answer.session
         step = answer.step
         assert step is not None
@@ -549,11 +550,12 @@ class EntrySessions(PlanFollower):
         if not step.step.sample:
             session.step_done()
         else:
-            if token_id is None:
+            if not token_ids:
                 raise AssertionError("a sampling step ended without a token")
             if answer.token():
                 self._output(answer, StateChange("running"))
-            self._output(answer, session.accept(token_id))
+            for token in session.accept_verified(token_ids):
+                self._output(answer, token)
         self._advance(answer, now)
 
     def _lose(self, answer: _Answer, reason: str, now: float, recovery: Phase = Phase.REBUILD) -> None:

@@ -39,6 +39,9 @@ class Compute:
     hidden: np.ndarray | None = None
     run_span: bool = True
     finish: Finish = "send"
+    drafts: tuple[int, ...] = ()
+    """With finish "sample": the step's drafted tokens (its last positions), which the head
+    checks (`Sampler.verify`, meshllm.mesh.speculate)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +116,9 @@ class Computed:
     hidden: np.ndarray | None = None
     """The span's output `(positions, hidden)` when the job's finish was "send"."""
     token_id: int | None = None
-    """The sampled token when the finish was "sample"."""
+    """The sampled token when the finish was "sample" (the first, for a step with drafts)."""
+    token_ids: tuple[int, ...] = ()
+    """For a step with drafts: the tokens its head gave, drafts that stood and one more."""
     span_ms: float = 0.0
     """Time spent in this node's layers (plus any testing delay): what balancing measures."""
     rebuild: RebuildReport | None = None

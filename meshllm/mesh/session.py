@@ -14,8 +14,10 @@ The driver (the daemon, or the local engine) does the I/O::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from meshllm.mesh.speculate import DraftPolicy, ngram_draft
 
 
 PREFILL_CHUNK_POSITIONS = 32
@@ -38,6 +40,9 @@ class Step:
     sample: bool = True
     """False for a replay step and for a chunk of the prompt before its last: its output only
     fills the caches, and the session's next token is sampled after a later step."""
+    drafts: tuple[int, ...] = ()
+    """Drafted tokens (meshllm.mesh.speculate), the last of `token_ids`: the step's head
+    checks them (`Session.accept_verified`)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Token:
     """The new text this token adds (may be empty; empty for EOS)."""
     finish_reason: str | None = None
     """Set on the last token: "stop" (EOS), "length" (max_tokens) or "cancelled"."""
+    speculation: tuple[int, int, int] | None = None
+    """On the last token of each verify step, and on the answer's last token: the answer's
+    (tokens drafted, drafts accepted, verify steps) so far."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,11 @@ class Session:
     prefill_chunk: int = 0
     """The prompt runs in steps of this many positions (0: one step). Fixed when the session
     opens, never by load: a rebuild or replay repeats the session's own chunking."""
+    drafting: DraftPolicy | None = None
+    """Speculative decoding (meshllm.mesh.speculate): what drafts, and how many; None: off."""
+    offered: tuple[int, ...] = ()
+    """A draft model's proposal for the next step (given after each step, `offer`)."""
+    _pending: Step | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     _done_steps: list[tuple[int, ...]] = field(default_factory=list)
@@ -94,7 +107,25 @@ class Session:
             end = len(self.prompt_ids) if self.prefill_chunk <= 0 else position + self.prefill_chunk
             chunk = self.prompt_ids[position:end]
             return Step(tuple(chunk), position, sample=position + len(chunk) >= len(self.prompt_ids))
-        return Step((self.generated[-1],), position)
+        if self._pending is None:  # drafted once per step: `next_step` is asked again
+            drafts = self._drafts()
+            self._pending = Step((self.generated[-1], *drafts), position, drafts=drafts)
+        return self._pending
+
+    def _drafts(self) -> tuple[int, ...]:
+        policy = self.drafting
+        if policy is None:
+            return ()
+        k = policy.draft_length(self.max_tokens - len(self.generated) - 1)  # never past the answer's end
+        if k <= 0:
+            return ()
+        if policy.mode == "draft":
+            return self.offered[:k]
+        return ngram_draft((*self.prompt_ids, *self.generated), k)
+
+    def offer(self, drafts: Sequence[int]) -> None:
+        """A draft model's tokens for the next step (used when the policy drafts by model)."""
+        self.offered = tuple(drafts)
 
     def step_done(self) -> None:
         """A step that is not sampled ran through the chain (its logits are ignored): a replay
@@ -109,10 +140,35 @@ class Session:
 
     def accept(self, token_id: int) -> Token:
         """The step returned logits and `token_id` was sampled from them."""
+        return self.accept_verified((token_id,))[0]
+
+    def accept_verified(self, token_ids: Sequence[int]) -> list[Token]:
+        """The step's head sampled `token_ids`: one token a position, up to and including the
+        first that differs from the step's draft (`Sampler.verify`). The positions of the
+        last token and of the drafts that were right stay in the caches; the rest are cut
+        off by the next step, which starts after them."""
         step = self.next_step()
         if step is None or not step.sample:
             raise RuntimeError("accept() called with no sampling step pending")
-        self._done_steps.append(step.token_ids)
+        accepted = len(token_ids) - 1
+        if not 0 <= accepted <= len(step.drafts) or tuple(token_ids[:accepted]) != step.drafts[:accepted]:
+            raise ValueError(f"verified tokens {tuple(token_ids)} do not follow the drafts {step.drafts}")
+        self._pending = None
+        self._done_steps.append(step.token_ids[:len(step.token_ids) - len(step.drafts) + accepted])
+        if self.drafting is not None:
+            self.drafting.verified(len(step.drafts), accepted)
+        out = []
+        for token_id in token_ids:
+            out.append(self._emit(token_id))
+            if self.finished:
+                break
+        if self.drafting is not None and self.drafting.trips and (step.drafts or self.finished):
+            last = out[-1]  # the answer's drafting so far, on the last token of a verify step
+            out[-1] = Token(last.id, last.text, last.finish_reason,
+                            (self.drafting.drafted, self.drafting.accepted, self.drafting.trips))
+        return out
+
+    def _emit(self, token_id: int) -> Token:
         self.generated.append(token_id)
         if token_id in self.eos_token_ids:
             self.finish_reason = "stop"
@@ -123,6 +179,7 @@ class Session:
         return Token(token_id, text, self.finish_reason)
 
     def cancel(self) -> Token:
+        self._pending = None
         self.finish_reason = "cancelled"
         return Token(-1, "", "cancelled")
 
@@ -134,6 +191,7 @@ class Session:
         up to that many positions (a longer step, the prompt, alone). `history()` still
         gives the original steps."""
         pending = list(self._done_steps) + [step for group in self._replay for step in group]
+        self._pending = None
         self._done_steps = []
         self._replay = []
         for step in pending:

@@ -186,6 +186,7 @@ class Runtime:
             t0 = time.perf_counter()
             if delay_s:
                 time.sleep(delay_s)
+            self._rewind(job)
             x = self.shard.forward(job.session_id, x, job.start_pos)
             span_ms = (time.perf_counter() - t0) * 1000
         if job.finish != "send" and self.private is not None:
@@ -193,6 +194,9 @@ class Runtime:
         if job.finish == "sample":
             if sampler is None:
                 raise RuntimeError(f"no sampler for session {job.session_id}: the answer is over")
+            if job.drafts:
+                tokens = sampler.verify(self.shard.logits_all(x[:, -(len(job.drafts) + 1):, :]), job.drafts)
+                return Computed(token_id=tokens[0], token_ids=tuple(tokens), span_ms=span_ms)
             return Computed(token_id=sampler.sample(self.shard.head(x)), span_ms=span_ms)
         if job.finish == "discard":
             return Computed(span_ms=span_ms)
@@ -227,20 +231,28 @@ class Runtime:
     def _fits(self, job: Compute, samplers: Mapping[str, Sampler]) -> bool:
         """Whether the step can run in a batch: its caches hold what it continues (a step
         sent again may rewind the private layers' caches, `meshllm.model.private`)."""
-        def holds(shard: ShardLike, exact: bool) -> bool:
-            have = shard.cache_length(job.session_id)
-            return job.start_pos == 0 or (have == job.start_pos if exact else 0 <= job.start_pos <= have)
+        def holds(shard: ShardLike) -> bool:  # what the step continues, perhaps more (it rewinds)
+            return job.start_pos == 0 or 0 <= job.start_pos <= shard.cache_length(job.session_id)
 
         if job.finish == "sample" and job.session_id not in samplers:
             return False
-        if job.run_span and not holds(self.shard, exact=True):
+        if job.run_span and not holds(self.shard):
             return False
         if self.private is not None:
-            if job.token_ids is not None and not holds(self.private.head_end, exact=False):
+            if job.token_ids is not None and not holds(self.private.head_end):
                 return False
-            if job.finish != "send" and not holds(self.private.tail_end, exact=False):
+            if job.finish != "send" and not holds(self.private.tail_end):
                 return False
         return True
+
+    def _rewind(self, job: Compute) -> None:
+        """A step that starts before the end of the session's caches here: the positions after
+        its start were drafted and not accepted (speculative decoding), or the step is sent
+        again after a loss. They are cut off, in the caches and the output log, and computed
+        anew (the same bits, for a step sent again)."""
+        if 0 < job.start_pos < self.shard.cache_length(job.session_id):
+            self.shard.keep_layers(job.session_id, 0, self.shard.num_span_layers, job.start_pos)
+            self.logs.truncate(job.session_id, job.start_pos)
 
     def _batched(self, jobs: Sequence[Compute], samplers: Mapping[str, Sampler], delay_s: float) -> list[Computed]:
         """`compute` for every job, as one forward at each stage of the node's work."""
@@ -262,20 +274,27 @@ class Runtime:
             t0 = time.perf_counter()
             if delay_s:
                 time.sleep(delay_s)
+            for i in span:
+                self._rewind(jobs[i])
             through(self.shard.forward_batch, span)
             span_ms = (time.perf_counter() - t0) * 1000
         if private is not None:
             through(private.out_of_batch, [i for i, j in enumerate(jobs) if j.finish != "send"])
         sampled = [i for i, j in enumerate(jobs) if j.finish == "sample"]
-        logits = self.shard.logits_all(torch.cat([xs[i][:, -1:, :] for i in sampled], dim=1)) if sampled else None
+        rows = [len(jobs[i].drafts) + 1 for i in sampled]  # the last position, and the drafts'
+        logits = dict(zip(sampled, self.shard.logits_all(torch.cat(
+            [xs[i][:, -n:, :] for i, n in zip(sampled, rows)], dim=1)).split(rows))) if sampled else {}
         span_positions = sum(jobs[i].positions for i in span) or 1
         results = []
         for i, job in enumerate(jobs):
             ms = span_ms * job.positions / span_positions if job.run_span else 0.0
             if job.finish == "sample":
-                assert logits is not None
-                token = samplers[job.session_id].sample(logits[sampled.index(i)])
-                results.append(Computed(token_id=token, span_ms=ms))
+                sampler = samplers[job.session_id]
+                if job.drafts:
+                    tokens = sampler.verify(logits[i], job.drafts)
+                    results.append(Computed(token_id=tokens[0], token_ids=tuple(tokens), span_ms=ms))
+                else:
+                    results.append(Computed(token_id=sampler.sample(logits[i][0]), span_ms=ms))
             elif job.finish == "discard":
                 results.append(Computed(span_ms=ms))
             else:

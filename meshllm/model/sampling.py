@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,41 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits (vocab,) -> token id."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(torch.argmax(logits).item())
+        return int(torch.multinomial(self._probs(logits), 1, generator=self._generator).item())
+
+    def verify(self, logits: torch.Tensor, drafts: Sequence[int]) -> list[int]:
+        """The tokens of a step that carried `drafts` (speculative decoding), from its logits
+        `(len(drafts) + 1, vocab)`: each draft while it stands, then one more token.
+
+        Greedy: a draft stands while it is the argmax, and the token after the last one that
+        stands is the argmax: exactly the tokens of decoding one at a time. Sampling: the
+        standard rejection rule for a draft that is one token for sure: it stands with the
+        probability p(draft); where it falls, the token is drawn from p without it,
+        renormalized; so every token has the distribution of decoding one at a time."""
+        out: list[int] = []
+        for row, draft in zip(logits, (*drafts, None)):
+            if draft is None:
+                out.append(self.sample(row))
+                break
+            if self.params.greedy:
+                out.append(self.sample(row))
+                if out[-1] != draft:
+                    break
+                continue
+            probs = self._probs(row)
+            if float(torch.rand(1, generator=self._generator).item()) < float(probs[draft]):
+                out.append(int(draft))
+                continue
+            probs[draft] = 0.0
+            out.append(int(torch.multinomial(probs / probs.sum(), 1, generator=self._generator).item()))
+            break
+        return out
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution of one position: temperature, top-k, top-p."""
+        p = self.params
         scores = logits.float() / p.temperature
         if p.top_k and p.top_k < scores.numel():
             kth = torch.topk(scores, p.top_k).values[-1]
@@ -68,5 +101,4 @@ class Sampler:
             drop_sorted[0] = False
             drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator).item())
+        return torch.softmax(scores, dim=-1)

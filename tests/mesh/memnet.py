@@ -66,7 +66,7 @@ class MemoryNet:
     async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
                   ms_per_layer: float = 1.0, settings: MeshSettings | None = None,
                   state_dir: Path | None = None, tune_settings: TuneSettings | None = None,
-                  private_layers: int = 0, weights: str = "f32") -> MeshDriver:
+                  private_layers: int = 0, weights: str = "f32", speculate: str = "auto") -> MeshDriver:
         worker = GenerationWorker(1, name=f"worker-{node_id}")
         worker.start()
         prepared = prepare(resolve(model))
@@ -79,7 +79,7 @@ class MemoryNet:
             hello = dataclasses.replace(hello, model_id=runtime.mesh_model_id)
         mesh = MeshDriver(hello, runtime, worker, links,
                           settings=settings or MeshSettings(election_timeout_s=0.2, plan_wait_s=10.0),
-                          state_dir=state_dir, tune_settings=tune_settings or TuneSettings())
+                          state_dir=state_dir, tune_settings=tune_settings or TuneSettings(), speculate=speculate)
         self.meshes[node_id], self.links[node_id], self.workers[node_id] = mesh, links, worker
         self.tasks[node_id] = asyncio.get_running_loop().create_task(mesh.run())
         return mesh

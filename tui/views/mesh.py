@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from tui.mesh_events import LogLine
-from tui.mesh_status import LatencyInfo, MeshStatus, SessionsInfo
+from tui.mesh_status import LatencyInfo, MeshStatus, SessionsInfo, SpeculationInfo
 from tui.widgets.event_log import EventLog
 from tui.widgets.layer_map import LayerMap
 from tui.widgets.nodes_table import NodesTable
@@ -30,6 +30,7 @@ def format_facts(status: MeshStatus) -> Text:
         ("  term ", "dim"), str(status.term),
         ("  plan ", "dim"), (plan_state, PLAN_STYLES.get(plan_state, "bold red")),
         ("  sessions ", "dim"), format_sessions(status.sessions),
+        ("  drafts ", "dim"), format_speculation(status.speculation),
     )
     if status.latency is not None:
         facts.append("\n")
@@ -59,6 +60,13 @@ def format_sessions(sessions: SessionsInfo) -> Text:
         text.append(f", {sessions.queued}{of(sessions.queue_max)} waiting",
                     style="yellow" if sessions.queued else "")
     return text
+
+
+def format_speculation(spec: SpeculationInfo) -> str:
+    """Speculative decoding: the mode, and how well the last answers' drafts stood."""
+    if spec.mode == "off" or spec.acceptance is None or spec.tokens_per_trip is None:
+        return spec.mode
+    return f"{spec.mode} {spec.acceptance:.0%} kept, {spec.tokens_per_trip:.1f}/trip"
 
 
 def format_invite(status: MeshStatus) -> Text:
