@@ -1,6 +1,6 @@
 """``meshllm bench``: decode speed, time to first token, weight formats, a mesh against one
-node, and concurrent answers (the measuring itself is in ``tui.bench``, imported once the
-command runs)."""
+node, concurrent answers, and speculative decoding (the measuring itself is in ``tui.bench``,
+imported once the command runs)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return fail(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
     if args.threads is not None and args.threads < 1:
         return fail("--threads must be at least 1", EXIT_USAGE)
+    if args.speculate is not None:
+        return _bench_speculation(args, formats)
+    for flag in ("prompt_set", "prompts", "answer_tokens", "draft_model", "debug_link_delay_ms"):
+        if getattr(args, flag) is not None:
+            return fail(f"--{flag.replace('_', '-')} goes with --speculate", EXIT_USAGE)
     if args.concurrency is not None:
         if args.mesh is not None or args.quality:
             return fail("--concurrency runs on one local node or with --api, not with --mesh or --quality",
@@ -113,6 +118,53 @@ def _bench_concurrency(args: argparse.Namespace, weights: str | None) -> int:
     except (DaemonUnavailable, DaemonError) as error:
         return client_failure(error)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_concurrency(report))
+    return EXIT_OK
+
+
+def _bench_speculation(args: argparse.Namespace, formats: list[str]) -> int:
+    """``meshllm bench --speculate off,ngram,auto``: nodes started for each mode (one, or an
+    N-node local mesh with ``--mesh N``), greedy answers over the prompt sets, the modes in turns."""
+    from tui.bench.report import BenchError
+    from tui.bench.speculation import ANSWER_TOKENS, format_speculation, load_prompt_set, parse_modes, parse_prompt_sets
+    from tui.bench.speculation_run import Config, run_speculation_bench
+    from tui.client import DaemonError, DaemonUnavailable
+
+    if args.local or args.api or args.quality or args.concurrency is not None:
+        return fail("--speculate starts its own nodes (one, or --mesh N): not with --local, --api, --quality or "
+                    "--concurrency", EXIT_USAGE)
+    if len(formats) > 1:
+        return fail("--speculate takes one --weights format", EXIT_USAGE)
+    if args.mesh is not None and args.mesh < 2:
+        return fail("--mesh needs at least 2 nodes (without it, --speculate runs one node per mode)", EXIT_USAGE)
+    for flag in ("prompts", "answer_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            return fail(f"--{flag.replace('_', '-')} must be at least 1", EXIT_USAGE)
+    if args.debug_link_delay_ms is not None and args.debug_link_delay_ms < 0:
+        return fail("--debug-link-delay-ms must be at least 0", EXIT_USAGE)
+    try:
+        modes = parse_modes(args.speculate)
+        sets = {name: load_prompt_set(name)[:args.prompts] for name in parse_prompt_sets(args.prompt_set)}
+    except BenchError as error:
+        return fail(str(error), EXIT_USAGE)
+    nodes = args.mesh or 1
+    config = Config(name=f"mesh{nodes}" if nodes > 1 else "one node", nodes=nodes,
+                    threads=args.threads or max(1, (os.cpu_count() or 1) // nodes), modes=tuple(modes),
+                    weights=formats[0] if formats else None, link_delay_ms=args.debug_link_delay_ms,
+                    draft_model=args.draft_model)
+
+    def progress(message: str) -> None:
+        print(f"meshllm bench: {message}", file=sys.stderr, flush=True)
+
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)  # stop the local nodes on the way out
+        report = run_speculation_bench(config, sets, rounds=args.rounds,
+                                       answer_tokens=args.answer_tokens or ANSWER_TOKENS, model=args.model,
+                                       cache_dir=args.cache_dir, progress=progress)
+    except BenchError as error:
+        return fail(str(error))
+    except (DaemonUnavailable, DaemonError) as error:
+        return client_failure(error)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_speculation(report))
     return EXIT_OK
 
 
