@@ -121,7 +121,7 @@ class Session:
             return ()
         if policy.mode == "draft":
             return self.offered[:k]
-        return ngram_draft((*self.prompt_ids, *self.generated), k)
+        return ngram_draft((*self.prompt_ids, *self.generated), k, min_ngram=policy.min_ngram)
 
     def offer(self, drafts: Sequence[int]) -> None:
         """A draft model's tokens for the next step (used when the policy drafts by model)."""

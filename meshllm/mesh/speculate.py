@@ -37,14 +37,14 @@ LOOKUP_WINDOW = 4096
 """Prompt lookup searches the last this many tokens of the context (a bound on its cost)."""
 
 
-def ngram_draft(context: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) -> tuple[int, ...]:
+def ngram_draft(context: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> tuple[int, ...]:
     """Up to `k` tokens that followed the latest earlier occurrence of the context's last n
-    tokens (n from `max_ngram` down to 1); () when there is none."""
+    tokens (n from `max_ngram` down to `min_ngram`); () when there is none."""
     if k <= 0 or len(context) < 2:
         return ()
     window = np.asarray(context[-LOOKUP_WINDOW:], dtype=np.int64)
     end = window.shape[0]
-    for n in range(min(max_ngram, end - 1), 0, -1):
+    for n in range(min(max_ngram, end - 1), max(1, min_ngram) - 1, -1):
         suffix = window[end - n:]
         starts = np.flatnonzero(window[:end - n] == suffix[0])  # earlier starts, each with a follower
         for i in starts[::-1]:
@@ -61,6 +61,9 @@ class DraftPolicy:
     """What drafts: "ngram" or "draft" (a model); "auto" is resolved before this is made."""
     stop_when_poor: bool = False
     """`auto`: stop drafting for this answer once its drafts are seldom accepted."""
+    min_ngram: int = 1
+    """Prompt lookup drafts only after a match of at least this many tokens (`auto`: 2; a
+    match of one token is a weak guess, and a wrong draft costs a wider step)."""
     length: int = 4
     drafted: int = 0
     accepted: int = 0
@@ -83,7 +86,7 @@ class DraftPolicy:
         self.trips += 1
         # all right: draft further; else just past what was right (at least 1)
         self.length = min(MAX_DRAFT, self.length + 2) if accepted == drafted else max(1, accepted + 1)
-        if self.stop_when_poor and self.drafted >= 16 and self.accepted < 0.25 * self.drafted:
+        if self.stop_when_poor and self.drafted >= 12 and self.accepted < 0.25 * self.drafted:
             self.stopped = True
 
 
@@ -92,5 +95,5 @@ def policy_for(mode: str, has_draft_model: bool) -> DraftPolicy | None:
     if mode == "off" or (mode == "draft" and not has_draft_model):
         return None
     if mode == "auto":
-        return DraftPolicy("draft" if has_draft_model else "ngram", stop_when_poor=True)
+        return DraftPolicy("draft" if has_draft_model else "ngram", stop_when_poor=True, min_ngram=2)
     return DraftPolicy(mode)

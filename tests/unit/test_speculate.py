@@ -18,6 +18,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match_of_the_longest_suff
     assert ngram_draft([1, 2, 3, 4, 5, 9, 1, 2, 3], 3) == (4, 5, 9)
     assert ngram_draft([1, 2, 7, 9, 1, 2, 8, 5, 1, 2], 2) == (8, 5)  # the latest occurrence
     assert ngram_draft([4, 4, 5, 6, 4], 8) == (5, 6, 4)  # n = 1 when nothing longer matches
+    assert ngram_draft([4, 4, 5, 6, 4], 8, min_ngram=2) == ()  # auto: no guess from one token
     assert ngram_draft([5, 6, 7], 2) == ()
     assert ngram_draft([1, 2, 1], 0) == ()
 
