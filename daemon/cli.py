@@ -258,6 +258,10 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
                         help="speculative decoding of this node's answers: drafted tokens checked several "
                              "per trip through the mesh, the same answer (default auto: prompt lookup, or "
                              "the draft model; off where it does not pay; docs/speculation.md)")
+    parser.add_argument("--draft-model", dest="draft_model", default=None, metavar="PATH|builtin|none",
+                        help="a small model on this node that drafts tokens for --speculate draft/auto "
+                             "(default none; builtin: the bundled SmolLM2, 4-bit; it must share the served "
+                             "model's tokenizer; its memory comes out of --mem-budget)")
     parser.add_argument("--rebuild-log-mb", dest="rebuild_log_mb", type=int, default=None, metavar="MIB",
                         help="memory cap of the hidden-state logs that let a lost peer's layers be rebuilt "
                              "locally (default 256; 0: none, every loss replays the answers in progress)")

@@ -125,6 +125,10 @@ class NodeConfig:
     by prompt lookup, or by the draft model when one is loaded; stops for an answer where it
     does not pay), ``ngram`` (prompt lookup), ``draft`` (the draft model) or ``off``. Only with
     batch-invariant kernels (not f32): the answer is then token for token the same."""
+    draft_model: str = "none"
+    """The draft model of speculative decoding, on this node: ``none``, ``builtin`` (the
+    bundled SmolLM2, 4-bit) or a PATH; it must share the served model's tokenizer. Its bytes
+    come out of --mem-budget."""
     rebuild_log_mb: int = 256
     """Memory cap of this node's output logs, in MiB (what a rebuild after a lost peer reads;
     docs/operations.md). 0 keeps none: every loss then replays the answers in progress."""

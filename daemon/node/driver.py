@@ -358,7 +358,7 @@ class MeshDriver:
         memory, steps that keep failing)."""
         session = self.runtime.engine.new_session(prompt_ids, params)
         if self.runtime.batch_invariant:  # a verify step's positions then have the bits of single steps
-            session.drafting = policy_for(self.speculate, has_draft_model=False)
+            session.drafting = policy_for(self.speculate, has_draft_model=self.runtime.draft is not None)
         queue: asyncio.Queue[SessionOutput | SessionEnded] = asyncio.Queue()
         session_id = self.core.open_session(session, time.monotonic())
         self._answers[session_id] = queue
@@ -536,7 +536,8 @@ class MeshDriver:
                 "answers": len(self._drafting),
                 "acceptance": round(accepted / drafted, 3) if drafted else None,
                 "tokens_per_trip": round((accepted + trips) / trips, 2) if trips else None,
-                "draft_ms_per_token": None}
+                "draft_ms_per_token": None if self.runtime.draft is None or self.runtime.draft.ms_per_token is None
+                else round(self.runtime.draft.ms_per_token, 2)}
 
     # -- adapters ----------------------------------------------------------------------------------
 

@@ -74,9 +74,20 @@ def load_runtime(config: NodeConfig) -> Runtime:
 
     folder = served_adapter_folder(config)  # before the slow part: a missing adapter fails at once
     prepared = prepare(resolve(config.model), config.cache_dir)
-    return Runtime.load(prepared, device=config.device, weights=config.weights,
-                        log_cap_bytes=config.rebuild_log_mb * 1024 * 1024, private_layers=config.private_layers,
-                        adapter=None if folder is None else load_served_adapter(config, folder, prepared))
+    runtime = Runtime.load(prepared, device=config.device, weights=config.weights,
+                           log_cap_bytes=config.rebuild_log_mb * 1024 * 1024, private_layers=config.private_layers,
+                           adapter=None if folder is None else load_served_adapter(config, folder, prepared))
+    if config.draft_model != "none":
+        from meshllm.errors import ModelSourceError
+        from meshllm.model.draft import DraftModel
+
+        try:
+            runtime.draft = DraftModel.load(config.draft_model, served_tokenizer=runtime.engine.tokenizer,
+                                            device=config.device, cache_dir=config.cache_dir,
+                                            served_name=runtime.engine.info.name)
+        except ValueError as error:  # another tokenizer: one line
+            raise ModelSourceError(f"--draft-model: {error}") from None
+    return runtime
 
 
 def served_adapter_folder(config: NodeConfig) -> Path | None:
@@ -342,9 +353,10 @@ class Node:
             self._fail(str(error))
             return
         try:
-            # the fallback's bytes come out of the budget this node offers the mesh
+            # the fallback's and the draft model's bytes come out of the budget this node offers the mesh
+            drafting = runtime.draft.nbytes if runtime.draft is not None else 0
             mesh = await self._start_mesh(node_id, runtime, worker, board, hub, tasks, key,
-                                          budget - fallback.reserved_bytes, ms_per_layer,
+                                          budget - fallback.reserved_bytes - drafting, ms_per_layer,
                                           on_change=fallback.mesh_changed, costs=costs)
         except OSError as error:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)

@@ -1,17 +1,14 @@
 """The entry side: the answers this node is the entry node of, and their policy when the mesh
 moves under them (pause, replay, retry, give up), sans-IO.
 
-Each answer runs one step at a time. A step starts with this node's own job (embed, plus its
-layers when it holds the first stage), crosses the other stages as `Forward` messages, and
-ends with the head and sampler here (fused with this node's layers when it holds the last
-stage). A step that is lost (a stage left, a new plan came, a stage refused it, no result in
-time) is followed by a rebuild on the plan in force: the stages keep their caches across
-re-plans and recompute only the layers they lack, from logs, in the original chunking, or in
-one pass per part where the numerics are batch-invariant (`MeshSettings.batch_invariant`,
-meshllm.mesh.rebuild). When a stage cannot (its inputs are gone too), the session is
-replayed from the start instead: `Session.restart()` repeats the same steps in the same
-chunking (merged into large steps where the numerics are invariant). Either way the answer
-does not change (design §8, docs/operations.md).
+Each answer runs one step at a time (a prompt chunk, or its last token and any drafts). A step
+starts with this node's own job (embed, plus its layers when it holds the first stage),
+crosses the other stages as `Forward` messages, and ends with the head and sampler here. A
+lost step (a stage left, a new plan came, a stage refused it, no result in time) is followed
+by a rebuild on the plan in force: the stages keep their caches across re-plans and recompute
+only the layers they lack, from logs (meshllm.mesh.rebuild). When a stage cannot, the session
+is replayed from the start (`Session.restart()`). Either way the answer does not change
+(design §8, docs/operations.md).
 
 Each answer is in one explicit state (`AnswerState`: a `Phase` and what the phase needs):
 running; replanning (its stream said so); due a rebuild, a whole rebuild or a full replay
@@ -346,7 +343,7 @@ class EntrySessions(PlanFollower):
             self._send_down_chain(answer, result.hidden, now)
         else:
             self._finish_step(answer, result.token_ids or ((result.token_id,) if result.token_id is not None else ()),
-                              now)
+                              now, result.offered)
         return True
 
     def job_failed(self, job_id: int, reason: str, now: float) -> bool:
@@ -455,8 +452,7 @@ class EntrySessions(PlanFollower):
         history, prefill = session.history()
         if whole:
             port.stats.whole_rebuilds += 1
-            _log_lost(session.session_id, answer.seq, "a log is gone: every stage without it "
-                                                      "recomputes its whole span")
+            _log_lost(session.session_id, answer.seq, "a log is gone: stages without it recompute their spans")
         run = _RebuildRun(len(history), prefill, history, whole, {})
         answer.step = _InFlight(answer.seq, step, plan, rebuild=run)
         answer.seq += 1
@@ -521,9 +517,11 @@ class EntrySessions(PlanFollower):
         step.job_id = job_id
         step.ran_span = run_span
         self._by_job[job_id] = answer.session.session_id
-        self._port.add_job(Compute(job_id, answer.session.session_id, step.step.start_pos,
-                                   len(step.step.token_ids), token_ids, hidden, run_span,
-                                   finish, step.step.drafts if finish == "sample" else ()))  # type: ignore[arg-type]
+        session = answer.session
+        sample = finish == "sample"
+        self._port.add_job(Compute(job_id, session.session_id, step.step.start_pos, len(step.step.token_ids),
+                                   token_ids, hidden, run_span, finish,  # type: ignore[arg-type]
+                                   step.step.drafts if sample else (), *(session.draft_request() if sample else ((), 0))))
         return job_id
 
     def _send_down_chain(self, answer: _Answer, hidden: np.ndarray, now: float) -> None:
@@ -542,7 +540,8 @@ class EntrySessions(PlanFollower):
         step.deadline = now + port.settings.step_timeout_s
         port.send(ids[first], msg, channel="activation", positions=hidden.shape[0])
 
-    def _finish_step(self, answer: _Answer, token_ids: tuple[int, ...], now: float) -> None:
+    def _finish_step(self, answer: _Answer, token_ids: tuple[int, ...], now: float,
+                     offered: tuple[int, ...] = ()) -> None:
         session = answer.session
         step = answer.step
         assert step is not None
@@ -556,6 +555,7 @@ class EntrySessions(PlanFollower):
                 self._output(answer, StateChange("running"))
             for token in session.accept_verified(token_ids):
                 self._output(answer, token)
+            session.offer(offered)
         self._advance(answer, now)
 
     def _lose(self, answer: _Answer, reason: str, now: float, recovery: Phase = Phase.REBUILD) -> None:

@@ -42,6 +42,11 @@ class Compute:
     drafts: tuple[int, ...] = ()
     """With finish "sample": the step's drafted tokens (its last positions), which the head
     checks (`Sampler.verify`, meshllm.mesh.speculate)."""
+    draft_context: tuple[int, ...] = ()
+    draft_k: int = 0
+    """With finish "sample" and a draft model: after the step's tokens, the draft model
+    proposes up to `draft_k` tokens for the next step, after `draft_context` (the prompt and
+    the answer before this step) and this step's tokens (`Computed.offered`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +124,8 @@ class Computed:
     """The sampled token when the finish was "sample" (the first, for a step with drafts)."""
     token_ids: tuple[int, ...] = ()
     """For a step with drafts: the tokens its head gave, drafts that stood and one more."""
+    offered: tuple[int, ...] = ()
+    """The draft model's tokens for the session's next step (see `Compute.draft_k`)."""
     span_ms: float = 0.0
     """Time spent in this node's layers (plus any testing delay): what balancing measures."""
     rebuild: RebuildReport | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from meshllm.mesh.speculate import DraftPolicy, ngram_draft
+from meshllm.mesh.speculate import MAX_DRAFT, DraftPolicy, ngram_draft
 
 
 PREFILL_CHUNK_POSITIONS = 32
@@ -122,6 +122,15 @@ class Session:
         if policy.mode == "draft":
             return self.offered[:k]
         return ngram_draft((*self.prompt_ids, *self.generated), k, min_ngram=policy.min_ngram)
+
+    def draft_request(self) -> tuple[tuple[int, ...], int]:
+        """What a draft model should propose after the step now running: the context before
+        the step (its tokens come on top) and how many tokens at most; ((), 0) when the
+        answer does not draft by model."""
+        policy = self.drafting
+        if policy is None or policy.mode != "draft" or policy.stopped:
+            return (), 0
+        return (*self.prompt_ids, *self.generated), min(MAX_DRAFT, policy.length + 2)
 
     def offer(self, drafts: Sequence[int]) -> None:
         """A draft model's tokens for the next step (used when the policy drafts by model)."""

@@ -17,6 +17,7 @@ from meshllm.mesh.jobs import Compute, Computed, ImportCache, Loaded, RebuildPar
 from meshllm.mesh.rebuild import DEFAULT_LOG_CAP_BYTES, OutputLogs, Rebuilder
 from meshllm.model.adapter import Adapter
 from meshllm.model.cache import PreparedModel
+from meshllm.model.draft import DraftModel
 from meshllm.model.engine import Engine, shard_ms_per_layer
 from meshllm.model.layer_shape import attention_shape
 from meshllm.model.private import PrivateLayers, private_layers_for
@@ -56,6 +57,8 @@ class Runtime:
         """One past the last layer a plan places: the last stage's output goes to the entry node."""
         self.logs = OutputLogs(log_cap_bytes)
         """What this node's span sent downstream, per session (meshllm.mesh.rebuild)."""
+        self.draft: DraftModel | None = None
+        """The draft model of this node's own answers (`--draft-model`, meshllm.model.draft)."""
         self._imports: list[tuple[str, int, np.ndarray, np.ndarray]] = []
         """Layer caches handed over to this node, taken up by the next rebuild of their session."""
         self.rebuilder = Rebuilder(self.shard, self.logs, self.plan_end, self._offers)
@@ -196,8 +199,9 @@ class Runtime:
                 raise RuntimeError(f"no sampler for session {job.session_id}: the answer is over")
             if job.drafts:
                 tokens = sampler.verify(self.shard.logits_all(x[:, -(len(job.drafts) + 1):, :]), job.drafts)
-                return Computed(token_id=tokens[0], token_ids=tuple(tokens), span_ms=span_ms)
-            return Computed(token_id=sampler.sample(self.shard.head(x)), span_ms=span_ms)
+            else:
+                tokens = [sampler.sample(self.shard.head(x))]
+            return self._sampled(job, tokens, span_ms)
         if job.finish == "discard":
             return Computed(span_ms=span_ms)
         return Computed(hidden=self._sent(job, x), span_ms=span_ms)
@@ -290,16 +294,21 @@ class Runtime:
             ms = span_ms * job.positions / span_positions if job.run_span else 0.0
             if job.finish == "sample":
                 sampler = samplers[job.session_id]
-                if job.drafts:
-                    tokens = sampler.verify(logits[i], job.drafts)
-                    results.append(Computed(token_id=tokens[0], token_ids=tuple(tokens), span_ms=ms))
-                else:
-                    results.append(Computed(token_id=sampler.sample(logits[i][0]), span_ms=ms))
+                tokens = sampler.verify(logits[i], job.drafts) if job.drafts else [sampler.sample(logits[i][0])]
+                results.append(self._sampled(job, tokens, ms))
             elif job.finish == "discard":
                 results.append(Computed(span_ms=ms))
             else:
                 results.append(Computed(hidden=self._sent(job, xs[i]), span_ms=ms))
         return results
+
+    def _sampled(self, job: Compute, tokens: list[int], span_ms: float) -> Computed:
+        """A sampling step's outcome, with the draft model's proposal for the next step."""
+        offered: tuple[int, ...] = ()
+        if job.draft_k > 0 and self.draft is not None:
+            offered = tuple(self.draft.propose(job.session_id, (*job.draft_context, *tokens), job.draft_k))
+        return Computed(token_id=tokens[0], token_ids=tuple(tokens) if job.drafts else (), span_ms=span_ms,
+                        offered=offered)
 
     def _sent(self, job: Compute, x: torch.Tensor) -> np.ndarray:
         """The step's output for the next stage, logged where a rebuild may need it."""
@@ -327,6 +336,8 @@ class Runtime:
         self._imports = [kv for kv in self._imports if kv[0] != session_id]
         self.logs.forget(session_id)
         self.rebuilder.forget(session_id)
+        if self.draft is not None:
+            self.draft.drop(session_id)
 
     def measure_ms_per_layer(self, layers: int = 2, steps: int = 8) -> float:
         """ms per decoder layer per token, measured on a throwaway shard of a few layers."""

@@ -66,12 +66,18 @@ class MemoryNet:
     async def add(self, node_id: str, model: Path, *, mem_budget_bytes: int = 10**9,
                   ms_per_layer: float = 1.0, settings: MeshSettings | None = None,
                   state_dir: Path | None = None, tune_settings: TuneSettings | None = None,
-                  private_layers: int = 0, weights: str = "f32", speculate: str = "auto") -> MeshDriver:
+                  private_layers: int = 0, weights: str = "f32", speculate: str = "auto",
+                  draft_model: Path | None = None, draft_weights: str = "auto") -> MeshDriver:
         worker = GenerationWorker(1, name=f"worker-{node_id}")
         worker.start()
         prepared = prepare(resolve(model))
         runtime = await worker.call(lambda: Runtime.load(prepared, weights=weights,
                                                                  private_layers=private_layers))
+        if draft_model is not None:
+            from meshllm.model.draft import DraftModel
+
+            runtime.draft = await worker.call(lambda: DraftModel.load(
+                draft_model, served_tokenizer=runtime.engine.tokenizer, weights=draft_weights))
         hello = wire.Hello(node_id, node_id, wire.PROTOCOL_VERSION, "test", prepared.model_id, 8000,
                            mem_budget_bytes, ms_per_layer, True)
         links = MemoryLinks(self, node_id)

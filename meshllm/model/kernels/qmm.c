@@ -4,8 +4,8 @@
  * The rule that makes a row's result independent of the batch, the chunk and the CPU:
  * every output element is computed by one fixed sequence of IEEE float operations, whatever
  * tile it falls in, whatever the number of rows (M) and threads, and whichever of the paths
- * below computes it (portable C, AVX2, NEON). Integer dot products are exact in any order,
- * so the SIMD paths only have to reproduce the float part of the portable definitions:
+ * below computes it (portable C, AVX2, AVX-512, NEON). Integer dot products are exact in any
+ * order, so the SIMD paths only have to reproduce the float part of the portable definitions:
  *
  *   activations, per row and block of 32:  d = amax / 127, q = round_even(x * (1 / d)),
  *                                          s = d * sum(q)
@@ -40,6 +40,7 @@
  * (maddubs never saturates here: |c| <= 15 or 127 and |q| <= 127), the same integers */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define MQ_ISA "avx512vnni"
+#define MQ_AVX512 1
 #define MQ_DOT_U8S8(w, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), (x))
 #elif defined(__AVXVNNI__)
 #define MQ_ISA "avxvnni"
@@ -457,6 +458,220 @@ MQ_INLINE void tile_f(int RM, int RN, const float *x, int64_t K, const void *w, 
             }                                                                           \
         }                                                                               \
     } while (0)
+
+#ifdef MQ_AVX512
+/* AVX-512 tiles (AVX512-VNNI machines): RM rows x the four columns of a quad, with the same
+ * operations on each lane as tile_q4 and tile_q8, in the same order. What differs is where the
+ * operands come from: the products scale * d of each block, one per (row, column), are made
+ * for MQ_CHUNK blocks at a time, sixteen to a multiply, and each fused multiply-add reads its
+ * product from memory as a broadcast (no multiply per (row, column, block), and no shuffle);
+ * the integer dot products start from a zero idiom (q4) or from the weights' offset sums (q8),
+ * not from a copy; and the tile's horizontal sums are made eight at a time. */
+#define MQ_CHUNK 16
+
+/* hsum8_avx of eight vectors at once, each by the same tree: [v0 v1 v2 v3 | v4 v5 v6 v7] */
+MQ_INLINE __m256 hsum8_x8(const __m256 *v) {
+    /* a_k + a_{k+4} for k < 4: [v_p | v_{p+4}] */
+    __m256 s04 = _mm256_add_ps(_mm256_permute2f128_ps(v[0], v[4], 0x20), _mm256_permute2f128_ps(v[0], v[4], 0x31));
+    __m256 s15 = _mm256_add_ps(_mm256_permute2f128_ps(v[1], v[5], 0x20), _mm256_permute2f128_ps(v[1], v[5], 0x31));
+    __m256 s26 = _mm256_add_ps(_mm256_permute2f128_ps(v[2], v[6], 0x20), _mm256_permute2f128_ps(v[2], v[6], 0x31));
+    __m256 s37 = _mm256_add_ps(_mm256_permute2f128_ps(v[3], v[7], 0x20), _mm256_permute2f128_ps(v[3], v[7], 0x31));
+    /* t0 = (a0 + a4) + (a2 + a6), t1 = (a1 + a5) + (a3 + a7): [t0 t1 of v0, v1 | of v4, v5] */
+    __m256 t01 = _mm256_add_ps(_mm256_shuffle_ps(s04, s15, 0x44), _mm256_shuffle_ps(s04, s15, 0xee));
+    __m256 t23 = _mm256_add_ps(_mm256_shuffle_ps(s26, s37, 0x44), _mm256_shuffle_ps(s26, s37, 0xee));
+    /* t0 + t1 */
+    return _mm256_add_ps(_mm256_shuffle_ps(t01, t23, 0x88), _mm256_shuffle_ps(t01, t23, 0xdd));
+}
+
+/* fma(*p, a, acc) on 8 lanes with *p broadcast from memory by the instruction itself (a
+ * compiler would forward a value it has just stored through shuffles instead) */
+MQ_INLINE __m256 fma_bcast(__m256 a, const float *p, __m256 acc) {
+    __asm__("vfmadd231ps %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*p));
+    return acc;
+}
+
+/* unpack_q4 from a broadcast load: the 16 bytes in both halves, the upper half shifted by 4 */
+MQ_INLINE __m256i unpack_q4_x(const uint8_t *p) {
+    __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+}
+
+/* MQ_DOT_U8S8(w, x) into a register zeroed by a zero idiom */
+MQ_INLINE __m256i dot_z(__m256i w, __m256i x) {
+    __m256i r;
+    __asm__("vpxord %0, %0, %0\n\tvpdpbusd %2, %1, %0" : "=&v"(r) : "v"(w), "v"(x));
+    return r;
+}
+
+/* RN (1, 2 or 4) consecutive scales, float16 or float32 */
+MQ_INLINE __m128 scales_h(const uint16_t *p, int RN) {
+    if (RN == 4) return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+    if (RN == 2) { int32_t v; memcpy(&v, p, 4); return _mm_cvtph_ps(_mm_cvtsi32_si128(v)); }
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(p[0]));
+}
+MQ_INLINE __m128 scales_f(const float *p, int RN) {
+    if (RN == 4) return _mm_loadu_ps(p);
+    if (RN == 2) return _mm_castpd_ps(_mm_load_sd((const double *)p));
+    return _mm_load_ss(p);
+}
+
+/* the products scale[b][j] * xd[i][b] of blocks [b0, b1) into dt (row, block - b0, column):
+ * the float multiplies of tile_q4 and tile_q8 (ws * xdi), made sixteen at a time; s16 gives
+ * the scales of four blocks from b (16 floats, block-major) */
+#define MQ_PRODUCTS(RM, RN, b0, b1, s16, ws)                                                          \
+    do {                                                                                                \
+        int64_t b = (b0);                                                                               \
+        if ((RN) == 4)                                                                                  \
+            for (; b + 4 <= (b1); b += 4) {                                                             \
+                const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3); \
+                __m512 s = (s16);                                                                       \
+                for (int i = 0; i < (RM); i++) {                                                        \
+                    __m512 d = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(xd + i * G + b))); \
+                    _mm512_store_ps(dt + (i * MQ_CHUNK + b - (b0)) * 4, _mm512_mul_ps(s, d));           \
+                }                                                                                       \
+            }                                                                                           \
+        for (; b < (b1); b++) {                                                                         \
+            __m128 s = (ws);                                                                            \
+            for (int i = 0; i < (RM); i++)                                                              \
+                _mm_store_ps(dt + (i * MQ_CHUNK + b - (b0)) * 4, _mm_mul_ps(s, _mm_set1_ps(xd[i * G + b]))); \
+        }                                                                                               \
+    } while (0)
+
+/* y for RM rows x 4 columns: hsum8 of acc, plus hm (two rows a vector) where given */
+MQ_INLINE void store_rows4(int RM, __m256 acc[4][4], const __m256 *hm, float *y, int64_t ldy) {
+#pragma GCC unroll 2
+    for (int p = 0; p < (RM + 1) / 2; p++) {
+        __m256 v[8];
+        for (int t = 0; t < 2; t++)
+            for (int j = 0; j < 4; j++) v[4 * t + j] = 2 * p + t < RM ? acc[2 * p + t][j] : _mm256_setzero_ps();
+        __m256 h = hsum8_x8(v);
+        if (hm) h = _mm256_add_ps(h, hm[p]);
+        _mm_storeu_ps(y + 2 * p * ldy, _mm256_castps256_ps128(h));
+        if (2 * p + 1 < RM) _mm_storeu_ps(y + (2 * p + 1) * ldy, _mm256_extractf128_ps(h, 1));
+    }
+}
+
+MQ_INLINE void tile_q4_x(int RM, int RN, const int8_t *xq, const float *xd, const float *xs, int64_t K,
+                         const uint8_t *c, const uint16_t *sc, const uint16_t *mn, float *y, int64_t ldy) {
+    const int64_t G = K / QK, Gp = (G + 7) & ~(int64_t)7;
+    __m256 acc[4][4], hm[2];
+    float dt[4 * MQ_CHUNK * 4] __attribute__((aligned(64))); /* (row, block, column) */
+    if (RN == 4) { /* the min terms first (hsum8 of each, two rows a vector), with the cvtph shared */
+#pragma GCC unroll 2
+        for (int p = 0; p < (RM + 1) / 2; p++) {
+            const int two = 2 * p + 1 < RM;
+            __m256 v[8];
+            for (int t = 0; t < 8; t++) v[t] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < Gp; b += 8) {
+                __m256 s0 = _mm256_loadu_ps(xs + 2 * p * Gp + b);
+                __m256 s1 = two ? _mm256_loadu_ps(xs + (2 * p + 1) * Gp + b) : s0;
+                for (int j = 0; j < 4; j++) {
+                    __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + j * G + b)));
+                    v[j] = _mm256_fmadd_ps(m, s0, v[j]);
+                    if (two) v[4 + j] = _mm256_fmadd_ps(m, s1, v[4 + j]);
+                }
+            }
+            hm[p] = hsum8_x8(v);
+        }
+    }
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < G; b0 += MQ_CHUNK) {
+        const int64_t b1 = b0 + MQ_CHUNK < G ? b0 + MQ_CHUNK : G;
+        MQ_PRODUCTS(RM, RN, b0, b1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 4))),
+                    scales_h(sc + b * 4, RN));
+        for (int64_t b = b0; b < b1; b++) {
+            __m256i w[4];
+            const float *d = dt + (b - b0) * 4;
+            _mm_prefetch((const char *)(c + (2 * G + b) * 64), _MM_HINT_T0); /* two quads on */
+            for (int j = 0; j < RN; j++) w[j] = unpack_q4_x(c + b * 64 + j * 16);
+            for (int i = 0; i < RM; i++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
+                for (int j = 0; j < RN; j++)
+                    acc[i][j] = fma_bcast(_mm256_cvtepi32_ps(dot_z(w[j], x)), d + i * MQ_CHUNK * 4 + j, acc[i][j]);
+            }
+        }
+    }
+    if (RN == 4) {
+        store_rows4(RM, acc, hm, y, ldy);
+        return;
+    }
+#pragma GCC unroll 4 /* acc stays in registers (a loop over it would keep it in memory) */
+    for (int i = 0; i < RM; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < RN; j++)
+            y[i * ldy + j] = hsum8_avx(acc[i][j]) + hsum8_avx(min_term(mn + j * G, xs + i * Gp, Gp));
+}
+
+/* int8: x * w as (x + 128) * w - 128 * w, the u8 x s8 product VNNI has, starting from
+ * -128 * (the sum of each four weights): the same integers as tile_q8's sign trick */
+MQ_INLINE void tile_q8_x(int RM, int RN, const int8_t *xq, const float *xd, int64_t K,
+                         const int8_t *c, const float *sc, int64_t sb, float *y, int64_t ldy) {
+    const int64_t G = K / QK;
+    const __m256i off = _mm256_set1_epi8((char)0x80);
+    __m256 acc[4][4];
+    float dt[4 * MQ_CHUNK * 4] __attribute__((aligned(64))); /* (row, block, column) */
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < G; b0 += MQ_CHUNK) {
+        const int64_t b1 = b0 + MQ_CHUNK < G ? b0 + MQ_CHUNK : G;
+        MQ_PRODUCTS(RM, RN, b0, b1, sb ? _mm512_loadu_ps(sc + b * 4) : _mm512_broadcast_f32x4(_mm_loadu_ps(sc)),
+                    scales_f(sc + b * sb, RN));
+        for (int64_t b = b0; b < b1; b++) {
+            __m256i w[4], nc[4];
+            const float *d = dt + (b - b0) * 4;
+            _mm_prefetch((const char *)(c + (2 * G + b) * 4 * QK), _MM_HINT_T0); /* two quads on */
+            _mm_prefetch((const char *)(c + (2 * G + b) * 4 * QK + 64), _MM_HINT_T0);
+            for (int j = 0; j < RN; j++) {
+                w[j] = _mm256_loadu_si256((const __m256i *)(c + b * 4 * QK + j * QK));
+                nc[j] = _mm256_sub_epi32(_mm256_setzero_si256(), dot_z(off, w[j]));
+            }
+            for (int i = 0; i < RM; i++) {
+                __m256i xu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK)), off);
+                for (int j = 0; j < RN; j++)
+                    acc[i][j] = fma_bcast(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(nc[j], xu, w[j])),
+                                          d + i * MQ_CHUNK * 4 + j, acc[i][j]);
+            }
+        }
+    }
+    if (RN == 4) {
+        store_rows4(RM, acc, NULL, y, ldy);
+        return;
+    }
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) y[i * ldy + j] = hsum8_avx(acc[i][j]);
+}
+
+/* the tiles: RM <= 4 rows x a quad's four columns, or the two or one left at the end */
+#define MQ_DISPATCH_TILES_X(CALL)                                                                \
+    if (rn == 4) {                                                                                \
+        if (rm == 4) { CALL(4, 4); } else if (rm == 3) { CALL(3, 4); }                            \
+        else if (rm == 2) { CALL(2, 4); } else { CALL(1, 4); }                                    \
+    } else if (rn == 2) {                                                                         \
+        if (rm == 4) { CALL(4, 2); } else if (rm == 3) { CALL(3, 2); }                            \
+        else if (rm == 2) { CALL(2, 2); } else { CALL(1, 2); }                                    \
+    } else {                                                                                      \
+        if (rm == 4) { CALL(4, 1); } else if (rm == 3) { CALL(3, 1); }                            \
+        else if (rm == 2) { CALL(2, 1); } else { CALL(1, 1); }                                    \
+    }
+#define MQ_FOR_TILES_X(CALL)                                                            \
+    do {                                                                                \
+        const int64_t tiles = (N + 3) / 4;                                              \
+        MQ_PARALLEL_FOR(nt, tiles)                                                      \
+        for (int64_t t = 0; t < tiles; t++) {                                           \
+            int64_t n0 = t * 4, n1 = n0 + 4 < N ? n0 + 4 : N;                           \
+            for (int64_t n = n0; n < n1;) {                                             \
+                int rn = (int)(n1 - n);                                                 \
+                if (rn == 3) rn = 2;                                                    \
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {                                 \
+                    int rm = (int)(M - m0 < 4 ? M - m0 : 4);                            \
+                    MQ_DISPATCH_TILES_X(CALL)                                           \
+                }                                                                       \
+                n += rn;                                                                \
+            }                                                                           \
+        }                                                                               \
+    } while (0)
+#endif /* MQ_AVX512 */
 #endif /* MQ_AVX2 */
 
 /* ---------------------------------------------------------------------------------------- */
@@ -529,8 +744,13 @@ static void gemm_q4(const int8_t *xq, const float *xd, const float *xs, int64_t 
 #define Q4_SCALE(n) (sc + ((n) / 4) * G * 4 + (n) % 4)
 #ifdef MQ_AVX2
     if (!ref) {
+#ifdef MQ_AVX512
+#define CALL_Q4(A, B) tile_q4_x(A, B, xq + m0 * K, xd + m0 * G, xs + m0 * Gp, K, Q4_ROW(n), Q4_SCALE(n), mn + n * G, y + m0 * ldy + n, ldy)
+        MQ_FOR_TILES_X(CALL_Q4);
+#else
 #define CALL_Q4(A, B) tile_q4(A, B, xq + m0 * K, xd + m0 * G, xs + m0 * Gp, K, Q4_ROW(n), Q4_SCALE(n), mn + n * G, y + m0 * ldy + n, ldy)
         MQ_FOR_TILES(CALL_Q4);
+#endif
 #undef CALL_Q4
         return;
     }
@@ -550,8 +770,13 @@ static void gemm_q8(const int8_t *xq, const float *xd, int64_t M, int64_t K, con
 #define Q8_SCALE(n) (row_scale ? sc + (n) : sc + ((n) / 4) * G * 4 + (n) % 4)
 #ifdef MQ_AVX2
     if (!ref) {
+#ifdef MQ_AVX512
+#define CALL_Q8(A, B) tile_q8_x(A, B, xq + m0 * K, xd + m0 * G, K, Q8_ROW(n), Q8_SCALE(n), sb, y + m0 * ldy + n, ldy)
+        MQ_FOR_TILES_X(CALL_Q8);
+#else
 #define CALL_Q8(A, B) tile_q8(A, B, xq + m0 * K, xd + m0 * G, K, Q8_ROW(n), Q8_SCALE(n), sb, y + m0 * ldy + n, ldy)
         MQ_FOR_TILES(CALL_Q8);
+#endif
 #undef CALL_Q8
         return;
     }
