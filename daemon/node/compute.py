@@ -35,7 +35,8 @@ class ComputeRunner:
 
     def __init__(self, runtime: Runtime, worker: GenerationWorker, samplers: Mapping[str, Sampler],
                  debug_delay_s: float, *, on_outcome: Outcome, after_run: Callable[[], None],
-                 entry_work: Callable[[float], None]) -> None:
+                 entry_work: Callable[[float], None], stages: Callable[[], int] = lambda: 1) -> None:
+        """`stages`: the stages of the plan in force (the session groups of a run)."""
         self._runtime = runtime
         self._worker = worker
         self._samplers = samplers
@@ -43,6 +44,7 @@ class ComputeRunner:
         self._on_outcome = on_outcome
         self._after_run = after_run
         self._entry_work = entry_work
+        self._stages = stages
         self._queue = JobQueue(batching=runtime.batch_invariant)
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,7 +71,7 @@ class ComputeRunner:
         """Hand the worker the next run, unless one is on it."""
         if self._running:
             return
-        run = self._queue.take()
+        run = self._queue.take(self._stages())
         if not run:
             return
         try:

@@ -185,7 +185,8 @@ class MeshDriver:
         self._backoff = dial_backoff or DialBackoff()
         self.compute = ComputeRunner(runtime, worker, self._samplers, settings.debug_delay_s,
                                      on_outcome=self._job_finished, after_run=self._pump,
-                                     entry_work=lambda ms: self.core.entry_work_measured(ms))
+                                     entry_work=lambda ms: self.core.entry_work_measured(ms),
+                                     stages=lambda: len(self.core.active_plan.node_ids) if self.core.active_plan else 1)
         """The core's jobs, run on the worker one run (a batch of steps) at a time."""
         self._on_model_id = on_model_id
         self._faults = peer_faults or PeerFaults()
@@ -357,7 +358,7 @@ class MeshDriver:
         Raises MeshUnavailable when the mesh cannot answer (no plan in time, too little
         memory, steps that keep failing)."""
         session = self.runtime.engine.new_session(prompt_ids, params)
-        if self.runtime.batch_invariant:  # a verify step's positions then have the bits of single steps
+        if self.runtime.can_draft:
             session.drafting = policy_for(self.speculate, has_draft_model=self.runtime.draft is not None)
         queue: asyncio.Queue[SessionOutput | SessionEnded] = asyncio.Queue()
         session_id = self.core.open_session(session, time.monotonic())
@@ -532,7 +533,7 @@ class MeshDriver:
     def _speculation_view(self) -> dict[str, object]:
         """`/v1/status`'s "speculation": the mode in force and the last answers' figures."""
         drafted, accepted, trips = (sum(d[i] for d in self._drafting) for i in range(3))
-        return {"mode": self.speculate if self.runtime.batch_invariant else "off",
+        return {"mode": self.speculate if self.runtime.can_draft else "off",
                 "answers": len(self._drafting),
                 "acceptance": round(accepted / drafted, 3) if drafted else None,
                 "tokens_per_trip": round((accepted + trips) / trips, 2) if trips else None,

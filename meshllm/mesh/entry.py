@@ -6,13 +6,11 @@ starts with this node's own job (embed, plus its layers when it holds the first 
 crosses the other stages as `Forward` messages, and ends with the head and sampler here. A
 lost step (a stage left, a new plan came, a stage refused it, no result in time) is followed
 by a rebuild on the plan in force: the stages keep their caches across re-plans and recompute
-only the layers they lack, from logs (meshllm.mesh.rebuild). When a stage cannot, the session
-is replayed from the start (`Session.restart()`). Either way the answer does not change
-(design §8, docs/operations.md).
+only the layers they lack, from logs (meshllm.mesh.rebuild). When they cannot, the session is
+replayed (`Session.restart()`). Either way the answer does not change (docs/operations.md).
 
-Each answer is in one explicit state (`AnswerState`: a `Phase` and what the phase needs):
-running; replanning (its stream said so); due a rebuild, a whole rebuild or a full replay
-before its next step; or cancelled. The entry side talks to the core only through its port.
+Each answer is in one explicit state (`AnswerState`: a `Phase` and what it needs): running,
+replanning, due a rebuild or a replay, or cancelled. It talks to the core only through its port.
 """
 
 from __future__ import annotations
@@ -427,6 +425,8 @@ class EntrySessions(PlanFollower):
                     return  # a stage refused this plan as stale: wait for the newer one
                 answer.state = replace(answer.state, retry_at=None)
             recovery = answer.recovery(plan)
+            if recovery is not None and session.dropped_drafts and not port.settings.batch_invariant:
+                recovery = Phase.FULL_REPLAY  # a rebuild would not repeat its verify steps' shapes
             if recovery is Phase.FULL_REPLAY:
                 port.stats.full_replays += 1
                 _log_lost(session.session_id, answer.seq, "rebuild impossible: replaying every step")

@@ -84,8 +84,15 @@ class Session:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     _done_steps: list[tuple[int, ...]] = field(default_factory=list)
+    """The positions each step kept (a verify step: its last token and the drafts that stood)."""
+    _dropped: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """For a verify step (by its index in `_done_steps`): the drafts that fell. They ran in the
+    step, so a replay in the original steps runs them again (then cuts them off), for the
+    same shapes: where the numerics are not batch-invariant, the bits depend on them."""
     _replay: list[list[tuple[int, ...]]] = field(default_factory=list)
     """Steps still to replay, in groups: each group runs through the chain as one step."""
+    _replay_dropped: list[tuple[int, ...]] = field(default_factory=list)
+    """Per replay group: the fallen drafts its step runs after its kept positions."""
 
     @property
     def position(self) -> int:
@@ -101,7 +108,8 @@ class Session:
         if self.finished:
             return None
         if self._replay:
-            return Step(tuple(t for step in self._replay[0] for t in step), self.position, replay=True, sample=False)
+            tokens = tuple(t for step in self._replay[0] for t in step) + self._replay_dropped[0]
+            return Step(tokens, self.position, replay=True, sample=False)
         position = self.position
         if not self._done_steps or position < len(self.prompt_ids):
             end = len(self.prompt_ids) if self.prefill_chunk <= 0 else position + self.prefill_chunk
@@ -140,7 +148,10 @@ class Session:
         """A step that is not sampled ran through the chain (its logits are ignored): a replay
         step, or a chunk of the prompt before its last."""
         if self._replay:
+            dropped = self._replay_dropped.pop(0)
             self._done_steps.extend(self._replay.pop(0))
+            if dropped:
+                self._dropped[len(self._done_steps) - 1] = dropped
             return
         step = self.next_step()
         if step is None or step.sample:
@@ -163,7 +174,10 @@ class Session:
         if not 0 <= accepted <= len(step.drafts) or tuple(token_ids[:accepted]) != step.drafts[:accepted]:
             raise ValueError(f"verified tokens {tuple(token_ids)} do not follow the drafts {step.drafts}")
         self._pending = None
-        self._done_steps.append(step.token_ids[:len(step.token_ids) - len(step.drafts) + accepted])
+        kept = len(step.token_ids) - len(step.drafts) + accepted
+        self._done_steps.append(step.token_ids[:kept])
+        if kept < len(step.token_ids):
+            self._dropped[len(self._done_steps) - 1] = step.token_ids[kept:]
         if self.drafting is not None:
             self.drafting.verified(len(step.drafts), accepted)
         out = []
@@ -197,19 +211,30 @@ class Session:
 
         With `merge_positions` (only where the numerics are batch-invariant: a position's
         result does not depend on the step it is in), consecutive steps are replayed as one,
-        up to that many positions (a longer step, the prompt, alone). `history()` still
-        gives the original steps."""
-        pending = list(self._done_steps) + [step for group in self._replay for step in group]
+        up to that many positions (a longer step, the prompt, alone), and only the positions
+        kept. Otherwise each step runs again as it ran, a verify step with the drafts that
+        fell (the next step cuts them off). `history()` still gives the original steps."""
+        done = [(step, self._dropped.get(i, ())) for i, step in enumerate(self._done_steps)]
+        pending = done + [(step, dropped if j == len(group) - 1 else ())
+                          for group, dropped in zip(self._replay, self._replay_dropped)
+                          for j, step in enumerate(group)]
         self._pending = None
-        self._done_steps = []
-        self._replay = []
-        for step in pending:
+        self._done_steps, self._dropped = [], {}
+        self._replay, self._replay_dropped = [], []
+        for step, dropped in pending:
             last = self._replay[-1] if self._replay else None
             if last is not None and merge_positions > 0 \
                     and sum(len(s) for s in last) + len(step) <= merge_positions:
                 last.append(step)
             else:
                 self._replay.append([step])
+                self._replay_dropped.append(() if merge_positions > 0 else dropped)
+
+    @property
+    def dropped_drafts(self) -> bool:
+        """Some step ran drafts that fell: a rebuild in the original steps (prefill, then one
+        position a step) would not repeat its shapes."""
+        return bool(self._dropped)
 
     def replaying(self) -> bool:
         return bool(self._replay)

@@ -126,6 +126,15 @@ class Runtime:
         return self.shard.batch_invariant
 
     @property
+    def can_draft(self) -> bool:
+        """Whether this node's answers may carry drafts (meshllm.mesh.speculate): the drafts
+        that fall must be cut off the caches again, which every lean shard can do and
+        transformers' sliding-window layers cannot."""
+        config = self.shard.config
+        return self.batch_invariant or not (getattr(config, "sliding_window", None)
+                                            and getattr(config, "use_sliding_window", True))
+
+    @property
     def span(self) -> tuple[int, int]:
         return (self.shard.start_layer, self.shard.end_layer)
 

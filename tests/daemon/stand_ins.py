@@ -18,5 +18,5 @@ def stand_in_runtime() -> Any:
     shape = SimpleNamespace(num_layers=4, layer_bytes=1000, embed_head_bytes=500)
     engine = SimpleNamespace(shape=shape, info=SimpleNamespace(max_positions=128, model_id="model0123"))
     return SimpleNamespace(engine=engine, hidden_size=16, kv_shape=(2, 8), shard=SimpleNamespace(config=None),
-                           private_layers=0, mesh_model_id="model0123", batch_invariant=True,
+                           private_layers=0, mesh_model_id="model0123", batch_invariant=True, can_draft=True,
                            draft=None)

@@ -168,11 +168,48 @@ async def test_a_draft_model_drafts_and_the_answers_stay_the_same(tiny_llama: Pa
         assert net.meshes["a"].status_view()["speculation"]["draft_ms_per_token"] is not None  # type: ignore[index]
 
 
-async def test_f32_never_drafts_and_stays_transformers_generate(tiny_qwen2: Path) -> None:
+async def test_f32_answers_that_draft_are_the_same_on_a_mesh_and_one_node_also_across_a_lost_stage(
+        tiny_llama: Path) -> None:
+    """f32 (transformers' GEMMs, not batch-invariant) drafts too: a mesh answers what one node
+    with the same flags answers (the same verify steps, the same shapes), and a stage lost
+    mid-answer replays the answer in its original steps, fallen drafts included, so the answer
+    does not change either."""
     async with memory_net() as net:
-        solo = await net.add("solo", tiny_qwen2, speculate="ngram")
+        solo = await net.add("solo", tiny_llama, speculate="ngram")
+        await net.wait_active(nodes=["solo"])
+        asks = prompts(solo.runtime.engine)
+        alone = [await answer(solo, p) for p in asks]
+        want = [ids for ids, _ in alone]
+        assert any(d is not None and d[2] > 0 for _, d in alone)
+
+    async with memory_net() as net:
+        for nid in ("a", "b", "c"):
+            await net.add(nid, tiny_llama, private_layers=1, speculate="ngram")
+        net.connect_all()
+        await net.wait_active()
+        assert [(await answer(net.meshes["a"], p))[0] for p in asks] == want
+        entry = net.meshes["a"]
+        victim = next(n for n in ("b", "c") if n != entry.core.coordinator_id)
+        got: list[int] = []
+        states: list[str] = []
+        async for item in entry.generate(asks[1], SamplingParams(max_tokens=TOKENS)):
+            if isinstance(item, Token):
+                got.append(item.id)
+                if len(got) >= 12 and victim in net.meshes:
+                    await net.kill(victim)
+            else:
+                states.append(item.state)
+        assert got == want[1]
+        assert "replanning" in states
+
+
+async def test_f32_with_sliding_window_layers_never_drafts(tiny_mistral: Path) -> None:
+    """transformers' sliding-window layers cannot cut fallen drafts off: no drafting there."""
+    async with memory_net() as net:
+        solo = await net.add("solo", tiny_mistral, speculate="ngram")
         await net.wait_active(nodes=["solo"])
         for prompt in prompts(solo.runtime.engine):
             ids, drafting = await answer(solo, prompt)
-            assert ids == reference_greedy(tiny_qwen2, prompt, TOKENS)
+            assert ids == reference_greedy(tiny_mistral, prompt, TOKENS)
             assert drafting is None
+        assert solo.status_view()["speculation"]["mode"] == "off"  # type: ignore[index]

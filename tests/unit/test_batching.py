@@ -115,3 +115,14 @@ def test_without_chunking_the_prompt_is_one_step() -> None:
     s = _session(70, 0)
     st = s.next_step()
     assert st is not None and len(st.token_ids) == 70 and st.sample
+
+
+def test_in_a_mesh_a_run_holds_one_group_of_sessions_so_the_stages_work_at_once() -> None:
+    queue = JobQueue()
+    for s in ("e/0", "e/1", "e/2", "e/3", "f/7"):
+        queue.add(step(s))
+    assert sessions(queue.take(groups=2)) == ["e/0", "e/2"]  # the oldest step's group
+    assert sessions(queue.take(groups=2)) == ["e/1", "e/3", "f/7"]
+    for s in ("e/0", "e/1", "e/2"):
+        queue.add(step(s))
+    assert sessions(queue.take(groups=1)) == ["e/0", "e/1", "e/2"]  # one node: every step at once

@@ -41,6 +41,9 @@ from tui.bench.report import BenchError, agreement, grid, num
 MODES = ("off", "ngram", "draft", "auto")
 """``--speculate`` values of ``meshllm up``; ``off`` is the reference of every ratio."""
 PROMPT_SETS = ("repetitive", "open")
+"""The sets a run takes by default."""
+SHIPPED_SETS = (*PROMPT_SETS, "mixed")
+"""Every set in tui/bench/prompts (``mixed``: 20 more, for the identity rate over 60 prompts)."""
 """The shipped prompt sets (tui/bench/prompts/, CC0-1.0)."""
 ANSWER_TOKENS = 128
 """max_tokens of every answer (the issue's 128-token answers)."""
@@ -93,7 +96,7 @@ def parse_prompt_set(text: str, source: str) -> tuple[Prompt, ...]:
 
 def prompt_set_path(name: str) -> Path:
     """The file of a shipped set (``repetitive``, ``open``), or ``name`` itself as a path."""
-    if name in PROMPT_SETS:
+    if name in SHIPPED_SETS:
         return Path(str(resources.files("tui.bench").joinpath("prompts", f"{name}.jsonl")))
     return Path(name)
 
@@ -104,14 +107,14 @@ def load_prompt_set(name: str) -> tuple[Prompt, ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        known = ", ".join(PROMPT_SETS)
+        known = ", ".join(SHIPPED_SETS)
         raise BenchError(f"no prompt set {name!r} ({known}, or a JSONL file): {error.strerror or error}") from None
-    return parse_prompt_set(text, str(path) if name not in PROMPT_SETS else f"the {name} set")
+    return parse_prompt_set(text, str(path) if name not in SHIPPED_SETS else f"the {name} set")
 
 
 def set_label(name: str) -> str:
     """What a table calls a set: its name, or a file's stem."""
-    return name if name in PROMPT_SETS else Path(name).stem
+    return name if name in SHIPPED_SETS else Path(name).stem
 
 
 def parse_modes(text: str) -> list[str]:
