@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import signal
 import sys
 import time
@@ -44,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tui.bench.api import ApiBench  # noqa: E402
 from tui.bench.concurrency import median, node_info, ratio  # noqa: E402
 from tui.bench.report import BenchError, grid, num  # noqa: E402
-from tui.bench.streams import (answers_at_once, cpu_model_name, long_prompt_alone,  # noqa: E402
+from tui.bench.streams import (report_result, answers_at_once, cpu_model_name, long_prompt_alone,  # noqa: E402
                                long_prompt_under_load, ready_status, session_args, start_nodes)
 from tui.client import DaemonError, DaemonUnavailable  # noqa: E402
 
@@ -190,13 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench_ttft_under_load: interrupted", file=sys.stderr)
         return 130
-    result["run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                     "duration_s": round(time.time() - started, 1), "load_avg_1min": round(os.getloadavg()[0], 2)}
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"written to {args.out}")
+    report_result(result, started, format_table, as_json=args.json, out=args.out, log=log)
     return 0
 
 

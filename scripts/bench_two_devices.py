@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import signal
 import sys
 import time
@@ -41,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tui.bench.concurrency import level_result, node_info, parse_levels, ratio, with_ratios  # noqa: E402
 from tui.bench.report import BenchError, grid, num  # noqa: E402
-from tui.bench.streams import (alternate_levels, close_clients, cpu_model_name, open_clients,  # noqa: E402
+from tui.bench.streams import (report_result, alternate_levels, close_clients, cpu_model_name, open_clients,  # noqa: E402
                                ready_status, session_args, start_nodes)
 from tui.client import DaemonError, DaemonUnavailable  # noqa: E402
 
@@ -154,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench_two_devices: interrupted", file=sys.stderr)
         return 130
-    result["run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                     "duration_s": round(time.time() - started, 1), "load_avg_1min": round(os.getloadavg()[0], 2)}
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"written to {args.out}")
+    report_result(result, started, format_table, as_json=args.json, out=args.out, log=log)
     return 0
 
 

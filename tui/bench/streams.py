@@ -33,6 +33,7 @@ from tui.bench.report import BenchError
 from tui.client import DaemonClient, DaemonError, DaemonUnavailable
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from tui.launcher import LocalMesh
 
 Clock = Callable[[], float]
@@ -326,3 +327,17 @@ def run_local_concurrency(
             await asyncio.to_thread(mesh.stop)
 
     return asyncio.run(main())
+
+
+def report_result(result: dict[str, Any], started: float, table: Callable[[dict[str, Any]], str], *,
+                  as_json: bool, out: "Path | None", log: Callable[[str], None]) -> None:
+    """A script's end: when and how loaded it ran, the table (or JSON) printed, the JSON kept."""
+    import json
+
+    result["run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                     "duration_s": round(time.time() - started, 1), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    print(json.dumps(result, indent=2) if as_json else table(result))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"written to {out}")
