@@ -20,7 +20,8 @@ def prompts(engine) -> list[list[int]]:  # type: ignore[no-untyped-def]
     """Conversations whose answers may copy from the prompt (and tiny random models loop: their
     own answers repeat, which prompt lookup drafts well)."""
     quote = "Repeat this exactly: " + " ".join(m["content"] for m in PROMPTS[6]) * 2
-    return [engine.chat_prompt(p) for p in (PROMPTS[0], [{"role": "user", "content": quote}], PROMPTS[3])]
+    return [engine.chat_prompt(p) for p in (PROMPTS[0], [{"role": "user", "content": quote}], PROMPTS[3],
+                                            PROMPTS[1], PROMPTS[4], PROMPTS[5])]
 
 
 async def answer(mesh, prompt: list[int], params: SamplingParams | None = None  # type: ignore[no-untyped-def]
@@ -62,7 +63,7 @@ async def test_answers_that_draft_equal_answers_that_do_not_on_one_node_and_a_me
             await net.add(nid, tiny_llama, weights=weights, private_layers=1, speculate="ngram")
         net.connect_all()
         await net.wait_active()
-        entries = [net.meshes[n] for n in ("a", "b", "c")]
+        entries = [net.meshes[n] for n in ("a", "b", "c", "a", "b", "c")]
         got = await asyncio.gather(*(answer(m, p) for m, p in zip(entries, asks)))
         assert [ids for ids, _ in got] == want
 
@@ -161,7 +162,7 @@ async def test_a_draft_model_drafts_and_the_answers_stay_the_same(tiny_llama: Pa
                           draft_model=tiny_llama, draft_weights="int4")
         net.connect_all()
         await net.wait_active()
-        got = await asyncio.gather(*(answer(net.meshes[n], p) for n, p in zip(("a", "b", "c"), asks)))
+        got = await asyncio.gather(*(answer(net.meshes[n], p) for n, p in zip(("a", "b", "c") * 2, asks)))
         assert [ids for ids, _ in got] == want
         drafting = [d for _, d in got if d is not None]
         assert drafting and sum(d[1] for d in drafting) > 0  # the int4 copy's drafts stand
