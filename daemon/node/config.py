@@ -123,8 +123,8 @@ class NodeConfig:
     speculate: str = "auto"
     """Speculative decoding of this node's own answers (docs/speculation.md): ``auto`` (drafts
     by prompt lookup, or by the draft model when one is loaded; stops for an answer where it
-    does not pay), ``ngram`` (prompt lookup), ``draft`` (the draft model) or ``off``. With
-    batch-invariant kernels the answer is token for token the answer without it."""
+    does not pay; not on f32), ``ngram`` (prompt lookup), ``draft`` (the draft model) or
+    ``off``. With batch-invariant kernels the answer is token for token the answer without it."""
     draft_model: str = "none"
     """The draft model of speculative decoding, on this node: ``none``, ``builtin`` (the
     bundled SmolLM2, 4-bit) or a PATH; it must share the served model's tokenizer. Its bytes

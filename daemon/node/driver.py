@@ -358,7 +358,7 @@ class MeshDriver:
         Raises MeshUnavailable when the mesh cannot answer (no plan in time, too little
         memory, steps that keep failing)."""
         session = self.runtime.engine.new_session(prompt_ids, params)
-        if self.runtime.can_draft:
+        if self._drafting_mode() != "off":
             session.drafting = policy_for(self.speculate, has_draft_model=self.runtime.draft is not None)
         queue: asyncio.Queue[SessionOutput | SessionEnded] = asyncio.Queue()
         session_id = self.core.open_session(session, time.monotonic())
@@ -530,10 +530,19 @@ class MeshDriver:
         view["speculation"] = self._speculation_view()
         return view
 
+    def _drafting_mode(self) -> str:
+        """`--speculate` as this node applies it: with batch-invariant kernels as asked; on f32
+        only when asked by name (`auto` does not: a loss would then replay the answer instead
+        of rebuilding it from the logs); never where fallen drafts cannot be cut off."""
+        runtime = self.runtime
+        if runtime.batch_invariant or (runtime.can_draft and self.speculate != "auto"):
+            return self.speculate
+        return "off"
+
     def _speculation_view(self) -> dict[str, object]:
         """`/v1/status`'s "speculation": the mode in force and the last answers' figures."""
         drafted, accepted, trips = (sum(d[i] for d in self._drafting) for i in range(3))
-        return {"mode": self.speculate if self.runtime.can_draft else "off",
+        return {"mode": self._drafting_mode(),
                 "answers": len(self._drafting),
                 "acceptance": round(accepted / drafted, 3) if drafted else None,
                 "tokens_per_trip": round((accepted + trips) / trips, 2) if trips else None,

@@ -214,3 +214,15 @@ async def test_f32_with_sliding_window_layers_never_drafts(tiny_mistral: Path) -
             assert ids == reference_greedy(tiny_mistral, prompt, TOKENS)
             assert drafting is None
         assert solo.status_view()["speculation"]["mode"] == "off"  # type: ignore[index]
+
+
+async def test_f32_drafts_only_when_asked_by_name(tiny_llama: Path) -> None:
+    """`auto` keeps f32 answers recoverable from the logs (an f32 answer that drafted is replayed
+    whole after a loss): it does not draft there; `ngram` does."""
+    async with memory_net() as net:
+        solo = await net.add("solo", tiny_llama, speculate="auto")
+        await net.wait_active(nodes=["solo"])
+        prompt = prompts(solo.runtime.engine)[1]
+        ids, drafting = await answer(solo, prompt)
+        assert drafting is None and ids == reference_greedy(tiny_llama, prompt, TOKENS)
+        assert solo.status_view()["speculation"]["mode"] == "off"  # type: ignore[index]
